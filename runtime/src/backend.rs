@@ -1,0 +1,38 @@
+//! What every backend (CPU, GPU) offers the generation loop.
+
+use crate::error::RuntimeError;
+
+/// Which logits a forward call returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's row (generation).
+    Last,
+    /// One row per input token (perplexity, tests).
+    All,
+}
+
+/// Describes a backend for summaries and `info`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// `cpu` or `gpu`.
+    pub kind: &'static str,
+    /// Adapter name for the GPU backend, thread count for the CPU one.
+    pub device: String,
+    /// Kernel target / precision notes.
+    pub details: String,
+}
+
+/// A model bound to a device, with its KV cache.
+///
+/// The KV cache is a ring of `ctx` positions per layer: position `p` lives in
+/// slot `p % ctx`, keys are stored after RoPE, and attention covers the last
+/// `min(p + 1, ctx)` positions, so running past `ctx` is a sliding window.
+pub trait Backend {
+    fn info(&self) -> BackendInfo;
+    /// Positions the KV cache holds.
+    fn ctx(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+    /// Runs `tokens` at positions `pos .. pos + tokens.len()`, writing their keys
+    /// and values into the cache; returns logits row-major `[rows, vocab]`.
+    fn forward(&mut self, tokens: &[u32], pos: usize, logits: Logits) -> Result<Vec<f32>, RuntimeError>;
+}

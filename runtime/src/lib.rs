@@ -1,0 +1,14 @@
+//! llama5 runtime: loads a converted model and generates tokens on a WebGPU
+//! adapter (wgpu) or on the CPU.
+//!
+//! Architecture invariants: the runtime never writes WGSL itself (it asks
+//! `llama5_codegen`); the CPU backend is the reference the GPU backend is tested
+//! against; everything but [`model::Model::open`] and the CLI compiles for wasm32.
+
+pub mod backend;
+pub mod error;
+pub mod model;
+
+pub use backend::{Backend, BackendInfo, Logits};
+pub use error::RuntimeError;
+pub use model::Model;
