@@ -1,0 +1,165 @@
+//! `cargo xtask test`: everything CI runs, each step timed, all steps run even
+//! after a failure, and a summary at the end.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+
+use crate::{codegen, fetch, util};
+
+/// What `cargo xtask test` installs when no Vulkan adapter is visible.
+const VULKAN_PACKAGES: [&str; 3] = ["mesa-vulkan-drivers", "libvulkan1", "vulkan-tools"];
+
+struct Step {
+    name: &'static str,
+    secs: f64,
+    result: anyhow::Result<String>,
+}
+
+fn step(steps: &mut Vec<Step>, name: &'static str, f: impl FnOnce() -> anyhow::Result<String>) {
+    eprintln!("\n==> {name}");
+    let start = Instant::now();
+    let result = f();
+    if let Err(e) = &result {
+        eprintln!("{name} failed: {e:#}");
+    }
+    steps.push(Step { name, secs: start.elapsed().as_secs_f64(), result });
+}
+
+/// Runs every step; the summary's last line is `tests: N passed, N failed`.
+pub fn run() -> anyhow::Result<ExitCode> {
+    let mut steps = Vec::new();
+    step(&mut steps, "vulkan", ensure_vulkan);
+    let mut model: Option<PathBuf> = None;
+    step(&mut steps, "fetch-model", || {
+        let path = fetch::fetch_model()?;
+        model = Some(path.clone());
+        Ok(path.display().to_string())
+    });
+    step(&mut steps, "codegen --check", || codegen::generate(true).map(|()| String::new()));
+    step(&mut steps, "fmt", || cargo_step(util::cargo().args(["fmt", "--all", "--", "--check"])));
+    step(&mut steps, "clippy", || {
+        cargo_step(util::cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
+    });
+    let mut totals = TestTotals::default();
+    step(&mut steps, "cargo test", || {
+        let mut cmd = util::cargo();
+        // Every test binary runs even after one fails, so CI shows all failures.
+        cmd.args(["test", "--workspace", "--no-fail-fast"]);
+        if let Some(path) = &model {
+            cmd.env("LLAMA5_MODEL_GGUF", path);
+        }
+        run_tests(&mut cmd, &mut totals)
+    });
+
+    println!("\nxtask test summary");
+    for s in &steps {
+        let (status, note) = match &s.result {
+            Ok(note) => ("ok", note.clone()),
+            Err(e) => ("FAILED", format!("{e:#}").lines().next().unwrap_or_default().to_string()),
+        };
+        println!("  {status:<7} {:<16} {:>7.1}s  {note}", s.name, s.secs);
+    }
+    let failed: Vec<&str> = steps.iter().filter(|s| s.result.is_err()).map(|s| s.name).collect();
+    if !failed.is_empty() {
+        println!("{} of {} steps failed: {}", failed.len(), steps.len(), failed.join(", "));
+    }
+    println!("tests: {} passed, {} failed", totals.passed, totals.failed);
+    Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn cargo_step(cmd: &mut Command) -> anyhow::Result<String> {
+    util::run(cmd).map(|()| String::new())
+}
+
+/// Passed and failed counts summed over every `test result:` line.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+}
+
+impl TestTotals {
+    /// Adds a libtest summary line (`test result: ok. 16 passed; 0 failed; ...`); other lines are ignored.
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else { return };
+        for part in rest.split(';').flat_map(|p| p.split('.')) {
+            let mut words = part.split_whitespace();
+            if let (Some(n), Some(what), None) = (words.next(), words.next(), words.next()) {
+                match (n.parse::<u64>(), what) {
+                    (Ok(n), "passed") => self.passed += n,
+                    (Ok(n), "failed") => self.failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Runs `cargo test`, echoing its stdout line by line while counting results.
+fn run_tests(cmd: &mut Command, totals: &mut TestTotals) -> anyhow::Result<String> {
+    let line = util::display(cmd);
+    eprintln!("$ {line}");
+    let mut child = cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("starting `{line}`"))?;
+    let stdout = child.stdout.take().expect("stdout was piped");
+    let mut out = std::io::stdout().lock();
+    for l in BufReader::new(stdout).lines() {
+        let l = l.with_context(|| format!("reading the output of `{line}`"))?;
+        totals.add_line(&l);
+        writeln!(out, "{l}").context("writing to stdout")?;
+    }
+    drop(out);
+    let status = child.wait().with_context(|| format!("waiting for `{line}`"))?;
+    if !status.success() {
+        bail!("`{line}` failed ({status}): {} passed, {} failed", totals.passed, totals.failed);
+    }
+    Ok(format!("{} passed", totals.passed))
+}
+
+/// The first Vulkan device `vulkaninfo --summary` reports, if any.
+fn vulkan_device() -> Option<String> {
+    let out = Command::new("vulkaninfo").arg("--summary").stderr(Stdio::null()).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let name = text.lines().find_map(|l| l.trim().strip_prefix("deviceName")?.trim().strip_prefix('='));
+    name.map(|n| n.trim().to_string())
+}
+
+fn is_root() -> bool {
+    util::output(Command::new("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0")
+}
+
+/// A Vulkan adapter for the GPU tests: Mesa's llvmpipe is installed when none is found.
+fn ensure_vulkan() -> anyhow::Result<String> {
+    if let Some(device) = vulkan_device() {
+        return Ok(device);
+    }
+    let install = format!("apt-get install -y {}", VULKAN_PACKAGES.join(" "));
+    if !is_root() {
+        bail!("no Vulkan adapter found; install Mesa's software driver as root: `apt-get update && {install}`");
+    }
+    eprintln!("vulkan: no adapter found, installing {}", VULKAN_PACKAGES.join(" "));
+    util::run(Command::new("apt-get").arg("update")).context("apt-get update")?;
+    util::run(
+        Command::new("apt-get").args(["install", "-y"]).args(VULKAN_PACKAGES).env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("`{install}`"))?;
+    vulkan_device().with_context(|| format!("still no Vulkan adapter after `{install}`"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_sum_libtest_summaries() {
+        let mut t = TestTotals::default();
+        t.add_line("test result: ok. 16 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.08s");
+        t.add_line("test result: FAILED. 15 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; finished in 1s");
+        t.add_line("test tiny::tests::passed ... ok");
+        t.add_line("running 3 tests");
+        assert_eq!(t, TestTotals { passed: 31, failed: 2 });
+    }
+}
