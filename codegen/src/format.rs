@@ -90,7 +90,7 @@ pub fn part_sizes(format: QuantFormat, out: usize, in_features: usize) -> Result
         let bytes = (out * 4) as u64;
         return Ok(PartSizes { data_bytes: bytes, row_stride: bytes, scale_bytes: 0, scale_stride: 0 });
     }
-    if in_features % multiple != 0 {
+    if !in_features.is_multiple_of(multiple) {
         return Err(FormatError::InputNotMultiple { in_features, multiple, format: format_name(format) });
     }
     let row_stride = align_up(out as u64 * 4, ROW_ALIGN);
@@ -137,7 +137,6 @@ pub fn pack(format: QuantFormat, w: &[f32], out: usize, in_features: usize) -> R
         return Err(FormatError::Short { found: w.len() * 4, expected: out * in_features * 4 });
     }
     let sizes = part_sizes(format, out, in_features)?;
-    let pack = pack_factor(format);
     let stride = sizes.row_stride as usize;
     let mut data = vec![0u8; sizes.data_bytes as usize];
     let mut scales = vec![0u8; sizes.scale_bytes as usize];
@@ -159,7 +158,8 @@ pub fn pack(format: QuantFormat, w: &[f32], out: usize, in_features: usize) -> R
             });
         }
         QuantFormat::Int8 { per_tensor } => {
-            let channel_max = |o: usize| w[o * in_features..(o + 1) * in_features].iter().fold(0f32, |m, v| m.max(v.abs()));
+            let channel_max =
+                |o: usize| w[o * in_features..(o + 1) * in_features].iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale_of: Vec<f32> = if per_tensor {
                 let m = (0..out).into_par_iter().map(channel_max).reduce(|| 0.0, f32::max);
                 vec![m / 127.0; out]
@@ -272,7 +272,15 @@ pub fn pack_int4_groups(
 }
 
 /// Dequantizes one element `(o, i)` of a packed part.
-pub fn element(format: QuantFormat, data: &[u8], scales: &[u8], out: usize, in_features: usize, o: usize, i: usize) -> f32 {
+pub fn element(
+    format: QuantFormat,
+    data: &[u8],
+    scales: &[u8],
+    out: usize,
+    in_features: usize,
+    o: usize,
+    i: usize,
+) -> f32 {
     let sizes = part_sizes(format, out, in_features).expect("a validated part");
     let pack = pack_factor(format);
     let word = get_u32(data, (i / pack) * sizes.row_stride as usize + o * 4);
@@ -300,7 +308,13 @@ fn decode(format: QuantFormat, word: u32, k: usize, scales: &[u8], scale_stride:
 }
 
 /// Dequantizes a whole part back to row-major `[out, in]` f32.
-pub fn unpack(format: QuantFormat, data: &[u8], scales: &[u8], out: usize, in_features: usize) -> Result<Vec<f32>, FormatError> {
+pub fn unpack(
+    format: QuantFormat,
+    data: &[u8],
+    scales: &[u8],
+    out: usize,
+    in_features: usize,
+) -> Result<Vec<f32>, FormatError> {
     let sizes = part_sizes(format, out, in_features)?;
     if data.len() < sizes.data_bytes as usize {
         return Err(FormatError::Short { found: data.len(), expected: sizes.data_bytes as usize });
@@ -316,7 +330,14 @@ pub fn unpack(format: QuantFormat, data: &[u8], scales: &[u8], out: usize, in_fe
 }
 
 /// Dequantizes output channel `o` (PyTorch row `o`, e.g. one token's embedding) into `row`.
-pub fn unpack_output(format: QuantFormat, data: &[u8], scales: &[u8], out: usize, in_features: usize, o: usize) -> Result<Vec<f32>, FormatError> {
+pub fn unpack_output(
+    format: QuantFormat,
+    data: &[u8],
+    scales: &[u8],
+    out: usize,
+    in_features: usize,
+    o: usize,
+) -> Result<Vec<f32>, FormatError> {
     let sizes = part_sizes(format, out, in_features)?;
     let mut row = vec![0f32; in_features];
     unpack_output_into(format, data, scales, &sizes, o, &mut row);
@@ -335,13 +356,59 @@ fn unpack_output_into(format: QuantFormat, data: &[u8], scales: &[u8], sizes: &P
 /// `dst[o * pack + k]` (the `pack` inputs of output `o`). The CPU backend's
 /// matrix-vector product walks stored rows with this, so it reads each weight
 /// byte once and in order.
-pub fn decode_stored_row(format: QuantFormat, data: &[u8], scales: &[u8], sizes: &PartSizes, r: usize, outs: std::ops::Range<usize>, dst: &mut [f32]) {
-    let pack = pack_factor(format);
+///
+/// The format is matched once per row and each word's scale read once (all
+/// inputs of a word share a group): this is the CPU backend's inner loop.
+pub fn decode_stored_row(
+    format: QuantFormat,
+    data: &[u8],
+    scales: &[u8],
+    sizes: &PartSizes,
+    r: usize,
+    outs: std::ops::Range<usize>,
+    dst: &mut [f32],
+) {
     let base = r * sizes.row_stride as usize;
-    for (j, o) in outs.enumerate() {
-        let word = get_u32(data, base + o * 4);
-        for k in 0..pack {
-            dst[j * pack + k] = decode(format, word, k, scales, sizes.scale_stride as usize, o, r * pack + k);
+    let words = data[base + outs.start * 4..base + outs.end * 4]
+        .chunks_exact(4)
+        .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+    match format {
+        QuantFormat::F32 => dst.iter_mut().zip(words).for_each(|(d, w)| *d = f32::from_bits(w)),
+        QuantFormat::F16 => {
+            // the row's bytes are already f16 values in `dst` order: convert in
+            // blocks, which `half` vectorizes
+            use half::slice::HalfFloatSliceExt;
+            let bytes = &data[base + outs.start * 4..base + outs.end * 4];
+            let mut block = [f16::ZERO; 64];
+            for (d, b) in dst.chunks_mut(64).zip(bytes.chunks(128)) {
+                let h = &mut block[..d.len()];
+                h.iter_mut().zip(b.chunks_exact(2)).for_each(|(x, c)| *x = f16::from_le_bytes([c[0], c[1]]));
+                h.convert_to_f32_slice(d);
+            }
+        }
+        QuantFormat::Bf16 => {
+            for (d, w) in dst.chunks_exact_mut(2).zip(words) {
+                d[0] = f32::from_bits(w << 16);
+                d[1] = f32::from_bits(w & 0xffff_0000);
+            }
+        }
+        QuantFormat::Int8 { per_tensor } => {
+            for ((d, w), o) in dst.chunks_exact_mut(4).zip(words).zip(outs) {
+                let s = f32::from_bits(get_u32(scales, if per_tensor { 0 } else { o * 4 }));
+                for (k, v) in d.iter_mut().enumerate() {
+                    *v = (w >> (8 * k)) as u8 as i8 as f32 * s;
+                }
+            }
+        }
+        QuantFormat::Int4 { group_size, .. } => {
+            let scale_row = (r * 8 / group_size as usize) * sizes.scale_stride as usize;
+            for ((d, w), o) in dst.chunks_exact_mut(8).zip(words).zip(outs) {
+                let sm = get_u32(scales, scale_row + o * 4);
+                let (s, m) = (f16::from_bits(sm as u16).to_f32(), f16::from_bits((sm >> 16) as u16).to_f32());
+                for (k, v) in d.iter_mut().enumerate() {
+                    *v = s * ((w >> (4 * k)) & 15) as f32 + m;
+                }
+            }
         }
     }
 }
@@ -356,7 +423,9 @@ pub fn error_bound(format: QuantFormat, group_abs_max: f32, group_range: f32) ->
         QuantFormat::Bf16 => group_abs_max * (1.0 / 256.0),
         // half a step, plus the scale's own rounding
         QuantFormat::Int8 { .. } => group_abs_max / 127.0 * 0.5 * 1.001 + 1e-7,
-        QuantFormat::Int4 { symmetric: false, .. } => group_range / 15.0 * 0.5 * 1.01 + group_range * 2e-3 + group_abs_max * 1e-3,
+        QuantFormat::Int4 { symmetric: false, .. } => {
+            group_range / 15.0 * 0.5 * 1.01 + group_range * 2e-3 + group_abs_max * 1e-3
+        }
         QuantFormat::Int4 { symmetric: true, .. } => group_abs_max / 7.0 * 0.5 * 1.01 + group_abs_max * 3e-3,
     }
 }
@@ -412,8 +481,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_shapes() {
-        assert!(matches!(part_sizes(QuantFormat::Int4 { group_size: 32, symmetric: false }, 4, 48), Err(FormatError::InputNotMultiple { .. })));
-        assert!(matches!(part_sizes(QuantFormat::Int4 { group_size: 12, symmetric: false }, 4, 48), Err(FormatError::GroupSize(12))));
+        assert!(matches!(
+            part_sizes(QuantFormat::Int4 { group_size: 32, symmetric: false }, 4, 48),
+            Err(FormatError::InputNotMultiple { .. })
+        ));
+        assert!(matches!(
+            part_sizes(QuantFormat::Int4 { group_size: 12, symmetric: false }, 4, 48),
+            Err(FormatError::GroupSize(12))
+        ));
         assert!(matches!(part_sizes(QuantFormat::F16, 4, 3), Err(FormatError::InputNotMultiple { .. })));
     }
 }

@@ -2,8 +2,25 @@
 //! generator of every WGSL compute shader the runtime dispatches.
 //!
 //! Architecture invariant: this crate never touches a GPU. It turns a
-//! [`manifest::Manifest`] and a [`spec::Target`] into validated WGSL text plus
+//! [`manifest::Manifest`] and a [`target::Target`] into validated WGSL text plus
 //! the binding and dispatch data the runtime needs.
 
+pub mod error;
 pub mod format;
 pub mod manifest;
+pub mod ops;
+pub mod plan;
+pub mod spec;
+pub mod target;
+pub mod tcal;
+pub mod validate;
+
+pub use error::CodegenError;
+pub use ops::generate;
+pub use plan::{
+    generated_files, kernel_names_for_layer, layer_kernel_names, LayerFormats, Plan, PlanStep, Stage, TensorLayout,
+    TensorRef,
+};
+pub use spec::{Access, Activation, Binding, Kernel, KernelSpec, Resource, Rows, StepUniform};
+pub use target::{capabilities, Target};
+pub use validate::validate;

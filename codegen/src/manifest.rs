@@ -208,11 +208,16 @@ pub enum QuantFormat {
     /// bfloat16, stored as raw u16 and widened in-shader.
     Bf16,
     /// Signed 8-bit values with an f32 scale per output channel (or one per tensor).
-    Int8 { per_tensor: bool },
+    Int8 {
+        per_tensor: bool,
+    },
     /// Unsigned 4-bit values in groups of `group_size` along the input dimension,
     /// each group with an f16 scale and f16 minimum: `w = scale * q + min`.
     /// Symmetric quantization stores `min = -8 * scale`.
-    Int4 { group_size: u32, symmetric: bool },
+    Int4 {
+        group_size: u32,
+        symmetric: bool,
+    },
 }
 
 impl QuantFormat {
@@ -424,13 +429,13 @@ impl Manifest {
         if cfg.architecture != "llama" {
             return Err(ManifestError::Architecture(cfg.architecture.clone()));
         }
-        if cfg.num_heads == 0 || cfg.num_kv_heads == 0 || cfg.num_heads % cfg.num_kv_heads != 0 {
+        if cfg.num_heads == 0 || cfg.num_kv_heads == 0 || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads) {
             return Err(ManifestError::Other(format!(
                 "num_heads {} must be a positive multiple of num_kv_heads {}",
                 cfg.num_heads, cfg.num_kv_heads
             )));
         }
-        if cfg.head_dim == 0 || cfg.head_dim % 2 != 0 {
+        if cfg.head_dim == 0 || !cfg.head_dim.is_multiple_of(2) {
             return Err(ManifestError::Other(format!("head_dim {} must be even and positive", cfg.head_dim)));
         }
         if self.layers.len() != cfg.num_layers {
@@ -497,7 +502,7 @@ impl Manifest {
     fn validate_region(&self, name: &str, r: &Region) -> Result<(), ManifestError> {
         let bad = |reason: String| ManifestError::Tensor { name: name.to_string(), reason };
         let shard = self.shards.get(r.shard).ok_or_else(|| bad(format!("shard index {} out of range", r.shard)))?;
-        if r.offset % REGION_ALIGN != 0 {
+        if !r.offset.is_multiple_of(REGION_ALIGN) {
             return Err(bad(format!("offset {} is not {REGION_ALIGN}-byte aligned", r.offset)));
         }
         let end = r.offset.checked_add(r.bytes).ok_or_else(|| bad("region end overflows".into()))?;

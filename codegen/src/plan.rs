@@ -1,0 +1,337 @@
+//! The kernel plan of a model: which kernel runs, in which order, on which
+//! tensors, for one forward step; plus the files written beside a manifest.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::error::CodegenError;
+use crate::format::part_sizes;
+use crate::manifest::{names, Manifest, ModelConfig, QuantFormat};
+use crate::ops::generate;
+use crate::spec::{Activation, Kernel, KernelSpec};
+use crate::target::Target;
+use crate::validate::validate;
+
+/// The formats of one layer's matrices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerFormats {
+    pub q: QuantFormat,
+    pub k: QuantFormat,
+    pub v: QuantFormat,
+    pub o: QuantFormat,
+    pub gate: QuantFormat,
+    pub up: QuantFormat,
+    pub down: QuantFormat,
+}
+
+impl LayerFormats {
+    /// Every matrix in `format`.
+    pub fn uniform(format: QuantFormat) -> Self {
+        LayerFormats { q: format, k: format, v: format, o: format, gate: format, up: format, down: format }
+    }
+
+    fn from_manifest(m: &Manifest, layer: usize) -> Result<Self, CodegenError> {
+        let f = |suffix: &str| -> Result<QuantFormat, CodegenError> { Ok(m.layer_tensor(layer, suffix)?.format) };
+        Ok(LayerFormats {
+            q: f("self_attn.q_proj.weight")?,
+            k: f("self_attn.k_proj.weight")?,
+            v: f("self_attn.v_proj.weight")?,
+            o: f("self_attn.o_proj.weight")?,
+            gate: f("mlp.gate_proj.weight")?,
+            up: f("mlp.up_proj.weight")?,
+            down: f("mlp.down_proj.weight")?,
+        })
+    }
+}
+
+/// What a plan needs to know of a tensor: its format and the vocabulary /
+/// output rows of each part.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorLayout {
+    pub format: QuantFormat,
+    pub parts: Vec<[usize; 2]>,
+}
+
+/// A tensor part bound to one binding of a plan step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TensorRef {
+    pub binding: u32,
+    pub tensor: String,
+    pub part: usize,
+}
+
+/// Which part of the forward step a dispatch belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Embed,
+    Layer,
+    Logits,
+    /// Greedy sampling; runs only when the caller wants the argmax.
+    Argmax,
+}
+
+/// One dispatch of a forward step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PlanStep {
+    /// Index into [`Plan::kernels`].
+    pub kernel: usize,
+    pub stage: Stage,
+    /// The layer whose KV cache the step binds.
+    pub layer: Option<usize>,
+    pub tensors: Vec<TensorRef>,
+}
+
+/// Every dispatch of one forward step, in order, over one pipeline per distinct kernel.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub target: Target,
+    /// Distinct kernels, each validated with naga.
+    pub kernels: Vec<Kernel>,
+    pub steps: Vec<PlanStep>,
+}
+
+/// The five kernel specs of one layer at decode time, in order.
+pub fn layer_specs(cfg: &ModelConfig, formats: &LayerFormats, target: &Target) -> [KernelSpec; 5] {
+    let target = *target;
+    [
+        KernelSpec::RmsQkvRope {
+            hidden: cfg.hidden_size,
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            rope_theta: cfg.rope_theta,
+            eps: cfg.rms_norm_eps,
+            q: formats.q,
+            k: formats.k,
+            v: formats.v,
+            target,
+        },
+        KernelSpec::Attention { heads: cfg.num_heads, kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim, target },
+        KernelSpec::MatvecAdd {
+            input: Activation::Attn,
+            in_features: cfg.q_dim(),
+            out_features: cfg.hidden_size,
+            format: formats.o,
+            target,
+        },
+        KernelSpec::RmsGateUp {
+            hidden: cfg.hidden_size,
+            ffn: cfg.intermediate_size,
+            eps: cfg.rms_norm_eps,
+            gate: formats.gate,
+            up: formats.up,
+            target,
+        },
+        KernelSpec::MatvecAdd {
+            input: Activation::Ffn,
+            in_features: cfg.intermediate_size,
+            out_features: cfg.hidden_size,
+            format: formats.down,
+            target,
+        },
+    ]
+}
+
+/// The tensors each binding of a layer kernel reads, by binding name.
+const LAYER_BINDINGS: [&[(&str, &str)]; 5] = [
+    &[
+        ("norm", "input_layernorm.weight"),
+        ("wq", "self_attn.q_proj.weight"),
+        ("wk", "self_attn.k_proj.weight"),
+        ("wv", "self_attn.v_proj.weight"),
+    ],
+    &[],
+    &[("w", "self_attn.o_proj.weight")],
+    &[("norm", "post_attention_layernorm.weight"), ("w_gate", "mlp.gate_proj.weight"), ("w_up", "mlp.up_proj.weight")],
+    &[("w", "mlp.down_proj.weight")],
+];
+
+/// Names of the kernels that run a layer with these formats (for [`crate::manifest::LayerEntry::kernels`]).
+pub fn layer_kernel_names(cfg: &ModelConfig, formats: &LayerFormats, target: &Target) -> Vec<String> {
+    layer_specs(cfg, formats, target).iter().map(KernelSpec::name).collect()
+}
+
+/// Names of the kernels that run layer `layer` of `manifest` on `target`.
+pub fn kernel_names_for_layer(manifest: &Manifest, layer: usize, target: &Target) -> Result<Vec<String>, CodegenError> {
+    Ok(layer_kernel_names(&manifest.model, &LayerFormats::from_manifest(manifest, layer)?, target))
+}
+
+/// Kernels deduplicated by name.
+struct KernelSet {
+    kernels: Vec<Kernel>,
+    by_name: BTreeMap<String, usize>,
+    target: Target,
+}
+
+impl KernelSet {
+    fn add(&mut self, spec: &KernelSpec) -> Result<usize, CodegenError> {
+        let name = spec.name();
+        if let Some(&i) = self.by_name.get(&name) {
+            return Ok(i);
+        }
+        let kernel = generate(spec)?;
+        validate(&kernel, &self.target)?;
+        self.kernels.push(kernel);
+        self.by_name.insert(name, self.kernels.len() - 1);
+        Ok(self.kernels.len() - 1)
+    }
+
+    fn refs(&self, kernel: usize, pairs: &[(&str, String)], part: usize) -> Vec<TensorRef> {
+        pairs
+            .iter()
+            .map(|(binding, tensor)| {
+                let b = self.kernels[kernel].bindings.iter().find(|b| b.name == *binding);
+                let index = b.map(|b| b.index).expect("op bindings and plan tables agree");
+                TensorRef { binding: index, tensor: tensor.clone(), part }
+            })
+            .collect()
+    }
+}
+
+impl Plan {
+    /// The plan for a manifest (already validated by its loader).
+    pub fn from_manifest(manifest: &Manifest, target: &Target) -> Result<Plan, CodegenError> {
+        let tensors = manifest
+            .tensors
+            .iter()
+            .map(|(name, t)| {
+                (name.clone(), TensorLayout { format: t.format, parts: t.parts.iter().map(|p| p.rows).collect() })
+            })
+            .collect();
+        Plan::new(&manifest.model, &tensors, target)
+    }
+
+    /// The plan for a model described by its config and tensor layouts.
+    pub fn new(
+        cfg: &ModelConfig,
+        tensors: &BTreeMap<String, TensorLayout>,
+        target: &Target,
+    ) -> Result<Plan, CodegenError> {
+        let get = |name: &str| {
+            tensors.get(name).ok_or_else(|| crate::manifest::ManifestError::MissingTensor(name.to_string()))
+        };
+        let check_matrix = |name: &str, out: usize, in_features: usize| -> Result<&TensorLayout, CodegenError> {
+            let t = get(name)?;
+            for p in &t.parts {
+                part_sizes(t.format, p[1].saturating_sub(p[0]), in_features)
+                    .map_err(|source| CodegenError::Format { tensor: name.to_string(), source })?;
+            }
+            if t.parts.last().map(|p| p[1]) != Some(out) {
+                return Err(CodegenError::Unsupported {
+                    tensor: name.to_string(),
+                    reason: format!("parts do not cover {out} rows"),
+                });
+            }
+            Ok(t)
+        };
+        let mut set = KernelSet { kernels: Vec::new(), by_name: BTreeMap::new(), target: *target };
+        let mut steps = Vec::new();
+        let h = cfg.hidden_size;
+
+        let embed = check_matrix(names::EMBED, cfg.vocab_size, h)?;
+        for (i, rows) in embed.parts.iter().enumerate() {
+            let k = set.add(&KernelSpec::Embed { hidden: h, rows: *rows, format: embed.format, target: *target })?;
+            let tensors = set.refs(k, &[("embed", names::EMBED.to_string())], i);
+            steps.push(PlanStep { kernel: k, stage: Stage::Embed, layer: None, tensors });
+        }
+
+        for layer in 0..cfg.num_layers {
+            let f = |suffix: &str, out: usize, inp: usize| -> Result<QuantFormat, CodegenError> {
+                let name = names::layer(layer, suffix);
+                let t = check_matrix(&name, out, inp)?;
+                if t.parts.len() != 1 {
+                    return Err(CodegenError::Unsupported {
+                        tensor: name,
+                        reason: "layer matrices must have one part".into(),
+                    });
+                }
+                Ok(t.format)
+            };
+            let formats = LayerFormats {
+                q: f("self_attn.q_proj.weight", cfg.q_dim(), h)?,
+                k: f("self_attn.k_proj.weight", cfg.kv_dim(), h)?,
+                v: f("self_attn.v_proj.weight", cfg.kv_dim(), h)?,
+                o: f("self_attn.o_proj.weight", h, cfg.q_dim())?,
+                gate: f("mlp.gate_proj.weight", cfg.intermediate_size, h)?,
+                up: f("mlp.up_proj.weight", cfg.intermediate_size, h)?,
+                down: f("mlp.down_proj.weight", h, cfg.intermediate_size)?,
+            };
+            for (spec, bindings) in layer_specs(cfg, &formats, target).iter().zip(LAYER_BINDINGS) {
+                let k = set.add(spec)?;
+                let pairs: Vec<(&str, String)> = bindings.iter().map(|(b, s)| (*b, names::layer(layer, s))).collect();
+                let tensors = set.refs(k, &pairs, 0);
+                steps.push(PlanStep { kernel: k, stage: Stage::Layer, layer: Some(layer), tensors });
+            }
+        }
+
+        let head_name = cfg.lm_head_name();
+        let head = check_matrix(head_name, cfg.vocab_size, h)?;
+        for (i, rows) in head.parts.iter().enumerate() {
+            let spec = KernelSpec::RmsLogits {
+                hidden: h,
+                vocab: cfg.vocab_size,
+                rows: *rows,
+                eps: cfg.rms_norm_eps,
+                format: head.format,
+                target: *target,
+            };
+            let k = set.add(&spec)?;
+            let mut tensors = set.refs(k, &[("norm", names::FINAL_NORM.to_string())], 0);
+            tensors.extend(set.refs(k, &[("w", head_name.to_string())], i));
+            steps.push(PlanStep { kernel: k, stage: Stage::Logits, layer: None, tensors });
+        }
+
+        let k = set.add(&KernelSpec::Argmax { vocab: cfg.vocab_size, target: *target })?;
+        steps.push(PlanStep { kernel: k, stage: Stage::Argmax, layer: None, tensors: Vec::new() });
+
+        Ok(Plan { target: *target, kernels: set.kernels, steps })
+    }
+
+    /// Dispatches per decoded token, greedy sampling included.
+    pub fn dispatches_per_token(&self) -> usize {
+        self.steps.len()
+    }
+}
+
+/// The WGSL files of every kernel of `manifest` for each of `targets`
+/// (`<kernel-name>.wgsl`), plus `index.json`: for each kernel its file, target,
+/// entry point, workgroup size, dispatch and binding table, and for each target
+/// the ordered plan.
+pub fn generated_files(manifest: &Manifest, targets: &[Target]) -> Result<BTreeMap<String, String>, CodegenError> {
+    let mut files = BTreeMap::new();
+    let mut index_kernels = serde_json::Map::new();
+    let mut index_plans = serde_json::Map::new();
+    for target in targets {
+        let plan = Plan::from_manifest(manifest, target)?;
+        for k in &plan.kernels {
+            let file = format!("{}.wgsl", k.name);
+            let mut entry = serde_json::to_value(k).expect("kernel metadata serialises");
+            if let serde_json::Value::Object(map) = &mut entry {
+                map.insert("file".into(), file.clone().into());
+                map.insert("target".into(), target.name().into());
+            }
+            index_kernels.insert(k.name.clone(), entry);
+            files.insert(file, k.wgsl.clone());
+        }
+        let steps: Vec<serde_json::Value> = plan
+            .steps
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "kernel": plan.kernels[s.kernel].name,
+                    "stage": s.stage,
+                    "layer": s.layer,
+                    "tensors": s.tensors,
+                })
+            })
+            .collect();
+        index_plans.insert(target.name().to_string(), steps.into());
+    }
+    let index = serde_json::json!({ "kernels": index_kernels, "plans": index_plans });
+    let mut text = serde_json::to_string_pretty(&index).expect("index serialises");
+    text.push('\n');
+    files.insert("index.json".to_string(), text);
+    Ok(files)
+}

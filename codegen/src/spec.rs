@@ -1,0 +1,210 @@
+//! Kernel specs (what to generate) and kernels (what the runtime dispatches).
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::QuantFormat;
+use crate::target::Target;
+
+/// A buffer of activations the runtime owns, reused by every layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// The residual stream, `[tokens, hidden]` f32.
+    Hidden,
+    /// Queries after RoPE, `[tokens, num_heads * head_dim]` f32.
+    Q,
+    /// Attention output, `[tokens, num_heads * head_dim]` f32.
+    Attn,
+    /// SiLU(gate) * up, `[tokens, intermediate]` f32.
+    Ffn,
+    /// Logits, `[rows, vocab]` f32.
+    Logits,
+}
+
+/// What a binding is bound to; the runtime resolves it per plan step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resource {
+    /// The per-step uniform ([`StepUniform`]).
+    Step,
+    /// Token ids of the step, `[tokens]` u32.
+    Tokens,
+    Activation(Activation),
+    /// The step's layer's key cache, `[ctx, kv_dim]` of [`crate::tcal::kv_bytes_per_element`] bytes.
+    KeyCache,
+    /// The step's layer's value cache, like the key cache.
+    ValueCache,
+    /// A tensor part (named by the plan step): its data region followed by its
+    /// scale region (see [`crate::tcal::weight_buffer_words`]); f32 vectors as is.
+    Tensor,
+    /// The argmax result, one u32.
+    Argmax,
+}
+
+/// How a kernel accesses a binding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
+    Uniform,
+}
+
+/// One entry of a kernel's bind group (group 0).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    pub index: u32,
+    /// The WGSL variable name.
+    pub name: String,
+    pub access: Access,
+    pub resource: Resource,
+}
+
+/// What the second dispatch dimension counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rows {
+    /// `dispatch` as is.
+    One,
+    /// `dispatch[1]` times the step's token count.
+    Tokens,
+    /// `dispatch[1]` times the number of logits rows requested.
+    LogitRows,
+}
+
+/// A generated, validated compute shader and what dispatching it needs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Kernel {
+    pub name: String,
+    #[serde(skip)]
+    pub wgsl: String,
+    pub entry_point: &'static str,
+    pub bindings: Vec<Binding>,
+    pub workgroup_size: [u32; 3],
+    /// Workgroups for one row (see [`Kernel::rows`]).
+    pub dispatch: [u32; 3],
+    pub rows: Rows,
+}
+
+impl Kernel {
+    /// The workgroup counts for a step of `tokens` tokens and `logit_rows` logits rows.
+    pub fn dispatch_for(&self, tokens: u32, logit_rows: u32) -> [u32; 3] {
+        let [x, y, z] = self.dispatch;
+        match self.rows {
+            Rows::One => [x, y, z],
+            Rows::Tokens => [x, y * tokens, z],
+            Rows::LogitRows => [x, y * logit_rows, z],
+        }
+    }
+}
+
+/// The per-step values every kernel reads from its uniform binding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepUniform {
+    /// Position of the step's first token.
+    pub pos: u32,
+    pub n_tokens: u32,
+    /// Positions the KV cache holds (its ring size).
+    pub ctx: u32,
+    /// First token whose logits are computed.
+    pub logits_from: u32,
+    /// Logits row the argmax kernel reads.
+    pub argmax_row: u32,
+}
+
+impl StepUniform {
+    pub const SIZE: usize = 32;
+
+    /// The uniform buffer contents (little-endian u32s, padded to 32 bytes).
+    pub fn to_bytes(&self) -> [u8; Self::SIZE] {
+        let mut b = [0u8; Self::SIZE];
+        for (i, v) in [self.pos, self.n_tokens, self.ctx, self.logits_from, self.argmax_row].iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+}
+
+/// One fused operation with every dimension, weight format and target: the
+/// input of generation. Equal specs give identical WGSL.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum KernelSpec {
+    /// Token id -> hidden row, for the embedding part holding vocabulary rows `rows`.
+    Embed { hidden: usize, rows: [usize; 2], format: QuantFormat, target: Target },
+    /// RMSNorm, Q/K/V projections, RoPE, and the K/V write into the cache.
+    RmsQkvRope {
+        hidden: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        rope_theta: f32,
+        eps: f32,
+        q: QuantFormat,
+        k: QuantFormat,
+        v: QuantFormat,
+        target: Target,
+    },
+    /// Causal grouped-query attention over the ring-buffer cache.
+    Attention { heads: usize, kv_heads: usize, head_dim: usize, target: Target },
+    /// `hidden += W x` for the input activation `input` (o_proj, down_proj).
+    MatvecAdd { input: Activation, in_features: usize, out_features: usize, format: QuantFormat, target: Target },
+    /// RMSNorm, gate and up projections, SiLU(gate) * up.
+    RmsGateUp { hidden: usize, ffn: usize, eps: f32, gate: QuantFormat, up: QuantFormat, target: Target },
+    /// Final RMSNorm and the logits of vocabulary rows `rows` (one part of the output projection).
+    RmsLogits { hidden: usize, vocab: usize, rows: [usize; 2], eps: f32, format: QuantFormat, target: Target },
+    /// Index of the largest logit of one row (greedy sampling on the device).
+    Argmax { vocab: usize, target: Target },
+}
+
+impl KernelSpec {
+    pub fn target(&self) -> &Target {
+        match self {
+            KernelSpec::Embed { target, .. }
+            | KernelSpec::RmsQkvRope { target, .. }
+            | KernelSpec::Attention { target, .. }
+            | KernelSpec::MatvecAdd { target, .. }
+            | KernelSpec::RmsGateUp { target, .. }
+            | KernelSpec::RmsLogits { target, .. }
+            | KernelSpec::Argmax { target, .. } => target,
+        }
+    }
+
+    /// A unique, file-name-safe name: op, dimensions, formats, target.
+    pub fn name(&self) -> String {
+        use crate::tcal::format_tag as f;
+        let t = self.target().name();
+        match self {
+            KernelSpec::Embed { hidden, rows, format, .. } => {
+                format!("embed-h{hidden}-r{}-{}-{}-{t}", rows[0], rows[1], f(*format))
+            }
+            KernelSpec::RmsQkvRope { hidden, heads, kv_heads, head_dim, rope_theta, eps, q, k, v, .. } => {
+                let formats = if q == k && k == v { f(*q) } else { format!("{}-{}-{}", f(*q), f(*k), f(*v)) };
+                format!(
+                    "rms-qkv-rope-h{hidden}-q{heads}-kv{kv_heads}-d{head_dim}-theta{rope_theta}-eps{eps}-{formats}-{t}"
+                )
+            }
+            KernelSpec::Attention { heads, kv_heads, head_dim, .. } => {
+                format!("attention-q{heads}-kv{kv_heads}-d{head_dim}-{t}")
+            }
+            KernelSpec::MatvecAdd { input, in_features, out_features, format, .. } => {
+                let input = match input {
+                    Activation::Hidden => "hidden",
+                    Activation::Q => "q",
+                    Activation::Attn => "attn",
+                    Activation::Ffn => "ffn",
+                    Activation::Logits => "logits",
+                };
+                format!("matvec-add-{input}-{in_features}x{out_features}-{}-{t}", f(*format))
+            }
+            KernelSpec::RmsGateUp { hidden, ffn, eps, gate, up, .. } => {
+                let formats = if gate == up { f(*gate) } else { format!("{}-{}", f(*gate), f(*up)) };
+                format!("rms-gate-up-h{hidden}-f{ffn}-eps{eps}-{formats}-{t}")
+            }
+            KernelSpec::RmsLogits { hidden, vocab, rows, eps, format, .. } => {
+                format!("rms-logits-h{hidden}-v{vocab}-r{}-{}-eps{eps}-{}-{t}", rows[0], rows[1], f(*format))
+            }
+            KernelSpec::Argmax { vocab, .. } => format!("argmax-v{vocab}-{t}"),
+        }
+    }
+}

@@ -1,0 +1,542 @@
+//! TCAL, the tensor compute abstraction layer: how a packed weight word is
+//! decoded and how a reduction is done on a [`Target`]. Every op in
+//! [`crate::ops`] is written once against these helpers; only this module
+//! knows about precisions and subgroups.
+//!
+//! The WGSL decoders mirror [`crate::format`] exactly (word `o` of stored row
+//! `r` packs inputs `r * pack ..`, low bits first).
+
+use crate::format::{pack_factor, part_sizes, FormatError};
+use crate::manifest::QuantFormat;
+use crate::target::{Target, MIN_SUBGROUP_SIZE};
+
+/// Replaces each `$KEY` in `template` (longest keys first, so `$WS` wins over `$W`).
+pub(crate) fn fill(template: &str, vars: &[(&str, &str)]) -> String {
+    let mut vars = vars.to_vec();
+    vars.sort_by_key(|(k, _)| std::cmp::Reverse(k.len()));
+    let mut s = template.to_string();
+    for (k, v) in vars {
+        s = s.replace(&format!("${k}"), v);
+    }
+    s
+}
+
+/// The largest power of two not above `n` (at least 1).
+pub(crate) fn prev_power_of_two(n: u32) -> u32 {
+    if n <= 1 {
+        1
+    } else {
+        1 << (31 - n.leading_zeros())
+    }
+}
+
+/// Lines that must open the module (`enable f16;`).
+pub(crate) fn enables(target: &Target) -> &'static str {
+    if target.shader_f16 {
+        "enable f16;\n\n"
+    } else {
+        ""
+    }
+}
+
+/// WGSL element type of the KV cache.
+pub(crate) fn kv_type(target: &Target) -> &'static str {
+    if target.shader_f16 {
+        "f16"
+    } else {
+        "f32"
+    }
+}
+
+/// Bytes per KV-cache element for `target`.
+pub fn kv_bytes_per_element(target: &Target) -> u64 {
+    if target.shader_f16 {
+        2
+    } else {
+        4
+    }
+}
+
+/// Extra entry-point parameters the reductions need.
+pub(crate) fn entry_builtins(target: &Target) -> &'static str {
+    if target.subgroups {
+        ",\n    @builtin(subgroup_invocation_id) sg_lane_in: u32,\n    @builtin(subgroup_id) sg_index_in: u32,\n    @builtin(num_subgroups) sg_count_in: u32"
+    } else {
+        ""
+    }
+}
+
+/// First statements of an entry point: record builtins the reductions read.
+pub(crate) fn entry_setup(target: &Target) -> &'static str {
+    if target.subgroups {
+        "    sg_lane = sg_lane_in;\n    sg_index = sg_index_in;\n    sg_count = sg_count_in;\n    lid = lid_in;\n"
+    } else {
+        "    lid = lid_in;\n"
+    }
+}
+
+/// `wg_sum(v)`, `wg_max(v)` and `wg_argmax(v, i)` over a workgroup of `wg`
+/// invocations (a power of two). Every invocation must call them (they hold
+/// barriers) and every invocation gets the result.
+pub(crate) fn reductions(target: &Target, wg: u32) -> String {
+    debug_assert!(wg.is_power_of_two());
+    if target.subgroups {
+        let slots = (wg / MIN_SUBGROUP_SIZE).max(1);
+        fill(
+            r#"// Reductions: subgroup operations, then one slot per subgroup in workgroup memory.
+const RED_SLOTS: u32 = $SLOTSu;
+var<workgroup> red_f32: array<f32, RED_SLOTS>;
+var<workgroup> red_u32: array<u32, RED_SLOTS>;
+var<private> lid: u32;
+var<private> sg_lane: u32;
+var<private> sg_index: u32;
+var<private> sg_count: u32;
+
+fn wg_sum(v: f32) -> f32 {
+    let s = subgroupAdd(v);
+    workgroupBarrier();
+    if (sg_lane == 0u) {
+        red_f32[sg_index] = s;
+    }
+    workgroupBarrier();
+    var total = 0.0;
+    for (var i = 0u; i < sg_count; i++) {
+        total += red_f32[i];
+    }
+    return total;
+}
+
+fn wg_max(v: f32) -> f32 {
+    let s = subgroupMax(v);
+    workgroupBarrier();
+    if (sg_lane == 0u) {
+        red_f32[sg_index] = s;
+    }
+    workgroupBarrier();
+    var m = red_f32[0];
+    for (var i = 1u; i < sg_count; i++) {
+        m = max(m, red_f32[i]);
+    }
+    return m;
+}
+
+// Index of the largest value; the lowest index among equal values.
+fn wg_argmax(v: f32, i: u32) -> u32 {
+    let m = wg_max(v);
+    let cand = subgroupMin(select(0xffffffffu, i, v == m));
+    workgroupBarrier();
+    if (sg_lane == 0u) {
+        red_u32[sg_index] = cand;
+    }
+    workgroupBarrier();
+    var best = red_u32[0];
+    for (var k = 1u; k < sg_count; k++) {
+        best = min(best, red_u32[k]);
+    }
+    return best;
+}
+"#,
+            &[("SLOTS", &slots.to_string())],
+        )
+    } else {
+        fill(
+            r#"// Reductions: a tree in workgroup memory.
+const RED_SLOTS: u32 = $WGu;
+var<workgroup> red_f32: array<f32, RED_SLOTS>;
+var<workgroup> red_u32: array<u32, RED_SLOTS>;
+var<private> lid: u32;
+
+fn wg_sum(v: f32) -> f32 {
+    workgroupBarrier();
+    red_f32[lid] = v;
+    workgroupBarrier();
+    for (var s = RED_SLOTS / 2u; s > 0u; s = s >> 1u) {
+        if (lid < s) {
+            red_f32[lid] += red_f32[lid + s];
+        }
+        workgroupBarrier();
+    }
+    return red_f32[0];
+}
+
+fn wg_max(v: f32) -> f32 {
+    workgroupBarrier();
+    red_f32[lid] = v;
+    workgroupBarrier();
+    for (var s = RED_SLOTS / 2u; s > 0u; s = s >> 1u) {
+        if (lid < s) {
+            red_f32[lid] = max(red_f32[lid], red_f32[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    return red_f32[0];
+}
+
+// Index of the largest value; the lowest index among equal values.
+fn wg_argmax(v: f32, i: u32) -> u32 {
+    workgroupBarrier();
+    red_f32[lid] = v;
+    red_u32[lid] = i;
+    workgroupBarrier();
+    for (var s = RED_SLOTS / 2u; s > 0u; s = s >> 1u) {
+        if (lid < s) {
+            let a = red_f32[lid];
+            let b = red_f32[lid + s];
+            if (b > a || (b == a && red_u32[lid + s] < red_u32[lid])) {
+                red_f32[lid] = b;
+                red_u32[lid] = red_u32[lid + s];
+            }
+        }
+        workgroupBarrier();
+    }
+    return red_u32[0];
+}
+"#,
+            &[("WG", &wg.to_string())],
+        )
+    }
+}
+
+/// A packed weight matrix bound as `array<u32>`: its data region followed by
+/// its scale region (see [`weight_buffer_words`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WeightMatrix<'a> {
+    /// WGSL identifier of the binding (`wq`); its constants use the upper-case prefix.
+    pub ident: &'a str,
+    pub format: QuantFormat,
+    pub out: usize,
+    pub in_features: usize,
+}
+
+/// Word offset of the scales within a weight buffer, and the buffer's total words.
+///
+/// A weight buffer holds one tensor part: its `data` region, then its `scales`
+/// region (if any), both exactly as in the shard.
+pub fn weight_buffer_words(format: QuantFormat, out: usize, in_features: usize) -> Result<(u64, u64), FormatError> {
+    let s = part_sizes(format, out, in_features)?;
+    Ok((s.data_bytes / 4, (s.data_bytes + s.scale_bytes) / 4))
+}
+
+impl WeightMatrix<'_> {
+    fn prefix(&self) -> String {
+        self.ident.to_ascii_uppercase()
+    }
+
+    /// Number of blocks the dot product walks: stored rows, or INT4 groups.
+    pub fn blocks(&self) -> usize {
+        match self.format {
+            QuantFormat::Int4 { group_size, .. } => self.in_features / group_size as usize,
+            _ => self.in_features / pack_factor(self.format),
+        }
+    }
+
+    /// Layout constants plus `<ident>_dot(o, b0, b1)` (the dot product of output
+    /// `o` with inputs `xin(i)` over blocks `[b0, b1)`) and `<ident>_elem(o, i)`.
+    pub fn functions(&self, use_dot: bool) -> Result<String, FormatError> {
+        let sizes = part_sizes(self.format, self.out, self.in_features)?;
+        let p = self.prefix();
+        let mut s = format!(
+            "// {ident}: {desc}, {out} outputs x {inp} inputs, column-major packed.\nconst {p}_STRIDE: u32 = {stride}u;\n",
+            ident = self.ident,
+            desc = describe(self.format),
+            out = self.out,
+            inp = self.in_features,
+            stride = sizes.row_stride / 4
+        );
+        s += &format!("const {p}_BLOCKS: u32 = {}u;\n", self.blocks());
+        if sizes.scale_bytes > 0 {
+            s += &format!(
+                "const {p}_SCALES: u32 = {}u;\nconst {p}_SCALE_STRIDE: u32 = {}u;\n",
+                sizes.data_bytes / 4,
+                sizes.scale_stride / 4
+            );
+        }
+        let vars = [("W", self.ident), ("P", p.as_str())];
+        let body = match self.format {
+            QuantFormat::F32 => return Err(FormatError::NotMatrix),
+            QuantFormat::F16 => {
+                // unpack2x16float is exact; bitcast<vec2<f16>> of a word miscompiles on
+                // some Vulkan drivers (llvmpipe), so every target unpacks the same way.
+                let unpack = "unpack2x16float($W[r * $P_STRIDE + o])";
+                fill(
+                    &format!(
+                        r#"fn $W_dot(o: u32, b0: u32, b1: u32) -> f32 {{
+    var acc = 0.0;
+    for (var r = b0; r < b1; r++) {{
+        let w = {unpack};
+        acc += w.x * xin(2u * r) + w.y * xin(2u * r + 1u);
+    }}
+    return acc;
+}}
+
+fn $W_elem(o: u32, i: u32) -> f32 {{
+    let r = i / 2u;
+    let w = {unpack};
+    return w[i % 2u];
+}}
+"#
+                    ),
+                    &vars,
+                )
+            }
+            QuantFormat::Bf16 => fill(
+                r#"fn $W_bf16(word: u32) -> vec2<f32> {
+    return vec2<f32>(bitcast<f32>(word << 16u), bitcast<f32>(word & 0xffff0000u));
+}
+
+fn $W_dot(o: u32, b0: u32, b1: u32) -> f32 {
+    var acc = 0.0;
+    for (var r = b0; r < b1; r++) {
+        let w = $W_bf16($W[r * $P_STRIDE + o]);
+        acc += w.x * xin(2u * r) + w.y * xin(2u * r + 1u);
+    }
+    return acc;
+}
+
+fn $W_elem(o: u32, i: u32) -> f32 {
+    let w = $W_bf16($W[(i / 2u) * $P_STRIDE + o]);
+    return w[i % 2u];
+}
+"#,
+                &vars,
+            ),
+            QuantFormat::Int8 { per_tensor } => {
+                let scale = if per_tensor { "bitcast<f32>($W[$P_SCALES])" } else { "bitcast<f32>($W[$P_SCALES + o])" };
+                fill(
+                    &format!(
+                        r#"fn $W_dot(o: u32, b0: u32, b1: u32) -> f32 {{
+    var acc = 0.0;
+    for (var r = b0; r < b1; r++) {{
+        let q = vec4<f32>(unpack4xI8($W[r * $P_STRIDE + o]));
+        let i = 4u * r;
+        acc += dot(q, vec4<f32>(xin(i), xin(i + 1u), xin(i + 2u), xin(i + 3u)));
+    }}
+    return acc * {scale};
+}}
+
+fn $W_elem(o: u32, i: u32) -> f32 {{
+    let q = unpack4xI8($W[(i / 4u) * $P_STRIDE + o]);
+    return f32(q[i % 4u]) * {scale};
+}}
+"#
+                    ),
+                    &vars,
+                )
+            }
+            QuantFormat::Int4 { group_size, .. } => {
+                s += &format!("const {p}_GROUP_ROWS: u32 = {}u;\n", group_size / 8);
+                fill(
+                    r#"// Nibbles k = 0..3 and 4..7 of a word, as f32.
+fn $W_nibbles(word: u32) -> array<vec4<f32>, 2> {
+    let lo = vec4<u32>(word, word >> 4u, word >> 8u, word >> 12u) & vec4<u32>(15u);
+    let hi = vec4<u32>(word >> 16u, word >> 20u, word >> 24u, word >> 28u) & vec4<u32>(15u);
+    return array<vec4<f32>, 2>(vec4<f32>(lo), vec4<f32>(hi));
+}
+
+// Blocks are groups: w = scale * q + min, so a group contributes
+// scale * dot(q, x) + min * sum(x).
+fn $W_dot(o: u32, b0: u32, b1: u32) -> f32 {
+    var acc = 0.0;
+    for (var g = b0; g < b1; g++) {
+        let sm = unpack2x16float($W[$P_SCALES + g * $P_SCALE_STRIDE + o]);
+        var qx = 0.0;
+        var xsum = 0.0;
+        for (var k = 0u; k < $P_GROUP_ROWS; k++) {
+            let r = g * $P_GROUP_ROWS + k;
+            let q = $W_nibbles($W[r * $P_STRIDE + o]);
+            let i = 8u * r;
+            let x0 = vec4<f32>(xin(i), xin(i + 1u), xin(i + 2u), xin(i + 3u));
+            let x1 = vec4<f32>(xin(i + 4u), xin(i + 5u), xin(i + 6u), xin(i + 7u));
+            qx += dot(q[0], x0) + dot(q[1], x1);
+            xsum += dot(x0 + x1, vec4<f32>(1.0));
+        }
+        acc += sm.x * qx + sm.y * xsum;
+    }
+    return acc;
+}
+
+fn $W_elem(o: u32, i: u32) -> f32 {
+    let q = f32(($W[(i / 8u) * $P_STRIDE + o] >> (4u * (i % 8u))) & 15u);
+    let sm = unpack2x16float($W[$P_SCALES + (i / ($P_GROUP_ROWS * 8u)) * $P_SCALE_STRIDE + o]);
+    return sm.x * q + sm.y;
+}
+"#,
+                    &vars,
+                )
+            }
+        };
+        s.push('\n');
+        s += &select_functions(&body, &format!("fn {}_", self.ident), use_dot);
+        Ok(s)
+    }
+}
+
+/// Human description of a format for header comments.
+pub(crate) fn describe(format: QuantFormat) -> String {
+    match format {
+        QuantFormat::F32 => "f32".into(),
+        QuantFormat::F16 => "f16 pairs".into(),
+        QuantFormat::Bf16 => "bf16 pairs".into(),
+        QuantFormat::Int8 { per_tensor: false } => "int8 x4 with an f32 scale per output".into(),
+        QuantFormat::Int8 { per_tensor: true } => "int8 x4 with one f32 scale".into(),
+        QuantFormat::Int4 { group_size, symmetric } => format!(
+            "int4 x8, groups of {group_size} inputs with (scale, min) f16 pairs{}",
+            if symmetric { " (symmetric)" } else { "" }
+        ),
+    }
+}
+
+/// Short name of a format for kernel names.
+pub(crate) fn format_tag(format: QuantFormat) -> String {
+    match format {
+        QuantFormat::F32 => "f32".into(),
+        QuantFormat::F16 => "f16".into(),
+        QuantFormat::Bf16 => "bf16".into(),
+        QuantFormat::Int8 { per_tensor: false } => "int8c".into(),
+        QuantFormat::Int8 { per_tensor: true } => "int8t".into(),
+        QuantFormat::Int4 { group_size, symmetric } => {
+            format!("int4g{group_size}{}", if symmetric { "s" } else { "a" })
+        }
+    }
+}
+
+/// How a matrix-vector kernel splits its input dimension: `tile` outputs per
+/// workgroup, `ksplit` slices of the blocks, partial sums combined in workgroup memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MatvecShape {
+    pub tile: u32,
+    pub ksplit: u32,
+}
+
+impl MatvecShape {
+    pub fn choose(blocks: usize, target: &Target) -> MatvecShape {
+        let limit = prev_power_of_two(target.workgroup_limit() / 64);
+        let ksplit = match blocks {
+            b if b >= 32 => 4,
+            b if b >= 8 => 2,
+            _ => 1,
+        }
+        .min(limit.max(1));
+        MatvecShape { tile: 64, ksplit }
+    }
+
+    pub fn invocations(&self) -> u32 {
+        self.tile * self.ksplit
+    }
+
+    /// Constants, scratch and `ksplit_sum(v, lo, ks)`: the sum of `v` over the
+    /// k-slices of output `lo` of the tile; every invocation must call it.
+    pub fn functions(&self) -> String {
+        let mut s = format!(
+            "// Each workgroup owns TILE outputs; its invocations split the input blocks KSPLIT ways.\nconst TILE: u32 = {}u;\nconst KSPLIT: u32 = {}u;\n",
+            self.tile, self.ksplit
+        );
+        s += r#"var<workgroup> ksplit_buf: array<f32, TILE * KSPLIT>;
+
+// Blocks [b0, b1) of slice ks out of n blocks.
+fn slice_begin(n: u32, ks: u32) -> u32 {
+    return min(ks * ((n + KSPLIT - 1u) / KSPLIT), n);
+}
+
+fn slice_end(n: u32, ks: u32) -> u32 {
+    return min((ks + 1u) * ((n + KSPLIT - 1u) / KSPLIT), n);
+}
+
+fn ksplit_sum(v: f32, lo: u32, ks: u32) -> f32 {
+    workgroupBarrier();
+    ksplit_buf[ks * TILE + lo] = v;
+    workgroupBarrier();
+    var s = 0.0;
+    for (var k = 0u; k < KSPLIT; k++) {
+        s += ksplit_buf[k * TILE + lo];
+    }
+    return s;
+}
+"#;
+        s
+    }
+}
+
+/// Bytes of workgroup memory the input vector may take before kernels read it
+/// from storage instead.
+pub(crate) const INPUT_CACHE_BYTES: usize = 8192;
+
+/// How a matrix-vector kernel reads its input vector `x` (one token's row of a
+/// storage array): `load_input(t)` prepares it and `xin(i)` returns element `i`.
+/// With `norm`, the input is RMS-normalised and scaled by the `norm` weights.
+pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: bool) -> String {
+    let cached = in_features * 4 <= INPUT_CACHE_BYTES;
+    let vars = [("X", x_ident)];
+    let mut s = String::new();
+    if cached {
+        s += &fill("// The input row, normalised, cached in workgroup memory.\nvar<workgroup> xs: array<f32, IN>;\n\nfn xin(i: u32) -> f32 {\n    return xs[i];\n}\n\n", &vars);
+    } else {
+        s += "// The input row is too large for workgroup memory: read from storage.\nvar<private> x_base: u32;\nvar<private> x_scale: f32;\n\nfn xin(i: u32) -> f32 {\n";
+        s += if norm {
+            "    return $X[x_base + i] * x_scale * norm[i];\n}\n\n"
+        } else {
+            "    return $X[x_base + i];\n}\n\n"
+        };
+        s = fill(&s, &vars);
+    }
+    let body = match (norm, cached) {
+        (true, true) => {
+            r#"fn load_input(t: u32) {
+    var ss = 0.0;
+    for (var i = lid; i < IN; i += WG) {
+        let v = $X[t * IN + i];
+        ss += v * v;
+    }
+    let inv_rms = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);
+    for (var i = lid; i < IN; i += WG) {
+        xs[i] = $X[t * IN + i] * inv_rms * norm[i];
+    }
+    workgroupBarrier();
+}
+"#
+        }
+        (true, false) => {
+            r#"fn load_input(t: u32) {
+    var ss = 0.0;
+    for (var i = lid; i < IN; i += WG) {
+        let v = $X[t * IN + i];
+        ss += v * v;
+    }
+    x_scale = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);
+    x_base = t * IN;
+}
+"#
+        }
+        (false, true) => {
+            r#"fn load_input(t: u32) {
+    for (var i = lid; i < IN; i += WG) {
+        xs[i] = $X[t * IN + i];
+    }
+    workgroupBarrier();
+}
+"#
+        }
+        (false, false) => {
+            r#"fn load_input(t: u32) {
+    x_base = t * IN;
+}
+"#
+        }
+    };
+    s += &fill(body, &vars);
+    s
+}
+
+/// Keeps the `_dot` functions (`use_dot`) or the `_elem` ones: a module that has
+/// no `xin` must not contain a function that calls it. Functions are separated
+/// by blank lines; helpers without either suffix are always kept.
+fn select_functions(body: &str, fn_prefix: &str, use_dot: bool) -> String {
+    let drop = if use_dot { "elem(" } else { "dot(" };
+    body.split("\n\n")
+        .filter(|chunk| {
+            let sig = chunk.lines().find(|l| l.starts_with(fn_prefix)).unwrap_or("");
+            !sig.starts_with(&format!("{fn_prefix}{drop}"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
