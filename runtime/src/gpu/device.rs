@@ -1,0 +1,166 @@
+//! Adapter choice, device creation, the kernel [`Target`] the device grants,
+//! and the translation of wgpu's asynchronous errors into [`RuntimeError`]s.
+
+use std::sync::{Arc, Mutex};
+
+use llama5_codegen::Target;
+
+use crate::error::RuntimeError;
+
+/// Errors wgpu reports outside any error scope, and device loss.
+#[derive(Default)]
+pub(crate) struct DeviceErrors {
+    lost: Option<String>,
+    uncaptured: Option<RuntimeError>,
+}
+
+pub(crate) type SharedErrors = Arc<Mutex<DeviceErrors>>;
+
+/// Takes the first error wgpu reported since the last check.
+pub(crate) fn take_error(errors: &SharedErrors) -> Result<(), RuntimeError> {
+    let mut e = errors.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(reason) = &e.lost {
+        return Err(RuntimeError::DeviceLost(reason.clone()));
+    }
+    match e.uncaptured.take() {
+        Some(err) => Err(err),
+        None => Ok(()),
+    }
+}
+
+pub(crate) fn convert_error(context: &str, e: wgpu::Error) -> RuntimeError {
+    match e {
+        wgpu::Error::OutOfMemory { .. } => RuntimeError::OutOfMemory(context.to_string()),
+        other => RuntimeError::Gpu(format!("{context}: {other}")),
+    }
+}
+
+pub(crate) struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub target: Target,
+    pub limits: wgpu::Limits,
+    pub errors: SharedErrors,
+}
+
+fn instance() -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = wgpu::Backends::all();
+    // WGPU_BACKEND and friends override the defaults
+    wgpu::Instance::new(desc.with_env())
+}
+
+fn adapter_line(info: &wgpu::AdapterInfo) -> String {
+    format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type)
+}
+
+/// Picks an adapter: the first whose name contains `name` (case-insensitive),
+/// else the high-performance one.
+pub(crate) async fn pick_adapter(name: Option<&str>) -> Result<wgpu::Adapter, RuntimeError> {
+    let instance = instance();
+    match name {
+        Some(wanted) => {
+            let adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
+            let names: Vec<String> = adapters.iter().map(|a| adapter_line(&a.get_info())).collect();
+            let wanted_lower = wanted.to_lowercase();
+            adapters.into_iter().find(|a| a.get_info().name.to_lowercase().contains(&wanted_lower)).ok_or_else(|| {
+                RuntimeError::NoAdapter(format!("no adapter name contains `{wanted}` (found: {})", names.join("; ")))
+            })
+        }
+        None => instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                force_fallback_adapter: false,
+                compatible_surface: None,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| RuntimeError::NoAdapter(e.to_string())),
+    }
+}
+
+/// The kernel target a device with these features and limits supports.
+pub(crate) fn target_for(features: wgpu::Features, limits: &wgpu::Limits, info: &wgpu::AdapterInfo) -> Target {
+    Target {
+        shader_f16: features.contains(wgpu::Features::SHADER_F16),
+        subgroups: features.contains(wgpu::Features::SUBGROUP)
+            && info.subgroup_min_size >= llama5_codegen::target::MIN_SUBGROUP_SIZE,
+        subgroup_size: info.subgroup_min_size,
+        max_workgroup_size: limits.max_compute_invocations_per_workgroup.min(limits.max_compute_workgroup_size_x),
+        max_storage_binding: limits.max_storage_buffer_binding_size,
+    }
+}
+
+/// Opens a device with `shader-f16` and subgroups where offered and the
+/// adapter's own limits.
+pub(crate) async fn open(adapter: wgpu::Adapter, features_allowed: wgpu::Features) -> Result<Gpu, RuntimeError> {
+    let info = adapter.get_info();
+    let wanted = (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP) & features_allowed;
+    let features = adapter.features() & wanted;
+    let limits = adapter.limits();
+    let (device, queue) = adapter
+        .request_device(&wgpu::DeviceDescriptor {
+            label: Some("llama5"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        })
+        .await
+        .map_err(|e| RuntimeError::NoAdapter(format!("{}: {e}", adapter_line(&info))))?;
+    let errors: SharedErrors = Arc::default();
+    let lost = errors.clone();
+    device.set_device_lost_callback(move |reason, message| {
+        if reason != wgpu::DeviceLostReason::Destroyed {
+            lost.lock().unwrap_or_else(|p| p.into_inner()).lost = Some(format!("{reason:?}: {message}"));
+        }
+    });
+    let uncaptured = errors.clone();
+    device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+        let mut slot = uncaptured.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.uncaptured.is_none() {
+            slot.uncaptured = Some(convert_error("uncaptured", e));
+        }
+    }));
+    let granted = device.features();
+    let limits = device.limits();
+    let target = target_for(granted, &limits, &info);
+    Ok(Gpu { device, queue, info, target, limits, errors })
+}
+
+/// Every adapter with backend, type, driver, features and key limits.
+pub(crate) async fn report() -> String {
+    let adapters = instance().enumerate_adapters(wgpu::Backends::all()).await;
+    if adapters.is_empty() {
+        return "no adapters found\n".to_string();
+    }
+    let mut s = String::new();
+    for a in adapters {
+        let info = a.get_info();
+        let f = a.features();
+        let l = a.limits();
+        let t = target_for(f, &l, &info);
+        s += &format!("{}\n", adapter_line(&info));
+        s += &format!("  driver: {} {}\n", info.driver, info.driver_info);
+        s += &format!(
+            "  shader-f16: {}, subgroups: {} (sizes {}..={}), timestamp queries: {}\n",
+            f.contains(wgpu::Features::SHADER_F16),
+            f.contains(wgpu::Features::SUBGROUP),
+            info.subgroup_min_size,
+            info.subgroup_max_size,
+            f.contains(wgpu::Features::TIMESTAMP_QUERY)
+        );
+        s += &format!(
+            "  max storage binding: {} MiB, max buffer: {} MiB, storage buffers per stage: {}, workgroup invocations: {}, workgroup memory: {} B\n",
+            l.max_storage_buffer_binding_size >> 20,
+            l.max_buffer_size >> 20,
+            l.max_storage_buffers_per_shader_stage,
+            l.max_compute_invocations_per_workgroup,
+            l.max_compute_workgroup_storage_size
+        );
+        s += &format!("  kernel target: {}\n", t.name());
+    }
+    s
+}

@@ -1,0 +1,159 @@
+//! Runs one generated kernel on buffers the caller fills: how each kernel is
+//! tested against a plain CPU implementation, and how it can be timed alone.
+
+use std::borrow::Cow;
+
+use llama5_codegen::{Access, Kernel, Target};
+
+use super::device::{self, convert_error, take_error, Gpu};
+use crate::error::RuntimeError;
+
+pub struct KernelRunner {
+    gpu: Gpu,
+}
+
+impl KernelRunner {
+    /// Opens a device like [`super::GpuBackend::new`], restricted to `features_allowed`.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn new(adapter: Option<&str>, features_allowed: wgpu::Features) -> Result<Self, RuntimeError> {
+        pollster::block_on(async {
+            let a = device::pick_adapter(adapter).await?;
+            Ok(KernelRunner { gpu: device::open(a, features_allowed).await? })
+        })
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.gpu.target
+    }
+
+    pub fn adapter_name(&self) -> &str {
+        &self.gpu.info.name
+    }
+
+    /// Dispatches `kernel` once with `grid` workgroups; `contents[i]` is the
+    /// initial content of binding `i` (uniform included). Returns the contents
+    /// of every binding afterwards.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn run(&self, kernel: &Kernel, contents: &[Vec<u8>], grid: [u32; 3]) -> Result<Vec<Vec<u8>>, RuntimeError> {
+        let device = &self.gpu.device;
+        if contents.len() != kernel.bindings.len() {
+            return Err(RuntimeError::Other(format!(
+                "{}: {} buffers for {} bindings",
+                kernel.name,
+                contents.len(),
+                kernel.bindings.len()
+            )));
+        }
+        llama5_codegen::validate(kernel, &self.gpu.target)
+            .map_err(|e| RuntimeError::Kernel { name: kernel.name.clone(), message: e.to_string() })?;
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let buffers: Vec<(wgpu::Buffer, u64)> = kernel
+            .bindings
+            .iter()
+            .zip(contents)
+            .map(|(b, data)| {
+                let size = (data.len() as u64).max(16).next_multiple_of(16);
+                let usage = match b.access {
+                    Access::Uniform => wgpu::BufferUsages::UNIFORM,
+                    _ => wgpu::BufferUsages::STORAGE,
+                } | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::COPY_SRC;
+                let buf = device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(&b.name),
+                    size,
+                    usage,
+                    mapped_at_creation: false,
+                });
+                self.gpu.queue.write_buffer(&buf, 0, data);
+                (buf, size)
+            })
+            .collect();
+        let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
+            .bindings
+            .iter()
+            .map(|b| wgpu::BindGroupLayoutEntry {
+                binding: b.index,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: match b.access {
+                        Access::Uniform => wgpu::BufferBindingType::Uniform,
+                        Access::ReadOnly => wgpu::BufferBindingType::Storage { read_only: true },
+                        Access::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            })
+            .collect();
+        let bgl = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: None, entries: &entries });
+        let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: None,
+            bind_group_layouts: &[Some(&bgl)],
+            immediate_size: 0,
+        });
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(&kernel.name),
+            source: wgpu::ShaderSource::Wgsl(Cow::Borrowed(&kernel.wgsl)),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&kernel.name),
+            layout: Some(&layout),
+            module: &module,
+            entry_point: Some(kernel.entry_point),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let bind_entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .zip(&kernel.bindings)
+            .map(|((buf, _), b)| wgpu::BindGroupEntry { binding: b.index, resource: buf.as_entire_binding() })
+            .collect();
+        let group =
+            device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &bgl, entries: &bind_entries });
+        let total: u64 = buffers.iter().map(|(_, s)| s).sum();
+        let readback = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: total,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = device.create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &group, &[]);
+            pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+        }
+        let mut offset = 0;
+        for (buf, size) in &buffers {
+            encoder.copy_buffer_to_buffer(buf, 0, &readback, offset, *size);
+            offset += size;
+        }
+        self.gpu.queue.submit([encoder.finish()]);
+        if let Some(e) = pollster::block_on(validation.pop()) {
+            return Err(convert_error(&kernel.name, e));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        readback.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: Some(std::time::Duration::from_secs(300)) })
+            .map_err(|e| RuntimeError::Gpu(format!("{}: {e}", kernel.name)))?;
+        take_error(&self.gpu.errors)?;
+        // another thread polling the same device may be the one running the callback
+        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(Ok(())) => {}
+            other => return Err(RuntimeError::Gpu(format!("{}: reading back failed: {other:?}", kernel.name))),
+        }
+        let view = readback.slice(..).get_mapped_range().map_err(|e| RuntimeError::Gpu(e.to_string()))?;
+        let mut out = Vec::new();
+        let mut offset = 0usize;
+        for ((_, size), data) in buffers.iter().zip(contents) {
+            out.push(view[offset..offset + data.len()].to_vec());
+            offset += *size as usize;
+        }
+        Ok(out)
+    }
+}

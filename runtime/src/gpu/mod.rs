@@ -1,0 +1,523 @@
+//! The wgpu backend: every weight and the KV cache live on the device, every
+//! pipeline and bind group is built at load, and a forward step is one
+//! compute pass in one command buffer.
+//!
+//! The kernels, their binding tables and the dispatch order come from
+//! `llama5_codegen::Plan`; this module only resolves each binding to a buffer.
+
+mod device;
+pub mod harness;
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use llama5_codegen::{Access, Activation, Plan, Resource, Stage, StepUniform, Target};
+
+use crate::backend::{Backend, BackendInfo, Logits};
+use crate::error::RuntimeError;
+use crate::model::Model;
+use device::{convert_error, take_error, Gpu};
+
+/// Tokens one submission processes at most (prompts are split into chunks of this many).
+pub const MAX_BATCH: usize = 64;
+
+/// How the GPU backend is set up.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Case-insensitive substring of the adapter name to use; `None` picks the high-performance adapter.
+    pub adapter: Option<String>,
+    /// KV-cache positions.
+    pub ctx: usize,
+    /// Directory for wgpu's on-disk pipeline cache, where the backend supports one.
+    pub pipeline_cache_dir: Option<PathBuf>,
+}
+
+/// What loading took, for [`GpuBackend::load_report`].
+#[derive(Clone, Debug, Default)]
+struct LoadTimes {
+    upload_bytes: u64,
+    upload_ms: f64,
+    pipelines: usize,
+    pipeline_ms: f64,
+}
+
+pub struct GpuBackend {
+    gpu: Gpu,
+    plan: Plan,
+    pipelines: Vec<wgpu::ComputePipeline>,
+    /// One per plan step, in plan order.
+    bind_groups: Vec<wgpu::BindGroup>,
+    step: wgpu::Buffer,
+    tokens: wgpu::Buffer,
+    logits: wgpu::Buffer,
+    argmax: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    ctx: usize,
+    vocab: usize,
+    load: LoadTimes,
+    /// Whether a submission has completed since load (the first runs inside error scopes).
+    warmed_up: bool,
+}
+
+fn storage_buffer(device: &wgpu::Device, label: &str, size: u64) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: size.max(4).next_multiple_of(4),
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    })
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    pollster::block_on(f)
+}
+
+impl GpuBackend {
+    /// Picks an adapter, uploads the model and builds every pipeline.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn new(model: &Model, opts: &GpuOptions) -> Result<Self, RuntimeError> {
+        block_on(Self::new_async(model, opts, wgpu::Features::all()))
+    }
+
+    /// Like [`GpuBackend::new`], but never uses device features outside
+    /// `features_allowed` (tests use it to run the portable kernels on any adapter).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn with_features(
+        model: &Model,
+        opts: &GpuOptions,
+        features_allowed: wgpu::Features,
+    ) -> Result<Self, RuntimeError> {
+        block_on(Self::new_async(model, opts, features_allowed))
+    }
+
+    /// The asynchronous constructor (the only one on the web).
+    pub async fn new_async(
+        model: &Model,
+        opts: &GpuOptions,
+        features_allowed: wgpu::Features,
+    ) -> Result<Self, RuntimeError> {
+        if opts.ctx == 0 {
+            return Err(RuntimeError::Other("the KV cache needs at least one position (ctx 0)".into()));
+        }
+        let adapter = device::pick_adapter(opts.adapter.as_deref()).await?;
+        let gpu = device::open(adapter, features_allowed).await?;
+        let plan = Plan::from_manifest(&model.manifest, &gpu.target)
+            .map_err(|e| RuntimeError::Kernel { name: "plan".into(), message: e.to_string() })?;
+
+        let validation = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = gpu.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let built = Self::build(gpu, plan, model, opts.ctx);
+        let oom_error = oom.pop().await;
+        let validation_error = validation.pop().await;
+        let backend = built?;
+        if let Some(e) = oom_error {
+            return Err(convert_error("loading the model", e));
+        }
+        if let Some(e) = validation_error {
+            return Err(convert_error("loading the model", e));
+        }
+        take_error(&backend.gpu.errors)?;
+        Ok(backend)
+    }
+
+    fn build(gpu: Gpu, plan: Plan, model: &Model, ctx: usize) -> Result<Self, RuntimeError> {
+        let cfg = &model.manifest.model;
+        let device = &gpu.device;
+        let max_binding = gpu.limits.max_storage_buffer_binding_size;
+        let check_size = |what: &str, bytes: u64| {
+            if bytes > max_binding {
+                Err(RuntimeError::Gpu(format!("{what} needs a {bytes}-byte binding; the adapter allows {max_binding}")))
+            } else {
+                Ok(())
+            }
+        };
+
+        // Weights: one buffer per tensor part holding its data then its scales.
+        let upload_start = web_time_now();
+        let mut weights: BTreeMap<(String, usize), wgpu::Buffer> = BTreeMap::new();
+        let mut upload_bytes = 0u64;
+        for step in &plan.steps {
+            for t in &step.tensors {
+                let key = (t.tensor.clone(), t.part);
+                if weights.contains_key(&key) {
+                    continue;
+                }
+                let entry = model.tensor(&t.tensor)?;
+                let part = entry
+                    .parts
+                    .get(t.part)
+                    .ok_or_else(|| RuntimeError::Model(format!("tensor `{}` has no part {}", t.tensor, t.part)))?;
+                let data = model.region(&part.data);
+                let scales = part.scales.as_ref().map(|r| model.region(r)).unwrap_or(&[]);
+                let bytes = (data.len() + scales.len()) as u64;
+                check_size(&format!("tensor `{}` part {}", t.tensor, t.part), bytes)?;
+                let buffer = storage_buffer(device, &t.tensor, bytes);
+                gpu.queue.write_buffer(&buffer, 0, data);
+                if !scales.is_empty() {
+                    gpu.queue.write_buffer(&buffer, data.len() as u64, scales);
+                }
+                upload_bytes += bytes;
+                weights.insert(key, buffer);
+            }
+        }
+
+        // KV cache: a ring of ctx positions per layer.
+        let kv_bytes = ctx as u64 * cfg.kv_dim() as u64 * llama5_codegen::tcal::kv_bytes_per_element(&gpu.target);
+        check_size("the KV cache of one layer", kv_bytes)?;
+        let caches: Vec<(wgpu::Buffer, wgpu::Buffer)> = (0..cfg.num_layers)
+            .map(|l| {
+                (
+                    storage_buffer(device, &format!("k_cache.{l}"), kv_bytes),
+                    storage_buffer(device, &format!("v_cache.{l}"), kv_bytes),
+                )
+            })
+            .collect();
+
+        // Activations, reused by every layer.
+        let b = MAX_BATCH as u64;
+        let act = |a: Activation| -> u64 {
+            let per_token = match a {
+                Activation::Hidden => cfg.hidden_size,
+                Activation::Q | Activation::Attn => cfg.q_dim(),
+                Activation::Ffn => cfg.intermediate_size,
+                Activation::Logits => cfg.vocab_size,
+            };
+            b * per_token as u64 * 4
+        };
+        let mut activations = BTreeMap::new();
+        for a in [Activation::Hidden, Activation::Q, Activation::Attn, Activation::Ffn, Activation::Logits] {
+            check_size(&format!("activation {a:?}"), act(a))?;
+            activations.insert(a, storage_buffer(device, &format!("{a:?}"), act(a)));
+        }
+        let step_buf = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("step"),
+            size: StepUniform::SIZE as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let tokens = storage_buffer(device, "tokens", b * 4);
+        let argmax = storage_buffer(device, "argmax", 4);
+        let readback = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: act(Activation::Logits),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let upload_ms = web_time_now() - upload_start;
+
+        // Pipelines, one per distinct kernel, each validated by codegen first.
+        let pipeline_start = web_time_now();
+        let mut layouts = Vec::new();
+        let mut pipelines = Vec::new();
+        for k in &plan.kernels {
+            llama5_codegen::validate(k, &gpu.target)
+                .map_err(|e| RuntimeError::Kernel { name: k.name.clone(), message: e.to_string() })?;
+            let entries: Vec<wgpu::BindGroupLayoutEntry> = k
+                .bindings
+                .iter()
+                .map(|b| wgpu::BindGroupLayoutEntry {
+                    binding: b.index,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: match b.access {
+                            Access::Uniform => wgpu::BufferBindingType::Uniform,
+                            Access::ReadOnly => wgpu::BufferBindingType::Storage { read_only: true },
+                            Access::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
+                        },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                })
+                .collect();
+            let bgl = device
+                .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(&k.name), entries: &entries });
+            let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(&k.name),
+                bind_group_layouts: &[Some(&bgl)],
+                immediate_size: 0,
+            });
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(&k.name),
+                source: wgpu::ShaderSource::Wgsl(Cow::Borrowed(&k.wgsl)),
+            });
+            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&k.name),
+                layout: Some(&layout),
+                module: &module,
+                entry_point: Some(k.entry_point),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+            layouts.push(bgl);
+            pipelines.push(pipeline);
+        }
+        let pipeline_ms = web_time_now() - pipeline_start;
+
+        // Bind groups, one per plan step.
+        let mut bind_groups = Vec::with_capacity(plan.steps.len());
+        for step in &plan.steps {
+            let k = &plan.kernels[step.kernel];
+            let mut entries = Vec::with_capacity(k.bindings.len());
+            for b in &k.bindings {
+                let layer_cache = |which: usize| -> Result<&wgpu::Buffer, RuntimeError> {
+                    let l = step.layer.ok_or_else(|| RuntimeError::Kernel {
+                        name: k.name.clone(),
+                        message: "cache binding outside a layer".into(),
+                    })?;
+                    Ok(if which == 0 { &caches[l].0 } else { &caches[l].1 })
+                };
+                let buffer = match &b.resource {
+                    Resource::Step => &step_buf,
+                    Resource::Tokens => &tokens,
+                    Resource::Activation(a) => &activations[a],
+                    Resource::KeyCache => layer_cache(0)?,
+                    Resource::ValueCache => layer_cache(1)?,
+                    Resource::Argmax => &argmax,
+                    Resource::Tensor => {
+                        let t =
+                            step.tensors.iter().find(|t| t.binding == b.index).ok_or_else(|| RuntimeError::Kernel {
+                                name: k.name.clone(),
+                                message: format!("no tensor for binding {}", b.name),
+                            })?;
+                        &weights[&(t.tensor.clone(), t.part)]
+                    }
+                };
+                entries.push(wgpu::BindGroupEntry { binding: b.index, resource: buffer.as_entire_binding() });
+            }
+            bind_groups.push(device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(&k.name),
+                layout: &layouts[step.kernel],
+                entries: &entries,
+            }));
+        }
+
+        let load = LoadTimes { upload_bytes, upload_ms, pipelines: pipelines.len(), pipeline_ms };
+        let logits = activations.remove(&Activation::Logits).expect("created above");
+        // The remaining activation buffers and caches stay alive through the bind groups.
+        Ok(GpuBackend {
+            plan,
+            pipelines,
+            bind_groups,
+            step: step_buf,
+            tokens,
+            logits,
+            argmax,
+            readback,
+            ctx,
+            vocab: cfg.vocab_size,
+            load,
+            warmed_up: false,
+            gpu,
+        })
+    }
+
+    /// One line on what loading took (upload, pipeline creation).
+    pub fn load_report(&self) -> String {
+        let l = &self.load;
+        format!(
+            "{} ({:?}), kernels {}: uploaded {:.1} MiB in {:.0} ms, built {} pipelines in {:.0} ms, {} dispatches per token",
+            self.gpu.info.name,
+            self.gpu.info.backend,
+            self.gpu.target.name(),
+            l.upload_bytes as f64 / (1 << 20) as f64,
+            l.upload_ms,
+            l.pipelines,
+            l.pipeline_ms,
+            self.plan.dispatches_per_token()
+        )
+    }
+
+    /// The kernel target the device granted.
+    pub fn target(&self) -> &Target {
+        &self.gpu.target
+    }
+
+    /// Runs `tokens` like [`Backend::forward`] and returns the greedy next
+    /// token, chosen on the device (only 4 bytes come back).
+    pub fn forward_argmax(&mut self, tokens: &[u32], pos: usize) -> Result<u32, RuntimeError> {
+        let bytes = self.run(tokens, pos, Logits::Last, true)?;
+        Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+    }
+
+    /// Runs every chunk; returns the bytes read back (logits rows, or the argmax).
+    fn run(&mut self, tokens: &[u32], pos: usize, logits: Logits, argmax: bool) -> Result<Vec<u8>, RuntimeError> {
+        if tokens.is_empty() {
+            return Err(RuntimeError::Other("forward needs at least one token".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
+            return Err(RuntimeError::Other(format!("token id {bad} is outside the vocabulary of {}", self.vocab)));
+        }
+        let mut out = Vec::new();
+        let mut done = 0;
+        while done < tokens.len() {
+            let p = pos + done;
+            // A chunk may not write a slot a token of the same chunk still attends to:
+            // only whole chunks before the ring wraps, single tokens after.
+            let mut n = (tokens.len() - done).min(MAX_BATCH);
+            if p + n > self.ctx {
+                n = self.ctx.saturating_sub(p).max(1).min(n);
+            }
+            let last = done + n == tokens.len();
+            let rows = match logits {
+                Logits::All => n,
+                Logits::Last if last => 1,
+                Logits::Last => 0,
+            };
+            let bytes = self.submit_chunk(&tokens[done..done + n], p, rows, argmax && last)?;
+            out.extend_from_slice(&bytes);
+            done += n;
+        }
+        Ok(out)
+    }
+
+    fn submit_chunk(&mut self, tokens: &[u32], pos: usize, rows: usize, argmax: bool) -> Result<Vec<u8>, RuntimeError> {
+        let n = tokens.len() as u32;
+        let step = StepUniform {
+            pos: u32::try_from(pos).map_err(|_| RuntimeError::Other(format!("position {pos} does not fit in u32")))?,
+            n_tokens: n,
+            ctx: self.ctx as u32,
+            logits_from: n - rows.max(1) as u32,
+            argmax_row: rows.saturating_sub(1) as u32,
+        };
+        let q = &self.gpu.queue;
+        q.write_buffer(&self.step, 0, &step.to_bytes());
+        let token_bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        q.write_buffer(&self.tokens, 0, &token_bytes);
+
+        let device = &self.gpu.device;
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
+        {
+            let mut pass = encoder
+                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("forward"), timestamp_writes: None });
+            for (i, s) in self.plan.steps.iter().enumerate() {
+                let skip = match s.stage {
+                    Stage::Logits => rows == 0,
+                    Stage::Argmax => !argmax,
+                    Stage::Embed | Stage::Layer => false,
+                };
+                if skip {
+                    continue;
+                }
+                let [x, y, z] = self.plan.kernels[s.kernel].dispatch_for(n, rows as u32);
+                pass.set_pipeline(&self.pipelines[s.kernel]);
+                pass.set_bind_group(0, &self.bind_groups[i], &[]);
+                pass.dispatch_workgroups(x, y, z);
+            }
+        }
+        let read_bytes = if argmax { 4 } else { (rows * self.vocab * 4) as u64 };
+        if read_bytes > 0 {
+            let src = if argmax { &self.argmax } else { &self.logits };
+            encoder.copy_buffer_to_buffer(src, 0, &self.readback, 0, read_bytes);
+        }
+        let first = !self.warmed_up;
+        let scopes = first.then(|| {
+            (
+                device.push_error_scope(wgpu::ErrorFilter::Validation),
+                device.push_error_scope(wgpu::ErrorFilter::OutOfMemory),
+            )
+        });
+        q.submit([encoder.finish()]);
+        if let Some((validation, oom)) = scopes {
+            if let Some(e) = block_on_native(oom.pop())? {
+                return Err(convert_error("first forward step", e));
+            }
+            if let Some(e) = block_on_native(validation.pop())? {
+                return Err(convert_error("first forward step", e));
+            }
+        }
+        let bytes = if read_bytes > 0 {
+            self.read_back(read_bytes)?
+        } else {
+            self.wait()?;
+            Vec::new()
+        };
+        take_error(&self.gpu.errors)?;
+        self.warmed_up = true;
+        Ok(bytes)
+    }
+
+    fn wait(&self) -> Result<(), RuntimeError> {
+        self.gpu
+            .device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: Some(std::time::Duration::from_secs(300)) })
+            .map_err(|e| RuntimeError::Gpu(format!("waiting for the device: {e}")))?;
+        take_error(&self.gpu.errors)
+    }
+
+    fn read_back(&self, bytes: u64) -> Result<Vec<u8>, RuntimeError> {
+        let slice = self.readback.slice(..bytes);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(RuntimeError::Gpu(format!("reading back results: {e}"))),
+            Err(_) => return Err(RuntimeError::Gpu("reading back results: the map did not complete".into())),
+        }
+        let data =
+            slice.get_mapped_range().map_err(|e| RuntimeError::Gpu(format!("reading back results: {e}")))?.to_vec();
+        self.readback.unmap();
+        Ok(data)
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn block_on_native<F: std::future::Future>(f: F) -> Result<F::Output, RuntimeError> {
+    Ok(block_on(f))
+}
+
+#[cfg(target_arch = "wasm32")]
+fn block_on_native<F: std::future::Future>(_f: F) -> Result<F::Output, RuntimeError> {
+    Err(RuntimeError::Gpu("synchronous forward steps are not available on the web".into()))
+}
+
+/// Milliseconds from an arbitrary origin (timing only).
+fn web_time_now() -> f64 {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use std::sync::OnceLock;
+        static START: OnceLock<std::time::Instant> = OnceLock::new();
+        START.get_or_init(std::time::Instant::now).elapsed().as_secs_f64() * 1000.0
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        0.0
+    }
+}
+
+impl Backend for GpuBackend {
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            kind: "gpu",
+            device: self.gpu.info.name.clone(),
+            details: format!(
+                "{:?}, kernels {}, {} pipelines, {} dispatches per token",
+                self.gpu.info.backend,
+                self.gpu.target.name(),
+                self.pipelines.len(),
+                self.plan.dispatches_per_token()
+            ),
+        }
+    }
+    fn ctx(&self) -> usize {
+        self.ctx
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+    fn forward(&mut self, tokens: &[u32], pos: usize, logits: Logits) -> Result<Vec<f32>, RuntimeError> {
+        let bytes = self.run(tokens, pos, logits, false)?;
+        Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+}
+
+/// A human-readable list of adapters, backends, features and limits (`llama5 info`).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn adapters_report() -> String {
+    block_on(device::report())
+}

@@ -1,0 +1,543 @@
+//! The GPU backend on a real adapter (llvmpipe where there is no GPU): each
+//! kernel family against a plain CPU implementation for every weight format
+//! and kernel target, then whole models against the CPU backend. A machine
+//! without an adapter fails these tests; it does not skip them.
+
+use std::sync::OnceLock;
+
+use llama5_codegen::format;
+use llama5_codegen::manifest::{Precision, QuantFormat};
+use llama5_codegen::{generate, Activation, Kernel, KernelSpec, StepUniform, Target};
+use llama5_runtime::cpu;
+use llama5_runtime::gpu::harness::KernelRunner;
+use llama5_runtime::gpu::{GpuBackend, GpuOptions};
+use llama5_runtime::{Backend, CpuBackend, Logits, Model};
+
+// Normalised mean squared error, sum((gpu - cpu)^2) / sum(cpu^2), allowed per
+// precision. Kernels decode the same packed words the CPU decodes, so only the
+// f32 summation order differs; INT4 also regroups as scale * sum(q x) + min * sum(x).
+const NMSE_F16: f64 = 1e-10;
+const NMSE_BF16: f64 = 1e-10;
+const NMSE_INT8: f64 = 1e-10;
+const NMSE_INT4: f64 = 1e-9;
+/// Results that pass through an f16 KV cache (targets with shader-f16): 2^-11 relative rounding.
+const NMSE_KV_F16: f64 = 1e-5;
+/// Whole-model logits, f32 KV cache: summation order over two layers.
+const NMSE_MODEL_F32: f64 = 1e-7;
+/// Whole-model logits with the f16 KV cache.
+const NMSE_MODEL_F16_KV: f64 = 1e-4;
+
+fn nmse_for(format: QuantFormat) -> f64 {
+    match format {
+        QuantFormat::F32 | QuantFormat::F16 => NMSE_F16,
+        QuantFormat::Bf16 => NMSE_BF16,
+        QuantFormat::Int8 { .. } => NMSE_INT8,
+        QuantFormat::Int4 { .. } => NMSE_INT4,
+    }
+}
+
+fn nmse(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let err: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    err / norm.max(1e-30)
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], limit: f64) {
+    let e = nmse(got, want);
+    assert!(
+        e <= limit,
+        "{what}: nmse {e:.3e} above {limit:.0e}\n got[..8] {:?}\nwant[..8] {:?}",
+        &got[..got.len().min(8)],
+        &want[..want.len().min(8)]
+    );
+}
+
+const FORMATS: [QuantFormat; 6] = [
+    QuantFormat::F16,
+    QuantFormat::Bf16,
+    QuantFormat::Int8 { per_tensor: false },
+    QuantFormat::Int8 { per_tensor: true },
+    QuantFormat::Int4 { group_size: 32, symmetric: false },
+    QuantFormat::Int4 { group_size: 16, symmetric: true },
+];
+
+/// Adapter features that give each variant of [`Target::all`].
+fn features_for(t: &Target) -> wgpu::Features {
+    let mut f = wgpu::Features::empty();
+    if t.shader_f16 {
+        f |= wgpu::Features::SHADER_F16;
+    }
+    if t.subgroups {
+        f |= wgpu::Features::SUBGROUP;
+    }
+    f
+}
+
+/// One runner per target variant, opened once for the whole binary.
+fn runners() -> &'static [KernelRunner] {
+    static RUNNERS: OnceLock<Vec<KernelRunner>> = OnceLock::new();
+    RUNNERS.get_or_init(|| {
+        Target::all()
+            .iter()
+            .map(|t| {
+                let r = KernelRunner::new(None, features_for(t))
+                    .unwrap_or_else(|e| panic!("no GPU adapter for the {} kernels: {e}", t.name()));
+                assert_eq!(
+                    (r.target().shader_f16, r.target().subgroups),
+                    (t.shader_f16, t.subgroups),
+                    "adapter {} lacks what the {} kernels need",
+                    r.adapter_name(),
+                    t.name()
+                );
+                r
+            })
+            .collect()
+    })
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next() * scale).collect()
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn u32_bytes(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn to_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// A KV cache's bytes for `target` (f16 with shader-f16) and back.
+fn kv_bytes(v: &[f32], target: &Target) -> Vec<u8> {
+    if target.shader_f16 {
+        v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect()
+    } else {
+        f32_bytes(v)
+    }
+}
+
+fn kv_values(b: &[u8], target: &Target) -> Vec<f32> {
+    if target.shader_f16 {
+        b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+    } else {
+        to_f32(b)
+    }
+}
+
+/// A random `[out, in]` matrix packed in `format`: the buffer contents
+/// (data then scales) and the dequantized values the CPU sees.
+fn packed(rng: &mut Rng, format: QuantFormat, out: usize, in_features: usize) -> (Vec<u8>, Vec<f32>) {
+    let w = rng.vec(out * in_features, 0.5);
+    let p = format::pack(format, &w, out, in_features).unwrap();
+    let deq = format::unpack(format, &p.data, &p.scales, out, in_features).unwrap();
+    let mut bytes = p.data;
+    bytes.extend_from_slice(&p.scales);
+    (bytes, deq)
+}
+
+fn matvec(w: &[f32], x: &[f32], out: usize) -> Vec<f32> {
+    let n = x.len();
+    (0..out).map(|o| w[o * n..(o + 1) * n].iter().zip(x).map(|(a, b)| a * b).sum()).collect()
+}
+
+fn step(pos: usize, n_tokens: usize, ctx: usize, logits_from: usize, argmax_row: usize) -> Vec<u8> {
+    StepUniform {
+        pos: pos as u32,
+        n_tokens: n_tokens as u32,
+        ctx: ctx as u32,
+        logits_from: logits_from as u32,
+        argmax_row: argmax_row as u32,
+    }
+    .to_bytes()
+    .to_vec()
+}
+
+fn run(
+    runner: &KernelRunner,
+    spec: &KernelSpec,
+    contents: &[Vec<u8>],
+    tokens: u32,
+    rows: u32,
+) -> (Kernel, Vec<Vec<u8>>) {
+    let kernel = generate(spec).unwrap();
+    let grid = kernel.dispatch_for(tokens, rows);
+    let out = runner.run(&kernel, contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
+    (kernel, out)
+}
+
+/// Input sizes suiting a format: a multiple of its pack and INT4 group, and odd otherwise.
+fn input_size(format: QuantFormat, base: usize) -> usize {
+    match format {
+        QuantFormat::Int4 { group_size, .. } => base.div_ceil(group_size as usize) * group_size as usize,
+        QuantFormat::Int8 { .. } => base.div_ceil(4) * 4 + 4,
+        _ => base.div_ceil(2) * 2 + 2,
+    }
+}
+
+#[test]
+fn adapter_report_lists_an_adapter() {
+    let report = llama5_runtime::gpu::adapters_report();
+    assert!(!report.starts_with("no adapters"), "{report}");
+    assert!(report.contains("kernel target"), "{report}");
+    println!("{report}");
+}
+
+#[test]
+fn matvec_add_matches_cpu() {
+    for runner in runners() {
+        let target = *runner.target();
+        for format in FORMATS {
+            // a short input (cached in workgroup memory) and a long one (read from storage)
+            for (in_base, out, tokens) in [(90, 77, 3), (2300, 33, 2)] {
+                let mut rng = Rng(in_base as u64 * 31 + out as u64);
+                let in_features = input_size(format, in_base);
+                let (w_bytes, w) = packed(&mut rng, format, out, in_features);
+                let x = rng.vec(tokens * in_features, 1.0);
+                let hidden = rng.vec(tokens * out, 1.0);
+                let spec =
+                    KernelSpec::MatvecAdd { input: Activation::Ffn, in_features, out_features: out, format, target };
+                let contents = vec![step(0, tokens, 1, 0, 0), f32_bytes(&x), w_bytes, f32_bytes(&hidden)];
+                let (kernel, result) = run(runner, &spec, &contents, tokens as u32, 0);
+                let mut want = hidden.clone();
+                for t in 0..tokens {
+                    let y = matvec(&w, &x[t * in_features..(t + 1) * in_features], out);
+                    for o in 0..out {
+                        want[t * out + o] += y[o];
+                    }
+                }
+                assert_close(&kernel.name, &to_f32(&result[3]), &want, nmse_for(format));
+            }
+        }
+    }
+}
+
+#[test]
+fn rms_gate_up_matches_cpu() {
+    let eps = 1e-5;
+    for runner in runners() {
+        let target = *runner.target();
+        for format in FORMATS {
+            let mut rng = Rng(7);
+            let (hidden, ffn, tokens) = (input_size(format, 90), 70, 2);
+            let (g_bytes, g) = packed(&mut rng, format, ffn, hidden);
+            let (u_bytes, u) = packed(&mut rng, format, ffn, hidden);
+            let x = rng.vec(tokens * hidden, 3.0);
+            let norm = rng.vec(hidden, 1.0);
+            let spec = KernelSpec::RmsGateUp { hidden, ffn, eps, gate: format, up: format, target };
+            let contents = vec![
+                step(0, tokens, 1, 0, 0),
+                f32_bytes(&x),
+                f32_bytes(&norm),
+                g_bytes,
+                u_bytes,
+                vec![0; tokens * ffn * 4],
+            ];
+            let (kernel, result) = run(runner, &spec, &contents, tokens as u32, 0);
+            let mut want = Vec::new();
+            for t in 0..tokens {
+                let mut xn = vec![0.0; hidden];
+                cpu::rmsnorm(&mut xn, &x[t * hidden..(t + 1) * hidden], &norm, eps);
+                let (gv, uv) = (matvec(&g, &xn, ffn), matvec(&u, &xn, ffn));
+                want.extend(gv.iter().zip(&uv).map(|(a, b)| cpu::silu(*a) * b));
+            }
+            assert_close(&kernel.name, &to_f32(&result[5]), &want, nmse_for(format));
+        }
+    }
+}
+
+#[test]
+fn rms_qkv_rope_matches_cpu() {
+    let (heads, kv_heads, head_dim, theta, eps) = (6, 2, 10, 10000.0f32, 1e-5);
+    let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
+    let inv_freq = cpu::rope_inv_freq(head_dim, theta);
+    for runner in runners() {
+        let target = *runner.target();
+        for format in FORMATS {
+            // the second case wraps around the ring: positions 6, 7, 8 go to slots 6, 7, 0
+            for (pos, tokens, ctx) in [(5, 3, 16), (6, 3, 8)] {
+                let mut rng = Rng(pos as u64 + 100);
+                let hidden = input_size(format, 60);
+                let (wq_b, wq) = packed(&mut rng, format, q_dim, hidden);
+                let (wk_b, wk) = packed(&mut rng, format, kv_dim, hidden);
+                let (wv_b, wv) = packed(&mut rng, format, kv_dim, hidden);
+                let x = rng.vec(tokens * hidden, 2.0);
+                let norm = rng.vec(hidden, 1.0);
+                let cache_init = rng.vec(ctx * kv_dim, 1.0);
+                let spec = KernelSpec::RmsQkvRope {
+                    hidden,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    rope_theta: theta,
+                    eps,
+                    q: format,
+                    k: format,
+                    v: format,
+                    target,
+                };
+                let contents = vec![
+                    step(pos, tokens, ctx, 0, 0),
+                    f32_bytes(&x),
+                    f32_bytes(&norm),
+                    wq_b,
+                    wk_b,
+                    wv_b,
+                    vec![0; tokens * q_dim * 4],
+                    kv_bytes(&cache_init, &target),
+                    kv_bytes(&cache_init, &target),
+                ];
+                let (kernel, result) = run(runner, &spec, &contents, tokens as u32, 0);
+                let mut want_q = Vec::new();
+                let mut want_k = kv_values(&kv_bytes(&cache_init, &target), &target);
+                let mut want_v = want_k.clone();
+                for t in 0..tokens {
+                    let mut xn = vec![0.0; hidden];
+                    cpu::rmsnorm(&mut xn, &x[t * hidden..(t + 1) * hidden], &norm, eps);
+                    let mut q = matvec(&wq, &xn, q_dim);
+                    let mut k = matvec(&wk, &xn, kv_dim);
+                    let v = matvec(&wv, &xn, kv_dim);
+                    cpu::rope(&mut q, head_dim, pos + t, &inv_freq);
+                    cpu::rope(&mut k, head_dim, pos + t, &inv_freq);
+                    want_q.extend(q);
+                    let slot = cpu::slot(pos + t, ctx);
+                    want_k[slot * kv_dim..(slot + 1) * kv_dim].copy_from_slice(&k);
+                    want_v[slot * kv_dim..(slot + 1) * kv_dim].copy_from_slice(&v);
+                }
+                let limit = nmse_for(format);
+                let kv_limit = if target.shader_f16 { NMSE_KV_F16 } else { limit };
+                assert_close(&format!("{} q", kernel.name), &to_f32(&result[6]), &want_q, limit);
+                assert_close(&format!("{} k", kernel.name), &kv_values(&result[7], &target), &want_k, kv_limit);
+                assert_close(&format!("{} v", kernel.name), &kv_values(&result[8], &target), &want_v, kv_limit);
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_matches_cpu() {
+    let (heads, kv_heads, head_dim) = (6, 2, 10);
+    let (q_dim, kv_dim, group) = (heads * head_dim, kv_heads * head_dim, heads / kv_heads);
+    for runner in runners() {
+        let target = *runner.target();
+        // short, wrapped (sliding window), and longer than one tile of positions
+        for (pos, tokens, ctx) in [(3, 2, 8), (20, 1, 8), (130, 3, 150), (0, 1, 4)] {
+            let mut rng = Rng(pos as u64 * 7 + ctx as u64);
+            let q = rng.vec(tokens * q_dim, 2.0);
+            let k_cache = kv_values(&kv_bytes(&rng.vec(ctx * kv_dim, 1.0), &target), &target);
+            let v_cache = kv_values(&kv_bytes(&rng.vec(ctx * kv_dim, 1.0), &target), &target);
+            let spec = KernelSpec::Attention { heads, kv_heads, head_dim, target };
+            let contents = vec![
+                step(pos, tokens, ctx, 0, 0),
+                f32_bytes(&q),
+                kv_bytes(&k_cache, &target),
+                kv_bytes(&v_cache, &target),
+                vec![0; tokens * q_dim * 4],
+            ];
+            let (kernel, result) = run(runner, &spec, &contents, tokens as u32, 0);
+            let mut want = vec![0.0; tokens * q_dim];
+            for t in 0..tokens {
+                for h in 0..heads {
+                    let kvh = h / group;
+                    let span = cpu::attention_span(pos + t, ctx);
+                    let k_row = |p: usize| &k_cache[cpu::slot(p, ctx) * kv_dim + kvh * head_dim..][..head_dim];
+                    let v_row = |p: usize| &v_cache[cpu::slot(p, ctx) * kv_dim + kvh * head_dim..][..head_dim];
+                    cpu::attention(
+                        &mut want[t * q_dim + h * head_dim..][..head_dim],
+                        &q[t * q_dim + h * head_dim..][..head_dim],
+                        span.clone().map(k_row),
+                        span.map(v_row),
+                    );
+                }
+            }
+            assert_close(&format!("{} pos {pos} ctx {ctx}", kernel.name), &to_f32(&result[4]), &want, NMSE_F16);
+        }
+    }
+}
+
+#[test]
+fn logits_part_matches_cpu() {
+    let eps = 1e-5;
+    for runner in runners() {
+        let target = *runner.target();
+        for format in FORMATS {
+            let mut rng = Rng(11);
+            let (hidden, vocab, rows, tokens) = (input_size(format, 60), 300, [100, 300], 3);
+            let (w_bytes, w) = packed(&mut rng, format, rows[1] - rows[0], hidden);
+            let x = rng.vec(tokens * hidden, 2.0);
+            let norm = rng.vec(hidden, 1.0);
+            let sentinel = vec![-7.0f32; 2 * vocab];
+            let spec = KernelSpec::RmsLogits { hidden, vocab, rows, eps, format, target };
+            // logits for tokens 1 and 2 only
+            let contents =
+                vec![step(0, tokens, 1, 1, 0), f32_bytes(&x), f32_bytes(&norm), w_bytes, f32_bytes(&sentinel)];
+            let (kernel, result) = run(runner, &spec, &contents, tokens as u32, 2);
+            let mut want = sentinel.clone();
+            for r in 0..2 {
+                let t = 1 + r;
+                let mut xn = vec![0.0; hidden];
+                cpu::rmsnorm(&mut xn, &x[t * hidden..(t + 1) * hidden], &norm, eps);
+                let y = matvec(&w, &xn, rows[1] - rows[0]);
+                want[r * vocab + rows[0]..r * vocab + rows[1]].copy_from_slice(&y);
+            }
+            assert_close(&kernel.name, &to_f32(&result[4]), &want, nmse_for(format));
+        }
+    }
+}
+
+#[test]
+fn embed_part_matches_cpu() {
+    for runner in runners() {
+        let target = *runner.target();
+        for format in FORMATS {
+            let mut rng = Rng(13);
+            let (hidden, rows) = (input_size(format, 60), [100, 300]);
+            let (w_bytes, w) = packed(&mut rng, format, rows[1] - rows[0], hidden);
+            let tokens = [5u32, 150, 299, 100];
+            let sentinel = vec![-3.0f32; tokens.len() * hidden];
+            let spec = KernelSpec::Embed { hidden, rows, format, target };
+            let contents = vec![step(0, tokens.len(), 1, 0, 0), u32_bytes(&tokens), w_bytes, f32_bytes(&sentinel)];
+            let (kernel, result) = run(runner, &spec, &contents, tokens.len() as u32, 0);
+            let mut want = sentinel.clone();
+            for (t, &tok) in tokens.iter().enumerate() {
+                let tok = tok as usize;
+                if (rows[0]..rows[1]).contains(&tok) {
+                    let o = tok - rows[0];
+                    want[t * hidden..(t + 1) * hidden].copy_from_slice(&w[o * hidden..(o + 1) * hidden]);
+                }
+            }
+            // decoding one element is exact
+            assert_eq!(to_f32(&result[3]), want, "{}", kernel.name);
+        }
+    }
+}
+
+#[test]
+fn argmax_picks_the_first_largest_logit() {
+    for runner in runners() {
+        let target = *runner.target();
+        for vocab in [1000usize, 37, 49152] {
+            let mut rng = Rng(vocab as u64);
+            let mut logits = rng.vec(2 * vocab, 10.0);
+            let (a, b) = (vocab / 3, vocab - 1);
+            logits[vocab + a] = 50.0;
+            logits[vocab + b] = 50.0;
+            logits[vocab / 2] = 99.0; // row 0 must not be read
+            let spec = KernelSpec::Argmax { vocab, target };
+            let contents = vec![step(0, 1, 1, 0, 1), f32_bytes(&logits), vec![0xff; 4]];
+            let (kernel, result) = run(runner, &spec, &contents, 1, 1);
+            let got = u32::from_le_bytes(result[2][..4].try_into().unwrap());
+            assert_eq!(got as usize, a, "{}", kernel.name);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Whole models: the tiny fixture converted at each precision, GPU against CPU.
+
+fn convert_tiny(precision: Precision, symmetric: bool, per_tensor: bool) -> (tempfile::TempDir, Model) {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    std::fs::create_dir_all(&hf).unwrap();
+    llama5_fixtures::tiny::write_hf_dir(&hf).unwrap();
+    let out = dir.path().join("model");
+    let options = llama5_convert::ConvertOptions {
+        precision: llama5_convert::PrecisionSpec::uniform(precision),
+        symmetric,
+        int8_per_tensor: per_tensor,
+        ..Default::default()
+    };
+    llama5_convert::convert(&hf, &out, &options).unwrap();
+    let model = Model::open(&out, true).unwrap();
+    (dir, model)
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in row.iter().enumerate() {
+        if *v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn compare_model(model: &Model, ctx: usize, prompt: &[u32], decode_steps: usize) {
+    for target in Target::all() {
+        let opts = GpuOptions { adapter: None, ctx, pipeline_cache_dir: None };
+        let mut gpu = GpuBackend::with_features(model, &opts, features_for(&target))
+            .unwrap_or_else(|e| panic!("{}: {e}", target.name()));
+        assert_eq!(gpu.target().name(), target.name());
+        let mut cpu = CpuBackend::new(model, ctx).unwrap();
+        let limit = if target.shader_f16 { NMSE_MODEL_F16_KV } else { NMSE_MODEL_F32 };
+        let what = format!("{} {:?} ctx {ctx}", target.name(), model.manifest.precision);
+
+        let g = gpu.forward(prompt, 0, Logits::All).unwrap();
+        let c = cpu.forward(prompt, 0, Logits::All).unwrap();
+        assert_eq!(g.len(), prompt.len() * gpu.vocab_size());
+        for (t, (gr, cr)) in g.chunks(gpu.vocab_size()).zip(c.chunks(cpu.vocab_size())).enumerate() {
+            assert_close(&format!("{what} prompt token {t}"), gr, cr, limit);
+        }
+        let mut next = argmax(&c[c.len() - cpu.vocab_size()..]);
+        for i in 0..decode_steps {
+            let pos = prompt.len() + i;
+            let on_device = gpu.forward_argmax(&[next], pos).unwrap();
+            let c = cpu.forward(&[next], pos, Logits::Last).unwrap();
+            assert_eq!(on_device, argmax(&c), "{what}: greedy token at position {pos}");
+            next = on_device;
+        }
+        println!("{what}: {}", gpu.load_report());
+    }
+}
+
+#[test]
+fn tiny_model_matches_cpu_backend_at_every_precision() {
+    let prompt = llama5_fixtures::tiny::golden_input_ids();
+    for (precision, symmetric, per_tensor) in [
+        (Precision::F16, false, false),
+        (Precision::Bf16, false, false),
+        (Precision::Int8, false, false),
+        (Precision::Int8, false, true),
+        (Precision::Int4, false, false),
+        (Precision::Int4, true, false),
+    ] {
+        let (_dir, model) = convert_tiny(precision, symmetric, per_tensor);
+        compare_model(&model, 64, &prompt, 4);
+    }
+}
+
+#[test]
+fn sliding_window_and_chunked_prompt_match_cpu_backend() {
+    let (_dir, model) = convert_tiny(Precision::F16, false, false);
+    // 80 tokens through a ring of 24: chunks up to the wrap, then single tokens
+    let prompt: Vec<u32> = (0..80u32).map(|i| (i * 37 + 11) % 256).collect();
+    compare_model(&model, 24, &prompt, 3);
+    // a prompt longer than one submission's batch
+    let prompt: Vec<u32> = (0..150u32).map(|i| (i * 53 + 5) % 259).collect();
+    compare_model(&model, 256, &prompt, 1);
+}
+
+#[test]
+fn bad_inputs_are_errors_not_panics() {
+    let (_dir, model) = convert_tiny(Precision::Int8, false, false);
+    let opts = GpuOptions { adapter: None, ctx: 16, pipeline_cache_dir: None };
+    let mut gpu = GpuBackend::new(&model, &opts).unwrap();
+    assert!(gpu.forward(&[], 0, Logits::Last).is_err());
+    assert!(gpu.forward(&[259], 0, Logits::Last).is_err());
+    let zero_ctx = GpuOptions { ctx: 0, ..opts.clone() };
+    assert!(GpuBackend::new(&model, &zero_ctx).is_err());
+    let missing = GpuOptions { adapter: Some("no such adapter anywhere".into()), ..opts };
+    assert!(matches!(GpuBackend::new(&model, &missing), Err(llama5_runtime::RuntimeError::NoAdapter(_))));
+}
