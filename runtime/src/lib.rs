@@ -6,9 +6,19 @@
 //! against; everything but [`model::Model::open`] and the CLI compiles for wasm32.
 
 pub mod backend;
+pub mod chat;
+pub mod cpu;
 pub mod error;
+pub mod generate;
+pub mod gpu;
 pub mod model;
+pub mod perplexity;
+pub mod sampling;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod tiers;
+pub mod tokenizer;
 
 pub use backend::{Backend, BackendInfo, Logits};
+pub use cpu::CpuBackend;
 pub use error::RuntimeError;
 pub use model::Model;

@@ -45,15 +45,26 @@ impl PartView<'_> {
 
 impl Model {
     /// Builds a model from a manifest and already-read shard bytes.
-    pub fn from_parts(manifest: Manifest, dir: std::path::PathBuf, shards: Vec<ShardBytes>) -> Result<Self, RuntimeError> {
+    pub fn from_parts(
+        manifest: Manifest,
+        dir: std::path::PathBuf,
+        shards: Vec<ShardBytes>,
+    ) -> Result<Self, RuntimeError> {
         manifest.validate()?;
         if shards.len() != manifest.shards.len() {
-            return Err(RuntimeError::Model(format!("{} shards given for {} in the manifest", shards.len(), manifest.shards.len())));
+            return Err(RuntimeError::Model(format!(
+                "{} shards given for {} in the manifest",
+                shards.len(),
+                manifest.shards.len()
+            )));
         }
         for (entry, bytes) in manifest.shards.iter().zip(&shards) {
             let len = (**bytes).as_ref().len() as u64;
             if len != entry.bytes {
-                return Err(RuntimeError::Shard { file: entry.file.clone(), reason: format!("{len} bytes on disk, manifest says {}", entry.bytes) });
+                return Err(RuntimeError::Shard {
+                    file: entry.file.clone(),
+                    reason: format!("{len} bytes on disk, manifest says {}", entry.bytes),
+                });
             }
         }
         Ok(Model { manifest, dir, shards })
@@ -65,17 +76,21 @@ impl Model {
     pub fn open(dir: &std::path::Path, verify: bool) -> Result<Self, RuntimeError> {
         use rayon::prelude::*;
         let manifest_path = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&manifest_path).map_err(|e| RuntimeError::Io { path: manifest_path.clone(), source: e })?;
-        let manifest = Manifest::from_json(&text).map_err(|e| RuntimeError::Model(format!("{}: {e}", manifest_path.display())))?;
+        let text = std::fs::read_to_string(&manifest_path)
+            .map_err(|e| RuntimeError::Io { path: manifest_path.clone(), source: e })?;
+        let manifest =
+            Manifest::from_json(&text).map_err(|e| RuntimeError::Model(format!("{}: {e}", manifest_path.display())))?;
         let shards = manifest
             .shards
             .iter()
             .map(|s| {
                 let path = dir.join(&s.file);
-                let file = std::fs::File::open(&path).map_err(|e| RuntimeError::Io { path: path.clone(), source: e })?;
+                let file =
+                    std::fs::File::open(&path).map_err(|e| RuntimeError::Io { path: path.clone(), source: e })?;
                 // SAFETY: the file is opened read-only and the converter never
                 // rewrites a finished model directory in place (it renames a new one over it).
-                let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| RuntimeError::Io { path: path.clone(), source: e })?;
+                let map = unsafe { memmap2::Mmap::map(&file) }
+                    .map_err(|e| RuntimeError::Io { path: path.clone(), source: e })?;
                 Ok(Arc::new(map) as ShardBytes)
             })
             .collect::<Result<Vec<_>, RuntimeError>>()?;
@@ -91,7 +106,10 @@ impl Model {
         let entry = &self.manifest.shards[i];
         let digest = hex::encode(Sha256::digest(self.shard(i)));
         if digest != entry.sha256 {
-            return Err(RuntimeError::Shard { file: entry.file.clone(), reason: format!("sha256 {digest} does not match the manifest's {}", entry.sha256) });
+            return Err(RuntimeError::Shard {
+                file: entry.file.clone(),
+                reason: format!("sha256 {digest} does not match the manifest's {}", entry.sha256),
+            });
         }
         Ok(())
     }
@@ -125,7 +143,8 @@ impl Model {
         t.parts
             .iter()
             .map(|p| {
-                let sizes = part_sizes(t.format, p.len(), t.in_features()).map_err(|e| RuntimeError::Model(format!("tensor `{name}`: {e}")))?;
+                let sizes = part_sizes(t.format, p.len(), t.in_features())
+                    .map_err(|e| RuntimeError::Model(format!("tensor `{name}`: {e}")))?;
                 Ok(PartView {
                     format: t.format,
                     rows: p.rows,
