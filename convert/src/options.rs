@@ -8,18 +8,25 @@ use llama5_codegen::manifest::{Precision, DEFAULT_GROUP_SIZE, DEFAULT_SHARD_BYTE
 /// Which precision each layer gets.
 ///
 /// Written as one precision (`int4`) or comma-separated rules
-/// `layers.0-3=f16,layers.7=int8,*=int4`: ranges are inclusive, `*` is
-/// required and covers the other layers, the embedding and the LM head.
+/// `layers.0-3=f16,layers.7=int8,embed=int8,*=int4`: ranges are inclusive,
+/// `*` is required and covers the other layers; `embed` sets the token
+/// embedding and LM head.
+///
+/// Without an `embed` rule the embedding follows `*`, except that INT4 models
+/// keep it at INT8: with tied embeddings the same matrix is the LM head, and
+/// 4-bit logits cost far more accuracy than they save bytes (llama.cpp's Q4
+/// presets keep it at 8 bits or more for the same reason).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PrecisionSpec {
     text: String,
     rules: Vec<(usize, usize, Precision)>,
     default: Precision,
+    embed: Option<Precision>,
 }
 
 impl PrecisionSpec {
     pub fn uniform(p: Precision) -> Self {
-        PrecisionSpec { text: p.as_str().into(), rules: Vec::new(), default: p }
+        PrecisionSpec { text: p.as_str().into(), rules: Vec::new(), default: p, embed: None }
     }
 
     /// The spec as written.
@@ -31,9 +38,18 @@ impl PrecisionSpec {
         self.rules.is_empty()
     }
 
-    /// The `*` precision: embedding, LM head and layers no rule names.
+    /// The `*` precision: layers no rule names.
     pub fn default_precision(&self) -> Precision {
         self.default
+    }
+
+    /// The precision of the token embedding and the LM head.
+    pub fn embedding_precision(&self) -> Precision {
+        match (self.embed, self.default) {
+            (Some(p), _) => p,
+            (None, Precision::Int4) => Precision::Int8,
+            (None, p) => p,
+        }
     }
 
     /// The precision of layer `i`, and whether a `layers.` rule chose it.
@@ -69,6 +85,7 @@ impl std::str::FromStr for PrecisionSpec {
         }
         let mut rules: Vec<(usize, usize, Precision)> = Vec::new();
         let mut default = None;
+        let mut embed = None;
         for rule in text.split(',').map(str::trim) {
             let (sel, prec) =
                 rule.split_once('=').ok_or_else(|| format!("rule `{rule}` is not `selector=precision`"))?;
@@ -80,9 +97,15 @@ impl std::str::FromStr for PrecisionSpec {
                 }
                 continue;
             }
+            if sel == "embed" {
+                if embed.replace(prec).is_some() {
+                    return Err("`embed` appears twice".into());
+                }
+                continue;
+            }
             let range = sel
                 .strip_prefix("layers.")
-                .ok_or_else(|| format!("selector `{sel}` is neither `*` nor `layers.N` / `layers.A-B`"))?;
+                .ok_or_else(|| format!("selector `{sel}` is not `*`, `embed`, `layers.N` or `layers.A-B`"))?;
             let num = |t: &str| t.trim().parse::<usize>().map_err(|_| format!("`{t}` in `{sel}` is not a layer index"));
             let (a, b) = match range.split_once('-') {
                 Some((a, b)) => (num(a)?, num(b)?),
@@ -97,7 +120,7 @@ impl std::str::FromStr for PrecisionSpec {
             rules.push((a, b, prec));
         }
         let default = default.ok_or("a per-layer spec needs a `*=precision` rule for the other tensors")?;
-        Ok(PrecisionSpec { text, rules, default })
+        Ok(PrecisionSpec { text, rules, default, embed })
     }
 }
 

@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 use half::f16;
 use llama5_codegen::format::{self, align_up, PackedMatrix};
 use llama5_codegen::manifest::{
-    names, ConverterInfo, LayerEntry, Layout, Manifest, ModelConfig, Precision, PrecisionTier, QuantFormat, Region,
-    ShardEntry, TensorEntry, TensorPart, MANIFEST_FORMAT, MANIFEST_VERSION, REGION_ALIGN,
+    names, ConverterInfo, KernelFile, LayerEntry, Layout, Manifest, ModelConfig, Precision, PrecisionTier, QuantFormat,
+    Region, ShardEntry, TensorEntry, TensorPart, MANIFEST_FORMAT, MANIFEST_VERSION, REGION_ALIGN,
 };
+use llama5_codegen::{generated_files, layer_kernel_names, LayerFormats, Target};
 use sha2::{Digest, Sha256};
 
 use crate::error::{ConvertError, IoContext};
@@ -38,8 +39,41 @@ pub fn convert_source(source: &Source, out_dir: &Path, options: &ConvertOptions)
 
 /// Names of the kernels that run layer `layer` at decode time, recorded in
 /// [`LayerEntry::kernels`]. Empty until codegen exposes its kernel plan.
-pub fn kernel_names(_config: &ModelConfig, _layer: usize, _formats: &BTreeMap<String, QuantFormat>) -> Vec<String> {
-    Vec::new()
+pub fn kernel_names(config: &ModelConfig, layer: usize, formats: &BTreeMap<String, QuantFormat>) -> Vec<String> {
+    let format = |suffix: &str| formats.get(&names::layer(layer, suffix)).copied().unwrap_or(QuantFormat::F16);
+    let lf = LayerFormats {
+        q: format("self_attn.q_proj.weight"),
+        k: format("self_attn.k_proj.weight"),
+        v: format("self_attn.v_proj.weight"),
+        o: format("self_attn.o_proj.weight"),
+        gate: format("mlp.gate_proj.weight"),
+        up: format("mlp.up_proj.weight"),
+        down: format("mlp.down_proj.weight"),
+    };
+    layer_kernel_names(config, &lf, &Target::portable())
+}
+
+/// Writes the portable target's WGSL beside the manifest (`kernels/`), so a
+/// runtime that does not link codegen can load the model from files alone.
+fn write_kernels(dir: &Path, manifest: &Manifest) -> Result<Vec<KernelFile>, ConvertError> {
+    let target = Target::portable();
+    let files =
+        generated_files(manifest, &[target]).map_err(|e| ConvertError::Options(format!("kernel generation: {e}")))?;
+    let kernels_dir = dir.join("kernels");
+    std::fs::create_dir_all(&kernels_dir).at(&kernels_dir)?;
+    let mut entries = Vec::new();
+    for (file, text) in &files {
+        let path = kernels_dir.join(file);
+        std::fs::write(&path, text).at(&path)?;
+        if let Some(name) = file.strip_suffix(".wgsl") {
+            entries.push(KernelFile {
+                name: name.into(),
+                target: target.name().into(),
+                file: format!("kernels/{file}"),
+            });
+        }
+    }
+    Ok(entries)
 }
 
 fn check_options(o: &ConvertOptions) -> Result<(), ConvertError> {
@@ -302,7 +336,7 @@ fn plan(source: &Source, options: &ConvertOptions) -> Result<Plan, ConvertError>
         } else {
             let precision = match layer_of(&name) {
                 Some(l) => options.precision.for_layer(l).0,
-                None => options.precision.default_precision(),
+                None => options.precision.embedding_precision(),
             };
             let format =
                 QuantFormat::for_precision(precision, options.group_size, options.symmetric, options.int8_per_tensor);
@@ -449,7 +483,7 @@ fn write_model(
         Some(_) => PrecisionTier::Mixed,
         None => PrecisionTier::from(options.precision.default_precision()),
     };
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         format: MANIFEST_FORMAT.into(),
         version: MANIFEST_VERSION,
         model: cfg.clone(),
@@ -467,6 +501,7 @@ fn write_model(
         },
     };
     manifest.validate()?;
+    manifest.kernels = write_kernels(dir, &manifest)?;
     let path = dir.join("manifest.json");
     std::fs::write(&path, manifest.to_json()).at(&path)?;
     Ok(manifest)

@@ -22,13 +22,7 @@ pub fn generate(check: bool) -> anyhow::Result<()> {
 
 /// The fixture model's kernels in `out`.
 pub fn generate_fixture(out: &Path, check: bool) -> anyhow::Result<()> {
-    let files = match fixture_manifest()? {
-        Some(manifest) => kernel_files(&manifest)?,
-        None => {
-            eprintln!("codegen: no manifest for the fixture model yet; {} must hold no files", out.display());
-            BTreeMap::new()
-        }
-    };
+    let files = kernel_files(&fixture_manifest()?)?;
     write_files(out, &files, check)
 }
 
@@ -40,13 +34,23 @@ pub fn generate_for_model(model_dir: &Path, out: &Path, check: bool) -> anyhow::
     write_files(out, &kernel_files(&manifest)?, check)
 }
 
-// ---- wiring point ----------------------------------------------------------
-// The fixture model's manifest. It needs the converter's output for
-// `llama5_fixtures::tiny::write_hf_dir` (the converter library run into a
-// temporary directory, or a manifest built from `llama5_fixtures::tiny`'s
-// constants); until that is wired, no kernels are checked in for it.
-fn fixture_manifest() -> anyhow::Result<Option<Manifest>> {
-    Ok(None)
+/// The precision plan of the checked-in fixture kernels: one layer at INT4,
+/// one at INT8 and the embedding at F16, so every weight decoder appears.
+pub const FIXTURE_PRECISION: &str = "layers.0=int4,layers.1=int8,embed=f16,*=int4";
+
+/// The fixture model's manifest: the tiny checkpoint converted into a
+/// temporary directory by the converter library.
+fn fixture_manifest() -> anyhow::Result<Manifest> {
+    let tmp = tempfile::tempdir().context("creating a temporary directory")?;
+    let hf = tmp.path().join("hf");
+    llama5_fixtures::tiny::write_hf_dir(&hf).context("writing the fixture checkpoint")?;
+    let options = llama5_convert::ConvertOptions {
+        precision: FIXTURE_PRECISION.parse().map_err(anyhow::Error::msg)?,
+        ..Default::default()
+    };
+    let manifest =
+        llama5_convert::convert(&hf, &tmp.path().join("model"), &options).context("converting the fixture")?;
+    Ok(manifest)
 }
 
 /// File name -> text for every kernel variant of `manifest`, plus `index.json`.
