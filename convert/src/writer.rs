@@ -57,8 +57,15 @@ pub fn kernel_names(config: &ModelConfig, layer: usize, formats: &BTreeMap<Strin
 /// runtime that does not link codegen can load the model from files alone.
 fn write_kernels(dir: &Path, manifest: &Manifest) -> Result<Vec<KernelFile>, ConvertError> {
     let target = Target::portable();
-    let files =
-        generated_files(manifest, &[target]).map_err(|e| ConvertError::Options(format!("kernel generation: {e}")))?;
+    let files = match generated_files(manifest, &[target]) {
+        Ok(files) => files,
+        // The CPU backend runs any valid manifest; the GPU kernels need, for
+        // example, every layer matrix in one part. Say so rather than fail.
+        Err(e) => {
+            eprintln!("llama5-convert: no kernels written beside the manifest: {e}");
+            return Ok(Vec::new());
+        }
+    };
     let kernels_dir = dir.join("kernels");
     std::fs::create_dir_all(&kernels_dir).at(&kernels_dir)?;
     let mut entries = Vec::new();

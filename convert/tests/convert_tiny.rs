@@ -132,7 +132,8 @@ fn gguf_4bit_blocks_go_into_int4_exactly() {
     let root = tempfile::tempdir().unwrap();
     for (ty, symmetric) in [(GgufType::Q4_1, false), (GgufType::Q4_0, false), (GgufType::Q4_0, true)] {
         let out = root.path().join(format!("{ty}-{symmetric}"));
-        let o = ConvertOptions { symmetric, ..opts(Precision::Int4) };
+        // the embedding too: by default INT4 models keep it at INT8
+        let o = ConvertOptions { symmetric, precision: "embed=int4,*=int4".parse().unwrap(), ..opts(Precision::Int4) };
         let m = convert(&gguf(root.path(), ty), &out, &o).unwrap();
         let c = Converted::load(&out);
         for (name, (shape, want)) in tiny::gguf_weights(ty, ty) {
@@ -241,11 +242,15 @@ fn per_layer_precision() {
     let m = convert(&hf_dir(root.path()), &root.path().join("mixed"), &o).unwrap();
     assert_eq!(m.precision, PrecisionTier::Mixed);
     assert_eq!((m.layers[0].precision, m.layers[1].precision), (Precision::F16, Precision::Int4));
-    assert!(m.layers.iter().all(|l| l.reason.as_deref() == Some("per-layer option") && l.kernels.is_empty()));
+    assert!(m.layers.iter().all(|l| l.reason.as_deref() == Some("per-layer option") && l.kernels.len() == 5));
+    assert!(m.layers[0].kernels.iter().any(|k| k.contains("-f16-")) && m.layers[1].kernels.iter().all(|k| !k.contains("-f16-")));
     assert_eq!(m.tensors[&names::layer(0, "self_attn.q_proj.weight")].format, QuantFormat::F16);
     assert_eq!(m.tensors[&names::layer(1, "self_attn.q_proj.weight")].format.precision(), Some(Precision::Int4));
-    assert_eq!(m.tensors[names::EMBED].format.precision(), Some(Precision::Int4));
+    assert_eq!(m.tensors[names::EMBED].format.precision(), Some(Precision::Int8), "INT4 keeps the embedding at INT8");
     assert_eq!(m.converter.options["precision"], "layers.0=f16,*=int4");
+    let o = ConvertOptions { precision: "embed=int4,*=int4".parse().unwrap(), ..Default::default() };
+    let m = convert(&hf_dir(root.path()), &root.path().join("embed4"), &o).unwrap();
+    assert_eq!(m.tensors[names::EMBED].format.precision(), Some(Precision::Int4), "an embed rule overrides");
 
     let o = ConvertOptions { precision: "layers.2-5=f16,*=int4".parse().unwrap(), ..Default::default() };
     let err = convert(&hf_dir(root.path()), &root.path().join("bad"), &o).unwrap_err();

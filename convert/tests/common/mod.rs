@@ -18,15 +18,23 @@ pub fn real_model() -> PathBuf {
     path
 }
 
-/// Every file of a directory by name, with its bytes.
+/// Every file under a directory by relative path, with its bytes.
 pub fn dir_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())
-        })
-        .collect()
+    let mut files = BTreeMap::new();
+    collect_files(dir, "", &mut files);
+    files
+}
+
+fn collect_files(dir: &Path, prefix: &str, files: &mut BTreeMap<String, Vec<u8>>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let name = format!("{prefix}{}", e.file_name().to_string_lossy());
+        if e.file_type().unwrap().is_dir() {
+            collect_files(&e.path(), &format!("{name}/"), files);
+        } else {
+            files.insert(name, std::fs::read(e.path()).unwrap());
+        }
+    }
 }
 
 /// Names in a directory's parent that look like the converter's temporary or backup directories.
