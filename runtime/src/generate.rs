@@ -1,7 +1,10 @@
 //! The generation loop: prefill the prompt, then decode token by token until
 //! an EOS token or the token limit, streaming text as it completes.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// std's Instant panics in the browser; this one reads `performance.now()` there.
+use web_time::Instant;
 
 use crate::backend::{Backend, Logits};
 use crate::chat::{ChatTemplate, Message};

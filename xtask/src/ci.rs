@@ -13,6 +13,9 @@ use crate::{codegen, fetch, util};
 /// What `cargo xtask test` installs when no Vulkan adapter is visible.
 const VULKAN_PACKAGES: [&str; 3] = ["mesa-vulkan-drivers", "libvulkan1", "vulkan-tools"];
 
+/// The browser target the runtime's library must keep compiling for.
+const WASM_TARGET: &str = "wasm32-unknown-unknown";
+
 struct Step {
     name: &'static str,
     secs: f64,
@@ -44,6 +47,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     step(&mut steps, "clippy", || {
         cargo_step(util::cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
     });
+    step(&mut steps, "wasm32 build", build_wasm);
     let mut totals = TestTotals::default();
     step(&mut steps, "cargo test", || {
         let mut cmd = util::cargo();
@@ -117,6 +121,20 @@ fn run_tests(cmd: &mut Command, totals: &mut TestTotals) -> anyhow::Result<Strin
         bail!("`{line}` failed ({status}): {} passed, {} failed", totals.passed, totals.failed);
     }
     Ok(format!("{} passed", totals.passed))
+}
+
+/// Builds the runtime's library for the browser, adding the target through
+/// rustup when it is missing (the getrandom backend cfg comes from `.cargo/config.toml`).
+fn build_wasm() -> anyhow::Result<String> {
+    let mut list = Command::new("rustup");
+    list.args(["target", "list", "--installed"]).current_dir(util::workspace_root());
+    let installed = util::output(&mut list).context("listing the installed targets (rustup is required)")?;
+    if !installed.lines().any(|t| t.trim() == WASM_TARGET) {
+        util::run(Command::new("rustup").args(["target", "add", WASM_TARGET]).current_dir(util::workspace_root()))
+            .with_context(|| format!("installing the {WASM_TARGET} target"))?;
+    }
+    cargo_step(util::cargo().args(["build", "-p", "llama5-runtime", "--lib", "--target", WASM_TARGET]))?;
+    Ok(WASM_TARGET.to_string())
 }
 
 /// The first Vulkan device `vulkaninfo --summary` reports, if any.

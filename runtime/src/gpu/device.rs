@@ -131,6 +131,8 @@ pub(crate) async fn open(adapter: wgpu::Adapter, features_allowed: wgpu::Feature
 }
 
 /// Every adapter with backend, type, driver, features and key limits.
+// Only the native `adapter_report` calls it.
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) async fn report() -> String {
     let adapters = instance().enumerate_adapters(wgpu::Backends::all()).await;
     if adapters.is_empty() {

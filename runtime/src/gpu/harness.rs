@@ -1,5 +1,8 @@
 //! Runs one generated kernel on buffers the caller fills: how each kernel is
 //! tested against a plain CPU implementation, and how it can be timed alone.
+//!
+//! Native only: it waits on the device synchronously.
+#![cfg(not(target_arch = "wasm32"))]
 
 use std::borrow::Cow;
 
@@ -14,7 +17,6 @@ pub struct KernelRunner {
 
 impl KernelRunner {
     /// Opens a device like [`super::GpuBackend::new`], restricted to `features_allowed`.
-    #[cfg(not(target_arch = "wasm32"))]
     pub fn new(adapter: Option<&str>, features_allowed: wgpu::Features) -> Result<Self, RuntimeError> {
         pollster::block_on(async {
             let a = device::pick_adapter(adapter).await?;
@@ -33,7 +35,6 @@ impl KernelRunner {
     /// Dispatches `kernel` once with `grid` workgroups; `contents[i]` is the
     /// initial content of binding `i` (uniform included). Returns the contents
     /// of every binding afterwards.
-    #[cfg(not(target_arch = "wasm32"))]
     pub fn run(&self, kernel: &Kernel, contents: &[Vec<u8>], grid: [u32; 3]) -> Result<Vec<Vec<u8>>, RuntimeError> {
         let device = &self.gpu.device;
         if contents.len() != kernel.bindings.len() {
