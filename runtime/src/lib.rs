@@ -6,6 +6,8 @@
 //! against; everything but [`model::Model::open`] and the CLI compiles for wasm32.
 
 pub mod backend;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod bench;
 pub mod chat;
 pub mod cpu;
 pub mod error;
@@ -14,6 +16,7 @@ pub mod gpu;
 pub mod model;
 pub mod perplexity;
 pub mod sampling;
+pub mod synthetic;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod tiers;
 pub mod tokenizer;

@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use llama5_codegen::manifest::Precision;
+use llama5_runtime::bench::{self, BenchBackend, BenchOptions, ModelSource};
 use llama5_runtime::chat::ChatTemplate;
 use llama5_runtime::generate::{Chat, GenerateOptions, Generation, Generator};
 use llama5_runtime::gpu::{self, GpuBackend, GpuOptions};
 use llama5_runtime::perplexity::perplexity;
 use llama5_runtime::sampling::SamplingParams;
+use llama5_runtime::synthetic::SyntheticShape;
 use llama5_runtime::tiers::{self, Tier};
 use llama5_runtime::tokenizer::Tokenizer;
 use llama5_runtime::{Backend, CpuBackend, Model, RuntimeError};
@@ -61,6 +63,52 @@ enum Command {
     },
     /// List adapters; with a model, summarise its tiers.
     Info { model: Option<PathBuf> },
+    /// Measure decode and prefill speed, copy bandwidth, bytes per token and device memory.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// A converted model directory, or a directory of precision tiers.
+    #[arg(required_unless_present = "synthetic", conflicts_with = "synthetic")]
+    model: Option<PathBuf>,
+    /// Random weights of a real shape instead of a model: smollm2-135m, llama-1b or llama-7b.
+    #[arg(long, value_name = "SHAPE")]
+    synthetic: Option<String>,
+    /// f16, bf16, int8 or int4; for a tier directory `auto` takes the highest tier (synthetic default: int4).
+    #[arg(long, default_value = "auto")]
+    precision: String,
+    /// Seed of the synthetic weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value_t = BenchBackendChoice::Gpu)]
+    backend: BenchBackendChoice,
+    /// Case-insensitive substring of the GPU adapter's name.
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Repetitions of prompt, decode and prefill.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long, default_value_t = 32)]
+    prompt_tokens: usize,
+    /// Decode steps timed after the prompt.
+    #[arg(long, default_value_t = 100)]
+    gen_tokens: usize,
+    /// Length of the prompt whose prefill is timed.
+    #[arg(long, default_value_t = 512)]
+    prefill_tokens: usize,
+    /// Size of each copy-test buffer in MiB (default: 1024 on GPUs, 64 on software adapters, 256 on the CPU).
+    #[arg(long)]
+    copy_mib: Option<u64>,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BenchBackendChoice {
+    Gpu,
+    Cpu,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -143,6 +191,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Chat { model, sampling } => chat(&model, &sampling),
         Command::Perplexity { model, text, tokens, json } => perplexity_cmd(&model, &text, tokens, json),
         Command::Info { model } => info(model.as_deref()),
+        Command::Bench(args) => bench_cmd(&args),
     }
 }
 
@@ -406,6 +455,40 @@ fn info(model: Option<&Path>) -> Result<()> {
             if t.chat_template.is_some() { "yes" } else { "no" }
         );
         println!("  converter:   {} {} from {}", m.converter.name, m.converter.version, m.converter.source);
+    }
+    Ok(())
+}
+
+fn bench_cmd(args: &BenchArgs) -> Result<()> {
+    let precision = match args.precision.as_str() {
+        "auto" => None,
+        p => Some(p.parse::<Precision>().map_err(anyhow::Error::msg)?),
+    };
+    let source = match (&args.model, &args.synthetic) {
+        (_, Some(shape)) => ModelSource::Synthetic {
+            shape: shape.parse::<SyntheticShape>().map_err(anyhow::Error::msg)?,
+            precision: precision.unwrap_or(Precision::Int4),
+            seed: args.seed,
+        },
+        (Some(path), None) => ModelSource::Dir { path: path.clone(), precision },
+        (None, None) => bail!("give a model directory or --synthetic SHAPE"),
+    };
+    let opts = BenchOptions {
+        backend: match args.backend {
+            BenchBackendChoice::Gpu => BenchBackend::Gpu { adapter: args.adapter.clone() },
+            BenchBackendChoice::Cpu => BenchBackend::Cpu,
+        },
+        runs: args.runs,
+        prompt_tokens: args.prompt_tokens,
+        gen_tokens: args.gen_tokens,
+        prefill_tokens: args.prefill_tokens,
+        copy_bytes: args.copy_mib.map(|m| m << 20),
+    };
+    let report = bench::run(&source, &opts).context("benchmark")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.to_table());
     }
     Ok(())
 }

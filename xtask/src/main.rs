@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the project's automation, in Rust, with few
 //! dependencies. Run `cargo xtask help` for the commands.
 
+mod bench;
 mod ci;
 mod codegen;
 mod demo;
@@ -24,7 +25,8 @@ commands:
           [--model <dir>]   ... or those of a converted model (written to <dir>/kernels)
           [--out <dir>]     ... into another directory (default: codegen/kernels/tiny, <dir>/kernels)
   demo [--prompt <text>]    convert SmolLM2 (int4 and f16, cached) and generate with the llama5 CLI
-  bench [<args>...]         run `llama5 bench` on the converted SmolLM2 directories";
+  bench [<options>]         the benchmark set (real SmolLM2 at int4 and f16, synthetic shapes) through
+                            `llama5 bench`, written to target/bench/bench.md and bench.json; bench --help";
 
 fn main() -> ExitCode {
     // Errors are printed here, not by returning them from main, so no backtrace
@@ -67,7 +69,11 @@ fn run() -> anyhow::Result<ExitCode> {
             _ => bail!("demo takes only --prompt <text>, got {rest:?}"),
         }
         .map(|()| ExitCode::SUCCESS),
-        "bench" => demo::bench(rest).map(|()| ExitCode::SUCCESS),
+        "bench" if rest.iter().any(|a| a == "--help" || a == "-h") => {
+            println!("{}", bench::USAGE);
+            Ok(ExitCode::SUCCESS)
+        }
+        "bench" => bench::run(rest).map(|()| ExitCode::SUCCESS),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)

@@ -35,11 +35,27 @@ pub struct GpuOptions {
 
 /// What loading took, for [`GpuBackend::load_report`].
 #[derive(Clone, Debug, Default)]
-struct LoadTimes {
-    upload_bytes: u64,
-    upload_ms: f64,
-    pipelines: usize,
-    pipeline_ms: f64,
+pub struct LoadTimes {
+    pub upload_bytes: u64,
+    pub upload_ms: f64,
+    pub pipelines: usize,
+    pub pipeline_ms: f64,
+}
+
+/// Bytes of the device buffers the backend allocated, by use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryUse {
+    /// Weight buffers (data and scales of every tensor part, norm vectors).
+    pub weights: u64,
+    pub kv_cache: u64,
+    /// Activation arena, token and step buffers, argmax and the readback buffer.
+    pub other: u64,
+}
+
+impl MemoryUse {
+    pub fn total(&self) -> u64 {
+        self.weights + self.kv_cache + self.other
+    }
 }
 
 pub struct GpuBackend {
@@ -56,6 +72,7 @@ pub struct GpuBackend {
     ctx: usize,
     vocab: usize,
     load: LoadTimes,
+    memory: MemoryUse,
     /// Whether a submission has completed since load (the first runs inside error scopes).
     warmed_up: bool,
 }
@@ -295,6 +312,12 @@ impl GpuBackend {
         }
 
         let load = LoadTimes { upload_bytes, upload_ms, pipelines: pipelines.len(), pipeline_ms };
+        let memory = MemoryUse {
+            weights: weights.values().map(wgpu::Buffer::size).sum(),
+            kv_cache: caches.iter().map(|(k, v)| k.size() + v.size()).sum(),
+            other: activations.values().map(wgpu::Buffer::size).sum::<u64>()
+                + [&step_buf, &tokens, &argmax, &readback].iter().map(|b| b.size()).sum::<u64>(),
+        };
         let logits = activations.remove(&Activation::Logits).expect("created above");
         // The remaining activation buffers and caches stay alive through the bind groups.
         Ok(GpuBackend {
@@ -309,6 +332,7 @@ impl GpuBackend {
             ctx,
             vocab: cfg.vocab_size,
             load,
+            memory,
             warmed_up: false,
             gpu,
         })
@@ -333,6 +357,34 @@ impl GpuBackend {
     /// The kernel target the device granted.
     pub fn target(&self) -> &Target {
         &self.gpu.target
+    }
+
+    /// What loading took.
+    pub fn load_times(&self) -> &LoadTimes {
+        &self.load
+    }
+
+    /// Bytes of the device buffers this backend allocated.
+    pub fn memory_use(&self) -> MemoryUse {
+        self.memory
+    }
+
+    /// The device the model lives on (for measurements beside the model, such as copy bandwidth).
+    pub fn device(&self) -> &wgpu::Device {
+        &self.gpu.device
+    }
+
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.gpu.queue
+    }
+
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.gpu.info
+    }
+
+    /// The limits the device was opened with.
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.gpu.limits
     }
 
     /// Runs `tokens` like [`Backend::forward`] and returns the greedy next
