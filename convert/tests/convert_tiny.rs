@@ -243,7 +243,10 @@ fn per_layer_precision() {
     assert_eq!(m.precision, PrecisionTier::Mixed);
     assert_eq!((m.layers[0].precision, m.layers[1].precision), (Precision::F16, Precision::Int4));
     assert!(m.layers.iter().all(|l| l.reason.as_deref() == Some("per-layer option") && l.kernels.len() == 5));
-    assert!(m.layers[0].kernels.iter().any(|k| k.contains("-f16-")) && m.layers[1].kernels.iter().all(|k| !k.contains("-f16-")));
+    assert!(
+        m.layers[0].kernels.iter().any(|k| k.contains("-f16-"))
+            && m.layers[1].kernels.iter().all(|k| !k.contains("-f16-"))
+    );
     assert_eq!(m.tensors[&names::layer(0, "self_attn.q_proj.weight")].format, QuantFormat::F16);
     assert_eq!(m.tensors[&names::layer(1, "self_attn.q_proj.weight")].format.precision(), Some(Precision::Int4));
     assert_eq!(m.tensors[names::EMBED].format.precision(), Some(Precision::Int8), "INT4 keeps the embedding at INT8");
