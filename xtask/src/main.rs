@@ -2,6 +2,7 @@
 //! dependencies. Run `cargo xtask help` for the commands.
 
 mod bench;
+mod bench_convert;
 mod ci;
 mod codegen;
 mod demo;
@@ -26,7 +27,9 @@ commands:
           [--out <dir>]     ... into another directory (default: codegen/kernels/tiny, <dir>/kernels)
   demo [--prompt <text>]    convert SmolLM2 (int4 and f16, cached) and generate with the llama5 CLI
   bench [<options>]         the benchmark set (real SmolLM2 at int4 and f16, synthetic shapes) through
-                            `llama5 bench`, written to target/bench/bench.md and bench.json; bench --help";
+                            `llama5 bench`, written to target/bench/bench.md and bench.json; bench --help
+  bench convert             time converting a synthetic llama-1b F16 checkpoint to int4 and f16 against
+                            `cp` of the same bytes, with peak memory (target/bench/convert/convert.md)";
 
 fn main() -> ExitCode {
     // Errors are printed here, not by returning them from main, so no backtrace
@@ -69,6 +72,12 @@ fn run() -> anyhow::Result<ExitCode> {
             _ => bail!("demo takes only --prompt <text>, got {rest:?}"),
         }
         .map(|()| ExitCode::SUCCESS),
+        "bench" if rest.first().is_some_and(|a| a == "convert") => {
+            if rest.len() > 1 {
+                bail!("bench convert takes no arguments, got {:?}", &rest[1..]);
+            }
+            bench_convert::run().map(|()| ExitCode::SUCCESS)
+        }
         "bench" if rest.iter().any(|a| a == "--help" || a == "-h") => {
             println!("{}", bench::USAGE);
             Ok(ExitCode::SUCCESS)
