@@ -16,7 +16,7 @@ pub mod tcal;
 pub mod validate;
 
 pub use error::CodegenError;
-pub use ops::generate;
+pub use ops::{generate, generate_batch};
 pub use plan::{
     generated_files, kernel_names_for_layer, layer_kernel_names, LayerFormats, Plan, PlanStep, Stage, TensorLayout,
     TensorRef,

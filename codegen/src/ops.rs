@@ -159,23 +159,49 @@ fn check(cond: bool, what: impl FnOnce() -> String) -> Result<(), CodegenError> 
 
 /// Generates the WGSL and dispatch data of `spec` (not yet validated: see [`crate::validate`]).
 pub fn generate(spec: &KernelSpec) -> Result<Kernel, CodegenError> {
-    let name = spec.name();
+    generate_shaped(spec, false)
+}
+
+/// The variant of `spec` for steps of many tokens, named `<spec name>-batch`, or
+/// `None` where the decode kernel serves every step (not yet validated).
+pub fn generate_batch(spec: &KernelSpec) -> Result<Option<Kernel>, CodegenError> {
+    match spec {
+        KernelSpec::RmsQkvRope { .. }
+        | KernelSpec::MatvecAdd { .. }
+        | KernelSpec::RmsGateUp { .. }
+        | KernelSpec::RmsLogits { .. } => generate_shaped(spec, true).map(Some),
+        KernelSpec::Embed { .. } | KernelSpec::Attention { .. } | KernelSpec::Argmax { .. } => Ok(None),
+    }
+}
+
+/// The matrix-vector shape of a kernel: spread over many workgroups for one token,
+/// or wide tiles when the dispatch repeats for many tokens.
+fn matvec_shape(outputs: usize, blocks: usize, target: &Target, batch: bool) -> MatvecShape {
+    if batch {
+        MatvecShape::batch(blocks, target)
+    } else {
+        MatvecShape::choose(outputs, blocks, target)
+    }
+}
+
+fn generate_shaped(spec: &KernelSpec, batch: bool) -> Result<Kernel, CodegenError> {
+    let name = if batch { format!("{}-batch", spec.name()) } else { spec.name() };
     match *spec {
         KernelSpec::Embed { hidden, rows, format, target } => embed(name, hidden, rows, format, target),
         KernelSpec::RmsQkvRope { hidden, heads, kv_heads, head_dim, rope_theta, eps, q, k, v, target } => {
-            rms_qkv_rope(name, hidden, heads, kv_heads, head_dim, rope_theta, eps, [q, k, v], target)
+            rms_qkv_rope(name, hidden, heads, kv_heads, head_dim, rope_theta, eps, [q, k, v], target, batch)
         }
         KernelSpec::Attention { heads, kv_heads, head_dim, target } => {
             attention(name, heads, kv_heads, head_dim, target)
         }
         KernelSpec::MatvecAdd { input, in_features, out_features, format, target } => {
-            matvec_add(name, input, in_features, out_features, format, target)
+            matvec_add(name, input, in_features, out_features, format, target, batch)
         }
         KernelSpec::RmsGateUp { hidden, ffn, eps, gate, up, target } => {
-            rms_gate_up(name, hidden, ffn, eps, gate, up, target)
+            rms_gate_up(name, hidden, ffn, eps, gate, up, target, batch)
         }
         KernelSpec::RmsLogits { hidden, vocab, rows, eps, format, target } => {
-            rms_logits(name, hidden, vocab, rows, eps, format, target)
+            rms_logits(name, hidden, vocab, rows, eps, format, target, batch)
         }
         KernelSpec::Argmax { vocab, target } => argmax(name, vocab, target),
     }
@@ -234,6 +260,7 @@ fn rms_qkv_rope(
     eps: f32,
     formats: [QuantFormat; 3],
     target: Target,
+    batch: bool,
 ) -> Result<Kernel, CodegenError> {
     check(heads > 0 && kv_heads > 0 && head_dim > 0 && head_dim.is_multiple_of(2) && hidden > 0, || {
         format!("{name}: heads, kv_heads must be positive and head_dim even")
@@ -249,14 +276,15 @@ fn rms_qkv_rope(
             "one RoPE pair of outputs.",
         ],
     );
+    let x_type = tcal::input_type(hidden);
     m.bind(
         "hidden",
         Access::ReadOnly,
         Resource::Activation(Activation::Hidden),
-        "f32",
+        x_type,
         "[tokens, HIDDEN] residual stream",
     );
-    m.bind("norm", Access::ReadOnly, Resource::Tensor, "f32", "input RMSNorm weights, [HIDDEN]");
+    m.bind("norm", Access::ReadOnly, Resource::Tensor, x_type, "input RMSNorm weights, [HIDDEN]");
     let wq = WeightMatrix { ident: "wq", format: formats[0], out: q_dim, in_features: hidden };
     let wk = WeightMatrix { ident: "wk", format: formats[1], out: kv_dim, in_features: hidden };
     let wv = WeightMatrix { ident: "wv", format: formats[2], out: kv_dim, in_features: hidden };
@@ -267,7 +295,7 @@ fn rms_qkv_rope(
     m.bind("q", Access::ReadWrite, Resource::Activation(Activation::Q), "f32", "[tokens, Q_DIM] queries after RoPE");
     m.bind("k_cache", Access::ReadWrite, Resource::KeyCache, kv, "[ctx, KV_DIM] keys after RoPE");
     m.bind("v_cache", Access::ReadWrite, Resource::ValueCache, kv, "[ctx, KV_DIM] values");
-    let shape = MatvecShape::choose(wq.blocks(), &target);
+    let shape = matvec_shape((q_dim + 2 * kv_dim) / 2, wq.blocks(), &target, batch);
     m.konst("IN", "u32", hidden);
     m.konst("WG", "u32", shape.invocations());
     m.konst("HEAD_DIM", "u32", head_dim);
@@ -376,7 +404,9 @@ fn attention(
     check(heads > 0 && kv_heads > 0 && heads.is_multiple_of(kv_heads) && head_dim > 0, || {
         format!("{name}: num_heads must be a positive multiple of num_kv_heads")
     })?;
-    let wg = 64u32;
+    let wg = tcal::prev_power_of_two(target.workgroup_limit());
+    // position slices of the value sum: every invocation accumulates one dimension
+    let slices = (wg as usize / head_dim).max(1);
     let mut m = ModuleText::new(
         name,
         target,
@@ -384,7 +414,9 @@ fn attention(
             "Causal grouped-query attention for one (head, token) per workgroup: token t",
             "at position p = pos + t attends to positions max(0, p + 1 - ctx) ..= p of the",
             "ring-buffer cache (slot = position % ctx). Positions are visited in tiles of",
-            "WG with an online softmax, so any context length fits in workgroup memory.",
+            "WG with an online softmax, so any context length fits in workgroup memory;",
+            "within a tile, each invocation scores one position, then SLICES interleaved",
+            "slices of the positions accumulate the values in parallel.",
         ],
     );
     let kv = tcal::kv_type(&target);
@@ -394,6 +426,7 @@ fn attention(
     m.bind("attn", Access::ReadWrite, Resource::Activation(Activation::Attn), "f32", "[tokens, Q_DIM] output");
     m.konst("WG", "u32", wg);
     m.konst("HEAD_DIM", "u32", head_dim);
+    m.konst("SLICES", "u32", slices);
     m.konst("GROUP", "u32", heads / kv_heads);
     m.konst("Q_DIM", "u32", heads * head_dim);
     m.konst("KV_DIM", "u32", kv_heads * head_dim);
@@ -404,6 +437,7 @@ fn attention(
 var<workgroup> qs: array<f32, HEAD_DIM>;
 var<workgroup> probs: array<f32, WG>;
 var<workgroup> acc: array<f32, HEAD_DIM>;
+var<workgroup> part: array<f32, SLICES * HEAD_DIM>;
 
 "#;
     let entry = entry_signature(&target, "WG")
@@ -437,11 +471,21 @@ var<workgroup> acc: array<f32, HEAD_DIM>;
         l = l * correction + wg_sum(e);
         m = m_new;
         let count = min(WG, n - base);
-        for (var d = lid; d < HEAD_DIM; d += WG) {
-            var a = acc[d] * correction;
-            for (var jj = 0u; jj < count; jj++) {
+        // slice sl sums positions sl, sl + SLICES, ... of the tile for dimension d
+        for (var w = lid; w < SLICES * HEAD_DIM; w += WG) {
+            let d = w % HEAD_DIM;
+            var a = 0.0;
+            for (var jj = w / HEAD_DIM; jj < count; jj += SLICES) {
                 let row = ((first + base + jj) % step.ctx) * KV_DIM + kv_base;
                 a += probs[jj] * f32(v_cache[row + d]);
+            }
+            part[w] = a;
+        }
+        workgroupBarrier();
+        for (var d = lid; d < HEAD_DIM; d += WG) {
+            var a = acc[d] * correction;
+            for (var sl = 0u; sl < SLICES; sl++) {
+                a += part[sl * HEAD_DIM + d];
             }
             acc[d] = a;
         }
@@ -483,11 +527,12 @@ fn matvec_add(
     out_features: usize,
     format: QuantFormat,
     target: Target,
+    batch: bool,
 ) -> Result<Kernel, CodegenError> {
     check(in_features > 0 && out_features > 0, || format!("{name}: empty matrix"))?;
     let x = activation_name(input);
     let mut m = ModuleText::new(name, target, &["hidden += W x: a matrix-vector product and the residual add."]);
-    m.bind(x, Access::ReadOnly, Resource::Activation(input), "f32", "[tokens, IN] input");
+    m.bind(x, Access::ReadOnly, Resource::Activation(input), tcal::input_type(in_features), "[tokens, IN] input");
     let w = WeightMatrix { ident: "w", format, out: out_features, in_features };
     m.weight(&w, "the projection", true)?;
     m.bind(
@@ -497,7 +542,7 @@ fn matvec_add(
         "f32",
         "[tokens, OUT] residual stream",
     );
-    let shape = MatvecShape::choose(w.blocks(), &target);
+    let shape = matvec_shape(out_features, w.blocks(), &target, batch);
     m.konst("IN", "u32", in_features);
     m.konst("OUT", "u32", out_features);
     m.konst("WG", "u32", shape.invocations());
@@ -512,6 +557,7 @@ fn matvec_add(
     Ok(m.finish(&entry, [shape.invocations(), 1, 1], dispatch, Rows::Tokens))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn rms_gate_up(
     name: String,
     hidden: usize,
@@ -520,6 +566,7 @@ fn rms_gate_up(
     gate: QuantFormat,
     up: QuantFormat,
     target: Target,
+    batch: bool,
 ) -> Result<Kernel, CodegenError> {
     check(hidden > 0 && ffn > 0, || format!("{name}: empty matrix"))?;
     let mut m = ModuleText::new(
@@ -527,14 +574,21 @@ fn rms_gate_up(
         target,
         &["RMSNorm of the hidden row, the gate and up projections, and SiLU(gate) * up."],
     );
-    m.bind("hidden", Access::ReadOnly, Resource::Activation(Activation::Hidden), "f32", "[tokens, IN] residual stream");
-    m.bind("norm", Access::ReadOnly, Resource::Tensor, "f32", "post-attention RMSNorm weights, [IN]");
+    let x_type = tcal::input_type(hidden);
+    m.bind(
+        "hidden",
+        Access::ReadOnly,
+        Resource::Activation(Activation::Hidden),
+        x_type,
+        "[tokens, IN] residual stream",
+    );
+    m.bind("norm", Access::ReadOnly, Resource::Tensor, x_type, "post-attention RMSNorm weights, [IN]");
     let wg_ = WeightMatrix { ident: "w_gate", format: gate, out: ffn, in_features: hidden };
     let wu = WeightMatrix { ident: "w_up", format: up, out: ffn, in_features: hidden };
     m.weight(&wg_, "gate_proj", true)?;
     m.weight(&wu, "up_proj", true)?;
     m.bind("ffn", Access::ReadWrite, Resource::Activation(Activation::Ffn), "f32", "[tokens, OUT] SiLU(gate) * up");
-    let shape = MatvecShape::choose(wg_.blocks(), &target);
+    let shape = matvec_shape(ffn, wg_.blocks(), &target, batch);
     m.konst("IN", "u32", hidden);
     m.konst("OUT", "u32", ffn);
     m.konst("WG", "u32", shape.invocations());
@@ -565,6 +619,7 @@ fn rms_gate_up(
     Ok(m.finish(&entry, [shape.invocations(), 1, 1], dispatch, Rows::Tokens))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn rms_logits(
     name: String,
     hidden: usize,
@@ -573,6 +628,7 @@ fn rms_logits(
     eps: f32,
     format: QuantFormat,
     target: Target,
+    batch: bool,
 ) -> Result<Kernel, CodegenError> {
     check(hidden > 0 && rows[1] > rows[0] && rows[1] <= vocab, || format!("{name}: bad vocabulary rows {rows:?}"))?;
     let mut m = ModuleText::new(
@@ -583,12 +639,19 @@ fn rms_logits(
             "of the output projection), for tokens logits_from + row.",
         ],
     );
-    m.bind("hidden", Access::ReadOnly, Resource::Activation(Activation::Hidden), "f32", "[tokens, IN] residual stream");
-    m.bind("norm", Access::ReadOnly, Resource::Tensor, "f32", "final RMSNorm weights, [IN]");
+    let x_type = tcal::input_type(hidden);
+    m.bind(
+        "hidden",
+        Access::ReadOnly,
+        Resource::Activation(Activation::Hidden),
+        x_type,
+        "[tokens, IN] residual stream",
+    );
+    m.bind("norm", Access::ReadOnly, Resource::Tensor, x_type, "final RMSNorm weights, [IN]");
     let w = WeightMatrix { ident: "w", format, out: rows[1] - rows[0], in_features: hidden };
     m.weight(&w, "output projection part", true)?;
     m.bind("logits", Access::ReadWrite, Resource::Activation(Activation::Logits), "f32", "[rows, VOCAB] logits");
-    let shape = MatvecShape::choose(w.blocks(), &target);
+    let shape = matvec_shape(rows[1] - rows[0], w.blocks(), &target, batch);
     m.konst("IN", "u32", hidden);
     m.konst("OUT", "u32", rows[1] - rows[0]);
     m.konst("ROW0", "u32", rows[0]);

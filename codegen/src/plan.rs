@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::error::CodegenError;
 use crate::format::part_sizes;
 use crate::manifest::{names, Manifest, ModelConfig, QuantFormat};
-use crate::ops::generate;
+use crate::ops::{generate, generate_batch};
 use crate::spec::{Activation, Kernel, KernelSpec};
 use crate::target::Target;
 use crate::validate::validate;
@@ -77,6 +77,9 @@ pub enum Stage {
 pub struct PlanStep {
     /// Index into [`Plan::kernels`].
     pub kernel: usize,
+    /// The kernel for steps of many tokens or logits rows ([`crate::ops::generate_batch`]),
+    /// same bindings; `None` where `kernel` serves every step.
+    pub batch_kernel: Option<usize>,
     pub stage: Stage,
     /// The layer whose KV cache the step binds.
     pub layer: Option<usize>,
@@ -172,6 +175,21 @@ impl KernelSet {
             return Ok(i);
         }
         let kernel = generate(spec)?;
+        self.insert(name, kernel)
+    }
+
+    /// The batch variant of `spec`, if it has one.
+    fn add_batch(&mut self, spec: &KernelSpec) -> Result<Option<usize>, CodegenError> {
+        let Some(kernel) = generate_batch(spec)? else {
+            return Ok(None);
+        };
+        if let Some(&i) = self.by_name.get(&kernel.name) {
+            return Ok(Some(i));
+        }
+        Ok(Some(self.insert(kernel.name.clone(), kernel)?))
+    }
+
+    fn insert(&mut self, name: String, kernel: Kernel) -> Result<usize, CodegenError> {
         validate(&kernel, &self.target)?;
         self.kernels.push(kernel);
         self.by_name.insert(name, self.kernels.len() - 1);
@@ -234,7 +252,7 @@ impl Plan {
         for (i, rows) in embed.parts.iter().enumerate() {
             let k = set.add(&KernelSpec::Embed { hidden: h, rows: *rows, format: embed.format, target: *target })?;
             let tensors = set.refs(k, &[("embed", names::EMBED.to_string())], i);
-            steps.push(PlanStep { kernel: k, stage: Stage::Embed, layer: None, tensors });
+            steps.push(PlanStep { kernel: k, batch_kernel: None, stage: Stage::Embed, layer: None, tensors });
         }
 
         for layer in 0..cfg.num_layers {
@@ -260,9 +278,10 @@ impl Plan {
             };
             for (spec, bindings) in layer_specs(cfg, &formats, target).iter().zip(LAYER_BINDINGS) {
                 let k = set.add(spec)?;
+                let batch_kernel = set.add_batch(spec)?;
                 let pairs: Vec<(&str, String)> = bindings.iter().map(|(b, s)| (*b, names::layer(layer, s))).collect();
                 let tensors = set.refs(k, &pairs, 0);
-                steps.push(PlanStep { kernel: k, stage: Stage::Layer, layer: Some(layer), tensors });
+                steps.push(PlanStep { kernel: k, batch_kernel, stage: Stage::Layer, layer: Some(layer), tensors });
             }
         }
 
@@ -278,13 +297,14 @@ impl Plan {
                 target: *target,
             };
             let k = set.add(&spec)?;
+            let batch_kernel = set.add_batch(&spec)?;
             let mut tensors = set.refs(k, &[("norm", names::FINAL_NORM.to_string())], 0);
             tensors.extend(set.refs(k, &[("w", head_name.to_string())], i));
-            steps.push(PlanStep { kernel: k, stage: Stage::Logits, layer: None, tensors });
+            steps.push(PlanStep { kernel: k, batch_kernel, stage: Stage::Logits, layer: None, tensors });
         }
 
         let k = set.add(&KernelSpec::Argmax { vocab: cfg.vocab_size, target: *target })?;
-        steps.push(PlanStep { kernel: k, stage: Stage::Argmax, layer: None, tensors: Vec::new() });
+        steps.push(PlanStep { kernel: k, batch_kernel: None, stage: Stage::Argmax, layer: None, tensors: Vec::new() });
 
         Ok(Plan { target: *target, kernels: set.kernels, steps })
     }
@@ -321,6 +341,7 @@ pub fn generated_files(manifest: &Manifest, targets: &[Target]) -> Result<BTreeM
             .map(|s| {
                 serde_json::json!({
                     "kernel": plan.kernels[s.kernel].name,
+                    "batch_kernel": s.batch_kernel.map(|k| plan.kernels[k].name.clone()),
                     "stage": s.stage,
                     "layer": s.layer,
                     "tensors": s.tensors,

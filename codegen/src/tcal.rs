@@ -260,10 +260,24 @@ impl WeightMatrix<'_> {
                 let unpack = "unpack2x16float($W[r * $P_STRIDE + o])";
                 fill(
                     &format!(
-                        r#"fn $W_dot(o: u32, b0: u32, b1: u32) -> f32 {{
+                        r#"fn $W_word(o: u32, r: u32) -> vec2<f32> {{
+    return {unpack};
+}}
+
+// Word pairs (r even) meet the input four elements at a time.
+fn $W_dot(o: u32, b0: u32, b1: u32) -> f32 {{
     var acc = 0.0;
-    for (var r = b0; r < b1; r++) {{
-        let w = {unpack};
+    var r = b0;
+    if ((r & 1u) == 1u && r < b1) {{
+        let w = $W_word(o, r);
+        acc += w.x * xin(2u * r) + w.y * xin(2u * r + 1u);
+        r++;
+    }}
+    for (; r + 1u < b1; r += 2u) {{
+        acc += dot(vec4<f32>($W_word(o, r), $W_word(o, r + 1u)), xin4(r / 2u));
+    }}
+    if (r < b1) {{
+        let w = $W_word(o, r);
         acc += w.x * xin(2u * r) + w.y * xin(2u * r + 1u);
     }}
     return acc;
@@ -284,9 +298,20 @@ fn $W_elem(o: u32, i: u32) -> f32 {{
     return vec2<f32>(bitcast<f32>(word << 16u), bitcast<f32>(word & 0xffff0000u));
 }
 
+// Word pairs (r even) meet the input four elements at a time.
 fn $W_dot(o: u32, b0: u32, b1: u32) -> f32 {
     var acc = 0.0;
-    for (var r = b0; r < b1; r++) {
+    var r = b0;
+    if ((r & 1u) == 1u && r < b1) {
+        let w = $W_bf16($W[r * $P_STRIDE + o]);
+        acc += w.x * xin(2u * r) + w.y * xin(2u * r + 1u);
+        r++;
+    }
+    for (; r + 1u < b1; r += 2u) {
+        let w = vec4<f32>($W_bf16($W[r * $P_STRIDE + o]), $W_bf16($W[(r + 1u) * $P_STRIDE + o]));
+        acc += dot(w, xin4(r / 2u));
+    }
+    if (r < b1) {
         let w = $W_bf16($W[r * $P_STRIDE + o]);
         acc += w.x * xin(2u * r) + w.y * xin(2u * r + 1u);
     }
@@ -308,8 +333,7 @@ fn $W_elem(o: u32, i: u32) -> f32 {
     var acc = 0.0;
     for (var r = b0; r < b1; r++) {{
         let q = vec4<f32>(unpack4xI8($W[r * $P_STRIDE + o]));
-        let i = 4u * r;
-        acc += dot(q, vec4<f32>(xin(i), xin(i + 1u), xin(i + 2u), xin(i + 3u)));
+        acc += dot(q, xin4(r));
     }}
     return acc * {scale};
 }}
@@ -344,9 +368,8 @@ fn $W_dot(o: u32, b0: u32, b1: u32) -> f32 {
         for (var k = 0u; k < $P_GROUP_ROWS; k++) {
             let r = g * $P_GROUP_ROWS + k;
             let q = $W_nibbles($W[r * $P_STRIDE + o]);
-            let i = 8u * r;
-            let x0 = vec4<f32>(xin(i), xin(i + 1u), xin(i + 2u), xin(i + 3u));
-            let x1 = vec4<f32>(xin(i + 4u), xin(i + 5u), xin(i + 6u), xin(i + 7u));
+            let x0 = xin4(2u * r);
+            let x1 = xin4(2u * r + 1u);
             qx += dot(q[0], x0) + dot(q[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
@@ -400,24 +423,51 @@ pub(crate) fn format_tag(format: QuantFormat) -> String {
     }
 }
 
-/// How a matrix-vector kernel splits its input dimension: `tile` outputs per
-/// workgroup, `ksplit` slices of the blocks, partial sums combined in workgroup memory.
+/// How a matrix-vector kernel splits its work: `tile` outputs per workgroup,
+/// its invocations split the input blocks `ksplit` ways, partial sums combined
+/// in workgroup memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct MatvecShape {
     pub tile: u32,
     pub ksplit: u32,
 }
 
+/// Workgroups one matrix-vector dispatch aims for: a few per compute unit of a
+/// large GPU, so that small matrices still keep every unit reading.
+pub(crate) const TARGET_WORKGROUPS: usize = 512;
+
+/// Fewest outputs per workgroup: 8 consecutive words of a packed row are one
+/// 32-byte memory sector.
+const MIN_TILE: u32 = 8;
+
+const MAX_TILE: u32 = 64;
+
 impl MatvecShape {
-    pub fn choose(blocks: usize, target: &Target) -> MatvecShape {
-        let limit = prev_power_of_two(target.workgroup_limit() / 64);
+    /// The shape for `outputs` outputs (or output units) over `blocks` input blocks:
+    /// the widest tile that still gives [`TARGET_WORKGROUPS`], then as many
+    /// k-slices as the workgroup limit and the blocks allow.
+    pub fn choose(outputs: usize, blocks: usize, target: &Target) -> MatvecShape {
+        let limit = prev_power_of_two(target.workgroup_limit());
+        let mut tile = MAX_TILE.min(limit);
+        while tile > MIN_TILE && outputs.div_ceil(tile as usize) < TARGET_WORKGROUPS {
+            tile /= 2;
+        }
+        let slices = blocks.clamp(1, (limit / tile) as usize) as u32;
+        MatvecShape { tile, ksplit: prev_power_of_two(slices) }
+    }
+
+    /// The shape for many tokens at once (prefill): wide tiles, so that each
+    /// workgroup reads whole 256-byte runs of a packed row and normalises its
+    /// input rows once per 64 outputs.
+    pub fn batch(blocks: usize, target: &Target) -> MatvecShape {
+        let limit = prev_power_of_two(target.workgroup_limit() / MAX_TILE);
         let ksplit = match blocks {
             b if b >= 32 => 4,
             b if b >= 8 => 2,
             _ => 1,
         }
         .min(limit.max(1));
-        MatvecShape { tile: 64, ksplit }
+        MatvecShape { tile: MAX_TILE, ksplit }
     }
 
     pub fn invocations(&self) -> u32 {
@@ -461,11 +511,90 @@ fn ksplit_sum(v: f32, lo: u32, ks: u32) -> f32 {
 /// from storage instead.
 pub(crate) const INPUT_CACHE_BYTES: usize = 8192;
 
+/// WGSL element type of the input and norm bindings of a kernel with
+/// `in_features` inputs: `vec4<f32>` where rows split into whole vec4s.
+pub(crate) fn input_type(in_features: usize) -> &'static str {
+    if in_features.is_multiple_of(4) {
+        "vec4<f32>"
+    } else {
+        "f32"
+    }
+}
+
 /// How a matrix-vector kernel reads its input vector `x` (one token's row of a
-/// storage array): `load_input(t)` prepares it and `xin(i)` returns element `i`.
-/// With `norm`, the input is RMS-normalised and scaled by the `norm` weights.
+/// storage array): `load_input(t)` prepares it, `xin(i)` returns element `i` and
+/// `xin4(j)` elements `4j .. 4j + 4`. With `norm`, the input is RMS-normalised
+/// and scaled by the `norm` weights. The input and norm bindings are declared
+/// with [`input_type`].
 pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: bool) -> String {
     let cached = in_features * 4 <= INPUT_CACHE_BYTES;
+    let vars = [("X", x_ident)];
+    if !in_features.is_multiple_of(4) {
+        return scalar_input_functions(x_ident, cached, norm)
+            + "\nfn xin4(j: u32) -> vec4<f32> {\n    return vec4<f32>(xin(4u * j), xin(4u * j + 1u), xin(4u * j + 2u), xin(4u * j + 3u));\n}\n";
+    }
+    let mut s = String::from("const IN4: u32 = IN / 4u;\n");
+    if cached {
+        s += "\n// The input row, normalised, cached in workgroup memory.\nvar<workgroup> xs: array<vec4<f32>, IN4>;\n\nfn xin(i: u32) -> f32 {\n    return xs[i / 4u][i % 4u];\n}\n\nfn xin4(j: u32) -> vec4<f32> {\n    return xs[j];\n}\n\n";
+    } else {
+        s += "\n// The input row is too large for workgroup memory: read from storage.\nvar<private> x_base: u32;\nvar<private> x_scale: f32;\n\nfn xin4(j: u32) -> vec4<f32> {\n";
+        s += if norm {
+            "    return $X[x_base + j] * x_scale * norm[j];\n}\n\n"
+        } else {
+            "    return $X[x_base + j];\n}\n\n"
+        };
+        s += "fn xin(i: u32) -> f32 {\n    return xin4(i / 4u)[i % 4u];\n}\n\n";
+    }
+    let body = match (norm, cached) {
+        (true, true) => {
+            r#"fn load_input(t: u32) {
+    var ss = 0.0;
+    for (var j = lid; j < IN4; j += WG) {
+        let v = $X[t * IN4 + j];
+        ss += dot(v, v);
+    }
+    let inv_rms = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);
+    for (var j = lid; j < IN4; j += WG) {
+        xs[j] = $X[t * IN4 + j] * inv_rms * norm[j];
+    }
+    workgroupBarrier();
+}
+"#
+        }
+        (true, false) => {
+            r#"fn load_input(t: u32) {
+    var ss = 0.0;
+    for (var j = lid; j < IN4; j += WG) {
+        let v = $X[t * IN4 + j];
+        ss += dot(v, v);
+    }
+    x_scale = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);
+    x_base = t * IN4;
+}
+"#
+        }
+        (false, true) => {
+            r#"fn load_input(t: u32) {
+    for (var j = lid; j < IN4; j += WG) {
+        xs[j] = $X[t * IN4 + j];
+    }
+    workgroupBarrier();
+}
+"#
+        }
+        (false, false) => {
+            r#"fn load_input(t: u32) {
+    x_base = t * IN4;
+}
+"#
+        }
+    };
+    s += body;
+    fill(&s, &vars)
+}
+
+/// [`input_functions`] over scalar bindings (rows that do not split into vec4s).
+fn scalar_input_functions(x_ident: &str, cached: bool, norm: bool) -> String {
     let vars = [("X", x_ident)];
     let mut s = String::new();
     if cached {
@@ -539,4 +668,28 @@ fn select_functions(body: &str, fn_prefix: &str, use_dot: bool) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matvec_shapes_fill_the_device_within_the_workgroup_limit() {
+        let target = Target::portable();
+        // (outputs, blocks): SmolLM2 q/o projections, its FFN, a 7B FFN, a 128k vocabulary, one tiny block
+        for (outputs, blocks) in [(576, 18), (1536, 18), (11008, 128), (128_256, 128), (5, 1)] {
+            let s = MatvecShape::choose(outputs, blocks, &target);
+            assert!(s.tile.is_power_of_two() && s.ksplit.is_power_of_two(), "{s:?}");
+            assert!(s.invocations() <= target.workgroup_limit(), "{outputs}x{blocks}: {s:?}");
+            assert!(s.ksplit as usize <= blocks, "{outputs}x{blocks}: {s:?}");
+            assert!((MIN_TILE..=MAX_TILE).contains(&s.tile), "{s:?}");
+            let workgroups = outputs.div_ceil(s.tile as usize);
+            assert!(workgroups >= TARGET_WORKGROUPS || s.tile == MIN_TILE, "{outputs}x{blocks}: {s:?}");
+        }
+        assert_eq!(MatvecShape::choose(576, 18, &target), MatvecShape { tile: 8, ksplit: 16 });
+        assert_eq!(MatvecShape::choose(128_256, 128, &target), MatvecShape { tile: 64, ksplit: 4 });
+        let small = Target { max_workgroup_size: 64, ..target };
+        assert_eq!(MatvecShape::choose(576, 18, &small), MatvecShape { tile: 8, ksplit: 8 });
+    }
 }

@@ -25,12 +25,25 @@ fn real_model_shape_validates_for_every_precision_and_target() {
                 validate(k, &target).unwrap();
                 validated.insert(k.name.clone());
             }
-            // one pipeline per distinct spec: 5 layer kernels + embed + logits + argmax
-            assert_eq!(plan.kernels.len(), 8, "{format:?} {}", target.name());
+            // one pipeline per distinct spec: 5 layer kernels + embed + logits + argmax,
+            // plus batch variants of the 4 layer matrix kernels and the logits
+            assert_eq!(plan.kernels.len(), 8 + 5, "{format:?} {}", target.name());
+            for step in &plan.steps {
+                let Some(batch) = step.batch_kernel else {
+                    assert!(matches!(step.stage, Stage::Embed | Stage::Argmax) || step.layer.is_some());
+                    continue;
+                };
+                let (decode, batch) = (&plan.kernels[step.kernel], &plan.kernels[batch]);
+                assert_eq!(batch.name, format!("{}-batch", decode.name));
+                assert_eq!(batch.bindings, decode.bindings, "{}", batch.name);
+                assert_eq!(batch.rows, decode.rows, "{}", batch.name);
+            }
+            let batched = plan.steps.iter().filter(|s| s.batch_kernel.is_some()).count();
+            assert_eq!(batched, 4 * cfg.num_layers + 1, "{format:?} {}", target.name());
         }
     }
-    // attention and argmax do not depend on the weight format
-    assert_eq!(validated.len(), 4 * (6 * 6 + 2));
+    // attention and argmax do not depend on the weight format; five kernels have batch variants
+    assert_eq!(validated.len(), 4 * (6 * 6 + 5 * 6 + 2));
     println!("validated {} kernel variants for the SmolLM2-135M shape", validated.len());
 }
 

@@ -186,6 +186,8 @@ pub struct Decode {
     pub run_median_ms: Vec<f64>,
     /// Whether the next token is chosen on the device (only 4 bytes read back).
     pub argmax_on_device: bool,
+    /// Greedy decode steps recorded in one submission (each step's time is its submission's share).
+    pub tokens_per_submission: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -236,11 +238,24 @@ pub struct MemoryReport {
 trait Subject {
     /// Runs `tokens` from `pos` and returns the greedy next token.
     fn next_token(&mut self, tokens: &[u32], pos: usize) -> Result<u32, RuntimeError>;
+    /// `k` greedy steps from token `first` at `pos`, each feeding the previous choice.
+    fn greedy(&mut self, first: u32, pos: usize, k: usize) -> Result<Vec<u32>, RuntimeError>;
+    /// Greedy steps the decode measurement gives one call of [`Subject::greedy`].
+    fn tokens_per_submission(&self) -> usize;
 }
+
+/// Greedy steps the GPU records in one submission when decoding.
+const GPU_DECODE_SUBMISSION: usize = 32;
 
 impl Subject for GpuBackend {
     fn next_token(&mut self, tokens: &[u32], pos: usize) -> Result<u32, RuntimeError> {
         self.forward_argmax(tokens, pos)
+    }
+    fn greedy(&mut self, first: u32, pos: usize, k: usize) -> Result<Vec<u32>, RuntimeError> {
+        self.generate_greedy(first, pos, k)
+    }
+    fn tokens_per_submission(&self) -> usize {
+        GPU_DECODE_SUBMISSION
     }
 }
 
@@ -248,6 +263,18 @@ impl Subject for CpuBackend<'_> {
     fn next_token(&mut self, tokens: &[u32], pos: usize) -> Result<u32, RuntimeError> {
         let logits = self.forward(tokens, pos, Logits::Last)?;
         Ok(argmax(&logits))
+    }
+    fn greedy(&mut self, first: u32, pos: usize, k: usize) -> Result<Vec<u32>, RuntimeError> {
+        let mut out = Vec::with_capacity(k);
+        let mut next = first;
+        for i in 0..k {
+            next = self.next_token(&[next], pos + i)?;
+            out.push(next);
+        }
+        Ok(out)
+    }
+    fn tokens_per_submission(&self) -> usize {
+        1
     }
 }
 
@@ -287,10 +314,13 @@ fn measure(subject: &mut dyn Subject, opts: &BenchOptions, vocab: usize) -> Resu
         let mut next = subject.next_token(&prompt, 0)?;
         s.prompt_ms.push(ms(t0.elapsed()));
         let mut steps = Vec::with_capacity(opts.gen_tokens);
-        for i in 0..opts.gen_tokens {
+        while steps.len() < opts.gen_tokens {
+            let k = (opts.gen_tokens - steps.len()).min(subject.tokens_per_submission());
             let t = Instant::now();
-            next = subject.next_token(&[next], opts.prompt_tokens + i)?;
-            steps.push(ms(t.elapsed()));
+            let chosen = subject.greedy(next, opts.prompt_tokens + steps.len(), k)?;
+            let each = ms(t.elapsed()) / k as f64;
+            next = *chosen.last().ok_or_else(|| RuntimeError::Other("greedy decoding returned no token".into()))?;
+            steps.extend(std::iter::repeat_n(each, k));
         }
         s.decode_ms.push(steps);
         let long = tokens(opts.prefill_tokens, vocab, run + 1);
@@ -529,6 +559,7 @@ pub fn run(source: &ModelSource, opts: &BenchOptions) -> Result<BenchReport, Run
                 memory: gpu.memory_use(),
                 memory_counted: true,
                 argmax_on_device: true,
+                tokens_per_submission: gpu.tokens_per_submission(),
             }
         }
         BenchBackend::Cpu => {
@@ -557,6 +588,7 @@ pub fn run(source: &ModelSource, opts: &BenchOptions) -> Result<BenchReport, Run
                 memory: MemoryUse { weights, kv_cache, other: 0 },
                 memory_counted: false,
                 argmax_on_device: false,
+                tokens_per_submission: cpu.tokens_per_submission(),
             }
         }
     };
@@ -577,6 +609,7 @@ struct Measured {
     /// Whether `memory` is the backend's own count of its buffers (else computed).
     memory_counted: bool,
     argmax_on_device: bool,
+    tokens_per_submission: usize,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -607,6 +640,7 @@ fn report(
         tokens_per_s: 1e3 / decode_median,
         run_median_ms: m.samples.decode_ms.iter().map(|r| median(r)).collect(),
         argmax_on_device: m.argmax_on_device,
+        tokens_per_submission: m.tokens_per_submission,
     };
 
     let prefill_sorted = sorted(&m.samples.prefill_ms);
@@ -702,7 +736,7 @@ fn conventions() -> Vec<String> {
     [
         "GB = 1e9 bytes; rates are medians unless named min / max / p10 / p90",
         "copy bandwidth counts read + write: 2 x buffer bytes per copy, several copies per submission, wall time to a blocking wait; it is the API's buffer copy, which a driver may run on a copy engine slower than shader loads",
-        "decode: wall time of each single-token forward step including the greedy choice of the next token, after a prefilled prompt",
+        "decode: wall time per single-token forward step including the greedy choice of the next token, after a prefilled prompt; a submission of several greedy steps (tokens per submission) counts its time evenly over its steps",
         "prefill: one forward over prefill_tokens from position 0, up to the first sampled token",
         "time to first token: open (directory models) + backend creation (upload, pipelines) + prompt prefill; synthetic weights are built in host memory first, which is not counted",
         "bytes per token: stored bytes of every layer matrix (data and scales) and norm, one embedding row, the whole LM head, plus K and V of every layer at the mean decode context; activations are not counted",
@@ -780,8 +814,8 @@ impl BenchReport {
         rows.push((
             "decode".into(),
             format!(
-                "{:.2} ms/token, {:.1} tok/s (p10 {:.2}, p90 {:.2}, min {:.2}, max {:.2})",
-                d.median_ms, d.tokens_per_s, d.p10_ms, d.p90_ms, d.min_ms, d.max_ms
+                "{:.2} ms/token, {:.1} tok/s (p10 {:.2}, p90 {:.2}, min {:.2}, max {:.2}; {} per submission)",
+                d.median_ms, d.tokens_per_s, d.p10_ms, d.p90_ms, d.min_ms, d.max_ms, d.tokens_per_submission
             ),
         ));
         rows.push((

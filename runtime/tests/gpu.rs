@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use llama5_codegen::format;
 use llama5_codegen::manifest::{Precision, QuantFormat};
-use llama5_codegen::{generate, Activation, Kernel, KernelSpec, StepUniform, Target};
+use llama5_codegen::{generate, generate_batch, Activation, Kernel, KernelSpec, StepUniform, Target};
 use llama5_runtime::cpu;
 use llama5_runtime::gpu::harness::KernelRunner;
 use llama5_runtime::gpu::{GpuBackend, GpuOptions};
@@ -178,6 +178,24 @@ fn run(
     (kernel, out)
 }
 
+/// Runs the kernel of `spec` and, where it has one, its batch variant on the same contents.
+fn run_all(
+    runner: &KernelRunner,
+    spec: &KernelSpec,
+    contents: &[Vec<u8>],
+    tokens: u32,
+    rows: u32,
+) -> Vec<(Kernel, Vec<Vec<u8>>)> {
+    let mut out = vec![run(runner, spec, contents, tokens, rows)];
+    if let Some(kernel) = generate_batch(spec).unwrap() {
+        let grid = kernel.dispatch_for(tokens, rows);
+        let result = runner.run(&kernel, contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
+        out.push((kernel, result));
+    }
+    assert_eq!(out.len(), 2, "{} has a batch variant", spec.name());
+    out
+}
+
 /// Input sizes suiting a format: a multiple of its pack and INT4 group, and odd otherwise.
 fn input_size(format: QuantFormat, base: usize) -> usize {
     match format {
@@ -200,8 +218,9 @@ fn matvec_add_matches_cpu() {
     for runner in runners() {
         let target = *runner.target();
         for format in FORMATS {
-            // a short input (cached in workgroup memory) and a long one (read from storage)
-            for (in_base, out, tokens) in [(90, 77, 3), (2300, 33, 2)] {
+            // a short input (cached in workgroup memory), a long one (read from storage),
+            // and enough outputs for the widest tile
+            for (in_base, out, tokens) in [(90, 77, 3), (2300, 33, 2), (40, 40_000, 1)] {
                 let mut rng = Rng(in_base as u64 * 31 + out as u64);
                 let in_features = input_size(format, in_base);
                 let (w_bytes, w) = packed(&mut rng, format, out, in_features);
@@ -210,7 +229,6 @@ fn matvec_add_matches_cpu() {
                 let spec =
                     KernelSpec::MatvecAdd { input: Activation::Ffn, in_features, out_features: out, format, target };
                 let contents = vec![step(0, tokens, 1, 0, 0), f32_bytes(&x), w_bytes, f32_bytes(&hidden)];
-                let (kernel, result) = run(runner, &spec, &contents, tokens as u32, 0);
                 let mut want = hidden.clone();
                 for t in 0..tokens {
                     let y = matvec(&w, &x[t * in_features..(t + 1) * in_features], out);
@@ -218,7 +236,9 @@ fn matvec_add_matches_cpu() {
                         want[t * out + o] += y[o];
                     }
                 }
-                assert_close(&kernel.name, &to_f32(&result[3]), &want, nmse_for(format));
+                for (kernel, result) in run_all(runner, &spec, &contents, tokens as u32, 0) {
+                    assert_close(&kernel.name, &to_f32(&result[3]), &want, nmse_for(format));
+                }
             }
         }
     }
@@ -245,7 +265,6 @@ fn rms_gate_up_matches_cpu() {
                 u_bytes,
                 vec![0; tokens * ffn * 4],
             ];
-            let (kernel, result) = run(runner, &spec, &contents, tokens as u32, 0);
             let mut want = Vec::new();
             for t in 0..tokens {
                 let mut xn = vec![0.0; hidden];
@@ -253,7 +272,9 @@ fn rms_gate_up_matches_cpu() {
                 let (gv, uv) = (matvec(&g, &xn, ffn), matvec(&u, &xn, ffn));
                 want.extend(gv.iter().zip(&uv).map(|(a, b)| cpu::silu(*a) * b));
             }
-            assert_close(&kernel.name, &to_f32(&result[5]), &want, nmse_for(format));
+            for (kernel, result) in run_all(runner, &spec, &contents, tokens as u32, 0) {
+                assert_close(&kernel.name, &to_f32(&result[5]), &want, nmse_for(format));
+            }
         }
     }
 }
@@ -299,7 +320,6 @@ fn rms_qkv_rope_matches_cpu() {
                     kv_bytes(&cache_init, &target),
                     kv_bytes(&cache_init, &target),
                 ];
-                let (kernel, result) = run(runner, &spec, &contents, tokens as u32, 0);
                 let mut want_q = Vec::new();
                 let mut want_k = kv_values(&kv_bytes(&cache_init, &target), &target);
                 let mut want_v = want_k.clone();
@@ -318,9 +338,11 @@ fn rms_qkv_rope_matches_cpu() {
                 }
                 let limit = nmse_for(format);
                 let kv_limit = if target.shader_f16 { NMSE_KV_F16 } else { limit };
-                assert_close(&format!("{} q", kernel.name), &to_f32(&result[6]), &want_q, limit);
-                assert_close(&format!("{} k", kernel.name), &kv_values(&result[7], &target), &want_k, kv_limit);
-                assert_close(&format!("{} v", kernel.name), &kv_values(&result[8], &target), &want_v, kv_limit);
+                for (kernel, result) in run_all(runner, &spec, &contents, tokens as u32, 0) {
+                    assert_close(&format!("{} q", kernel.name), &to_f32(&result[6]), &want_q, limit);
+                    assert_close(&format!("{} k", kernel.name), &kv_values(&result[7], &target), &want_k, kv_limit);
+                    assert_close(&format!("{} v", kernel.name), &kv_values(&result[8], &target), &want_v, kv_limit);
+                }
             }
         }
     }
@@ -333,7 +355,7 @@ fn attention_matches_cpu() {
     for runner in runners() {
         let target = *runner.target();
         // short, wrapped (sliding window), and longer than one tile of positions
-        for (pos, tokens, ctx) in [(3, 2, 8), (20, 1, 8), (130, 3, 150), (0, 1, 4)] {
+        for (pos, tokens, ctx) in [(3, 2, 8), (20, 1, 8), (130, 3, 150), (0, 1, 4), (600, 2, 700)] {
             let mut rng = Rng(pos as u64 * 7 + ctx as u64);
             let q = rng.vec(tokens * q_dim, 2.0);
             let k_cache = kv_values(&kv_bytes(&rng.vec(ctx * kv_dim, 1.0), &target), &target);
@@ -383,7 +405,6 @@ fn logits_part_matches_cpu() {
             // logits for tokens 1 and 2 only
             let contents =
                 vec![step(0, tokens, 1, 1, 0), f32_bytes(&x), f32_bytes(&norm), w_bytes, f32_bytes(&sentinel)];
-            let (kernel, result) = run(runner, &spec, &contents, tokens as u32, 2);
             let mut want = sentinel.clone();
             for r in 0..2 {
                 let t = 1 + r;
@@ -392,7 +413,9 @@ fn logits_part_matches_cpu() {
                 let y = matvec(&w, &xn, rows[1] - rows[0]);
                 want[r * vocab + rows[0]..r * vocab + rows[1]].copy_from_slice(&y);
             }
-            assert_close(&kernel.name, &to_f32(&result[4]), &want, nmse_for(format));
+            for (kernel, result) in run_all(runner, &spec, &contents, tokens as u32, 2) {
+                assert_close(&kernel.name, &to_f32(&result[4]), &want, nmse_for(format));
+            }
         }
     }
 }
@@ -527,6 +550,39 @@ fn sliding_window_and_chunked_prompt_match_cpu_backend() {
     // a prompt longer than one submission's batch
     let prompt: Vec<u32> = (0..150u32).map(|i| (i * 53 + 5) % 259).collect();
     compare_model(&model, 256, &prompt, 1);
+}
+
+/// Runs of greedy steps in one submission choose what single steps choose.
+fn compare_greedy(model: &Model, ctx: usize, prompt: &[u32], k: usize, targets: &[Target]) {
+    for target in targets {
+        let opts = GpuOptions { adapter: None, ctx, pipeline_cache_dir: None };
+        let mut gpu = GpuBackend::with_features(model, &opts, features_for(target)).unwrap();
+        let first = gpu.forward_argmax(prompt, 0).unwrap();
+        let mut want = Vec::with_capacity(k);
+        let mut next = first;
+        for i in 0..k {
+            next = gpu.forward_argmax(&[next], prompt.len() + i).unwrap();
+            want.push(next);
+        }
+        // the cache holds what the single steps wrote; the greedy run rewrites the same slots
+        gpu.forward_argmax(prompt, 0).unwrap();
+        let got = gpu.generate_greedy(first, prompt.len(), k).unwrap();
+        assert_eq!(got, want, "{} ctx {ctx}: {k} greedy steps in one submission", target.name());
+    }
+}
+
+#[test]
+fn multi_step_greedy_matches_single_steps() {
+    let (_dir, model) = convert_tiny(Precision::Int4, false, false);
+    let prompt = llama5_fixtures::tiny::golden_input_ids();
+    compare_greedy(&model, 64, &prompt, 12, &Target::all());
+    // past the ring's wrap, and more steps than one submission records
+    let steps = llama5_runtime::gpu::MAX_GREEDY_STEPS + 5;
+    compare_greedy(&model, 24, &prompt, steps, &[Target::portable()]);
+    let opts = GpuOptions { adapter: None, ctx: 16, pipeline_cache_dir: None };
+    let mut gpu = GpuBackend::with_features(&model, &opts, wgpu::Features::empty()).unwrap();
+    assert!(gpu.generate_greedy(259, 0, 3).is_err());
+    assert!(gpu.generate_greedy(1, 0, 0).unwrap().is_empty());
 }
 
 #[test]

@@ -3,7 +3,9 @@
 // Causal grouped-query attention for one (head, token) per workgroup: token t
 // at position p = pos + t attends to positions max(0, p + 1 - ctx) ..= p of the
 // ring-buffer cache (slot = position % ctx). Positions are visited in tiles of
-// WG with an online softmax, so any context length fits in workgroup memory.
+// WG with an online softmax, so any context length fits in workgroup memory;
+// within a tile, each invocation scores one position, then SLICES interleaved
+// slices of the positions accumulate the values in parallel.
 //
 // Bindings (group 0):
 //   0: step (uniform): per-step values
@@ -32,8 +34,9 @@ struct Step {
 @group(0) @binding(3) var<storage, read> v_cache: array<f16>;
 @group(0) @binding(4) var<storage, read_write> attn: array<f32>;
 
-const WG: u32 = 64u;
+const WG: u32 = 256u;
 const HEAD_DIM: u32 = 16u;
+const SLICES: u32 = 16u;
 const GROUP: u32 = 2u;
 const Q_DIM: u32 = 64u;
 const KV_DIM: u32 = 32u;
@@ -41,7 +44,7 @@ const SCALE: f32 = 0.25;
 const BIG: f32 = 3.4028235e38;
 
 // Reductions: subgroup operations, then one slot per subgroup in workgroup memory.
-const RED_SLOTS: u32 = 16u;
+const RED_SLOTS: u32 = 64u;
 var<workgroup> red_f32: array<f32, RED_SLOTS>;
 var<workgroup> red_u32: array<u32, RED_SLOTS>;
 var<private> lid: u32;
@@ -96,6 +99,7 @@ fn wg_argmax(v: f32, i: u32) -> u32 {
 var<workgroup> qs: array<f32, HEAD_DIM>;
 var<workgroup> probs: array<f32, WG>;
 var<workgroup> acc: array<f32, HEAD_DIM>;
+var<workgroup> part: array<f32, SLICES * HEAD_DIM>;
 
 @compute @workgroup_size(WG)
 fn main(
@@ -139,11 +143,21 @@ fn main(
         l = l * correction + wg_sum(e);
         m = m_new;
         let count = min(WG, n - base);
-        for (var d = lid; d < HEAD_DIM; d += WG) {
-            var a = acc[d] * correction;
-            for (var jj = 0u; jj < count; jj++) {
+        // slice sl sums positions sl, sl + SLICES, ... of the tile for dimension d
+        for (var w = lid; w < SLICES * HEAD_DIM; w += WG) {
+            let d = w % HEAD_DIM;
+            var a = 0.0;
+            for (var jj = w / HEAD_DIM; jj < count; jj += SLICES) {
                 let row = ((first + base + jj) % step.ctx) * KV_DIM + kv_base;
                 a += probs[jj] * f32(v_cache[row + d]);
+            }
+            part[w] = a;
+        }
+        workgroupBarrier();
+        for (var d = lid; d < HEAD_DIM; d += WG) {
+            var a = acc[d] * correction;
+            for (var sl = 0u; sl < SLICES; sl++) {
+                a += part[sl * HEAD_DIM + d];
             }
             acc[d] = a;
         }

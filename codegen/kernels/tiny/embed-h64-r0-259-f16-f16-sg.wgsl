@@ -37,6 +37,10 @@ const WG: u32 = 64u;
 const EMBED_STRIDE: u32 = 272u;
 const EMBED_BLOCKS: u32 = 32u;
 
+fn embed_word(o: u32, r: u32) -> vec2<f32> {
+    return unpack2x16float(embed[r * EMBED_STRIDE + o]);
+}
+
 fn embed_elem(o: u32, i: u32) -> f32 {
     let r = i / 2u;
     let w = unpack2x16float(embed[r * EMBED_STRIDE + o]);

@@ -23,13 +23,13 @@ struct Step {
 }
 
 @group(0) @binding(0) var<uniform> step: Step;
-@group(0) @binding(1) var<storage, read> attn: array<f32>;
+@group(0) @binding(1) var<storage, read> attn: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 @group(0) @binding(3) var<storage, read_write> hidden: array<f32>;
 
 const IN: u32 = 64u;
 const OUT: u32 = 64u;
-const WG: u32 = 64u;
+const WG: u32 = 16u;
 
 // w: int4 x8, groups of 32 inputs with (scale, min) f16 pairs, 64 outputs x 64 inputs, column-major packed.
 const W_STRIDE: u32 = 64u;
@@ -56,9 +56,8 @@ fn w_dot(o: u32, b0: u32, b1: u32) -> f32 {
         for (var k = 0u; k < W_GROUP_ROWS; k++) {
             let r = g * W_GROUP_ROWS + k;
             let q = w_nibbles(w[r * W_STRIDE + o]);
-            let i = 8u * r;
-            let x0 = vec4<f32>(xin(i), xin(i + 1u), xin(i + 2u), xin(i + 3u));
-            let x1 = vec4<f32>(xin(i + 4u), xin(i + 5u), xin(i + 6u), xin(i + 7u));
+            let x0 = xin4(2u * r);
+            let x1 = xin4(2u * r + 1u);
             qx += dot(q[0], x0) + dot(q[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
@@ -68,7 +67,7 @@ fn w_dot(o: u32, b0: u32, b1: u32) -> f32 {
 }
 
 // Reductions: subgroup operations, then one slot per subgroup in workgroup memory.
-const RED_SLOTS: u32 = 16u;
+const RED_SLOTS: u32 = 4u;
 var<workgroup> red_f32: array<f32, RED_SLOTS>;
 var<workgroup> red_u32: array<u32, RED_SLOTS>;
 var<private> lid: u32;
@@ -121,8 +120,8 @@ fn wg_argmax(v: f32, i: u32) -> u32 {
 }
 
 // Each workgroup owns TILE outputs; its invocations split the input blocks KSPLIT ways.
-const TILE: u32 = 64u;
-const KSPLIT: u32 = 1u;
+const TILE: u32 = 8u;
+const KSPLIT: u32 = 2u;
 var<workgroup> ksplit_buf: array<f32, TILE * KSPLIT>;
 
 // Blocks [b0, b1) of slice ks out of n blocks.
@@ -145,16 +144,22 @@ fn ksplit_sum(v: f32, lo: u32, ks: u32) -> f32 {
     return s;
 }
 
+const IN4: u32 = IN / 4u;
+
 // The input row, normalised, cached in workgroup memory.
-var<workgroup> xs: array<f32, IN>;
+var<workgroup> xs: array<vec4<f32>, IN4>;
 
 fn xin(i: u32) -> f32 {
-    return xs[i];
+    return xs[i / 4u][i % 4u];
+}
+
+fn xin4(j: u32) -> vec4<f32> {
+    return xs[j];
 }
 
 fn load_input(t: u32) {
-    for (var i = lid; i < IN; i += WG) {
-        xs[i] = attn[t * IN + i];
+    for (var j = lid; j < IN4; j += WG) {
+        xs[j] = attn[t * IN4 + j];
     }
     workgroupBarrier();
 }

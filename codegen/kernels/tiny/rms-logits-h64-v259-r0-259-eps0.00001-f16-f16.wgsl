@@ -25,8 +25,8 @@ struct Step {
 }
 
 @group(0) @binding(0) var<uniform> step: Step;
-@group(0) @binding(1) var<storage, read> hidden: array<f32>;
-@group(0) @binding(2) var<storage, read> norm: array<f32>;
+@group(0) @binding(1) var<storage, read> hidden: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> norm: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> w: array<u32>;
 @group(0) @binding(4) var<storage, read_write> logits: array<f32>;
 
@@ -41,10 +41,24 @@ const EPS: f32 = 1e-5;
 const W_STRIDE: u32 = 272u;
 const W_BLOCKS: u32 = 32u;
 
+fn w_word(o: u32, r: u32) -> vec2<f32> {
+    return unpack2x16float(w[r * W_STRIDE + o]);
+}
+
+// Word pairs (r even) meet the input four elements at a time.
 fn w_dot(o: u32, b0: u32, b1: u32) -> f32 {
     var acc = 0.0;
-    for (var r = b0; r < b1; r++) {
-        let w = unpack2x16float(w[r * W_STRIDE + o]);
+    var r = b0;
+    if ((r & 1u) == 1u && r < b1) {
+        let w = w_word(o, r);
+        acc += w.x * xin(2u * r) + w.y * xin(2u * r + 1u);
+        r++;
+    }
+    for (; r + 1u < b1; r += 2u) {
+        acc += dot(vec4<f32>(w_word(o, r), w_word(o, r + 1u)), xin4(r / 2u));
+    }
+    if (r < b1) {
+        let w = w_word(o, r);
         acc += w.x * xin(2u * r) + w.y * xin(2u * r + 1u);
     }
     return acc;
@@ -103,8 +117,8 @@ fn wg_argmax(v: f32, i: u32) -> u32 {
 }
 
 // Each workgroup owns TILE outputs; its invocations split the input blocks KSPLIT ways.
-const TILE: u32 = 64u;
-const KSPLIT: u32 = 4u;
+const TILE: u32 = 8u;
+const KSPLIT: u32 = 32u;
 var<workgroup> ksplit_buf: array<f32, TILE * KSPLIT>;
 
 // Blocks [b0, b1) of slice ks out of n blocks.
@@ -127,22 +141,28 @@ fn ksplit_sum(v: f32, lo: u32, ks: u32) -> f32 {
     return s;
 }
 
+const IN4: u32 = IN / 4u;
+
 // The input row, normalised, cached in workgroup memory.
-var<workgroup> xs: array<f32, IN>;
+var<workgroup> xs: array<vec4<f32>, IN4>;
 
 fn xin(i: u32) -> f32 {
-    return xs[i];
+    return xs[i / 4u][i % 4u];
+}
+
+fn xin4(j: u32) -> vec4<f32> {
+    return xs[j];
 }
 
 fn load_input(t: u32) {
     var ss = 0.0;
-    for (var i = lid; i < IN; i += WG) {
-        let v = hidden[t * IN + i];
-        ss += v * v;
+    for (var j = lid; j < IN4; j += WG) {
+        let v = hidden[t * IN4 + j];
+        ss += dot(v, v);
     }
     let inv_rms = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);
-    for (var i = lid; i < IN; i += WG) {
-        xs[i] = hidden[t * IN + i] * inv_rms * norm[i];
+    for (var j = lid; j < IN4; j += WG) {
+        xs[j] = hidden[t * IN4 + j] * inv_rms * norm[j];
     }
     workgroupBarrier();
 }

@@ -29,8 +29,8 @@ struct Step {
 }
 
 @group(0) @binding(0) var<uniform> step: Step;
-@group(0) @binding(1) var<storage, read> hidden: array<f32>;
-@group(0) @binding(2) var<storage, read> norm: array<f32>;
+@group(0) @binding(1) var<storage, read> hidden: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> norm: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> wq: array<u32>;
 @group(0) @binding(4) var<storage, read> wk: array<u32>;
 @group(0) @binding(5) var<storage, read> wv: array<u32>;
@@ -39,7 +39,7 @@ struct Step {
 @group(0) @binding(8) var<storage, read_write> v_cache: array<f32>;
 
 const IN: u32 = 64u;
-const WG: u32 = 64u;
+const WG: u32 = 16u;
 const HEAD_DIM: u32 = 16u;
 const HALF: u32 = 8u;
 const Q_DIM: u32 = 64u;
@@ -73,9 +73,8 @@ fn wq_dot(o: u32, b0: u32, b1: u32) -> f32 {
         for (var k = 0u; k < WQ_GROUP_ROWS; k++) {
             let r = g * WQ_GROUP_ROWS + k;
             let q = wq_nibbles(wq[r * WQ_STRIDE + o]);
-            let i = 8u * r;
-            let x0 = vec4<f32>(xin(i), xin(i + 1u), xin(i + 2u), xin(i + 3u));
-            let x1 = vec4<f32>(xin(i + 4u), xin(i + 5u), xin(i + 6u), xin(i + 7u));
+            let x0 = xin4(2u * r);
+            let x1 = xin4(2u * r + 1u);
             qx += dot(q[0], x0) + dot(q[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
@@ -109,9 +108,8 @@ fn wk_dot(o: u32, b0: u32, b1: u32) -> f32 {
         for (var k = 0u; k < WK_GROUP_ROWS; k++) {
             let r = g * WK_GROUP_ROWS + k;
             let q = wk_nibbles(wk[r * WK_STRIDE + o]);
-            let i = 8u * r;
-            let x0 = vec4<f32>(xin(i), xin(i + 1u), xin(i + 2u), xin(i + 3u));
-            let x1 = vec4<f32>(xin(i + 4u), xin(i + 5u), xin(i + 6u), xin(i + 7u));
+            let x0 = xin4(2u * r);
+            let x1 = xin4(2u * r + 1u);
             qx += dot(q[0], x0) + dot(q[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
@@ -145,9 +143,8 @@ fn wv_dot(o: u32, b0: u32, b1: u32) -> f32 {
         for (var k = 0u; k < WV_GROUP_ROWS; k++) {
             let r = g * WV_GROUP_ROWS + k;
             let q = wv_nibbles(wv[r * WV_STRIDE + o]);
-            let i = 8u * r;
-            let x0 = vec4<f32>(xin(i), xin(i + 1u), xin(i + 2u), xin(i + 3u));
-            let x1 = vec4<f32>(xin(i + 4u), xin(i + 5u), xin(i + 6u), xin(i + 7u));
+            let x0 = xin4(2u * r);
+            let x1 = xin4(2u * r + 1u);
             qx += dot(q[0], x0) + dot(q[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
@@ -160,7 +157,7 @@ fn wv_dot(o: u32, b0: u32, b1: u32) -> f32 {
 var<private> inv_freq: array<f32, HALF> = array<f32, HALF>(1.0, 0.31622776, 0.1, 0.031622775, 0.01, 0.0031622776, 0.001, 0.00031622776);
 
 // Reductions: subgroup operations, then one slot per subgroup in workgroup memory.
-const RED_SLOTS: u32 = 16u;
+const RED_SLOTS: u32 = 4u;
 var<workgroup> red_f32: array<f32, RED_SLOTS>;
 var<workgroup> red_u32: array<u32, RED_SLOTS>;
 var<private> lid: u32;
@@ -213,8 +210,8 @@ fn wg_argmax(v: f32, i: u32) -> u32 {
 }
 
 // Each workgroup owns TILE outputs; its invocations split the input blocks KSPLIT ways.
-const TILE: u32 = 64u;
-const KSPLIT: u32 = 1u;
+const TILE: u32 = 8u;
+const KSPLIT: u32 = 2u;
 var<workgroup> ksplit_buf: array<f32, TILE * KSPLIT>;
 
 // Blocks [b0, b1) of slice ks out of n blocks.
@@ -237,22 +234,28 @@ fn ksplit_sum(v: f32, lo: u32, ks: u32) -> f32 {
     return s;
 }
 
+const IN4: u32 = IN / 4u;
+
 // The input row, normalised, cached in workgroup memory.
-var<workgroup> xs: array<f32, IN>;
+var<workgroup> xs: array<vec4<f32>, IN4>;
 
 fn xin(i: u32) -> f32 {
-    return xs[i];
+    return xs[i / 4u][i % 4u];
+}
+
+fn xin4(j: u32) -> vec4<f32> {
+    return xs[j];
 }
 
 fn load_input(t: u32) {
     var ss = 0.0;
-    for (var i = lid; i < IN; i += WG) {
-        let v = hidden[t * IN + i];
-        ss += v * v;
+    for (var j = lid; j < IN4; j += WG) {
+        let v = hidden[t * IN4 + j];
+        ss += dot(v, v);
     }
     let inv_rms = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);
-    for (var i = lid; i < IN; i += WG) {
-        xs[i] = hidden[t * IN + i] * inv_rms * norm[i];
+    for (var j = lid; j < IN4; j += WG) {
+        xs[j] = hidden[t * IN4 + j] * inv_rms * norm[j];
     }
     workgroupBarrier();
 }

@@ -31,8 +31,8 @@ struct Step {
 }
 
 @group(0) @binding(0) var<uniform> step: Step;
-@group(0) @binding(1) var<storage, read> hidden: array<f32>;
-@group(0) @binding(2) var<storage, read> norm: array<f32>;
+@group(0) @binding(1) var<storage, read> hidden: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> norm: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> wq: array<u32>;
 @group(0) @binding(4) var<storage, read> wk: array<u32>;
 @group(0) @binding(5) var<storage, read> wv: array<u32>;
@@ -60,8 +60,7 @@ fn wq_dot(o: u32, b0: u32, b1: u32) -> f32 {
     var acc = 0.0;
     for (var r = b0; r < b1; r++) {
         let q = vec4<f32>(unpack4xI8(wq[r * WQ_STRIDE + o]));
-        let i = 4u * r;
-        acc += dot(q, vec4<f32>(xin(i), xin(i + 1u), xin(i + 2u), xin(i + 3u)));
+        acc += dot(q, xin4(r));
     }
     return acc * bitcast<f32>(wq[WQ_SCALES + o]);
 }
@@ -76,8 +75,7 @@ fn wk_dot(o: u32, b0: u32, b1: u32) -> f32 {
     var acc = 0.0;
     for (var r = b0; r < b1; r++) {
         let q = vec4<f32>(unpack4xI8(wk[r * WK_STRIDE + o]));
-        let i = 4u * r;
-        acc += dot(q, vec4<f32>(xin(i), xin(i + 1u), xin(i + 2u), xin(i + 3u)));
+        acc += dot(q, xin4(r));
     }
     return acc * bitcast<f32>(wk[WK_SCALES + o]);
 }
@@ -92,8 +90,7 @@ fn wv_dot(o: u32, b0: u32, b1: u32) -> f32 {
     var acc = 0.0;
     for (var r = b0; r < b1; r++) {
         let q = vec4<f32>(unpack4xI8(wv[r * WV_STRIDE + o]));
-        let i = 4u * r;
-        acc += dot(q, vec4<f32>(xin(i), xin(i + 1u), xin(i + 2u), xin(i + 3u)));
+        acc += dot(q, xin4(r));
     }
     return acc * bitcast<f32>(wv[WV_SCALES + o]);
 }
@@ -154,8 +151,8 @@ fn wg_argmax(v: f32, i: u32) -> u32 {
 }
 
 // Each workgroup owns TILE outputs; its invocations split the input blocks KSPLIT ways.
-const TILE: u32 = 64u;
-const KSPLIT: u32 = 2u;
+const TILE: u32 = 8u;
+const KSPLIT: u32 = 16u;
 var<workgroup> ksplit_buf: array<f32, TILE * KSPLIT>;
 
 // Blocks [b0, b1) of slice ks out of n blocks.
@@ -178,22 +175,28 @@ fn ksplit_sum(v: f32, lo: u32, ks: u32) -> f32 {
     return s;
 }
 
+const IN4: u32 = IN / 4u;
+
 // The input row, normalised, cached in workgroup memory.
-var<workgroup> xs: array<f32, IN>;
+var<workgroup> xs: array<vec4<f32>, IN4>;
 
 fn xin(i: u32) -> f32 {
-    return xs[i];
+    return xs[i / 4u][i % 4u];
+}
+
+fn xin4(j: u32) -> vec4<f32> {
+    return xs[j];
 }
 
 fn load_input(t: u32) {
     var ss = 0.0;
-    for (var i = lid; i < IN; i += WG) {
-        let v = hidden[t * IN + i];
-        ss += v * v;
+    for (var j = lid; j < IN4; j += WG) {
+        let v = hidden[t * IN4 + j];
+        ss += dot(v, v);
     }
     let inv_rms = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);
-    for (var i = lid; i < IN; i += WG) {
-        xs[i] = hidden[t * IN + i] * inv_rms * norm[i];
+    for (var j = lid; j < IN4; j += WG) {
+        xs[j] = hidden[t * IN4 + j] * inv_rms * norm[j];
     }
     workgroupBarrier();
 }

@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use llama5_codegen::{Access, Activation, Plan, Resource, Stage, StepUniform, Target};
+use llama5_codegen::{Access, Activation, Plan, Resource, Rows, Stage, StepUniform, Target};
 
 use crate::backend::{Backend, BackendInfo, Logits};
 use crate::error::RuntimeError;
@@ -21,6 +21,13 @@ use device::{convert_error, take_error, Gpu};
 
 /// Tokens one submission processes at most (prompts are split into chunks of this many).
 pub const MAX_BATCH: usize = 64;
+
+/// Tokens (or logits rows) from which a step runs its batch kernel, where it has one.
+pub const BATCH_MIN_ROWS: u32 = 4;
+
+/// Greedy decode steps one submission records at most ([`GpuBackend::generate_greedy`]
+/// splits longer runs).
+pub const MAX_GREEDY_STEPS: usize = 256;
 
 /// How the GPU backend is set up.
 #[derive(Clone, Debug, Default)]
@@ -64,11 +71,17 @@ pub struct GpuBackend {
     pipelines: Vec<wgpu::ComputePipeline>,
     /// One per plan step, in plan order.
     bind_groups: Vec<wgpu::BindGroup>,
+    /// The bind group of each plan step's batch kernel, if it has one.
+    batch_bind_groups: Vec<Option<wgpu::BindGroup>>,
     step: wgpu::Buffer,
     tokens: wgpu::Buffer,
     logits: wgpu::Buffer,
     argmax: wgpu::Buffer,
     readback: wgpu::Buffer,
+    /// One [`StepUniform`] per greedy step, copied into `step` before each step runs.
+    greedy_steps: wgpu::Buffer,
+    /// The token chosen by each greedy step.
+    greedy_tokens: wgpu::Buffer,
     ctx: usize,
     vocab: usize,
     load: LoadTimes,
@@ -216,6 +229,13 @@ impl GpuBackend {
         });
         let tokens = storage_buffer(device, "tokens", b * 4);
         let argmax = storage_buffer(device, "argmax", 4);
+        let greedy_steps = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("greedy steps"),
+            size: (MAX_GREEDY_STEPS * StepUniform::SIZE) as u64,
+            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let greedy_tokens = storage_buffer(device, "greedy tokens", (MAX_GREEDY_STEPS * 4) as u64);
         let readback = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
             size: act(Activation::Logits),
@@ -273,8 +293,9 @@ impl GpuBackend {
         }
         let pipeline_ms = web_time_now() - pipeline_start;
 
-        // Bind groups, one per plan step.
+        // Bind groups, one per plan step (and one for its batch kernel, which has the same bindings).
         let mut bind_groups = Vec::with_capacity(plan.steps.len());
+        let mut batch_bind_groups = Vec::with_capacity(plan.steps.len());
         for step in &plan.steps {
             let k = &plan.kernels[step.kernel];
             let mut entries = Vec::with_capacity(k.bindings.len());
@@ -309,6 +330,21 @@ impl GpuBackend {
                 layout: &layouts[step.kernel],
                 entries: &entries,
             }));
+            let batch = match step.batch_kernel {
+                Some(bk) if plan.kernels[bk].bindings != k.bindings => {
+                    return Err(RuntimeError::Kernel {
+                        name: plan.kernels[bk].name.clone(),
+                        message: format!("bindings differ from those of {}", k.name),
+                    });
+                }
+                Some(bk) => Some(device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some(&plan.kernels[bk].name),
+                    layout: &layouts[bk],
+                    entries: &entries,
+                })),
+                None => None,
+            };
+            batch_bind_groups.push(batch);
         }
 
         let load = LoadTimes { upload_bytes, upload_ms, pipelines: pipelines.len(), pipeline_ms };
@@ -316,7 +352,10 @@ impl GpuBackend {
             weights: weights.values().map(wgpu::Buffer::size).sum(),
             kv_cache: caches.iter().map(|(k, v)| k.size() + v.size()).sum(),
             other: activations.values().map(wgpu::Buffer::size).sum::<u64>()
-                + [&step_buf, &tokens, &argmax, &readback].iter().map(|b| b.size()).sum::<u64>(),
+                + [&step_buf, &tokens, &argmax, &readback, &greedy_steps, &greedy_tokens]
+                    .iter()
+                    .map(|b| b.size())
+                    .sum::<u64>(),
         };
         let logits = activations.remove(&Activation::Logits).expect("created above");
         // The remaining activation buffers and caches stay alive through the bind groups.
@@ -324,11 +363,14 @@ impl GpuBackend {
             plan,
             pipelines,
             bind_groups,
+            batch_bind_groups,
             step: step_buf,
             tokens,
             logits,
             argmax,
             readback,
+            greedy_steps,
+            greedy_tokens,
             ctx,
             vocab: cfg.vocab_size,
             load,
@@ -394,6 +436,91 @@ impl GpuBackend {
         Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
     }
 
+    /// Greedy decoding of `k` tokens with one submission per [`MAX_GREEDY_STEPS`]:
+    /// step `i` feeds the previous step's choice (`first` for step 0) at position
+    /// `pos + i`, and the device writes its argmax where the next step's embedding
+    /// reads its token. Returns the `k` chosen tokens, exactly what `k` calls of
+    /// [`GpuBackend::forward_argmax`] return; the caller discards any after an end
+    /// of sequence token.
+    pub fn generate_greedy(&mut self, first: u32, pos: usize, k: usize) -> Result<Vec<u32>, RuntimeError> {
+        if first as usize >= self.vocab {
+            return Err(RuntimeError::Other(format!("token id {first} is outside the vocabulary of {}", self.vocab)));
+        }
+        let mut out = Vec::with_capacity(k);
+        let mut next = first;
+        while out.len() < k {
+            let n = (k - out.len()).min(MAX_GREEDY_STEPS);
+            let chosen = self.submit_greedy(next, pos + out.len(), n)?;
+            next = *chosen.last().expect("at least one step");
+            out.extend(chosen);
+        }
+        Ok(out)
+    }
+
+    fn submit_greedy(&mut self, first: u32, pos: usize, n: usize) -> Result<Vec<u32>, RuntimeError> {
+        let mut records = Vec::with_capacity(n * StepUniform::SIZE);
+        for i in 0..n {
+            let p = pos + i;
+            let step = StepUniform {
+                pos: u32::try_from(p).map_err(|_| RuntimeError::Other(format!("position {p} does not fit in u32")))?,
+                n_tokens: 1,
+                ctx: self.ctx as u32,
+                logits_from: 0,
+                argmax_row: 0,
+            };
+            records.extend_from_slice(&step.to_bytes());
+        }
+        let q = &self.gpu.queue;
+        q.write_buffer(&self.greedy_steps, 0, &records);
+        q.write_buffer(&self.tokens, 0, &first.to_le_bytes());
+        let mut encoder =
+            self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("greedy") });
+        let size = StepUniform::SIZE as u64;
+        for i in 0..n as u64 {
+            encoder.copy_buffer_to_buffer(&self.greedy_steps, i * size, &self.step, 0, size);
+            self.encode_pass(&mut encoder, 1, 1, true);
+            encoder.copy_buffer_to_buffer(&self.argmax, 0, &self.tokens, 0, 4);
+            encoder.copy_buffer_to_buffer(&self.argmax, 0, &self.greedy_tokens, i * 4, 4);
+        }
+        let read_bytes = n as u64 * 4;
+        encoder.copy_buffer_to_buffer(&self.greedy_tokens, 0, &self.readback, 0, read_bytes);
+        let bytes = self.submit_and_read(encoder, read_bytes)?;
+        Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    /// Records one forward step of `n` tokens as a compute pass.
+    fn encode_pass(&self, encoder: &mut wgpu::CommandEncoder, n: u32, rows: usize, argmax: bool) {
+        let mut pass =
+            encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("forward"), timestamp_writes: None });
+        for (i, s) in self.plan.steps.iter().enumerate() {
+            let skip = match s.stage {
+                Stage::Logits => rows == 0,
+                Stage::Argmax => !argmax,
+                Stage::Embed | Stage::Layer => false,
+            };
+            if skip {
+                continue;
+            }
+            let mut kernel = s.kernel;
+            let mut bind_group = &self.bind_groups[i];
+            if let (Some(bk), Some(bg)) = (s.batch_kernel, &self.batch_bind_groups[i]) {
+                let repeats = match self.plan.kernels[bk].rows {
+                    Rows::Tokens => n,
+                    Rows::LogitRows => rows as u32,
+                    Rows::One => 1,
+                };
+                if repeats >= BATCH_MIN_ROWS {
+                    kernel = bk;
+                    bind_group = bg;
+                }
+            }
+            let [x, y, z] = self.plan.kernels[kernel].dispatch_for(n, rows as u32);
+            pass.set_pipeline(&self.pipelines[kernel]);
+            pass.set_bind_group(0, bind_group, &[]);
+            pass.dispatch_workgroups(x, y, z);
+        }
+    }
+
     /// Runs every chunk; returns the bytes read back (logits rows, or the argmax).
     fn run(&mut self, tokens: &[u32], pos: usize, logits: Logits, argmax: bool) -> Result<Vec<u8>, RuntimeError> {
         if tokens.is_empty() {
@@ -439,31 +566,21 @@ impl GpuBackend {
         let token_bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
         q.write_buffer(&self.tokens, 0, &token_bytes);
 
-        let device = &self.gpu.device;
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
-        {
-            let mut pass = encoder
-                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("forward"), timestamp_writes: None });
-            for (i, s) in self.plan.steps.iter().enumerate() {
-                let skip = match s.stage {
-                    Stage::Logits => rows == 0,
-                    Stage::Argmax => !argmax,
-                    Stage::Embed | Stage::Layer => false,
-                };
-                if skip {
-                    continue;
-                }
-                let [x, y, z] = self.plan.kernels[s.kernel].dispatch_for(n, rows as u32);
-                pass.set_pipeline(&self.pipelines[s.kernel]);
-                pass.set_bind_group(0, &self.bind_groups[i], &[]);
-                pass.dispatch_workgroups(x, y, z);
-            }
-        }
+        let mut encoder =
+            self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
+        self.encode_pass(&mut encoder, n, rows, argmax);
         let read_bytes = if argmax { 4 } else { (rows * self.vocab * 4) as u64 };
         if read_bytes > 0 {
             let src = if argmax { &self.argmax } else { &self.logits };
             encoder.copy_buffer_to_buffer(src, 0, &self.readback, 0, read_bytes);
         }
+        self.submit_and_read(encoder, read_bytes)
+    }
+
+    /// Submits `encoder` (inside error scopes the first time) and returns the
+    /// first `read_bytes` of the readback buffer, or waits when there are none.
+    fn submit_and_read(&mut self, encoder: wgpu::CommandEncoder, read_bytes: u64) -> Result<Vec<u8>, RuntimeError> {
+        let device = &self.gpu.device;
         let first = !self.warmed_up;
         let scopes = first.then(|| {
             (
@@ -471,7 +588,7 @@ impl GpuBackend {
                 device.push_error_scope(wgpu::ErrorFilter::OutOfMemory),
             )
         });
-        q.submit([encoder.finish()]);
+        self.gpu.queue.submit([encoder.finish()]);
         if let Some((validation, oom)) = scopes {
             if let Some(e) = block_on_native(oom.pop())? {
                 return Err(convert_error("first forward step", e));
