@@ -137,9 +137,22 @@ struct ModelArgs {
     /// Skip checking shard sha256 sums.
     #[arg(long)]
     no_verify: bool,
-    /// Directory for the GPU pipeline cache.
+    /// Directory for the GPU pipeline cache (Vulkan) [default: $LLAMA5_CACHE/pipelines,
+    /// $XDG_CACHE_HOME/llama5/pipelines or ~/.cache/llama5/pipelines]
     #[arg(long)]
     pipeline_cache: Option<PathBuf>,
+    /// Do not read or write the GPU pipeline cache.
+    #[arg(long, conflicts_with = "pipeline_cache")]
+    no_pipeline_cache: bool,
+}
+
+/// Where compiled pipelines are kept between runs, unless the user says otherwise.
+fn default_pipeline_cache() -> Option<PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let root = var("LLAMA5_CACHE")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("llama5")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache").join("llama5")))?;
+    Some(root.join("pipelines"))
 }
 
 #[derive(Args)]
@@ -224,7 +237,9 @@ fn load(args: &ModelArgs, ctx: usize) -> Result<Loaded> {
         let (model, load) = open(&candidates[0])?;
         return Ok(Loaded { model, tier: candidates[0].clone(), gpu: None, load });
     }
-    let opts = GpuOptions { adapter: args.adapter.clone(), ctx, pipeline_cache_dir: args.pipeline_cache.clone() };
+    let pipeline_cache_dir =
+        if args.no_pipeline_cache { None } else { args.pipeline_cache.clone().or_else(default_pipeline_cache) };
+    let opts = GpuOptions { adapter: args.adapter.clone(), ctx, pipeline_cache_dir };
     let mut last_error = None;
     for (i, tier) in candidates.iter().enumerate() {
         let (model, open_time) = open(tier)?;

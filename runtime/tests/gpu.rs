@@ -597,3 +597,19 @@ fn bad_inputs_are_errors_not_panics() {
     let missing = GpuOptions { adapter: Some("no such adapter anywhere".into()), ..opts };
     assert!(matches!(GpuBackend::new(&model, &missing), Err(llama5_runtime::RuntimeError::NoAdapter(_))));
 }
+
+#[test]
+fn pipeline_cache_is_written_then_read_back() {
+    let (_dir, model) = convert_tiny(Precision::Int4, false, false);
+    let cache = tempfile::tempdir().unwrap();
+    let opts = GpuOptions { adapter: None, ctx: 16, pipeline_cache_dir: Some(cache.path().join("pipelines")) };
+    let cold = GpuBackend::new(&model, &opts).unwrap();
+    // llvmpipe and NVIDIA's Vulkan driver both offer wgpu's pipeline cache
+    assert_eq!(cold.load_times().pipeline_cache_bytes, Some(0), "{}", cold.load_report());
+    drop(cold);
+    let files: Vec<_> = std::fs::read_dir(cache.path().join("pipelines")).unwrap().collect();
+    assert_eq!(files.len(), 1, "one cache file per adapter, no temporary files left");
+    let warm = GpuBackend::new(&model, &opts).unwrap();
+    assert!(warm.load_times().pipeline_cache_bytes.is_some_and(|n| n > 0), "{}", warm.load_report());
+    assert!(warm.load_report().contains("pipeline cache warm"));
+}

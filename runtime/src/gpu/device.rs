@@ -96,7 +96,9 @@ pub(crate) fn target_for(features: wgpu::Features, limits: &wgpu::Limits, info: 
 /// adapter's own limits.
 pub(crate) async fn open(adapter: wgpu::Adapter, features_allowed: wgpu::Features) -> Result<Gpu, RuntimeError> {
     let info = adapter.get_info();
-    let wanted = (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP) & features_allowed;
+    // The pipeline cache changes no kernel, so it is not subject to `features_allowed`.
+    let wanted =
+        (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP) & features_allowed | wgpu::Features::PIPELINE_CACHE;
     let features = adapter.features() & wanted;
     let limits = adapter.limits();
     let (device, queue) = adapter

@@ -7,6 +7,7 @@
 
 mod device;
 pub mod harness;
+mod pipeline_cache;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -47,6 +48,8 @@ pub struct LoadTimes {
     pub upload_ms: f64,
     pub pipelines: usize,
     pub pipeline_ms: f64,
+    /// Bytes of on-disk pipeline cache found at load (`None`: no cache in use).
+    pub pipeline_cache_bytes: Option<usize>,
 }
 
 /// Bytes of the device buffers the backend allocated, by use.
@@ -138,7 +141,7 @@ impl GpuBackend {
 
         let validation = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = gpu.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let built = Self::build(gpu, plan, model, opts.ctx);
+        let built = Self::build(gpu, plan, model, opts.ctx, opts.pipeline_cache_dir.as_deref());
         let oom_error = oom.pop().await;
         let validation_error = validation.pop().await;
         let backend = built?;
@@ -152,7 +155,13 @@ impl GpuBackend {
         Ok(backend)
     }
 
-    fn build(gpu: Gpu, plan: Plan, model: &Model, ctx: usize) -> Result<Self, RuntimeError> {
+    fn build(
+        gpu: Gpu,
+        plan: Plan,
+        model: &Model,
+        ctx: usize,
+        pipeline_cache_dir: Option<&std::path::Path>,
+    ) -> Result<Self, RuntimeError> {
         let cfg = &model.manifest.model;
         let device = &gpu.device;
         let max_binding = gpu.limits.max_storage_buffer_binding_size;
@@ -246,6 +255,7 @@ impl GpuBackend {
 
         // Pipelines, one per distinct kernel, each validated by codegen first.
         let pipeline_start = web_time_now();
+        let disk_cache = pipeline_cache_dir.and_then(|dir| pipeline_cache::DiskCache::open(device, &gpu.info, dir));
         let mut layouts = Vec::new();
         let mut pipelines = Vec::new();
         for k in &plan.kernels {
@@ -286,12 +296,15 @@ impl GpuBackend {
                 module: &module,
                 entry_point: Some(k.entry_point),
                 compilation_options: Default::default(),
-                cache: None,
+                cache: disk_cache.as_ref().map(|c| &c.cache),
             });
             layouts.push(bgl);
             pipelines.push(pipeline);
         }
         let pipeline_ms = web_time_now() - pipeline_start;
+        if let Some(cache) = &disk_cache {
+            cache.save();
+        }
 
         // Bind groups, one per plan step (and one for its batch kernel, which has the same bindings).
         let mut bind_groups = Vec::with_capacity(plan.steps.len());
@@ -347,7 +360,13 @@ impl GpuBackend {
             batch_bind_groups.push(batch);
         }
 
-        let load = LoadTimes { upload_bytes, upload_ms, pipelines: pipelines.len(), pipeline_ms };
+        let load = LoadTimes {
+            upload_bytes,
+            upload_ms,
+            pipelines: pipelines.len(),
+            pipeline_ms,
+            pipeline_cache_bytes: disk_cache.as_ref().map(|c| c.loaded_bytes),
+        };
         let memory = MemoryUse {
             weights: weights.values().map(wgpu::Buffer::size).sum(),
             kv_cache: caches.iter().map(|(k, v)| k.size() + v.size()).sum(),
@@ -384,7 +403,7 @@ impl GpuBackend {
     pub fn load_report(&self) -> String {
         let l = &self.load;
         format!(
-            "{} ({:?}), kernels {}: uploaded {:.1} MiB in {:.0} ms, built {} pipelines in {:.0} ms, {} dispatches per token",
+            "{} ({:?}), kernels {}: uploaded {:.1} MiB in {:.0} ms, built {} pipelines in {:.0} ms ({}), {} dispatches per token",
             self.gpu.info.name,
             self.gpu.info.backend,
             self.gpu.target.name(),
@@ -392,6 +411,11 @@ impl GpuBackend {
             l.upload_ms,
             l.pipelines,
             l.pipeline_ms,
+            match l.pipeline_cache_bytes {
+                None => "no pipeline cache".to_string(),
+                Some(0) => "pipeline cache cold".to_string(),
+                Some(n) => format!("pipeline cache warm, {n} bytes"),
+            },
             self.plan.dispatches_per_token()
         )
     }
