@@ -111,6 +111,16 @@ enum BenchBackendChoice {
     Cpu,
 }
 
+/// How the GPU backend stores the KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum KvCacheChoice {
+    /// f32: the same numbers as the CPU backend, token for token.
+    F32,
+    /// f16 where the adapter has `shader-f16`: half the KV memory and reads, at the
+    /// cost of rounding that can flip a near-tie between two tokens.
+    F16,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum BackendChoice {
     /// The GPU when one is usable, else the CPU.
@@ -144,6 +154,9 @@ struct ModelArgs {
     /// Do not read or write the GPU pipeline cache.
     #[arg(long, conflicts_with = "pipeline_cache")]
     no_pipeline_cache: bool,
+    /// KV-cache precision on the GPU.
+    #[arg(long, value_enum, default_value = "f32")]
+    kv_cache: KvCacheChoice,
 }
 
 /// Where compiled pipelines are kept between runs, unless the user says otherwise.
@@ -245,7 +258,12 @@ fn load(args: &ModelArgs, ctx: usize) -> Result<Loaded> {
         let (model, open_time) = open(tier)?;
         let ctx = ctx.min(model.manifest.model.max_position_embeddings);
         let t0 = Instant::now();
-        match GpuBackend::new(&model, &GpuOptions { ctx, ..opts.clone() }) {
+        // f16 is used for nothing but the KV cache, so withholding it selects an f32 cache.
+        let features = match args.kv_cache {
+            KvCacheChoice::F16 => wgpu::Features::all(),
+            KvCacheChoice::F32 => wgpu::Features::all() - wgpu::Features::SHADER_F16,
+        };
+        match GpuBackend::with_features(&model, &GpuOptions { ctx, ..opts.clone() }, features) {
             Ok(gpu) => return Ok(Loaded { model, tier: tier.clone(), gpu: Some(gpu), load: open_time + t0.elapsed() }),
             Err(e) if tiers::does_not_fit(&e) => {
                 match candidates.get(i + 1) {

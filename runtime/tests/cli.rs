@@ -83,6 +83,20 @@ fn greedy_generate_is_deterministic_and_matches_the_library() {
     let g =
         Generator::new(&mut cpu, &tok).generate(&tok.encode(PROMPT, true).unwrap(), &opts, &mut |_| Ok(())).unwrap();
     assert_eq!(text(&first.stdout), format!("{}\n", g.text));
+
+    // the GPU backend, with its default f32 KV cache and with an f16 one
+    for kv in ["f32", "f16"] {
+        let mut gpu_args = args.to_vec();
+        *gpu_args.last_mut().unwrap() = "gpu";
+        gpu_args.extend(["--kv-cache", kv]);
+        let gpu = llama5(&gpu_args);
+        let stderr = text(&gpu.stderr);
+        assert!(gpu.status.success() && stderr.contains("backend: gpu"), "{stderr}");
+        if kv == "f32" {
+            assert_eq!(gpu.stdout, first.stdout, "the f32 KV cache gives the CPU backend's tokens");
+            assert!(!stderr.contains("kernels f16"), "{stderr}");
+        }
+    }
 }
 
 #[test]

@@ -53,6 +53,18 @@ pub fn run() -> anyhow::Result<ExitCode> {
         let mut cmd = util::cargo();
         // Every test binary runs even after one fails, so CI shows all failures.
         cmd.args(["test", "--workspace", "--no-fail-fast"]);
+        // Mesa's Vulkan loader complains on every device open without one.
+        if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+            let dir = std::env::temp_dir().join("llama5-xdg-runtime");
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                    .with_context(|| format!("setting the permissions of {}", dir.display()))?;
+            }
+            cmd.env("XDG_RUNTIME_DIR", dir);
+        }
         if let Some(path) = &model {
             cmd.env("LLAMA5_MODEL_GGUF", path);
         }
