@@ -35,4 +35,13 @@ pub trait Backend {
     /// Runs `tokens` at positions `pos .. pos + tokens.len()`, writing their keys
     /// and values into the cache; returns logits row-major `[rows, vocab]`.
     fn forward(&mut self, tokens: &[u32], pos: usize, logits: Logits) -> Result<Vec<f32>, RuntimeError>;
+
+    /// Greedy decoding on the device, without reading logits back: feeds
+    /// `first` at `pos`, then each step's argmax, for `k` steps, and returns
+    /// the `k` chosen ids. The cache then holds `first` and every returned id
+    /// but the last. `None` where the backend has no such path (the caller
+    /// samples on the host).
+    fn greedy_steps(&mut self, _first: u32, _pos: usize, _k: usize) -> Option<Result<Vec<u32>, RuntimeError>> {
+        None
+    }
 }

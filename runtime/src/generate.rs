@@ -1,6 +1,7 @@
 //! The generation loop: prefill the prompt, then decode token by token until
 //! an EOS token or the token limit, streaming text as it completes.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 // std's Instant panics in the browser; this one reads `performance.now()` there.
@@ -14,6 +15,11 @@ use crate::tokenizer::Tokenizer;
 
 /// Prompt tokens per prefill forward call: bounds activation memory.
 pub const PREFILL_CHUNK: usize = 256;
+
+/// Tokens a greedy run asks of a backend that chooses them on the device:
+/// one submission and one 4-byte readback per chunk instead of per token, at
+/// the cost of text arriving a chunk at a time.
+pub const GREEDY_CHUNK: usize = 16;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GenerateOptions {
@@ -137,14 +143,19 @@ impl<'a> Generator<'a> {
         timings.prefill = t0.elapsed();
         self.wrapped |= self.cached.len() > ctx;
 
-        // decode
+        // decode; greedy runs may take several tokens per call from a backend
+        // that chooses them on the device (`ahead`)
         let t1 = Instant::now();
         let mut stream = self.tokenizer.stream();
         let mut tokens = Vec::new();
         let mut text = String::new();
         let mut stop = StopReason::MaxTokens;
+        let mut ahead: VecDeque<u32> = VecDeque::new();
         while tokens.len() < opts.max_tokens {
-            let next = sampler.sample(&logits);
+            let next = match ahead.pop_front() {
+                Some(t) => t,
+                None => sampler.sample(&logits),
+            };
             tokens.push(next);
             if self.tokenizer.is_eos(next) {
                 stop = StopReason::Eos;
@@ -161,7 +172,15 @@ impl<'a> Generator<'a> {
                 stop = StopReason::ContextFull;
                 break;
             }
-            logits = self.backend.forward(&[next], self.cached.len(), Logits::Last)?;
+            if ahead.is_empty() {
+                let room = if opts.sliding_window { usize::MAX } else { ctx - self.cached.len() };
+                let k = GREEDY_CHUNK.min(opts.max_tokens - tokens.len()).min(room);
+                match sampler.is_greedy().then(|| self.backend.greedy_steps(next, self.cached.len(), k)).flatten() {
+                    Some(ids) => ahead.extend(ids?),
+                    None => logits = self.backend.forward(&[next], self.cached.len(), Logits::Last)?,
+                }
+            }
+            // `next` is in the cache now: fed by forward, or by the device's greedy steps
             self.cached.push(next);
             self.wrapped |= self.cached.len() > ctx;
             timings.decode_tokens += 1;

@@ -92,11 +92,16 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether every choice is the argmax, so a backend may choose on its own.
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature == 0.0 || self.params.top_k == Some(1)
+    }
+
     /// The candidates after temperature, top-k and top-p, most likely first,
     /// with probabilities that sum to 1.
     pub fn distribution(&self, logits: &[f32]) -> Vec<(u32, f32)> {
         let p = &self.params;
-        if p.temperature == 0.0 || p.top_k == Some(1) {
+        if self.is_greedy() {
             return vec![(argmax(logits), 1.0)];
         }
         let mut cands: Vec<(u32, f32)> =

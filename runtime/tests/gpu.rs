@@ -613,3 +613,34 @@ fn pipeline_cache_is_written_then_read_back() {
     assert!(warm.load_times().pipeline_cache_bytes.is_some_and(|n| n > 0), "{}", warm.load_report());
     assert!(warm.load_report().contains("pipeline cache warm"));
 }
+
+#[test]
+fn generator_greedy_on_the_device_matches_the_cpu_backend() {
+    use llama5_runtime::generate::{GenerateOptions, Generator, StopReason};
+    use llama5_runtime::sampling::SamplingParams;
+    use llama5_runtime::tokenizer::Tokenizer;
+    let (_dir, model) = convert_tiny(Precision::Int4, false, false);
+    let tok = Tokenizer::for_model(&model).unwrap();
+    let prompt = llama5_fixtures::tiny::golden_input_ids();
+    // more tokens than one greedy chunk; a context that fills up; a sliding window past it
+    for (ctx, max_tokens, sliding_window) in [(64, 40, false), (24, 40, false), (24, 40, true)] {
+        let opts = GenerateOptions { max_tokens, sampling: SamplingParams::greedy(), sliding_window };
+        let mut cpu = CpuBackend::new(&model, ctx).unwrap();
+        let want = Generator::new(&mut cpu, &tok).generate(&prompt, &opts, &mut |_| Ok(())).unwrap();
+        let gpu_opts = GpuOptions { adapter: None, ctx, pipeline_cache_dir: None };
+        let mut gpu = GpuBackend::with_features(&model, &gpu_opts, features_for(&Target::portable())).unwrap();
+        let mut streamed = String::new();
+        let got = Generator::new(&mut gpu, &tok)
+            .generate(&prompt, &opts, &mut |piece| {
+                streamed.push_str(piece);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(got.tokens, want.tokens, "ctx {ctx}, sliding window {sliding_window}");
+        assert_eq!((got.stop, &got.text), (want.stop, &want.text));
+        assert_eq!(streamed, got.text);
+        if ctx == 24 && !sliding_window {
+            assert_eq!(got.stop, StopReason::ContextFull);
+        }
+    }
+}

@@ -707,6 +707,10 @@ impl Backend for GpuBackend {
         let bytes = self.run(tokens, pos, logits, false)?;
         Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
+
+    fn greedy_steps(&mut self, first: u32, pos: usize, k: usize) -> Option<Result<Vec<u32>, RuntimeError>> {
+        Some(self.generate_greedy(first, pos, k))
+    }
 }
 
 /// A human-readable list of adapters, backends, features and limits (`llama5 info`).
