@@ -481,10 +481,10 @@ fn info(model: Option<&Path>) -> Result<()> {
         println!("  shards:      {} files, {:.1} MiB", m.shards.len(), m.total_bytes() as f64 / (1024.0 * 1024.0));
         let t = &m.tokenizer;
         println!(
-            "  tokenizer:   {} (bos {:?}, eos {:?}, chat template: {})",
+            "  tokenizer:   {} (bos {}, eos {}, chat template: {})",
             t.file,
-            t.bos_token_id,
-            t.eos_token_ids,
+            t.bos_token_id.map_or("none".to_string(), |id| id.to_string()),
+            t.eos_token_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" "),
             if t.chat_template.is_some() { "yes" } else { "no" }
         );
         println!("  converter:   {} {} from {}", m.converter.name, m.converter.version, m.converter.source);
