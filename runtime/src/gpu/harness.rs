@@ -4,8 +4,6 @@
 //! Native only: it waits on the device synchronously.
 #![cfg(not(target_arch = "wasm32"))]
 
-use std::borrow::Cow;
-
 use llama5_codegen::{Access, Kernel, Target};
 
 use super::device::{self, convert_error, take_error, Gpu};
@@ -69,42 +67,7 @@ impl KernelRunner {
                 (buf, size)
             })
             .collect();
-        let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
-            .bindings
-            .iter()
-            .map(|b| wgpu::BindGroupLayoutEntry {
-                binding: b.index,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Buffer {
-                    ty: match b.access {
-                        Access::Uniform => wgpu::BufferBindingType::Uniform,
-                        Access::ReadOnly => wgpu::BufferBindingType::Storage { read_only: true },
-                        Access::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
-                    },
-                    has_dynamic_offset: false,
-                    min_binding_size: None,
-                },
-                count: None,
-            })
-            .collect();
-        let bgl = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: None, entries: &entries });
-        let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: None,
-            bind_group_layouts: &[Some(&bgl)],
-            immediate_size: 0,
-        });
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(&kernel.name),
-            source: wgpu::ShaderSource::Wgsl(Cow::Borrowed(&kernel.wgsl)),
-        });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(&kernel.name),
-            layout: Some(&layout),
-            module: &module,
-            entry_point: Some(kernel.entry_point),
-            compilation_options: Default::default(),
-            cache: None,
-        });
+        let (bgl, pipeline) = super::create_pipeline(device, kernel, None);
         let bind_entries: Vec<wgpu::BindGroupEntry> = buffers
             .iter()
             .zip(&kernel.bindings)

@@ -261,43 +261,7 @@ impl GpuBackend {
         for k in &plan.kernels {
             llama5_codegen::validate(k, &gpu.target)
                 .map_err(|e| RuntimeError::Kernel { name: k.name.clone(), message: e.to_string() })?;
-            let entries: Vec<wgpu::BindGroupLayoutEntry> = k
-                .bindings
-                .iter()
-                .map(|b| wgpu::BindGroupLayoutEntry {
-                    binding: b.index,
-                    visibility: wgpu::ShaderStages::COMPUTE,
-                    ty: wgpu::BindingType::Buffer {
-                        ty: match b.access {
-                            Access::Uniform => wgpu::BufferBindingType::Uniform,
-                            Access::ReadOnly => wgpu::BufferBindingType::Storage { read_only: true },
-                            Access::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
-                        },
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
-                    },
-                    count: None,
-                })
-                .collect();
-            let bgl = device
-                .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(&k.name), entries: &entries });
-            let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                label: Some(&k.name),
-                bind_group_layouts: &[Some(&bgl)],
-                immediate_size: 0,
-            });
-            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(&k.name),
-                source: wgpu::ShaderSource::Wgsl(Cow::Borrowed(&k.wgsl)),
-            });
-            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(&k.name),
-                layout: Some(&layout),
-                module: &module,
-                entry_point: Some(k.entry_point),
-                compilation_options: Default::default(),
-                cache: disk_cache.as_ref().map(|c| &c.cache),
-            });
+            let (bgl, pipeline) = create_pipeline(device, k, disk_cache.as_ref().map(|c| &c.cache));
             layouts.push(bgl);
             pipelines.push(pipeline);
         }
@@ -717,4 +681,52 @@ impl Backend for GpuBackend {
 #[cfg(not(target_arch = "wasm32"))]
 pub fn adapters_report() -> String {
     block_on(device::report())
+}
+
+/// The bind group layout (from the kernel's binding table) and the compute
+/// pipeline of a generated kernel: the one place the runtime turns a
+/// [`llama5_codegen::Kernel`] into wgpu objects.
+pub(crate) fn create_pipeline(
+    device: &wgpu::Device,
+    k: &llama5_codegen::Kernel,
+    cache: Option<&wgpu::PipelineCache>,
+) -> (wgpu::BindGroupLayout, wgpu::ComputePipeline) {
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = k
+        .bindings
+        .iter()
+        .map(|b| wgpu::BindGroupLayoutEntry {
+            binding: b.index,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: match b.access {
+                    Access::Uniform => wgpu::BufferBindingType::Uniform,
+                    Access::ReadOnly => wgpu::BufferBindingType::Storage { read_only: true },
+                    Access::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
+                },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        })
+        .collect();
+    let bgl =
+        device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(&k.name), entries: &entries });
+    let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some(&k.name),
+        bind_group_layouts: &[Some(&bgl)],
+        immediate_size: 0,
+    });
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(&k.name),
+        source: wgpu::ShaderSource::Wgsl(Cow::Borrowed(&k.wgsl)),
+    });
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(&k.name),
+        layout: Some(&layout),
+        module: &module,
+        entry_point: Some(k.entry_point),
+        compilation_options: Default::default(),
+        cache,
+    });
+    (bgl, pipeline)
 }
