@@ -16,9 +16,10 @@ use crate::tokenizer::Tokenizer;
 /// Prompt tokens per prefill forward call: bounds activation memory.
 pub const PREFILL_CHUNK: usize = 256;
 
-/// Tokens a greedy run asks of a backend that chooses them on the device:
-/// one submission and one 4-byte readback per chunk instead of per token, at
-/// the cost of text arriving a chunk at a time.
+/// Most tokens a greedy run asks at once of a backend that chooses them on
+/// the device: one submission and one small readback per chunk instead of per
+/// token, at the cost of text arriving a chunk at a time and of the steps a
+/// chunk runs past an end-of-sequence token.
 pub const GREEDY_CHUNK: usize = 16;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -151,6 +152,9 @@ impl<'a> Generator<'a> {
         let mut text = String::new();
         let mut stop = StopReason::MaxTokens;
         let mut ahead: VecDeque<u32> = VecDeque::new();
+        // chunks grow from 2 to GREEDY_CHUNK, so a short answer wastes few
+        // steps past its end-of-sequence token
+        let mut chunk = 2;
         while tokens.len() < opts.max_tokens {
             let next = match ahead.pop_front() {
                 Some(t) => t,
@@ -174,7 +178,8 @@ impl<'a> Generator<'a> {
             }
             if ahead.is_empty() {
                 let room = if opts.sliding_window { usize::MAX } else { ctx - self.cached.len() };
-                let k = GREEDY_CHUNK.min(opts.max_tokens - tokens.len()).min(room);
+                let k = chunk.min(opts.max_tokens - tokens.len()).min(room);
+                chunk = (chunk * 2).min(GREEDY_CHUNK);
                 match sampler.is_greedy().then(|| self.backend.greedy_steps(next, self.cached.len(), k)).flatten() {
                     Some(ids) => ahead.extend(ids?),
                     None => logits = self.backend.forward(&[next], self.cached.len(), Logits::Last)?,
