@@ -153,6 +153,16 @@ impl HfCheckpoint {
                 })
             }
         };
+        // The values are copied out: drop the tensor's pages from this
+        // process's resident set (they stay in the page cache), so converting a
+        // checkpoint holds about one tensor at a time, not the whole mapping.
+        // SAFETY: the mapping is private and read-only and no borrow of it
+        // outlives this call; later reads of these pages fetch the same bytes
+        // from the file, which mapping it already assumes does not change.
+        #[cfg(unix)]
+        unsafe {
+            f.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, t.range.0, t.range.1 - t.range.0).ok();
+        }
         Ok(out)
     }
 
