@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::error::CodegenError;
 use crate::format::part_sizes;
-use crate::manifest::{names, Manifest, ModelConfig, QuantFormat};
+use crate::manifest::{names, Manifest, ManifestError, ModelConfig, QuantFormat};
 use crate::ops::{generate, generate_batch};
 use crate::spec::{Activation, Kernel, KernelSpec};
 use crate::target::Target;
@@ -31,8 +31,13 @@ impl LayerFormats {
         LayerFormats { q: format, k: format, v: format, o: format, gate: format, up: format, down: format }
     }
 
-    fn from_manifest(m: &Manifest, layer: usize) -> Result<Self, CodegenError> {
-        let f = |suffix: &str| -> Result<QuantFormat, CodegenError> { Ok(m.layer_tensor(layer, suffix)?.format) };
+    /// Layer `layer`'s formats, each looked up by tensor name; the error names
+    /// the first tensor `format_of` does not know.
+    pub fn lookup(layer: usize, format_of: impl Fn(&str) -> Option<QuantFormat>) -> Result<Self, CodegenError> {
+        let f = |suffix: &str| {
+            let name = names::layer(layer, suffix);
+            format_of(&name).ok_or(CodegenError::Manifest(ManifestError::MissingTensor(name)))
+        };
         Ok(LayerFormats {
             q: f("self_attn.q_proj.weight")?,
             k: f("self_attn.k_proj.weight")?,
@@ -42,6 +47,10 @@ impl LayerFormats {
             up: f("mlp.up_proj.weight")?,
             down: f("mlp.down_proj.weight")?,
         })
+    }
+
+    fn from_manifest(m: &Manifest, layer: usize) -> Result<Self, CodegenError> {
+        Self::lookup(layer, |name| m.tensors.get(name).map(|t| t.format))
     }
 }
 

@@ -226,7 +226,9 @@ impl WeightMatrix<'_> {
     pub fn blocks(&self) -> usize {
         match self.format {
             QuantFormat::Int4 { group_size, .. } => self.in_features / group_size as usize,
-            _ => self.in_features / pack_factor(self.format),
+            QuantFormat::F32 | QuantFormat::F16 | QuantFormat::Bf16 | QuantFormat::Int8 { .. } => {
+                self.in_features / pack_factor(self.format)
+            }
         }
     }
 

@@ -38,18 +38,10 @@ pub fn convert_source(source: &Source, out_dir: &Path, options: &ConvertOptions)
 }
 
 /// Names of the kernels that run layer `layer` at decode time, recorded in
-/// [`LayerEntry::kernels`]. Empty until codegen exposes its kernel plan.
+/// [`LayerEntry::kernels`], for the portable target.
 pub fn kernel_names(config: &ModelConfig, layer: usize, formats: &BTreeMap<String, QuantFormat>) -> Vec<String> {
-    let format = |suffix: &str| formats.get(&names::layer(layer, suffix)).copied().unwrap_or(QuantFormat::F16);
-    let lf = LayerFormats {
-        q: format("self_attn.q_proj.weight"),
-        k: format("self_attn.k_proj.weight"),
-        v: format("self_attn.v_proj.weight"),
-        o: format("self_attn.o_proj.weight"),
-        gate: format("mlp.gate_proj.weight"),
-        up: format("mlp.up_proj.weight"),
-        down: format("mlp.down_proj.weight"),
-    };
+    let lf = LayerFormats::lookup(layer, |name| formats.get(name).copied())
+        .expect("the plan holds every tensor of every layer");
     layer_kernel_names(config, &lf, &Target::portable())
 }
 
