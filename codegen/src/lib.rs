@@ -13,6 +13,7 @@ pub mod plan;
 pub mod spec;
 pub mod target;
 pub mod tcal;
+mod tiled;
 pub mod validate;
 
 pub use error::CodegenError;

@@ -70,6 +70,10 @@ pub enum Rows {
     Tokens,
     /// `dispatch[1]` times the number of logits rows requested.
     LogitRows,
+    /// `dispatch[1]` times the tiles of this many tokens the step's tokens need.
+    TokenTiles(u32),
+    /// `dispatch[1]` times the tiles of this many rows the logits rows need.
+    LogitRowTiles(u32),
 }
 
 /// A generated, validated compute shader and what dispatching it needs.
@@ -94,6 +98,8 @@ impl Kernel {
             Rows::One => [x, y, z],
             Rows::Tokens => [x, y * tokens, z],
             Rows::LogitRows => [x, y * logit_rows, z],
+            Rows::TokenTiles(tile) => [x, y * tokens.div_ceil(tile), z],
+            Rows::LogitRowTiles(tile) => [x, y * logit_rows.div_ceil(tile), z],
         }
     }
 }

@@ -396,6 +396,73 @@ fn $W_elem(o: u32, i: u32) -> f32 {
     }
 }
 
+impl WeightMatrix<'_> {
+    /// Layout constants plus `<ident>_tile_word(c, o, r, kk)`: decodes stored row
+    /// `r` of output `o` (zeros past either end) into rows `kk ..` of column `c`
+    /// of the workgroup tile `dst` (`array<vec4<f32>, BK * BO / 4>`, see
+    /// [`crate::tiled`]). One word holds [`pack_factor`] consecutive inputs.
+    pub fn tile_functions(&self, dst: &str) -> Result<String, FormatError> {
+        let sizes = part_sizes(self.format, self.out, self.in_features)?;
+        let p = self.prefix();
+        let pack = pack_factor(self.format);
+        let mut s = format!(
+            "// {ident}: {desc}, {out} outputs x {inp} inputs, column-major packed.\nconst {p}_STRIDE: u32 = {stride}u;\nconst {p}_OUT: u32 = {out}u;\nconst {p}_ROWS: u32 = {rows}u;\nconst {p}_PACK: u32 = {pack}u;\n",
+            ident = self.ident,
+            desc = describe(self.format),
+            out = self.out,
+            inp = self.in_features,
+            stride = sizes.row_stride / 4,
+            rows = self.in_features / pack,
+        );
+        if sizes.scale_bytes > 0 {
+            s += &format!(
+                "const {p}_SCALES: u32 = {}u;\nconst {p}_SCALE_STRIDE: u32 = {}u;\n",
+                sizes.data_bytes / 4,
+                sizes.scale_stride / 4
+            );
+        }
+        // Each format decodes its word into `v` (and `v2`): the values, in input order.
+        let (decl, decode) = match self.format {
+            QuantFormat::F32 => return Err(FormatError::NotMatrix),
+            QuantFormat::F16 => ("var v = vec2<f32>(0.0);", "v = unpack2x16float($W[r * $P_STRIDE + o]);".to_string()),
+            QuantFormat::Bf16 => (
+                "var v = vec2<f32>(0.0);",
+                "let word = $W[r * $P_STRIDE + o];\n        v = vec2<f32>(bitcast<f32>(word << 16u), bitcast<f32>(word & 0xffff0000u));".to_string(),
+            ),
+            QuantFormat::Int8 { per_tensor } => {
+                let scale = if per_tensor { "$W[$P_SCALES]" } else { "$W[$P_SCALES + o]" };
+                ("var v = vec4<f32>(0.0);", format!("v = vec4<f32>(unpack4xI8($W[r * $P_STRIDE + o])) * bitcast<f32>({scale});"))
+            }
+            QuantFormat::Int4 { group_size, .. } => {
+                s += &format!("const {p}_GROUP_ROWS: u32 = {}u;\n", group_size / 8);
+                (
+                    "var v = vec4<f32>(0.0);\n    var v2 = vec4<f32>(0.0);",
+                    r#"let word = $W[r * $P_STRIDE + o];
+        let sm = unpack2x16float($W[$P_SCALES + (r / $P_GROUP_ROWS) * $P_SCALE_STRIDE + o]);
+        let lo = vec4<u32>(word, word >> 4u, word >> 8u, word >> 12u) & vec4<u32>(15u);
+        let hi = vec4<u32>(word >> 16u, word >> 20u, word >> 24u, word >> 28u) & vec4<u32>(15u);
+        v = vec4<f32>(lo) * sm.x + sm.y;
+        v2 = vec4<f32>(hi) * sm.x + sm.y;"#
+                        .to_string(),
+                )
+            }
+        };
+        let writes: String = (0..pack)
+            .map(|e| {
+                let src = if e < 4 { format!("v[{e}]") } else { format!("v2[{}]", e - 4) };
+                format!("    $DST[(kk + {e}u) * (BO / 4u) + c / 4u][c % 4u] = {src};\n")
+            })
+            .collect();
+        debug_assert!(pack <= 8);
+        let body = format!(
+            "// Stored row r of output o, dequantised into rows kk .. kk + {pack} of tile column c.\nfn $W_tile_word(c: u32, o: u32, r: u32, kk: u32) {{\n    {decl}\n    if (o < $P_OUT && r < $P_ROWS) {{\n        {decode}\n    }}\n{writes}}}\n"
+        );
+        s.push('\n');
+        s += &fill(&body, &[("W", self.ident), ("P", p.as_str()), ("DST", dst)]);
+        Ok(s)
+    }
+}
+
 /// Human description of a format for header comments.
 pub(crate) fn describe(format: QuantFormat) -> String {
     match format {
@@ -456,20 +523,6 @@ impl MatvecShape {
         }
         let slices = blocks.clamp(1, (limit / tile) as usize) as u32;
         MatvecShape { tile, ksplit: prev_power_of_two(slices) }
-    }
-
-    /// The shape for many tokens at once (prefill): wide tiles, so that each
-    /// workgroup reads whole 256-byte runs of a packed row and normalises its
-    /// input rows once per 64 outputs.
-    pub fn batch(blocks: usize, target: &Target) -> MatvecShape {
-        let limit = prev_power_of_two(target.workgroup_limit() / MAX_TILE);
-        let ksplit = match blocks {
-            b if b >= 32 => 4,
-            b if b >= 8 => 2,
-            _ => 1,
-        }
-        .min(limit.max(1));
-        MatvecShape { tile: MAX_TILE, ksplit }
     }
 
     pub fn invocations(&self) -> u32 {

@@ -7,7 +7,8 @@ use std::collections::BTreeSet;
 
 use llama5_codegen::manifest::{ModelConfig, QuantFormat};
 use llama5_codegen::{
-    generate, generated_files, kernel_names_for_layer, validate, Activation, KernelSpec, Plan, Stage, Target,
+    generate, generate_batch, generated_files, kernel_names_for_layer, validate, Activation, KernelSpec, Plan, Rows,
+    Stage, Target,
 };
 use proptest::prelude::*;
 
@@ -36,7 +37,12 @@ fn real_model_shape_validates_for_every_precision_and_target() {
                 let (decode, batch) = (&plan.kernels[step.kernel], &plan.kernels[batch]);
                 assert_eq!(batch.name, format!("{}-batch", decode.name));
                 assert_eq!(batch.bindings, decode.bindings, "{}", batch.name);
-                assert_eq!(batch.rows, decode.rows, "{}", batch.name);
+                let tiled = match decode.rows {
+                    Rows::Tokens => matches!(batch.rows, Rows::TokenTiles(t) if t > 1),
+                    Rows::LogitRows => matches!(batch.rows, Rows::LogitRowTiles(t) if t > 1),
+                    Rows::One | Rows::TokenTiles(_) | Rows::LogitRowTiles(_) => false,
+                };
+                assert!(tiled, "{}: {:?} for {:?}", batch.name, batch.rows, decode.rows);
             }
             let batched = plan.steps.iter().filter(|s| s.batch_kernel.is_some()).count();
             assert_eq!(batched, 4 * cfg.num_layers + 1, "{format:?} {}", target.name());
@@ -194,6 +200,12 @@ fn snapshot_spec(spec: KernelSpec) -> String {
     kernel.wgsl
 }
 
+fn snapshot_batch(spec: KernelSpec) -> String {
+    let kernel = generate_batch(&spec).unwrap().expect("a batch variant");
+    validate(&kernel, spec.target()).unwrap();
+    kernel.wgsl
+}
+
 fn f16_sg() -> Target {
     Target { shader_f16: true, subgroups: true, ..Target::portable() }
 }
@@ -250,4 +262,18 @@ fn snapshot_bf16_down_and_argmax() {
         "argmax_f32_sg",
         snapshot_spec(KernelSpec::Argmax { vocab: 49152, target: Target { subgroups: true, ..Target::portable() } })
     );
+}
+
+#[test]
+fn snapshot_tiled_prefill_kernels() {
+    let cfg = common::smollm2_config();
+    let mixed = llama5_codegen::LayerFormats {
+        q: QuantFormat::Int4 { group_size: 32, symmetric: false },
+        k: QuantFormat::Int8 { per_tensor: false },
+        v: QuantFormat::F16,
+        ..llama5_codegen::LayerFormats::uniform(QuantFormat::Int4 { group_size: 32, symmetric: true })
+    };
+    let specs = llama5_codegen::plan::layer_specs(&cfg, &mixed, &Target::portable());
+    insta::assert_snapshot!("qkv_mixed_batch_f32", snapshot_batch(specs[0].clone()));
+    insta::assert_snapshot!("gate_up_int4_batch_f32", snapshot_batch(specs[3].clone()));
 }

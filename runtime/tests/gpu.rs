@@ -219,8 +219,8 @@ fn matvec_add_matches_cpu() {
         let target = *runner.target();
         for format in FORMATS {
             // a short input (cached in workgroup memory), a long one (read from storage),
-            // and enough outputs for the widest tile
-            for (in_base, out, tokens) in [(90, 77, 3), (2300, 33, 2), (40, 40_000, 1)] {
+            // enough outputs for the widest tile, and more tokens than one batch tile
+            for (in_base, out, tokens) in [(90, 77, 3), (2300, 33, 2), (40, 40_000, 1), (90, 77, 70)] {
                 let mut rng = Rng(in_base as u64 * 31 + out as u64);
                 let in_features = input_size(format, in_base);
                 let (w_bytes, w) = packed(&mut rng, format, out, in_features);
@@ -249,9 +249,9 @@ fn rms_gate_up_matches_cpu() {
     let eps = 1e-5;
     for runner in runners() {
         let target = *runner.target();
-        for format in FORMATS {
+        for (format, tokens) in FORMATS.iter().flat_map(|&f| [(f, 2), (f, 66)]) {
             let mut rng = Rng(7);
-            let (hidden, ffn, tokens) = (input_size(format, 90), 70, 2);
+            let (hidden, ffn) = (input_size(format, 90), 70);
             let (g_bytes, g) = packed(&mut rng, format, ffn, hidden);
             let (u_bytes, u) = packed(&mut rng, format, ffn, hidden);
             let x = rng.vec(tokens * hidden, 3.0);
@@ -287,8 +287,9 @@ fn rms_qkv_rope_matches_cpu() {
     for runner in runners() {
         let target = *runner.target();
         for format in FORMATS {
-            // the second case wraps around the ring: positions 6, 7, 8 go to slots 6, 7, 0
-            for (pos, tokens, ctx) in [(5, 3, 16), (6, 3, 8)] {
+            // the second case wraps around the ring: positions 6, 7, 8 go to slots 6, 7, 0;
+            // the third spans two batch tiles
+            for (pos, tokens, ctx) in [(5, 3, 16), (6, 3, 8), (2, 67, 80)] {
                 let mut rng = Rng(pos as u64 + 100);
                 let hidden = input_size(format, 60);
                 let (wq_b, wq) = packed(&mut rng, format, q_dim, hidden);
@@ -344,6 +345,72 @@ fn rms_qkv_rope_matches_cpu() {
                     assert_close(&format!("{} v", kernel.name), &kv_values(&result[8], &target), &want_v, kv_limit);
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn rms_qkv_rope_with_mixed_formats_matches_cpu() {
+    // q, k and v of different packs share one tile in the batch kernel
+    let (heads, kv_heads, head_dim, theta, eps) = (4, 2, 16, 10000.0f32, 1e-5);
+    let (q_dim, kv_dim, hidden) = (heads * head_dim, kv_heads * head_dim, 96);
+    let (pos, tokens, ctx) = (0, 70, 70);
+    let formats = [
+        QuantFormat::Int4 { group_size: 32, symmetric: false },
+        QuantFormat::Int8 { per_tensor: false },
+        QuantFormat::F16,
+    ];
+    let inv_freq = cpu::rope_inv_freq(head_dim, theta);
+    for runner in runners() {
+        let target = *runner.target();
+        let mut rng = Rng(42);
+        let (wq_b, wq) = packed(&mut rng, formats[0], q_dim, hidden);
+        let (wk_b, wk) = packed(&mut rng, formats[1], kv_dim, hidden);
+        let (wv_b, wv) = packed(&mut rng, formats[2], kv_dim, hidden);
+        let x = rng.vec(tokens * hidden, 2.0);
+        let norm = rng.vec(hidden, 1.0);
+        let spec = KernelSpec::RmsQkvRope {
+            hidden,
+            heads,
+            kv_heads,
+            head_dim,
+            rope_theta: theta,
+            eps,
+            q: formats[0],
+            k: formats[1],
+            v: formats[2],
+            target,
+        };
+        let zeros = vec![0.0; ctx * kv_dim];
+        let contents = vec![
+            step(pos, tokens, ctx, 0, 0),
+            f32_bytes(&x),
+            f32_bytes(&norm),
+            wq_b,
+            wk_b,
+            wv_b,
+            vec![0; tokens * q_dim * 4],
+            kv_bytes(&zeros, &target),
+            kv_bytes(&zeros, &target),
+        ];
+        let (mut want_q, mut want_k, mut want_v) = (Vec::new(), Vec::new(), Vec::new());
+        for t in 0..tokens {
+            let mut xn = vec![0.0; hidden];
+            cpu::rmsnorm(&mut xn, &x[t * hidden..(t + 1) * hidden], &norm, eps);
+            let mut q = matvec(&wq, &xn, q_dim);
+            let mut k = matvec(&wk, &xn, kv_dim);
+            cpu::rope(&mut q, head_dim, pos + t, &inv_freq);
+            cpu::rope(&mut k, head_dim, pos + t, &inv_freq);
+            want_q.extend(q);
+            want_k.extend(k);
+            want_v.extend(matvec(&wv, &xn, kv_dim));
+        }
+        let limit = nmse_for(formats[0]);
+        let kv_limit = if target.shader_f16 { NMSE_KV_F16 } else { limit };
+        for (kernel, result) in run_all(runner, &spec, &contents, tokens as u32, 0) {
+            assert_close(&format!("{} q", kernel.name), &to_f32(&result[6]), &want_q, limit);
+            assert_close(&format!("{} k", kernel.name), &kv_values(&result[7], &target), &want_k, kv_limit);
+            assert_close(&format!("{} v", kernel.name), &kv_values(&result[8], &target), &want_v, kv_limit);
         }
     }
 }

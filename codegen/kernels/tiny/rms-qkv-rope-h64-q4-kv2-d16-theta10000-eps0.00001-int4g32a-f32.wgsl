@@ -156,6 +156,56 @@ fn wv_dot(o: u32, b0: u32, b1: u32) -> f32 {
 // RoPE inverse frequencies theta^(-2j / HEAD_DIM).
 var<private> inv_freq: array<f32, HALF> = array<f32, HALF>(1.0, 0.31622776, 0.1, 0.031622775, 0.01, 0.0031622776, 0.001, 0.00031622776);
 
+// The matrix (0 = q, 1 = k, 2 = v; 3 past the last unit) and first output of
+// RoPE unit `unit`: units are the pairs (o, o + HALF) of q, then k, then v.
+fn unit_output(unit: u32) -> vec2<u32> {
+    if (unit >= UNITS) {
+        return vec2<u32>(3u, 0u);
+    }
+    var which = 0u;
+    var pair = unit;
+    if (pair >= Q_DIM / 2u) {
+        pair -= Q_DIM / 2u;
+        which = 1u;
+        if (pair >= KV_DIM / 2u) {
+            pair -= KV_DIM / 2u;
+            which = 2u;
+        }
+    }
+    return vec2<u32>(which, (pair / HALF) * HEAD_DIM + pair % HALF);
+}
+
+// Stores unit `unit` of token t (position p): q and k rotated, k and v into
+// cache slot p % ctx.
+fn rope_store(t: u32, p: u32, unit: u32, x1: f32, x2: f32) {
+    let u = unit_output(unit);
+    let o1 = u.y;
+    let o2 = o1 + HALF;
+    let slot = (p % step.ctx) * KV_DIM;
+    if (u.x == 3u) {
+        return;
+    }
+    if (u.x == 2u) {
+        v_cache[slot + o1] = (x1);
+        v_cache[slot + o2] = (x2);
+        return;
+    }
+    // reduced to [-pi, pi]: cos / sin are only accurate there on some devices
+    let raw = f32(p) * inv_freq[o1 % HEAD_DIM];
+    let angle = raw - TAU * round(raw / TAU);
+    let c = cos(angle);
+    let s = sin(angle);
+    let r1 = x1 * c - x2 * s;
+    let r2 = x2 * c + x1 * s;
+    if (u.x == 0u) {
+        q[t * Q_DIM + o1] = r1;
+        q[t * Q_DIM + o2] = r2;
+    } else {
+        k_cache[slot + o1] = (r1);
+        k_cache[slot + o2] = (r2);
+    }
+}
+
 // Reductions: a tree in workgroup memory.
 const RED_SLOTS: u32 = 16u;
 var<workgroup> red_f32: array<f32, RED_SLOTS>;
@@ -266,33 +316,21 @@ fn main(
 ) {
     lid = lid_in;
     let t = wid.y;
-    let p = step.pos + t;
     load_input(t);
     let lo = lid % TILE;
     let ks = lid / TILE;
     let unit = wid.x * TILE + lo;
-    // which matrix (0 = q, 1 = k, 2 = v) and which pair within it
-    var which = 0u;
-    var pair = min(unit, UNITS - 1u);
-    if (pair >= Q_DIM / 2u) {
-        pair -= Q_DIM / 2u;
-        which = 1u;
-        if (pair >= KV_DIM / 2u) {
-            pair -= KV_DIM / 2u;
-            which = 2u;
-        }
-    }
-    let j = pair % HALF;
-    let o1 = (pair / HALF) * HEAD_DIM + j;
+    let u = unit_output(min(unit, UNITS - 1u));
+    let o1 = u.y;
     let o2 = o1 + HALF;
     var a = 0.0;
     var b = 0.0;
-    if (which == 0u) {
+    if (u.x == 0u) {
         let b0 = slice_begin(WQ_BLOCKS, ks);
         let b1 = slice_end(WQ_BLOCKS, ks);
         a = wq_dot(o1, b0, b1);
         b = wq_dot(o2, b0, b1);
-    } else if (which == 1u) {
+    } else if (u.x == 1u) {
         let b0 = slice_begin(WK_BLOCKS, ks);
         let b1 = slice_end(WK_BLOCKS, ks);
         a = wk_dot(o1, b0, b1);
@@ -305,27 +343,7 @@ fn main(
     }
     let x1 = ksplit_sum(a, lo, ks);
     let x2 = ksplit_sum(b, lo, ks);
-    if (ks != 0u || unit >= UNITS) {
-        return;
-    }
-    let slot = (p % step.ctx) * KV_DIM;
-    if (which == 2u) {
-        v_cache[slot + o1] = (x1);
-        v_cache[slot + o2] = (x2);
-        return;
-    }
-    // reduced to [-pi, pi]: cos / sin are only accurate there on some devices
-    let raw = f32(p) * inv_freq[j];
-    let angle = raw - TAU * round(raw / TAU);
-    let c = cos(angle);
-    let s = sin(angle);
-    let r1 = x1 * c - x2 * s;
-    let r2 = x2 * c + x1 * s;
-    if (which == 0u) {
-        q[t * Q_DIM + o1] = r1;
-        q[t * Q_DIM + o2] = r2;
-    } else {
-        k_cache[slot + o1] = (r1);
-        k_cache[slot + o2] = (r2);
+    if (ks == 0u) {
+        rope_store(t, step.pos + t, unit, x1, x2);
     }
 }

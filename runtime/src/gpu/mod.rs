@@ -20,11 +20,17 @@ use crate::error::RuntimeError;
 use crate::model::Model;
 use device::{convert_error, take_error, Gpu};
 
-/// Tokens one submission processes at most (prompts are split into chunks of this many).
-pub const MAX_BATCH: usize = 64;
+/// Tokens one submission processes at most (prompts are split into chunks of this many):
+/// the tiled batch kernels read each weight once per chunk.
+pub const MAX_BATCH: usize = 512;
 
-/// Tokens (or logits rows) from which a step runs its batch kernel, where it has one.
-pub const BATCH_MIN_ROWS: u32 = 4;
+/// Logits rows one submission computes at most (a step wanting every row's logits
+/// runs in chunks of this many tokens); sizes the logits buffer.
+pub const MAX_LOGIT_ROWS: usize = 64;
+
+/// Tokens (or logits rows) from which a step runs its batch kernel, where it has
+/// one: below it, the matrix-vector kernels' wider spread over the GPU wins.
+pub const BATCH_MIN_ROWS: u32 = 8;
 
 /// Greedy decode steps one submission records at most ([`GpuBackend::generate_greedy`]
 /// splits longer runs).
@@ -217,6 +223,9 @@ impl GpuBackend {
         // Activations, reused by every layer.
         let b = MAX_BATCH as u64;
         let act = |a: Activation| -> u64 {
+            if a == Activation::Logits {
+                return (MAX_LOGIT_ROWS * cfg.vocab_size * 4) as u64;
+            }
             let per_token = match a {
                 Activation::Hidden => cfg.hidden_size,
                 Activation::Q | Activation::Attn => cfg.q_dim(),
@@ -493,8 +502,8 @@ impl GpuBackend {
             let mut bind_group = &self.bind_groups[i];
             if let (Some(bk), Some(bg)) = (s.batch_kernel, &self.batch_bind_groups[i]) {
                 let repeats = match self.plan.kernels[bk].rows {
-                    Rows::Tokens => n,
-                    Rows::LogitRows => rows as u32,
+                    Rows::Tokens | Rows::TokenTiles(_) => n,
+                    Rows::LogitRows | Rows::LogitRowTiles(_) => rows as u32,
                     Rows::One => 1,
                 };
                 if repeats >= BATCH_MIN_ROWS {
@@ -523,7 +532,8 @@ impl GpuBackend {
             let p = pos + done;
             // A chunk may not write a slot a token of the same chunk still attends to:
             // only whole chunks before the ring wraps, single tokens after.
-            let mut n = (tokens.len() - done).min(MAX_BATCH);
+            let most = if logits == Logits::All { MAX_LOGIT_ROWS } else { MAX_BATCH };
+            let mut n = (tokens.len() - done).min(most);
             if p + n > self.ctx {
                 n = self.ctx.saturating_sub(p).max(1).min(n);
             }

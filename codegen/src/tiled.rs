@@ -1,0 +1,173 @@
+//! Tiled matrix-matrix products: the kernels for steps of many tokens (prefill).
+//!
+//! A workgroup computes a tile of `BT` tokens x `BO` outputs. It walks the
+//! inputs `BK` at a time: the step's input rows and the weight words
+//! (dequantised by [`crate::tcal`]) are staged in workgroup memory, and every
+//! invocation accumulates its 4 tokens x 4 outputs from there, so each weight
+//! word is read once per `BT` tokens instead of once per token.
+//!
+//! An RMSNorm on the input is folded in: the norm weights scale the inputs as
+//! they are staged, their sums of squares are gathered on the way, and each
+//! token's outputs are scaled by 1/rms at the end (a dot product is linear).
+
+use crate::target::Target;
+use crate::tcal::{fill, prev_power_of_two};
+
+/// Outputs per tile.
+pub(crate) const BO: u32 = 64;
+/// Inputs staged per step: a multiple of every format's inputs per word.
+pub(crate) const BK: u32 = 16;
+
+/// How a tiled kernel is laid out on a target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Tiling {
+    /// Invocations per workgroup: `BO / 4` across outputs times `bt / 4` across tokens.
+    pub wg: u32,
+    /// Tokens per tile.
+    pub bt: u32,
+}
+
+impl Tiling {
+    pub fn for_target(target: &Target) -> Tiling {
+        let wg = prev_power_of_two(target.workgroup_limit());
+        Tiling { wg, bt: wg * 4 / (BO / 4) }
+    }
+
+    /// Constants, the input tile, `stage_x(t0, n, k0)` and, with `norm`,
+    /// `inv_rms(ty)`; `x` is the input binding (`array<f32>`, rows of `IN`).
+    pub fn prelude(&self, x: &str, norm: bool) -> String {
+        let mut s = format!(
+            r#"// Tiles of BT tokens x BO outputs, inputs staged BK at a time. Invocation
+// (tx, ty) owns tokens 4 ty .. 4 ty + 4 and outputs 4 tx .. 4 tx + 4 of its tile.
+const WG: u32 = {wg}u;
+const BT: u32 = {bt}u;
+const BO: u32 = {BO}u;
+const BK: u32 = {BK}u;
+const TX: u32 = BO / 4u;
+const X_LOADS: u32 = BT * BK / WG;
+
+var<private> lid: u32;
+
+// Staged inputs, transposed: element (t, k) is xt[k * BT / 4 + t / 4][t % 4].
+var<workgroup> xt: array<vec4<f32>, BK * BT / 4u>;
+"#,
+            wg = self.wg,
+            bt = self.bt,
+        );
+        if norm {
+            s += "// This invocation's sums of squares of the inputs it staged.\nvar<private> ssq: array<f32, X_LOADS>;\n";
+        }
+        let (square, scale) =
+            if norm { ("\n            ssq[s] += v * v;", "\n            v *= norm[k0 + kk];") } else { ("", "") };
+        s += &fill(
+            &format!(
+                r#"
+// Stages inputs k0 .. k0 + BK of tokens t0 .. t0 + BT; zeros past n tokens or IN inputs.
+fn stage_x(t0: u32, n: u32, k0: u32) {{
+    for (var s = 0u; s < X_LOADS; s++) {{
+        let i = lid + s * WG;
+        let tt = i / BK;
+        let kk = i % BK;
+        var v = 0.0;
+        if (t0 + tt < n && k0 + kk < IN) {{
+            v = $X[(t0 + tt) * IN + k0 + kk];{square}{scale}
+        }}
+        xt[kk * (BT / 4u) + tt / 4u][tt % 4u] = v;
+    }}
+}}
+"#
+            ),
+            &[("X", x)],
+        );
+        if norm {
+            s += r#"
+// 1/rms of tokens 4 ty .. 4 ty + 4 of the tile, from the sums of squares
+// stage_x gathered (element i of stage s is element (i / BK, i % BK) of the
+// tile). Reuses xt: call after the last step, from every invocation.
+fn inv_rms(ty: u32) -> vec4<f32> {
+    workgroupBarrier();
+    for (var s = 0u; s < X_LOADS; s++) {
+        let i = lid + s * WG;
+        xt[i / 4u][i % 4u] = ssq[s];
+    }
+    workgroupBarrier();
+    var r = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        var ss = 0.0;
+        for (var j = 0u; j < BK / 4u; j++) {
+            ss += dot(xt[(4u * ty + i) * (BK / 4u) + j], vec4<f32>(1.0));
+        }
+        r[i] = inverseSqrt(ss / f32(IN) + EPS);
+    }
+    return r;
+}
+"#;
+        }
+        s
+    }
+
+    /// The entry point: `setup` (which defines `t0`, the tile's first token), the accumulators
+    /// `acc_<name>[4]` for each of `accs`, the input loop (`stage` staging the
+    /// weights of step `k0`), then `epilogue`.
+    pub fn entry(&self, setup: &str, accs: &[(&str, &str)], stage: &str, epilogue: &str) -> String {
+        let mut s = String::from(
+            r#"@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid_in: u32) {
+    lid = lid_in;
+    let n = step.n_tokens;
+    let tx = lid % TX;
+    let ty = lid / TX;
+"#,
+        );
+        s += setup;
+        for (acc, _) in accs {
+            s += &format!("    var acc_{acc}: array<vec4<f32>, 4>;\n");
+        }
+        s += "    for (var k0 = 0u; k0 < IN; k0 += BK) {\n        stage_x(t0, n, k0);\n";
+        s += stage;
+        s += "        workgroupBarrier();\n        for (var kk = 0u; kk < BK; kk++) {\n";
+        s += "            let a = xt[kk * (BT / 4u) + ty];\n";
+        for (acc, tile) in accs {
+            s += &format!("            let b_{acc} = {tile}[kk * (BO / 4u) + tx];\n");
+            for (i, c) in ["x", "y", "z", "w"].iter().enumerate() {
+                s += &format!("            acc_{acc}[{i}] += a.{c} * b_{acc};\n");
+            }
+        }
+        s += "        }\n        workgroupBarrier();\n    }\n";
+        s += epilogue;
+        s += "}\n";
+        s
+    }
+}
+
+/// A weight tile in workgroup memory: element (k, c) is `<name>[k * BO / 4 + c / 4][c % 4]`.
+pub(crate) fn weight_tile(name: &str) -> String {
+    format!("var<workgroup> {name}: array<vec4<f32>, BK * BO / 4u>;\n")
+}
+
+/// Stages step `k0` of matrix `w` into its tile: column `c` holds output `$O`
+/// (an expression of `c`).
+pub(crate) fn stage_weights(w: &str, output: &str) -> String {
+    let p = w.to_ascii_uppercase();
+    fill(
+        r#"        for (var i = lid; i < (BK / $P_PACK) * BO; i += WG) {
+            let c = i % BO;
+            $W_tile_word(c, $O, k0 / $P_PACK + i / BO, (i / BO) * $P_PACK);
+        }
+"#,
+        &[("W", w), ("P", &p), ("O", output)],
+    )
+}
+
+/// The epilogue run for each of the invocation's 4 tokens `t` (skipping tokens
+/// past `n`), with `$I` its index; `body` reads `acc_<name>[$I]`.
+pub(crate) fn per_token(token: &str, body: &str) -> String {
+    (0..4)
+        .map(|i| {
+            let text = format!(
+                "    {{\n        let t = {token} + 4u * ty + {i}u;\n        if (t < n) {{\n{body}        }}\n    }}\n"
+            );
+            text.replace("$I", &i.to_string())
+        })
+        .collect()
+}
