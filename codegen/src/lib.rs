@@ -17,7 +17,7 @@ mod tiled;
 pub mod validate;
 
 pub use error::CodegenError;
-pub use ops::{generate, generate_batch};
+pub use ops::{copy_dispatch, copy_kernel, generate, generate_batch};
 pub use plan::{
     generated_files, kernel_names_for_layer, layer_kernel_names, LayerFormats, Plan, PlanStep, Stage, TensorLayout,
     TensorRef,

@@ -940,6 +940,39 @@ fn rms_logits_tiled(
     Ok(m.finish(&entry, [tiling.wg, 1, 1], dispatch, Rows::LogitRowTiles(tiling.bt)))
 }
 
+/// Workgroups along x of [`copy_kernel`] at most (WebGPU's per-dimension limit).
+pub const COPY_MAX_WORKGROUPS: u32 = 65535;
+
+/// A device-memory copy by shader loads and stores, `dst[i] = src[i]` over 16-byte
+/// words: the bandwidth yardstick `llama5 bench` sets decode traffic against (an
+/// API buffer copy may run on a slower copy engine). Dispatch it with
+/// [`copy_dispatch`] workgroups; it strides over the whole binding.
+pub fn copy_kernel(target: &Target) -> Kernel {
+    let mut m = ModuleText::new(
+        format!("copy-{}", target.name()),
+        *target,
+        &["Device memory copy, 16 bytes per load: the bandwidth yardstick of `llama5 bench`."],
+    );
+    m.bind("src", Access::ReadOnly, Resource::Tensor, "vec4<u32>", "source words");
+    m.bind("dst", Access::ReadWrite, Resource::Tensor, "vec4<u32>", "destination words, as long as src");
+    m.konst("WG", "u32", 256);
+    let entry = r#"@compute @workgroup_size(WG)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+    let n = arrayLength(&src);
+    for (var i = gid.x; i < n; i += groups.x * WG) {
+        dst[i] = src[i];
+    }
+}
+"#;
+    m.finish(entry, [256, 1, 1], [1, 1, 1], Rows::One)
+}
+
+/// Workgroups of [`copy_kernel`] for a copy of `bytes`: about four words per invocation.
+pub fn copy_dispatch(bytes: u64) -> [u32; 3] {
+    let words = bytes / 16;
+    [(words.div_ceil(4 * 256)).clamp(1, u64::from(COPY_MAX_WORKGROUPS)) as u32, 1, 1]
+}
+
 fn argmax(name: String, vocab: usize, target: Target) -> Result<Kernel, CodegenError> {
     check(vocab > 0, || format!("{name}: empty vocabulary"))?;
     let wg = tcal::prev_power_of_two(target.workgroup_limit());

@@ -277,3 +277,14 @@ fn snapshot_tiled_prefill_kernels() {
     insta::assert_snapshot!("qkv_mixed_batch_f32", snapshot_batch(specs[0].clone()));
     insta::assert_snapshot!("gate_up_int4_batch_f32", snapshot_batch(specs[3].clone()));
 }
+
+#[test]
+fn copy_kernel_validates_for_every_target() {
+    for target in Target::all() {
+        let k = llama5_codegen::copy_kernel(&target);
+        validate(&k, &target).unwrap_or_else(|e| panic!("{}: {e}", k.name));
+        assert_eq!(k.bindings.len(), 3);
+    }
+    assert_eq!(llama5_codegen::copy_dispatch(1 << 30), [65535, 1, 1]);
+    assert_eq!(llama5_codegen::copy_dispatch(16 * 1024 * 10), [10, 1, 1]);
+}

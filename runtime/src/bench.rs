@@ -22,6 +22,8 @@ use crate::model::Model;
 use crate::synthetic::{synthetic_model, SyntheticShape};
 use crate::tiers;
 
+mod kernel_profile;
+
 /// GB as used in every rate: 10^9 bytes.
 const GB: f64 = 1e9;
 /// Copy-test buffer on a discrete or integrated GPU (capped by the device's buffer limit).
@@ -67,6 +69,8 @@ pub struct BenchOptions {
     pub prefill_tokens: usize,
     /// Bytes of each buffer of the copy test; `None` picks by device.
     pub copy_bytes: Option<u64>,
+    /// Also time each kernel of a decode step and of the prefill with timestamp queries.
+    pub profile: bool,
 }
 
 impl Default for BenchOptions {
@@ -78,6 +82,7 @@ impl Default for BenchOptions {
             gen_tokens: 100,
             prefill_tokens: 512,
             copy_bytes: None,
+            profile: false,
         }
     }
 }
@@ -88,12 +93,17 @@ pub struct BenchReport {
     pub model: ModelSummary,
     pub backend: BackendSummary,
     pub settings: Settings,
+    /// The bandwidth yardstick: the faster of the device's copies.
     pub copy: CopyBandwidth,
+    /// The other copies measured.
+    pub other_copies: Vec<CopyBandwidth>,
     pub time_to_first_token: FirstToken,
     pub decode: Decode,
     pub prefill: Prefill,
     pub traffic: Traffic,
     pub memory: MemoryReport,
+    /// GPU time per kernel (`--profile`): a decode step and the prefill.
+    pub profile: Option<Vec<kernel_profile::StepProfile>>,
     /// How each figure is computed.
     pub conventions: Vec<String>,
 }
@@ -406,34 +416,75 @@ fn prefill_flops(m: &Manifest, t: usize) -> (f64, f64) {
     (matmul, attention)
 }
 
+/// How the device copies in [`gpu_copy_bandwidth`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GpuCopy {
+    /// `copy_buffer_to_buffer`.
+    Api,
+    /// A compute shader's loads and stores ([`llama5_codegen::copy_kernel`]).
+    Shader,
+}
+
 /// Copies `size`-byte buffers on the device; GB/s count read + write.
-fn gpu_copy_bandwidth(gpu: &GpuBackend, requested: Option<u64>) -> Result<CopyBandwidth, RuntimeError> {
+fn gpu_copy_bandwidth(gpu: &GpuBackend, requested: Option<u64>, how: GpuCopy) -> Result<CopyBandwidth, RuntimeError> {
     let device = gpu.device();
-    let limit = gpu.limits().max_buffer_size;
+    let limits = gpu.limits();
+    let mut limit = limits.max_buffer_size;
+    if how == GpuCopy::Shader {
+        limit = limit.min(limits.max_storage_buffer_binding_size);
+    }
     let default = match gpu.adapter_info().device_type {
         wgpu::DeviceType::Cpu => SOFTWARE_COPY_BYTES,
         _ => GPU_COPY_BYTES.min(limit / 2),
     };
-    let size = requested.unwrap_or(default).min(limit) / wgpu::COPY_BUFFER_ALIGNMENT * wgpu::COPY_BUFFER_ALIGNMENT;
+    let size = requested.unwrap_or(default).min(limit) / 16 * 16;
     if size == 0 {
-        return Err(RuntimeError::Other("the copy test needs a buffer of at least 4 bytes".into()));
+        return Err(RuntimeError::Other("the copy test needs a buffer of at least 16 bytes".into()));
     }
     let copies = (COPY_BYTES_PER_REP / size).clamp(1, MAX_COPIES_PER_REP);
     let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
     let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let buffer = |label: &str| {
-        device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size,
-            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        })
+    let usage = match how {
+        GpuCopy::Api => wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        GpuCopy::Shader => wgpu::BufferUsages::STORAGE,
     };
-    let (src, dst) = (buffer("copy source"), buffer("copy destination"));
+    let buffer = |label: &str, size: u64, usage: wgpu::BufferUsages| {
+        device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+    };
+    let (src, dst) = (buffer("copy source", size, usage), buffer("copy destination", size, usage));
+    let shader = (how == GpuCopy::Shader).then(|| {
+        let kernel = llama5_codegen::copy_kernel(gpu.target());
+        let (layout, pipeline) = crate::gpu::create_pipeline(device, &kernel, None);
+        let step = buffer("copy step", llama5_codegen::StepUniform::SIZE as u64, wgpu::BufferUsages::UNIFORM);
+        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&kernel.name),
+            layout: &layout,
+            entries: &[
+                wgpu::BindGroupEntry { binding: 0, resource: step.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 1, resource: src.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 2, resource: dst.as_entire_binding() },
+            ],
+        });
+        (pipeline, bind_group)
+    });
     let rep = |n: u64| -> Result<f64, RuntimeError> {
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("copy") });
-        for _ in 0..n {
-            encoder.copy_buffer_to_buffer(&src, 0, &dst, 0, size);
+        match &shader {
+            None => {
+                for _ in 0..n {
+                    encoder.copy_buffer_to_buffer(&src, 0, &dst, 0, size);
+                }
+            }
+            Some((pipeline, bind_group)) => {
+                let mut pass = encoder
+                    .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("copy"), timestamp_writes: None });
+                pass.set_pipeline(pipeline);
+                pass.set_bind_group(0, bind_group, &[]);
+                let [x, y, z] = llama5_codegen::copy_dispatch(size);
+                for _ in 0..n {
+                    pass.dispatch_workgroups(x, y, z);
+                }
+            }
         }
         let t = Instant::now();
         gpu.queue().submit([encoder.finish()]);
@@ -454,7 +505,11 @@ fn gpu_copy_bandwidth(gpu: &GpuBackend, requested: Option<u64>) -> Result<CopyBa
     }
     warm?;
     let rates = (0..COPY_REPS).map(|_| rep(copies)).collect::<Result<Vec<_>, _>>()?;
-    Ok(copy_stats(size, copies, &rates, "device buffer-to-buffer copy"))
+    let method = match how {
+        GpuCopy::Api => "device buffer-to-buffer copy",
+        GpuCopy::Shader => "compute shader copy (16-byte loads and stores)",
+    };
+    Ok(copy_stats(size, copies, &rates, method))
 }
 
 /// Copies a `size`-byte host buffer with every rayon thread.
@@ -502,6 +557,9 @@ pub fn run(source: &ModelSource, opts: &BenchOptions) -> Result<BenchReport, Run
             return Err(RuntimeError::Other(format!("bench needs at least one of {flag}")));
         }
     }
+    if opts.profile && opts.backend == BenchBackend::Cpu {
+        return Err(RuntimeError::Other("--profile times GPU kernels; the CPU backend has none".into()));
+    }
     let mut host_build_ms = None;
     let mut open_ms = 0.0;
     let (model, label) = match source {
@@ -537,8 +595,13 @@ pub fn run(source: &ModelSource, opts: &BenchOptions) -> Result<BenchReport, Run
             let gpu_opts = GpuOptions { adapter: adapter.clone(), ctx, pipeline_cache_dir: None };
             let mut gpu = GpuBackend::new(&model, &gpu_opts)?;
             let backend_ms = ms(t.elapsed());
-            let copy = gpu_copy_bandwidth(&gpu, opts.copy_bytes)?;
+            let api = gpu_copy_bandwidth(&gpu, opts.copy_bytes, GpuCopy::Api)?;
+            let shader = gpu_copy_bandwidth(&gpu, opts.copy_bytes, GpuCopy::Shader)?;
+            // the faster of the two is the yardstick
+            let (copy, other) = if shader.gb_per_s >= api.gb_per_s { (shader, api) } else { (api, shader) };
             let samples = measure(&mut gpu, opts, cfg.vocab_size)?;
+            let profile =
+                if opts.profile { Some(kernel_profile::profile(&mut gpu, &model.manifest, opts)?) } else { None };
             let info = gpu.info();
             let adapter = gpu.adapter_info();
             let kv_elem = llama5_codegen::tcal::kv_bytes_per_element(gpu.target());
@@ -554,7 +617,9 @@ pub fn run(source: &ModelSource, opts: &BenchOptions) -> Result<BenchReport, Run
                 upload_ms: Some(gpu.load_times().upload_ms),
                 pipeline_ms: Some(gpu.load_times().pipeline_ms),
                 copy,
+                other_copies: vec![other],
                 samples,
+                profile,
                 kv_elem,
                 memory: gpu.memory_use(),
                 memory_counted: true,
@@ -583,7 +648,9 @@ pub fn run(source: &ModelSource, opts: &BenchOptions) -> Result<BenchReport, Run
                 upload_ms: None,
                 pipeline_ms: None,
                 copy,
+                other_copies: Vec::new(),
                 samples,
+                profile: None,
                 kv_elem: 4,
                 memory: MemoryUse { weights, kv_cache, other: 0 },
                 memory_counted: false,
@@ -602,7 +669,9 @@ struct Measured {
     upload_ms: Option<f64>,
     pipeline_ms: Option<f64>,
     copy: CopyBandwidth,
+    other_copies: Vec<CopyBandwidth>,
     samples: Samples,
+    profile: Option<Vec<kernel_profile::StepProfile>>,
     /// Bytes per KV-cache element.
     kv_elem: u64,
     memory: MemoryUse,
@@ -723,11 +792,13 @@ fn report(
             ctx,
         },
         copy: m.copy,
+        other_copies: m.other_copies,
         time_to_first_token,
         decode,
         prefill,
         traffic,
         memory,
+        profile: m.profile,
         conventions: conventions(),
     }
 }
@@ -735,7 +806,7 @@ fn report(
 fn conventions() -> Vec<String> {
     [
         "GB = 1e9 bytes; rates are medians unless named min / max / p10 / p90",
-        "copy bandwidth counts read + write: 2 x buffer bytes per copy, several copies per submission, wall time to a blocking wait; it is the API's buffer copy, which a driver may run on a copy engine slower than shader loads",
+        "copy bandwidth counts read + write: 2 x buffer bytes per copy, several copies per submission, wall time to a blocking wait; on a GPU both the API's buffer copy (which a driver may run on a slower copy engine) and a compute-shader copy run, and the faster is the yardstick",
         "decode: wall time per single-token forward step including the greedy choice of the next token, after a prefilled prompt; a submission of several greedy steps (tokens per submission) counts its time evenly over its steps",
         "prefill: one forward over prefill_tokens from position 0, up to the first sampled token",
         "time to first token: open (directory models) + backend creation (upload, pipelines) + prompt prefill; synthetic weights are built in host memory first, which is not counted",
@@ -802,6 +873,9 @@ impl BenchReport {
                 ),
             ),
         ];
+        for o in &self.other_copies {
+            rows.push(("other copy".into(), format!("{:.1} GB/s read+write ({})", o.gb_per_s, o.method)));
+        }
         let mut ttft = format!("{:.1} ms (open {:.1} + backend {:.1}", f.ttft_ms, f.open_ms, f.backend_ms);
         if let (Some(u), Some(pl)) = (f.upload_ms, f.pipeline_ms) {
             ttft += &format!(" [upload {u:.1}, pipelines {pl:.1}]");
@@ -853,7 +927,11 @@ impl BenchReport {
             ),
         ));
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-        rows.iter().map(|(k, v)| format!("{k:<width$}  {v}\n")).collect()
+        let mut text: String = rows.iter().map(|(k, v)| format!("{k:<width$}  {v}\n")).collect();
+        if let Some(profile) = &self.profile {
+            text += &kernel_profile::table(profile);
+        }
+        text
     }
 }
 

@@ -103,6 +103,9 @@ struct BenchArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Also time every kernel of a decode step and of the prefill on the GPU (timestamp queries).
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -516,6 +519,7 @@ fn bench_cmd(args: &BenchArgs) -> Result<()> {
         gen_tokens: args.gen_tokens,
         prefill_tokens: args.prefill_tokens,
         copy_bytes: args.copy_mib.map(|m| m << 20),
+        profile: args.profile,
     };
     let report = bench::run(&source, &opts).context("benchmark")?;
     if args.json {

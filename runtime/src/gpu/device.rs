@@ -96,9 +96,10 @@ pub(crate) fn target_for(features: wgpu::Features, limits: &wgpu::Limits, info: 
 /// adapter's own limits.
 pub(crate) async fn open(adapter: wgpu::Adapter, features_allowed: wgpu::Features) -> Result<Gpu, RuntimeError> {
     let info = adapter.get_info();
-    // The pipeline cache changes no kernel, so it is not subject to `features_allowed`.
-    let wanted =
-        (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP) & features_allowed | wgpu::Features::PIPELINE_CACHE;
+    // The pipeline cache and timestamp queries change no kernel, so they are not subject to `features_allowed`.
+    let wanted = (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP) & features_allowed
+        | wgpu::Features::PIPELINE_CACHE
+        | wgpu::Features::TIMESTAMP_QUERY;
     let features = adapter.features() & wanted;
     let limits = adapter.limits();
     let (device, queue) = adapter

@@ -8,6 +8,7 @@
 mod device;
 pub mod harness;
 mod pipeline_cache;
+pub mod profile;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -72,6 +73,16 @@ impl MemoryUse {
     pub fn total(&self) -> u64 {
         self.weights + self.kv_cache + self.other
     }
+}
+
+/// One dispatch of a forward step.
+struct Dispatch<'a> {
+    /// Index into the plan's steps.
+    step: usize,
+    /// Index into the plan's kernels (and the pipelines).
+    kernel: usize,
+    bind_group: &'a wgpu::BindGroup,
+    grid: [u32; 3],
 }
 
 pub struct GpuBackend {
@@ -372,6 +383,11 @@ impl GpuBackend {
         })
     }
 
+    /// The kernel plan the backend runs.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
     /// One line on what loading took (upload, pipeline creation).
     pub fn load_report(&self) -> String {
         let l = &self.load;
@@ -489,6 +505,19 @@ impl GpuBackend {
     fn encode_pass(&self, encoder: &mut wgpu::CommandEncoder, n: u32, rows: usize, argmax: bool) {
         let mut pass =
             encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("forward"), timestamp_writes: None });
+        for d in self.dispatches(n, rows, argmax) {
+            pass.set_pipeline(&self.pipelines[d.kernel]);
+            pass.set_bind_group(0, d.bind_group, &[]);
+            let [x, y, z] = d.grid;
+            pass.dispatch_workgroups(x, y, z);
+        }
+    }
+
+    /// The dispatches of one forward step of `n` tokens and `rows` logits rows,
+    /// in order: each plan step's batch kernel where the step repeats often
+    /// enough, else its kernel.
+    fn dispatches(&self, n: u32, rows: usize, argmax: bool) -> Vec<Dispatch<'_>> {
+        let mut out = Vec::with_capacity(self.plan.steps.len());
         for (i, s) in self.plan.steps.iter().enumerate() {
             let skip = match s.stage {
                 Stage::Logits => rows == 0,
@@ -511,11 +540,10 @@ impl GpuBackend {
                     bind_group = bg;
                 }
             }
-            let [x, y, z] = self.plan.kernels[kernel].dispatch_for(n, rows as u32);
-            pass.set_pipeline(&self.pipelines[kernel]);
-            pass.set_bind_group(0, bind_group, &[]);
-            pass.dispatch_workgroups(x, y, z);
+            let grid = self.plan.kernels[kernel].dispatch_for(n, rows as u32);
+            out.push(Dispatch { step: i, kernel, bind_group, grid });
         }
+        out
     }
 
     /// Runs every chunk; returns the bytes read back (logits rows, or the argmax).
@@ -550,7 +578,9 @@ impl GpuBackend {
         Ok(out)
     }
 
-    fn submit_chunk(&mut self, tokens: &[u32], pos: usize, rows: usize, argmax: bool) -> Result<Vec<u8>, RuntimeError> {
+    /// Writes the step uniform and the token ids of a step of `tokens` at `pos`
+    /// whose last `rows` tokens want logits.
+    fn write_step(&self, tokens: &[u32], pos: usize, rows: usize) -> Result<(), RuntimeError> {
         let n = tokens.len() as u32;
         let step = StepUniform {
             pos: u32::try_from(pos).map_err(|_| RuntimeError::Other(format!("position {pos} does not fit in u32")))?,
@@ -563,6 +593,12 @@ impl GpuBackend {
         q.write_buffer(&self.step, 0, &step.to_bytes());
         let token_bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
         q.write_buffer(&self.tokens, 0, &token_bytes);
+        Ok(())
+    }
+
+    fn submit_chunk(&mut self, tokens: &[u32], pos: usize, rows: usize, argmax: bool) -> Result<Vec<u8>, RuntimeError> {
+        let n = tokens.len() as u32;
+        self.write_step(tokens, pos, rows)?;
 
         let mut encoder =
             self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
