@@ -29,7 +29,15 @@ fn tiny_shape() -> SyntheticShape {
 }
 
 fn small(backend: BenchBackend) -> BenchOptions {
-    BenchOptions { backend, runs: 2, prompt_tokens: 4, gen_tokens: 4, prefill_tokens: 16, copy_bytes: Some(4 << 20) }
+    BenchOptions {
+        backend,
+        runs: 2,
+        prompt_tokens: 4,
+        gen_tokens: 4,
+        prefill_tokens: 16,
+        copy_bytes: Some(4 << 20),
+        profile: false,
+    }
 }
 
 /// Every figure that must hold whatever the machine's speed.
@@ -86,7 +94,7 @@ fn check(r: &BenchReport, opts: &BenchOptions) {
 
 #[test]
 fn gpu_bench_of_a_synthetic_model() {
-    let opts = small(BenchBackend::Gpu { adapter: None });
+    let opts = BenchOptions { profile: true, ..small(BenchBackend::Gpu { adapter: None }) };
     let source = ModelSource::Synthetic { shape: tiny_shape(), precision: Precision::Int4, seed: 1 };
     let r = bench::run(&source, &opts).unwrap();
     check(&r, &opts);
@@ -96,8 +104,30 @@ fn gpu_bench_of_a_synthetic_model() {
     assert!(r.memory.counted);
     assert!(r.decode.argmax_on_device);
     assert!(r.time_to_first_token.host_build_ms.is_some_and(|ms| ms >= 0.0));
-    assert_eq!(r.copy.method, "device buffer-to-buffer copy");
+    // both copies ran; the faster is the yardstick
+    let methods: Vec<&str> = std::iter::once(&r.copy).chain(&r.other_copies).map(|c| c.method.as_str()).collect();
+    assert_eq!(methods.len(), 2, "{methods:?}");
+    assert!(methods.iter().any(|m| m.contains("shader")) && methods.iter().any(|m| m.contains("buffer-to-buffer")));
+    assert!(r.other_copies.iter().all(|c| c.gb_per_s <= r.copy.gb_per_s));
     assert_eq!(r.copy.buffer_bytes, 4 << 20);
+
+    // the profile covers every dispatch of a decode step and of the prefill
+    let profile = r.profile.as_ref().expect("--profile was asked for");
+    assert_eq!(profile.iter().map(|p| p.step.as_str()).collect::<Vec<_>>(), ["decode", "prefill"]);
+    for p in profile {
+        let calls: usize = p.kernels.iter().map(|k| k.calls).sum();
+        assert_eq!(calls, p.dispatches, "{}", p.step);
+        // 2 layers x 5 kernels, embed, logits, argmax
+        assert_eq!(p.dispatches, 2 * 5 + 3, "{}", p.step);
+        let share: f64 = p.kernels.iter().map(|k| k.share_percent).sum();
+        assert!((share - 100.0).abs() < 1e-6, "{}: shares sum to {share}", p.step);
+        assert!(p.kernels.iter().all(|k| k.gpu_ms >= 0.0) && p.gpu_ms > 0.0, "{p:?}");
+        assert!(p.kernels.windows(2).all(|w| w[0].gpu_ms >= w[1].gpu_ms), "sorted by time");
+    }
+    let prefill = &profile[1];
+    assert_eq!(prefill.tokens, opts.prefill_tokens);
+    assert!(prefill.kernels.iter().any(|k| k.kernel.ends_with("-batch") && k.flops > 0.0), "{prefill:?}");
+    assert!(r.to_table().contains("profile: prefill"));
 }
 
 #[test]
@@ -143,4 +173,7 @@ fn bench_rejects_zero_counts_and_contexts_past_the_model() {
     let long = BenchOptions { prefill_tokens: 1000, ..small(BenchBackend::Cpu) };
     let e = bench::run(&source, &long).unwrap_err().to_string();
     assert!(e.contains("1000 positions") && e.contains("256"), "{e}");
+    let profile = BenchOptions { profile: true, ..small(BenchBackend::Cpu) };
+    let e = bench::run(&source, &profile).unwrap_err().to_string();
+    assert!(e.contains("--profile") && e.contains("CPU"), "{e}");
 }
