@@ -396,23 +396,51 @@ fn $W_elem(o: u32, i: u32) -> f32 {
     }
 }
 
+/// How a tiled kernel reads a weight matrix: one output at a time (`array<u32>`
+/// binding), or four consecutive outputs at once (`array<vec4<u32>>`: rows are
+/// padded to 64 bytes, so a quad starting at a multiple of 4 is one aligned load).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TileRead {
+    One,
+    Quad,
+}
+
+impl TileRead {
+    /// WGSL element type of the weight binding.
+    pub fn binding_type(self) -> &'static str {
+        match self {
+            TileRead::One => "u32",
+            TileRead::Quad => "vec4<u32>",
+        }
+    }
+
+    /// The f16 halves of a word (or of each word of a quad) as f32.
+    pub fn half_functions(self) -> &'static str {
+        match self {
+            TileRead::One => {
+                "fn half_lo(x: u32) -> f32 {\n    return unpack2x16float(x).x;\n}\n\nfn half_hi(x: u32) -> f32 {\n    return unpack2x16float(x).y;\n}\n"
+            }
+            TileRead::Quad => {
+                "fn half_lo(x: vec4<u32>) -> vec4<f32> {\n    return vec4<f32>(unpack2x16float(x.x).x, unpack2x16float(x.y).x, unpack2x16float(x.z).x, unpack2x16float(x.w).x);\n}\n\nfn half_hi(x: vec4<u32>) -> vec4<f32> {\n    return vec4<f32>(unpack2x16float(x.x).y, unpack2x16float(x.y).y, unpack2x16float(x.z).y, unpack2x16float(x.w).y);\n}\n"
+            }
+        }
+    }
+}
+
 impl WeightMatrix<'_> {
-    /// Layout constants plus `<ident>_tile_word(c, o, r, kk)`: decodes stored row
-    /// `r` of output `o` (zeros past either end) into rows `kk ..` of column `c`
-    /// of the workgroup tile `dst` (`array<vec4<f32>, BK * BO / 4>`, see
-    /// [`crate::tiled`]). One word holds [`pack_factor`] consecutive inputs.
-    pub fn tile_functions(&self, dst: &str) -> Result<String, FormatError> {
+    /// For tiled kernels: layout constants and `<ident>_at(o, k)`, input `k` of
+    /// output `o` (with [`TileRead::Quad`], of outputs `o .. o + 4`, `o` a
+    /// multiple of 4), dequantised; zero past the last output or input.
+    pub fn tile_functions(&self, read: TileRead) -> Result<String, FormatError> {
         let sizes = part_sizes(self.format, self.out, self.in_features)?;
         let p = self.prefix();
-        let pack = pack_factor(self.format);
         let mut s = format!(
-            "// {ident}: {desc}, {out} outputs x {inp} inputs, column-major packed.\nconst {p}_STRIDE: u32 = {stride}u;\nconst {p}_OUT: u32 = {out}u;\nconst {p}_ROWS: u32 = {rows}u;\nconst {p}_PACK: u32 = {pack}u;\n",
+            "// {ident}: {desc}, {out} outputs x {inp} inputs, column-major packed.\nconst {p}_STRIDE: u32 = {stride}u;\nconst {p}_OUT: u32 = {out}u;\nconst {p}_IN: u32 = {inp}u;\n",
             ident = self.ident,
             desc = describe(self.format),
             out = self.out,
             inp = self.in_features,
             stride = sizes.row_stride / 4,
-            rows = self.in_features / pack,
         );
         if sizes.scale_bytes > 0 {
             s += &format!(
@@ -421,44 +449,58 @@ impl WeightMatrix<'_> {
                 sizes.scale_stride / 4
             );
         }
-        // Each format decodes its word into `v` (and `v2`): the values, in input order.
-        let (decl, decode) = match self.format {
-            QuantFormat::F32 => return Err(FormatError::NotMatrix),
-            QuantFormat::F16 => ("var v = vec2<f32>(0.0);", "v = unpack2x16float($W[r * $P_STRIDE + o]);".to_string()),
-            QuantFormat::Bf16 => (
-                "var v = vec2<f32>(0.0);",
-                "let word = $W[r * $P_STRIDE + o];\n        v = vec2<f32>(bitcast<f32>(word << 16u), bitcast<f32>(word & 0xffff0000u));".to_string(),
-            ),
-            QuantFormat::Int8 { per_tensor } => {
-                let scale = if per_tensor { "$W[$P_SCALES]" } else { "$W[$P_SCALES + o]" };
-                ("var v = vec4<f32>(0.0);", format!("v = vec4<f32>(unpack4xI8($W[r * $P_STRIDE + o])) * bitcast<f32>({scale});"))
-            }
-            QuantFormat::Int4 { group_size, .. } => {
-                s += &format!("const {p}_GROUP_ROWS: u32 = {}u;\n", group_size / 8);
-                (
-                    "var v = vec4<f32>(0.0);\n    var v2 = vec4<f32>(0.0);",
-                    r#"let word = $W[r * $P_STRIDE + o];
-        let sm = unpack2x16float($W[$P_SCALES + (r / $P_GROUP_ROWS) * $P_SCALE_STRIDE + o]);
-        let lo = vec4<u32>(word, word >> 4u, word >> 8u, word >> 12u) & vec4<u32>(15u);
-        let hi = vec4<u32>(word >> 16u, word >> 20u, word >> 24u, word >> 28u) & vec4<u32>(15u);
-        v = vec4<f32>(lo) * sm.x + sm.y;
-        v2 = vec4<f32>(hi) * sm.x + sm.y;"#
-                        .to_string(),
-                )
+        let (u, f, i, word, outputs) = match read {
+            TileRead::One => ("u32", "f32", "i32", "$W[$X]", "o"),
+            TileRead::Quad => {
+                ("vec4<u32>", "vec4<f32>", "vec4<i32>", "$W[($X) / 4u]", "vec4<u32>(o) + vec4<u32>(0u, 1u, 2u, 3u)")
             }
         };
-        let writes: String = (0..pack)
-            .map(|e| {
-                let src = if e < 4 { format!("v[{e}]") } else { format!("v2[{}]", e - 4) };
-                format!("    $DST[(kk + {e}u) * (BO / 4u) + c / 4u][c % 4u] = {src};\n")
-            })
-            .collect();
-        debug_assert!(pack <= 8);
-        let body = format!(
-            "// Stored row r of output o, dequantised into rows kk .. kk + {pack} of tile column c.\nfn $W_tile_word(c: u32, o: u32, r: u32, kk: u32) {{\n    {decl}\n    if (o < $P_OUT && r < $P_ROWS) {{\n        {decode}\n    }}\n{writes}}}\n"
+        let load = |index: &str| word.replace("$X", index);
+        let data = load("(k / $PACKu) * $P_STRIDE + o");
+        let body = match self.format {
+            QuantFormat::F32 => return Err(FormatError::NotMatrix),
+            QuantFormat::F16 => format!("return half_lo({data} >> $U(16u * (k % 2u)));"),
+            // the bf16 half, moved to the top of an f32
+            QuantFormat::Bf16 => format!("return bitcast<$F>(({data} >> $U(16u * (k % 2u))) << $U(16u));"),
+            QuantFormat::Int8 { per_tensor } => {
+                let scale = if per_tensor {
+                    match read {
+                        TileRead::One => "bitcast<f32>($W[$P_SCALES])".to_string(),
+                        TileRead::Quad => "bitcast<f32>($W[$P_SCALES / 4u].x)".to_string(),
+                    }
+                } else {
+                    format!("bitcast<$F>({})", load("$P_SCALES + o"))
+                };
+                format!(
+                    "let q = bitcast<$I>({data} << $U(24u - 8u * (k % 4u))) >> $U(24u);\n    return $F(q) * {scale};"
+                )
+            }
+            QuantFormat::Int4 { group_size, .. } => {
+                let sm = load(&format!("$P_SCALES + (k / {group_size}u) * $P_SCALE_STRIDE + o"));
+                format!("let sm = {sm};\n    return $F(({data} >> $U(4u * (k % 8u))) & $U(15u)) * half_lo(sm) + half_hi(sm);")
+            }
+        };
+        let pack = pack_factor(self.format).to_string();
+        let body = fill(
+            &format!(
+                r#"
+fn $W_raw(o: u32, k: u32) -> $F {{
+    {body}
+}}
+
+// Input k of output o{plural}, dequantised; zero past the last output or input.
+fn $W_at(o: u32, k: u32) -> $F {{
+    if (k >= $P_IN) {{
+        return $F(0.0);
+    }}
+    return select($F(0.0), $W_raw(o, k), {outputs} < $U($P_OUT));
+}}
+"#,
+                plural = if read == TileRead::Quad { " .. o + 4" } else { "" },
+            ),
+            &[("PACK", &pack)],
         );
-        s.push('\n');
-        s += &fill(&body, &[("W", self.ident), ("P", p.as_str()), ("DST", dst)]);
+        s += &fill(&body, &[("W", self.ident), ("P", p.as_str()), ("U", u), ("F", f), ("I", i)]);
         Ok(s)
     }
 }

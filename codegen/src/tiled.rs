@@ -6,6 +6,9 @@
 //! invocation accumulates its 4 tokens x 4 outputs from there, so each weight
 //! word is read once per `BT` tokens instead of once per token.
 //!
+//! Workgroup memory is written and read in whole vec4s only: an invocation
+//! stages one input of four tokens, and four outputs of one input.
+//!
 //! An RMSNorm on the input is folded in: the norm weights scale the inputs as
 //! they are staged, their sums of squares are gathered on the way, and each
 //! token's outputs are scaled by 1/rms at the end (a dot product is linear).
@@ -36,6 +39,8 @@ impl Tiling {
     /// Constants, the input tile, `stage_x(t0, n, k0)` and, with `norm`,
     /// `inv_rms(ty)`; `x` is the input binding (`array<f32>`, rows of `IN`).
     pub fn prelude(&self, x: &str, norm: bool) -> String {
+        // stage_x gives each invocation one (input, token quad) of the tile
+        debug_assert_eq!(BK * self.bt / 4, self.wg);
         let mut s = format!(
             r#"// Tiles of BT tokens x BO outputs, inputs staged BK at a time. Invocation
 // (tx, ty) owns tokens 4 ty .. 4 ty + 4 and outputs 4 tx .. 4 tx + 4 of its tile.
@@ -44,36 +49,36 @@ const BT: u32 = {bt}u;
 const BO: u32 = {BO}u;
 const BK: u32 = {BK}u;
 const TX: u32 = BO / 4u;
-const X_LOADS: u32 = BT * BK / WG;
 
 var<private> lid: u32;
 
-// Staged inputs, transposed: element (t, k) is xt[k * BT / 4 + t / 4][t % 4].
+// Staged inputs: element (t, k) is xt[k * BT / 4 + t / 4][t % 4].
 var<workgroup> xt: array<vec4<f32>, BK * BT / 4u>;
 "#,
             wg = self.wg,
             bt = self.bt,
         );
         if norm {
-            s += "// This invocation's sums of squares of the inputs it staged.\nvar<private> ssq: array<f32, X_LOADS>;\n";
+            s += "// Sums of squares of the inputs this invocation staged, for its 4 tokens.\nvar<private> ssq: vec4<f32>;\n";
         }
         let (square, scale) =
-            if norm { ("\n            ssq[s] += v * v;", "\n            v *= norm[k0 + kk];") } else { ("", "") };
+            if norm { ("\n    ssq += v * v;", "\n    v *= norm[min(k, IN - 1u)];") } else { ("", "") };
         s += &fill(
             &format!(
                 r#"
-// Stages inputs k0 .. k0 + BK of tokens t0 .. t0 + BT; zeros past n tokens or IN inputs.
+// Stages input k0 + lid % BK of tokens t0 + 4 (lid / BK) .. + 4; zeros past n
+// tokens or IN inputs.
 fn stage_x(t0: u32, n: u32, k0: u32) {{
-    for (var s = 0u; s < X_LOADS; s++) {{
-        let i = lid + s * WG;
-        let tt = i / BK;
-        let kk = i % BK;
-        var v = 0.0;
-        if (t0 + tt < n && k0 + kk < IN) {{
-            v = $X[(t0 + tt) * IN + k0 + kk];{square}{scale}
+    let k = k0 + lid % BK;
+    let tq = lid / BK;
+    var v = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {{
+        let t = t0 + 4u * tq + j;
+        if (t < n && k < IN) {{
+            v[j] = $X[t * IN + k];
         }}
-        xt[kk * (BT / 4u) + tt / 4u][tt % 4u] = v;
-    }}
+    }}{square}{scale}
+    xt[(lid % BK) * (BT / 4u) + tq] = v;
 }}
 "#
             ),
@@ -82,24 +87,16 @@ fn stage_x(t0: u32, n: u32, k0: u32) {{
         if norm {
             s += r#"
 // 1/rms of tokens 4 ty .. 4 ty + 4 of the tile, from the sums of squares
-// stage_x gathered (element i of stage s is element (i / BK, i % BK) of the
-// tile). Reuses xt: call after the last step, from every invocation.
+// stage_x gathered. Reuses xt: call after the last step, from every invocation.
 fn inv_rms(ty: u32) -> vec4<f32> {
     workgroupBarrier();
-    for (var s = 0u; s < X_LOADS; s++) {
-        let i = lid + s * WG;
-        xt[i / 4u][i % 4u] = ssq[s];
-    }
+    xt[(lid % BK) * (BT / 4u) + lid / BK] = ssq;
     workgroupBarrier();
-    var r = vec4<f32>(0.0);
-    for (var i = 0u; i < 4u; i++) {
-        var ss = 0.0;
-        for (var j = 0u; j < BK / 4u; j++) {
-            ss += dot(xt[(4u * ty + i) * (BK / 4u) + j], vec4<f32>(1.0));
-        }
-        r[i] = inverseSqrt(ss / f32(IN) + EPS);
+    var ss = vec4<f32>(0.0);
+    for (var kk = 0u; kk < BK; kk++) {
+        ss += xt[kk * (BT / 4u) + ty];
     }
-    return r;
+    return inverseSqrt(ss / f32(IN) + EPS);
 }
 "#;
         }
@@ -140,22 +137,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
 }
 
-/// A weight tile in workgroup memory: element (k, c) is `<name>[k * BO / 4 + c / 4][c % 4]`.
+/// A weight tile in workgroup memory.
 pub(crate) fn weight_tile(name: &str) -> String {
-    format!("var<workgroup> {name}: array<vec4<f32>, BK * BO / 4u>;\n")
+    format!("\n// A weight tile: element (k, c) is {name}[k * BO / 4 + c / 4][c % 4].\nvar<workgroup> {name}: array<vec4<f32>, BK * BO / 4u>;\n")
 }
 
-/// Stages step `k0` of matrix `w` into its tile: column `c` holds output `$O`
-/// (an expression of `c`).
-pub(crate) fn stage_weights(w: &str, output: &str) -> String {
-    let p = w.to_ascii_uppercase();
+/// Stages step `k0` of matrix `w` (read by quads, [`crate::tcal::TileRead::Quad`])
+/// into `tile`: column `c` holds output `o0 + c`.
+pub(crate) fn stage_weights(w: &str, tile: &str) -> String {
     fill(
-        r#"        for (var i = lid; i < (BK / $P_PACK) * BO; i += WG) {
-            let c = i % BO;
-            $W_tile_word(c, $O, k0 / $P_PACK + i / BO, (i / BO) * $P_PACK);
+        r#"        for (var i = lid; i < (BO / 4u) * BK; i += WG) {
+            let q = i % (BO / 4u);
+            let kk = i / (BO / 4u);
+            $T[kk * (BO / 4u) + q] = $W_at(o0 + 4u * q, k0 + kk);
         }
 "#,
-        &[("W", w), ("P", &p), ("O", output)],
+        &[("W", w), ("T", tile)],
     )
 }
 

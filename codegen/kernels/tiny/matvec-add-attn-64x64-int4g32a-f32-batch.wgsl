@@ -22,7 +22,7 @@ struct Step {
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<storage, read> attn: array<f32>;
-@group(0) @binding(2) var<storage, read> w: array<u32>;
+@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read_write> hidden: array<f32>;
 
 const IN: u32 = 64u;
@@ -31,32 +31,21 @@ const OUT: u32 = 64u;
 // w: int4 x8, groups of 32 inputs with (scale, min) f16 pairs, 64 outputs x 64 inputs, column-major packed.
 const W_STRIDE: u32 = 64u;
 const W_OUT: u32 = 64u;
-const W_ROWS: u32 = 8u;
-const W_PACK: u32 = 8u;
+const W_IN: u32 = 64u;
 const W_SCALES: u32 = 512u;
 const W_SCALE_STRIDE: u32 = 64u;
-const W_GROUP_ROWS: u32 = 4u;
 
-// Stored row r of output o, dequantised into rows kk .. kk + 8 of tile column c.
-fn w_tile_word(c: u32, o: u32, r: u32, kk: u32) {
-    var v = vec4<f32>(0.0);
-    var v2 = vec4<f32>(0.0);
-    if (o < W_OUT && r < W_ROWS) {
-        let word = w[r * W_STRIDE + o];
-        let sm = unpack2x16float(w[W_SCALES + (r / W_GROUP_ROWS) * W_SCALE_STRIDE + o]);
-        let lo = vec4<u32>(word, word >> 4u, word >> 8u, word >> 12u) & vec4<u32>(15u);
-        let hi = vec4<u32>(word >> 16u, word >> 20u, word >> 24u, word >> 28u) & vec4<u32>(15u);
-        v = vec4<f32>(lo) * sm.x + sm.y;
-        v2 = vec4<f32>(hi) * sm.x + sm.y;
+fn w_raw(o: u32, k: u32) -> vec4<f32> {
+    let sm = w[(W_SCALES + (k / 32u) * W_SCALE_STRIDE + o) / 4u];
+    return vec4<f32>((w[((k / 8u) * W_STRIDE + o) / 4u] >> vec4<u32>(4u * (k % 8u))) & vec4<u32>(15u)) * half_lo(sm) + half_hi(sm);
+}
+
+// Input k of output o .. o + 4, dequantised; zero past the last output or input.
+fn w_at(o: u32, k: u32) -> vec4<f32> {
+    if (k >= W_IN) {
+        return vec4<f32>(0.0);
     }
-    wt[(kk + 0u) * (BO / 4u) + c / 4u][c % 4u] = v[0];
-    wt[(kk + 1u) * (BO / 4u) + c / 4u][c % 4u] = v[1];
-    wt[(kk + 2u) * (BO / 4u) + c / 4u][c % 4u] = v[2];
-    wt[(kk + 3u) * (BO / 4u) + c / 4u][c % 4u] = v[3];
-    wt[(kk + 4u) * (BO / 4u) + c / 4u][c % 4u] = v2[0];
-    wt[(kk + 5u) * (BO / 4u) + c / 4u][c % 4u] = v2[1];
-    wt[(kk + 6u) * (BO / 4u) + c / 4u][c % 4u] = v2[2];
-    wt[(kk + 7u) * (BO / 4u) + c / 4u][c % 4u] = v2[3];
+    return select(vec4<f32>(0.0), w_raw(o, k), vec4<u32>(o) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(W_OUT));
 }
 
 // Tiles of BT tokens x BO outputs, inputs staged BK at a time. Invocation
@@ -66,27 +55,37 @@ const BT: u32 = 64u;
 const BO: u32 = 64u;
 const BK: u32 = 16u;
 const TX: u32 = BO / 4u;
-const X_LOADS: u32 = BT * BK / WG;
 
 var<private> lid: u32;
 
-// Staged inputs, transposed: element (t, k) is xt[k * BT / 4 + t / 4][t % 4].
+// Staged inputs: element (t, k) is xt[k * BT / 4 + t / 4][t % 4].
 var<workgroup> xt: array<vec4<f32>, BK * BT / 4u>;
 
-// Stages inputs k0 .. k0 + BK of tokens t0 .. t0 + BT; zeros past n tokens or IN inputs.
+// Stages input k0 + lid % BK of tokens t0 + 4 (lid / BK) .. + 4; zeros past n
+// tokens or IN inputs.
 fn stage_x(t0: u32, n: u32, k0: u32) {
-    for (var s = 0u; s < X_LOADS; s++) {
-        let i = lid + s * WG;
-        let tt = i / BK;
-        let kk = i % BK;
-        var v = 0.0;
-        if (t0 + tt < n && k0 + kk < IN) {
-            v = attn[(t0 + tt) * IN + k0 + kk];
+    let k = k0 + lid % BK;
+    let tq = lid / BK;
+    var v = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        let t = t0 + 4u * tq + j;
+        if (t < n && k < IN) {
+            v[j] = attn[t * IN + k];
         }
-        xt[kk * (BT / 4u) + tt / 4u][tt % 4u] = v;
     }
+    xt[(lid % BK) * (BT / 4u) + tq] = v;
 }
+
+// A weight tile: element (k, c) is wt[k * BO / 4 + c / 4][c % 4].
 var<workgroup> wt: array<vec4<f32>, BK * BO / 4u>;
+
+fn half_lo(x: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(x.x).x, unpack2x16float(x.y).x, unpack2x16float(x.z).x, unpack2x16float(x.w).x);
+}
+
+fn half_hi(x: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(x.x).y, unpack2x16float(x.y).y, unpack2x16float(x.z).y, unpack2x16float(x.w).y);
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid_in: u32) {
@@ -99,9 +98,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var acc_y: array<vec4<f32>, 4>;
     for (var k0 = 0u; k0 < IN; k0 += BK) {
         stage_x(t0, n, k0);
-        for (var i = lid; i < (BK / W_PACK) * BO; i += WG) {
-            let c = i % BO;
-            w_tile_word(c, o0 + c, k0 / W_PACK + i / BO, (i / BO) * W_PACK);
+        for (var i = lid; i < (BO / 4u) * BK; i += WG) {
+            let q = i % (BO / 4u);
+            let kk = i / (BO / 4u);
+            wt[kk * (BO / 4u) + q] = w_at(o0 + 4u * q, k0 + kk);
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {

@@ -27,8 +27,8 @@ struct Step {
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<storage, read> hidden: array<f32>;
 @group(0) @binding(2) var<storage, read> norm: array<f32>;
-@group(0) @binding(3) var<storage, read> w_gate: array<u32>;
-@group(0) @binding(4) var<storage, read> w_up: array<u32>;
+@group(0) @binding(3) var<storage, read> w_gate: array<vec4<u32>>;
+@group(0) @binding(4) var<storage, read> w_up: array<vec4<u32>>;
 @group(0) @binding(5) var<storage, read_write> ffn: array<f32>;
 
 const IN: u32 = 64u;
@@ -38,41 +38,41 @@ const EPS: f32 = 1e-5;
 // w_gate: int8 x4 with an f32 scale per output, 128 outputs x 64 inputs, column-major packed.
 const W_GATE_STRIDE: u32 = 128u;
 const W_GATE_OUT: u32 = 128u;
-const W_GATE_ROWS: u32 = 16u;
-const W_GATE_PACK: u32 = 4u;
+const W_GATE_IN: u32 = 64u;
 const W_GATE_SCALES: u32 = 2048u;
 const W_GATE_SCALE_STRIDE: u32 = 128u;
 
-// Stored row r of output o, dequantised into rows kk .. kk + 4 of tile column c.
-fn w_gate_tile_word(c: u32, o: u32, r: u32, kk: u32) {
-    var v = vec4<f32>(0.0);
-    if (o < W_GATE_OUT && r < W_GATE_ROWS) {
-        v = vec4<f32>(unpack4xI8(w_gate[r * W_GATE_STRIDE + o])) * bitcast<f32>(w_gate[W_GATE_SCALES + o]);
+fn w_gate_raw(o: u32, k: u32) -> vec4<f32> {
+    let q = bitcast<vec4<i32>>(w_gate[((k / 4u) * W_GATE_STRIDE + o) / 4u] << vec4<u32>(24u - 8u * (k % 4u))) >> vec4<u32>(24u);
+    return vec4<f32>(q) * bitcast<vec4<f32>>(w_gate[(W_GATE_SCALES + o) / 4u]);
+}
+
+// Input k of output o .. o + 4, dequantised; zero past the last output or input.
+fn w_gate_at(o: u32, k: u32) -> vec4<f32> {
+    if (k >= W_GATE_IN) {
+        return vec4<f32>(0.0);
     }
-    wt_gate[(kk + 0u) * (BO / 4u) + c / 4u][c % 4u] = v[0];
-    wt_gate[(kk + 1u) * (BO / 4u) + c / 4u][c % 4u] = v[1];
-    wt_gate[(kk + 2u) * (BO / 4u) + c / 4u][c % 4u] = v[2];
-    wt_gate[(kk + 3u) * (BO / 4u) + c / 4u][c % 4u] = v[3];
+    return select(vec4<f32>(0.0), w_gate_raw(o, k), vec4<u32>(o) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(W_GATE_OUT));
 }
 
 // w_up: int8 x4 with an f32 scale per output, 128 outputs x 64 inputs, column-major packed.
 const W_UP_STRIDE: u32 = 128u;
 const W_UP_OUT: u32 = 128u;
-const W_UP_ROWS: u32 = 16u;
-const W_UP_PACK: u32 = 4u;
+const W_UP_IN: u32 = 64u;
 const W_UP_SCALES: u32 = 2048u;
 const W_UP_SCALE_STRIDE: u32 = 128u;
 
-// Stored row r of output o, dequantised into rows kk .. kk + 4 of tile column c.
-fn w_up_tile_word(c: u32, o: u32, r: u32, kk: u32) {
-    var v = vec4<f32>(0.0);
-    if (o < W_UP_OUT && r < W_UP_ROWS) {
-        v = vec4<f32>(unpack4xI8(w_up[r * W_UP_STRIDE + o])) * bitcast<f32>(w_up[W_UP_SCALES + o]);
+fn w_up_raw(o: u32, k: u32) -> vec4<f32> {
+    let q = bitcast<vec4<i32>>(w_up[((k / 4u) * W_UP_STRIDE + o) / 4u] << vec4<u32>(24u - 8u * (k % 4u))) >> vec4<u32>(24u);
+    return vec4<f32>(q) * bitcast<vec4<f32>>(w_up[(W_UP_SCALES + o) / 4u]);
+}
+
+// Input k of output o .. o + 4, dequantised; zero past the last output or input.
+fn w_up_at(o: u32, k: u32) -> vec4<f32> {
+    if (k >= W_UP_IN) {
+        return vec4<f32>(0.0);
     }
-    wt_up[(kk + 0u) * (BO / 4u) + c / 4u][c % 4u] = v[0];
-    wt_up[(kk + 1u) * (BO / 4u) + c / 4u][c % 4u] = v[1];
-    wt_up[(kk + 2u) * (BO / 4u) + c / 4u][c % 4u] = v[2];
-    wt_up[(kk + 3u) * (BO / 4u) + c / 4u][c % 4u] = v[3];
+    return select(vec4<f32>(0.0), w_up_raw(o, k), vec4<u32>(o) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(W_UP_OUT));
 }
 
 // Tiles of BT tokens x BO outputs, inputs staged BK at a time. Invocation
@@ -82,53 +82,57 @@ const BT: u32 = 64u;
 const BO: u32 = 64u;
 const BK: u32 = 16u;
 const TX: u32 = BO / 4u;
-const X_LOADS: u32 = BT * BK / WG;
 
 var<private> lid: u32;
 
-// Staged inputs, transposed: element (t, k) is xt[k * BT / 4 + t / 4][t % 4].
+// Staged inputs: element (t, k) is xt[k * BT / 4 + t / 4][t % 4].
 var<workgroup> xt: array<vec4<f32>, BK * BT / 4u>;
-// This invocation's sums of squares of the inputs it staged.
-var<private> ssq: array<f32, X_LOADS>;
+// Sums of squares of the inputs this invocation staged, for its 4 tokens.
+var<private> ssq: vec4<f32>;
 
-// Stages inputs k0 .. k0 + BK of tokens t0 .. t0 + BT; zeros past n tokens or IN inputs.
+// Stages input k0 + lid % BK of tokens t0 + 4 (lid / BK) .. + 4; zeros past n
+// tokens or IN inputs.
 fn stage_x(t0: u32, n: u32, k0: u32) {
-    for (var s = 0u; s < X_LOADS; s++) {
-        let i = lid + s * WG;
-        let tt = i / BK;
-        let kk = i % BK;
-        var v = 0.0;
-        if (t0 + tt < n && k0 + kk < IN) {
-            v = hidden[(t0 + tt) * IN + k0 + kk];
-            ssq[s] += v * v;
-            v *= norm[k0 + kk];
+    let k = k0 + lid % BK;
+    let tq = lid / BK;
+    var v = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        let t = t0 + 4u * tq + j;
+        if (t < n && k < IN) {
+            v[j] = hidden[t * IN + k];
         }
-        xt[kk * (BT / 4u) + tt / 4u][tt % 4u] = v;
     }
+    ssq += v * v;
+    v *= norm[min(k, IN - 1u)];
+    xt[(lid % BK) * (BT / 4u) + tq] = v;
 }
 
 // 1/rms of tokens 4 ty .. 4 ty + 4 of the tile, from the sums of squares
-// stage_x gathered (element i of stage s is element (i / BK, i % BK) of the
-// tile). Reuses xt: call after the last step, from every invocation.
+// stage_x gathered. Reuses xt: call after the last step, from every invocation.
 fn inv_rms(ty: u32) -> vec4<f32> {
     workgroupBarrier();
-    for (var s = 0u; s < X_LOADS; s++) {
-        let i = lid + s * WG;
-        xt[i / 4u][i % 4u] = ssq[s];
-    }
+    xt[(lid % BK) * (BT / 4u) + lid / BK] = ssq;
     workgroupBarrier();
-    var r = vec4<f32>(0.0);
-    for (var i = 0u; i < 4u; i++) {
-        var ss = 0.0;
-        for (var j = 0u; j < BK / 4u; j++) {
-            ss += dot(xt[(4u * ty + i) * (BK / 4u) + j], vec4<f32>(1.0));
-        }
-        r[i] = inverseSqrt(ss / f32(IN) + EPS);
+    var ss = vec4<f32>(0.0);
+    for (var kk = 0u; kk < BK; kk++) {
+        ss += xt[kk * (BT / 4u) + ty];
     }
-    return r;
+    return inverseSqrt(ss / f32(IN) + EPS);
 }
+
+// A weight tile: element (k, c) is wt_gate[k * BO / 4 + c / 4][c % 4].
 var<workgroup> wt_gate: array<vec4<f32>, BK * BO / 4u>;
+
+// A weight tile: element (k, c) is wt_up[k * BO / 4 + c / 4][c % 4].
 var<workgroup> wt_up: array<vec4<f32>, BK * BO / 4u>;
+
+fn half_lo(x: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(x.x).x, unpack2x16float(x.y).x, unpack2x16float(x.z).x, unpack2x16float(x.w).x);
+}
+
+fn half_hi(x: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(x.x).y, unpack2x16float(x.y).y, unpack2x16float(x.z).y, unpack2x16float(x.w).y);
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid_in: u32) {
@@ -142,13 +146,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var acc_u: array<vec4<f32>, 4>;
     for (var k0 = 0u; k0 < IN; k0 += BK) {
         stage_x(t0, n, k0);
-        for (var i = lid; i < (BK / W_GATE_PACK) * BO; i += WG) {
-            let c = i % BO;
-            w_gate_tile_word(c, o0 + c, k0 / W_GATE_PACK + i / BO, (i / BO) * W_GATE_PACK);
+        for (var i = lid; i < (BO / 4u) * BK; i += WG) {
+            let q = i % (BO / 4u);
+            let kk = i / (BO / 4u);
+            wt_gate[kk * (BO / 4u) + q] = w_gate_at(o0 + 4u * q, k0 + kk);
         }
-        for (var i = lid; i < (BK / W_UP_PACK) * BO; i += WG) {
-            let c = i % BO;
-            w_up_tile_word(c, o0 + c, k0 / W_UP_PACK + i / BO, (i / BO) * W_UP_PACK);
+        for (var i = lid; i < (BO / 4u) * BK; i += WG) {
+            let q = i % (BO / 4u);
+            let kk = i / (BO / 4u);
+            wt_up[kk * (BO / 4u) + q] = w_up_at(o0 + 4u * q, k0 + kk);
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {

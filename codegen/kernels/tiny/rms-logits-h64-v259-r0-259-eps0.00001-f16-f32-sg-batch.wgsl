@@ -24,7 +24,7 @@ struct Step {
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<storage, read> hidden: array<f32>;
 @group(0) @binding(2) var<storage, read> norm: array<f32>;
-@group(0) @binding(3) var<storage, read> w: array<u32>;
+@group(0) @binding(3) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(4) var<storage, read_write> logits: array<f32>;
 
 const IN: u32 = 64u;
@@ -36,17 +36,18 @@ const EPS: f32 = 1e-5;
 // w: f16 pairs, 259 outputs x 64 inputs, column-major packed.
 const W_STRIDE: u32 = 272u;
 const W_OUT: u32 = 259u;
-const W_ROWS: u32 = 32u;
-const W_PACK: u32 = 2u;
+const W_IN: u32 = 64u;
 
-// Stored row r of output o, dequantised into rows kk .. kk + 2 of tile column c.
-fn w_tile_word(c: u32, o: u32, r: u32, kk: u32) {
-    var v = vec2<f32>(0.0);
-    if (o < W_OUT && r < W_ROWS) {
-        v = unpack2x16float(w[r * W_STRIDE + o]);
+fn w_raw(o: u32, k: u32) -> vec4<f32> {
+    return half_lo(w[((k / 2u) * W_STRIDE + o) / 4u] >> vec4<u32>(16u * (k % 2u)));
+}
+
+// Input k of output o .. o + 4, dequantised; zero past the last output or input.
+fn w_at(o: u32, k: u32) -> vec4<f32> {
+    if (k >= W_IN) {
+        return vec4<f32>(0.0);
     }
-    wt[(kk + 0u) * (BO / 4u) + c / 4u][c % 4u] = v[0];
-    wt[(kk + 1u) * (BO / 4u) + c / 4u][c % 4u] = v[1];
+    return select(vec4<f32>(0.0), w_raw(o, k), vec4<u32>(o) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(W_OUT));
 }
 
 // Tiles of BT tokens x BO outputs, inputs staged BK at a time. Invocation
@@ -56,52 +57,54 @@ const BT: u32 = 64u;
 const BO: u32 = 64u;
 const BK: u32 = 16u;
 const TX: u32 = BO / 4u;
-const X_LOADS: u32 = BT * BK / WG;
 
 var<private> lid: u32;
 
-// Staged inputs, transposed: element (t, k) is xt[k * BT / 4 + t / 4][t % 4].
+// Staged inputs: element (t, k) is xt[k * BT / 4 + t / 4][t % 4].
 var<workgroup> xt: array<vec4<f32>, BK * BT / 4u>;
-// This invocation's sums of squares of the inputs it staged.
-var<private> ssq: array<f32, X_LOADS>;
+// Sums of squares of the inputs this invocation staged, for its 4 tokens.
+var<private> ssq: vec4<f32>;
 
-// Stages inputs k0 .. k0 + BK of tokens t0 .. t0 + BT; zeros past n tokens or IN inputs.
+// Stages input k0 + lid % BK of tokens t0 + 4 (lid / BK) .. + 4; zeros past n
+// tokens or IN inputs.
 fn stage_x(t0: u32, n: u32, k0: u32) {
-    for (var s = 0u; s < X_LOADS; s++) {
-        let i = lid + s * WG;
-        let tt = i / BK;
-        let kk = i % BK;
-        var v = 0.0;
-        if (t0 + tt < n && k0 + kk < IN) {
-            v = hidden[(t0 + tt) * IN + k0 + kk];
-            ssq[s] += v * v;
-            v *= norm[k0 + kk];
+    let k = k0 + lid % BK;
+    let tq = lid / BK;
+    var v = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        let t = t0 + 4u * tq + j;
+        if (t < n && k < IN) {
+            v[j] = hidden[t * IN + k];
         }
-        xt[kk * (BT / 4u) + tt / 4u][tt % 4u] = v;
     }
+    ssq += v * v;
+    v *= norm[min(k, IN - 1u)];
+    xt[(lid % BK) * (BT / 4u) + tq] = v;
 }
 
 // 1/rms of tokens 4 ty .. 4 ty + 4 of the tile, from the sums of squares
-// stage_x gathered (element i of stage s is element (i / BK, i % BK) of the
-// tile). Reuses xt: call after the last step, from every invocation.
+// stage_x gathered. Reuses xt: call after the last step, from every invocation.
 fn inv_rms(ty: u32) -> vec4<f32> {
     workgroupBarrier();
-    for (var s = 0u; s < X_LOADS; s++) {
-        let i = lid + s * WG;
-        xt[i / 4u][i % 4u] = ssq[s];
-    }
+    xt[(lid % BK) * (BT / 4u) + lid / BK] = ssq;
     workgroupBarrier();
-    var r = vec4<f32>(0.0);
-    for (var i = 0u; i < 4u; i++) {
-        var ss = 0.0;
-        for (var j = 0u; j < BK / 4u; j++) {
-            ss += dot(xt[(4u * ty + i) * (BK / 4u) + j], vec4<f32>(1.0));
-        }
-        r[i] = inverseSqrt(ss / f32(IN) + EPS);
+    var ss = vec4<f32>(0.0);
+    for (var kk = 0u; kk < BK; kk++) {
+        ss += xt[kk * (BT / 4u) + ty];
     }
-    return r;
+    return inverseSqrt(ss / f32(IN) + EPS);
 }
+
+// A weight tile: element (k, c) is wt[k * BO / 4 + c / 4][c % 4].
 var<workgroup> wt: array<vec4<f32>, BK * BO / 4u>;
+
+fn half_lo(x: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(x.x).x, unpack2x16float(x.y).x, unpack2x16float(x.z).x, unpack2x16float(x.w).x);
+}
+
+fn half_hi(x: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(x.x).y, unpack2x16float(x.y).y, unpack2x16float(x.z).y, unpack2x16float(x.w).y);
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid_in: u32) {
@@ -114,9 +117,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var acc_y: array<vec4<f32>, 4>;
     for (var k0 = 0u; k0 < IN; k0 += BK) {
         stage_x(t0, n, k0);
-        for (var i = lid; i < (BK / W_PACK) * BO; i += WG) {
-            let c = i % BO;
-            w_tile_word(c, o0 + c, k0 / W_PACK + i / BO, (i / BO) * W_PACK);
+        for (var i = lid; i < (BO / 4u) * BK; i += WG) {
+            let q = i % (BO / 4u);
+            let kk = i / (BO / 4u);
+            wt[kk * (BO / 4u) + q] = w_at(o0 + 4u * q, k0 + kk);
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {

@@ -42,68 +42,67 @@ const HALF: u32 = 8u;
 const Q_DIM: u32 = 64u;
 const KV_DIM: u32 = 32u;
 const UNITS: u32 = 64u;
-const MIN_PACK: u32 = 4u;
 const EPS: f32 = 1e-5;
 const TAU: f32 = 6.2831855;
 
 // wq: int8 x4 with an f32 scale per output, 64 outputs x 64 inputs, column-major packed.
 const WQ_STRIDE: u32 = 64u;
 const WQ_OUT: u32 = 64u;
-const WQ_ROWS: u32 = 16u;
-const WQ_PACK: u32 = 4u;
+const WQ_IN: u32 = 64u;
 const WQ_SCALES: u32 = 1024u;
 const WQ_SCALE_STRIDE: u32 = 64u;
 
-// Stored row r of output o, dequantised into rows kk .. kk + 4 of tile column c.
-fn wq_tile_word(c: u32, o: u32, r: u32, kk: u32) {
-    var v = vec4<f32>(0.0);
-    if (o < WQ_OUT && r < WQ_ROWS) {
-        v = vec4<f32>(unpack4xI8(wq[r * WQ_STRIDE + o])) * bitcast<f32>(wq[WQ_SCALES + o]);
+fn wq_raw(o: u32, k: u32) -> f32 {
+    let q = bitcast<i32>(wq[(k / 4u) * WQ_STRIDE + o] << u32(24u - 8u * (k % 4u))) >> u32(24u);
+    return f32(q) * bitcast<f32>(wq[WQ_SCALES + o]);
+}
+
+// Input k of output o, dequantised; zero past the last output or input.
+fn wq_at(o: u32, k: u32) -> f32 {
+    if (k >= WQ_IN) {
+        return f32(0.0);
     }
-    wt[(kk + 0u) * (BO / 4u) + c / 4u][c % 4u] = v[0];
-    wt[(kk + 1u) * (BO / 4u) + c / 4u][c % 4u] = v[1];
-    wt[(kk + 2u) * (BO / 4u) + c / 4u][c % 4u] = v[2];
-    wt[(kk + 3u) * (BO / 4u) + c / 4u][c % 4u] = v[3];
+    return select(f32(0.0), wq_raw(o, k), o < u32(WQ_OUT));
 }
 
 // wk: int8 x4 with an f32 scale per output, 32 outputs x 64 inputs, column-major packed.
 const WK_STRIDE: u32 = 32u;
 const WK_OUT: u32 = 32u;
-const WK_ROWS: u32 = 16u;
-const WK_PACK: u32 = 4u;
+const WK_IN: u32 = 64u;
 const WK_SCALES: u32 = 512u;
 const WK_SCALE_STRIDE: u32 = 32u;
 
-// Stored row r of output o, dequantised into rows kk .. kk + 4 of tile column c.
-fn wk_tile_word(c: u32, o: u32, r: u32, kk: u32) {
-    var v = vec4<f32>(0.0);
-    if (o < WK_OUT && r < WK_ROWS) {
-        v = vec4<f32>(unpack4xI8(wk[r * WK_STRIDE + o])) * bitcast<f32>(wk[WK_SCALES + o]);
+fn wk_raw(o: u32, k: u32) -> f32 {
+    let q = bitcast<i32>(wk[(k / 4u) * WK_STRIDE + o] << u32(24u - 8u * (k % 4u))) >> u32(24u);
+    return f32(q) * bitcast<f32>(wk[WK_SCALES + o]);
+}
+
+// Input k of output o, dequantised; zero past the last output or input.
+fn wk_at(o: u32, k: u32) -> f32 {
+    if (k >= WK_IN) {
+        return f32(0.0);
     }
-    wt[(kk + 0u) * (BO / 4u) + c / 4u][c % 4u] = v[0];
-    wt[(kk + 1u) * (BO / 4u) + c / 4u][c % 4u] = v[1];
-    wt[(kk + 2u) * (BO / 4u) + c / 4u][c % 4u] = v[2];
-    wt[(kk + 3u) * (BO / 4u) + c / 4u][c % 4u] = v[3];
+    return select(f32(0.0), wk_raw(o, k), o < u32(WK_OUT));
 }
 
 // wv: int8 x4 with an f32 scale per output, 32 outputs x 64 inputs, column-major packed.
 const WV_STRIDE: u32 = 32u;
 const WV_OUT: u32 = 32u;
-const WV_ROWS: u32 = 16u;
-const WV_PACK: u32 = 4u;
+const WV_IN: u32 = 64u;
 const WV_SCALES: u32 = 512u;
 const WV_SCALE_STRIDE: u32 = 32u;
 
-// Stored row r of output o, dequantised into rows kk .. kk + 4 of tile column c.
-fn wv_tile_word(c: u32, o: u32, r: u32, kk: u32) {
-    var v = vec4<f32>(0.0);
-    if (o < WV_OUT && r < WV_ROWS) {
-        v = vec4<f32>(unpack4xI8(wv[r * WV_STRIDE + o])) * bitcast<f32>(wv[WV_SCALES + o]);
+fn wv_raw(o: u32, k: u32) -> f32 {
+    let q = bitcast<i32>(wv[(k / 4u) * WV_STRIDE + o] << u32(24u - 8u * (k % 4u))) >> u32(24u);
+    return f32(q) * bitcast<f32>(wv[WV_SCALES + o]);
+}
+
+// Input k of output o, dequantised; zero past the last output or input.
+fn wv_at(o: u32, k: u32) -> f32 {
+    if (k >= WV_IN) {
+        return f32(0.0);
     }
-    wt[(kk + 0u) * (BO / 4u) + c / 4u][c % 4u] = v[0];
-    wt[(kk + 1u) * (BO / 4u) + c / 4u][c % 4u] = v[1];
-    wt[(kk + 2u) * (BO / 4u) + c / 4u][c % 4u] = v[2];
-    wt[(kk + 3u) * (BO / 4u) + c / 4u][c % 4u] = v[3];
+    return select(f32(0.0), wv_raw(o, k), o < u32(WV_OUT));
 }
 
 // RoPE inverse frequencies theta^(-2j / HEAD_DIM).
@@ -166,52 +165,54 @@ const BT: u32 = 64u;
 const BO: u32 = 64u;
 const BK: u32 = 16u;
 const TX: u32 = BO / 4u;
-const X_LOADS: u32 = BT * BK / WG;
 
 var<private> lid: u32;
 
-// Staged inputs, transposed: element (t, k) is xt[k * BT / 4 + t / 4][t % 4].
+// Staged inputs: element (t, k) is xt[k * BT / 4 + t / 4][t % 4].
 var<workgroup> xt: array<vec4<f32>, BK * BT / 4u>;
-// This invocation's sums of squares of the inputs it staged.
-var<private> ssq: array<f32, X_LOADS>;
+// Sums of squares of the inputs this invocation staged, for its 4 tokens.
+var<private> ssq: vec4<f32>;
 
-// Stages inputs k0 .. k0 + BK of tokens t0 .. t0 + BT; zeros past n tokens or IN inputs.
+// Stages input k0 + lid % BK of tokens t0 + 4 (lid / BK) .. + 4; zeros past n
+// tokens or IN inputs.
 fn stage_x(t0: u32, n: u32, k0: u32) {
-    for (var s = 0u; s < X_LOADS; s++) {
-        let i = lid + s * WG;
-        let tt = i / BK;
-        let kk = i % BK;
-        var v = 0.0;
-        if (t0 + tt < n && k0 + kk < IN) {
-            v = hidden[(t0 + tt) * IN + k0 + kk];
-            ssq[s] += v * v;
-            v *= norm[k0 + kk];
+    let k = k0 + lid % BK;
+    let tq = lid / BK;
+    var v = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        let t = t0 + 4u * tq + j;
+        if (t < n && k < IN) {
+            v[j] = hidden[t * IN + k];
         }
-        xt[kk * (BT / 4u) + tt / 4u][tt % 4u] = v;
     }
+    ssq += v * v;
+    v *= norm[min(k, IN - 1u)];
+    xt[(lid % BK) * (BT / 4u) + tq] = v;
 }
 
 // 1/rms of tokens 4 ty .. 4 ty + 4 of the tile, from the sums of squares
-// stage_x gathered (element i of stage s is element (i / BK, i % BK) of the
-// tile). Reuses xt: call after the last step, from every invocation.
+// stage_x gathered. Reuses xt: call after the last step, from every invocation.
 fn inv_rms(ty: u32) -> vec4<f32> {
     workgroupBarrier();
-    for (var s = 0u; s < X_LOADS; s++) {
-        let i = lid + s * WG;
-        xt[i / 4u][i % 4u] = ssq[s];
-    }
+    xt[(lid % BK) * (BT / 4u) + lid / BK] = ssq;
     workgroupBarrier();
-    var r = vec4<f32>(0.0);
-    for (var i = 0u; i < 4u; i++) {
-        var ss = 0.0;
-        for (var j = 0u; j < BK / 4u; j++) {
-            ss += dot(xt[(4u * ty + i) * (BK / 4u) + j], vec4<f32>(1.0));
-        }
-        r[i] = inverseSqrt(ss / f32(IN) + EPS);
+    var ss = vec4<f32>(0.0);
+    for (var kk = 0u; kk < BK; kk++) {
+        ss += xt[kk * (BT / 4u) + ty];
     }
-    return r;
+    return inverseSqrt(ss / f32(IN) + EPS);
 }
+
+// A weight tile: element (k, c) is wt[k * BO / 4 + c / 4][c % 4].
 var<workgroup> wt: array<vec4<f32>, BK * BO / 4u>;
+
+fn half_lo(x: u32) -> f32 {
+    return unpack2x16float(x).x;
+}
+
+fn half_hi(x: u32) -> f32 {
+    return unpack2x16float(x).y;
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid_in: u32) {
@@ -224,18 +225,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var acc_y: array<vec4<f32>, 4>;
     for (var k0 = 0u; k0 < IN; k0 += BK) {
         stage_x(t0, n, k0);
-        for (var i = lid; i < (BK / MIN_PACK) * BO; i += WG) {
-            let c = i % BO;
-            let rr = i / BO;
-            let u = unit_output(u0 + c / 2u);
-            let o = u.y + (c % 2u) * HALF;
-            if (u.x == 0u && rr < BK / WQ_PACK) {
-                wq_tile_word(c, o, k0 / WQ_PACK + rr, rr * WQ_PACK);
-            } else if (u.x == 1u && rr < BK / WK_PACK) {
-                wk_tile_word(c, o, k0 / WK_PACK + rr, rr * WK_PACK);
-            } else if (u.x == 2u && rr < BK / WV_PACK) {
-                wv_tile_word(c, o, k0 / WV_PACK + rr, rr * WV_PACK);
+        for (var i = lid; i < (BO / 4u) * BK; i += WG) {
+            let q = i % (BO / 4u);
+            let kk = i / (BO / 4u);
+            var v = vec4<f32>(0.0);
+            for (var j = 0u; j < 4u; j++) {
+                let c = 4u * q + j;
+                let u = unit_output(u0 + c / 2u);
+                let o = u.y + (c % 2u) * HALF;
+                if (u.x == 0u) {
+                    v[j] = wq_at(o, k0 + kk);
+                } else if (u.x == 1u) {
+                    v[j] = wk_at(o, k0 + kk);
+                } else if (u.x == 2u) {
+                    v[j] = wv_at(o, k0 + kk);
+                }
             }
+            wt[kk * (BO / 4u) + q] = v;
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {
