@@ -322,7 +322,7 @@ fn rms_qkv_rope(
     m.helpers.push('\n');
     m.helpers += &shape.functions();
     m.helpers.push('\n');
-    m.helpers += &tcal::input_functions("hidden", hidden, true, &target);
+    m.helpers += &tcal::input_functions("hidden", hidden, true);
     m.helpers.push('\n');
     let entry = entry_signature(&target, "WG")
         + r#"    let t = wid.y;
@@ -518,7 +518,7 @@ fn matvec_add(
     m.helpers.push('\n');
     m.helpers += &shape.functions();
     m.helpers.push('\n');
-    m.helpers += &tcal::input_functions(x, in_features, false, &target);
+    m.helpers += &tcal::input_functions(x, in_features, false);
     m.helpers.push('\n');
     let entry = fill(&matvec_entry(&target, "hidden[t * OUT + o] += y;"), &[("TOKEN", "t")]);
     let dispatch = [(out_features as u32).div_ceil(shape.tile), 1, 1];
@@ -564,7 +564,7 @@ fn rms_gate_up(
     m.helpers.push('\n');
     m.helpers += &shape.functions();
     m.helpers.push('\n');
-    m.helpers += &tcal::input_functions("hidden", hidden, true, &target);
+    m.helpers += &tcal::input_functions("hidden", hidden, true);
     m.helpers.push('\n');
     let entry = entry_signature(&target, "WG")
         + r#"    let t = wid.y;
@@ -628,7 +628,7 @@ fn rms_logits(
     m.helpers.push('\n');
     m.helpers += &shape.functions();
     m.helpers.push('\n');
-    m.helpers += &tcal::input_functions("hidden", hidden, true, &target);
+    m.helpers += &tcal::input_functions("hidden", hidden, true);
     m.helpers.push('\n');
     let entry = fill(&matvec_entry(&target, "logits[t * VOCAB + ROW0 + o] = y;"), &[("TOKEN", "step.logits_from + t")]);
     let dispatch = [((rows[1] - rows[0]) as u32).div_ceil(shape.tile), 1, 1];

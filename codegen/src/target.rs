@@ -19,21 +19,7 @@ pub struct Target {
     pub max_workgroup_size: u32,
     /// Largest storage buffer binding, in bytes.
     pub max_storage_binding: u64,
-    /// Bytes of workgroup memory one workgroup may use.
-    #[serde(default = "default_workgroup_storage")]
-    pub max_workgroup_storage: u32,
 }
-
-/// WebGPU's default workgroup-memory limit, which every adapter grants.
-pub const DEFAULT_WORKGROUP_STORAGE: u32 = 16384;
-
-fn default_workgroup_storage() -> u32 {
-    DEFAULT_WORKGROUP_STORAGE
-}
-
-/// Workgroup memory a matrix-vector kernel keeps for its other scratch
-/// (k-slice partial sums, reductions) beside the cached input row.
-const SCRATCH_BYTES: u32 = 4096;
 
 impl Target {
     /// The WebGPU baseline: no f16, no subgroups, default limits.
@@ -44,7 +30,6 @@ impl Target {
             subgroup_size: MIN_SUBGROUP_SIZE,
             max_workgroup_size: 256,
             max_storage_binding: 128 << 20,
-            max_workgroup_storage: DEFAULT_WORKGROUP_STORAGE,
         }
     }
 
@@ -59,25 +44,14 @@ impl Target {
         ]
     }
 
-    /// `f32`, `f16`, `f32-sg` or `f16-sg`, plus `-ws<KiB>k` where more workgroup
-    /// memory than the default is available: the variant part of kernel names.
-    pub fn name(&self) -> String {
-        let base = match (self.shader_f16, self.subgroups) {
+    /// `f32`, `f16`, `f32-sg` or `f16-sg`: the variant part of kernel names.
+    pub fn name(&self) -> &'static str {
+        match (self.shader_f16, self.subgroups) {
             (false, false) => "f32",
             (true, false) => "f16",
             (false, true) => "f32-sg",
             (true, true) => "f16-sg",
-        };
-        if self.max_workgroup_storage > DEFAULT_WORKGROUP_STORAGE {
-            format!("{base}-ws{}k", self.max_workgroup_storage / 1024)
-        } else {
-            base.to_string()
         }
-    }
-
-    /// Bytes of an input row a matrix-vector kernel may cache in workgroup memory.
-    pub(crate) fn input_cache_bytes(&self) -> usize {
-        self.max_workgroup_storage.max(DEFAULT_WORKGROUP_STORAGE).saturating_sub(SCRATCH_BYTES) as usize
     }
 
     /// Workgroup size limit the generator designs for (kernels use at most 256 invocations).

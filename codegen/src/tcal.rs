@@ -604,6 +604,10 @@ fn ksplit_sum(v: f32, lo: u32, ks: u32) -> f32 {
     }
 }
 
+/// Bytes of workgroup memory the input vector may take before kernels read it
+/// from storage instead.
+pub(crate) const INPUT_CACHE_BYTES: usize = 8192;
+
 /// WGSL element type of the input and norm bindings of a kernel with
 /// `in_features` inputs: `vec4<f32>` where rows split into whole vec4s.
 pub(crate) fn input_type(in_features: usize) -> &'static str {
@@ -619,8 +623,8 @@ pub(crate) fn input_type(in_features: usize) -> &'static str {
 /// `xin4(j)` elements `4j .. 4j + 4`. With `norm`, the input is RMS-normalised
 /// and scaled by the `norm` weights. The input and norm bindings are declared
 /// with [`input_type`].
-pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: bool, target: &Target) -> String {
-    let cached = in_features * 4 <= target.input_cache_bytes();
+pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: bool) -> String {
+    let cached = in_features * 4 <= INPUT_CACHE_BYTES;
     let vars = [("X", x_ident)];
     if !in_features.is_multiple_of(4) {
         return scalar_input_functions(x_ident, cached, norm)

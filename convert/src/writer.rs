@@ -67,7 +67,7 @@ fn write_kernels(dir: &Path, manifest: &Manifest) -> Result<Vec<KernelFile>, Con
         if let Some(name) = file.strip_suffix(".wgsl") {
             entries.push(KernelFile {
                 name: name.into(),
-                target: target.name(),
+                target: target.name().into(),
                 file: format!("kernels/{file}"),
             });
         }

@@ -7,7 +7,6 @@ use std::sync::OnceLock;
 
 use llama5_codegen::format;
 use llama5_codegen::manifest::{Precision, QuantFormat};
-use llama5_codegen::target::DEFAULT_WORKGROUP_STORAGE;
 use llama5_codegen::{generate, generate_batch, Activation, Kernel, KernelSpec, StepUniform, Target};
 use llama5_runtime::cpu;
 use llama5_runtime::gpu::harness::KernelRunner;
@@ -217,14 +216,11 @@ fn adapter_report_lists_an_adapter() {
 #[test]
 fn matvec_add_matches_cpu() {
     for runner in runners() {
-        // the adapter's workgroup memory, and WebGPU's default, where a long input row
-        // does not fit and is read from storage
-        let adapter = *runner.target();
-        let small = Target { max_workgroup_storage: DEFAULT_WORKGROUP_STORAGE, ..adapter };
-        for (format, target) in FORMATS.iter().flat_map(|&f| [(f, adapter), (f, small)]) {
-            // a short input, a long one, enough outputs for the widest tile,
-            // and more tokens than one batch tile
-            for (in_base, out, tokens) in [(90, 77, 3), (3300, 33, 2), (40, 40_000, 1), (90, 77, 70)] {
+        let target = *runner.target();
+        for format in FORMATS {
+            // a short input (cached in workgroup memory), a long one (read from storage),
+            // enough outputs for the widest tile, and more tokens than one batch tile
+            for (in_base, out, tokens) in [(90, 77, 3), (2300, 33, 2), (40, 40_000, 1), (90, 77, 70)] {
                 let mut rng = Rng(in_base as u64 * 31 + out as u64);
                 let in_features = input_size(format, in_base);
                 let (w_bytes, w) = packed(&mut rng, format, out, in_features);
@@ -239,9 +235,6 @@ fn matvec_add_matches_cpu() {
                     for o in 0..out {
                         want[t * out + o] += y[o];
                     }
-                }
-                if target == small && in_base == 3300 {
-                    assert!(generate(&spec).unwrap().wgsl.contains("too large for workgroup memory"));
                 }
                 for (kernel, result) in run_all(runner, &spec, &contents, tokens as u32, 0) {
                     assert_close(&kernel.name, &to_f32(&result[3]), &want, nmse_for(format));
@@ -576,8 +569,7 @@ fn compare_model(model: &Model, ctx: usize, prompt: &[u32], decode_steps: usize)
         let opts = GpuOptions { adapter: None, ctx, pipeline_cache_dir: None };
         let mut gpu = GpuBackend::with_features(model, &opts, features_for(&target))
             .unwrap_or_else(|e| panic!("{}: {e}", target.name()));
-        let granted = gpu.target();
-        assert_eq!((granted.shader_f16, granted.subgroups), (target.shader_f16, target.subgroups));
+        assert_eq!(gpu.target().name(), target.name());
         let mut cpu = CpuBackend::new(model, ctx).unwrap();
         let limit = if target.shader_f16 { NMSE_MODEL_F16_KV } else { NMSE_MODEL_F32 };
         let what = format!("{} {:?} ctx {ctx}", target.name(), model.manifest.precision);
