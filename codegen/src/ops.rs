@@ -16,7 +16,11 @@ struct Step {
     n_tokens: u32,    // tokens in this step
     ctx: u32,         // positions the KV cache holds (ring size)
     logits_from: u32, // first token whose logits are computed
-    argmax_row: u32,  // logits row the argmax reads
+    argmax_row: u32,  // logits row the argmax and the sampler read
+    temperature: f32, // sampling: temperature (> 0)
+    top_k: u32,       // sampling: keep the k most likely (0: all)
+    top_p: f32,       // sampling: keep the most likely up to this mass (1: all)
+    sample_u: f32,    // sampling: the uniform draw in [0, 1) of this step
     pad0: u32,
     pad1: u32,
     pad2: u32,
@@ -192,7 +196,10 @@ pub fn generate_batch(spec: &KernelSpec) -> Result<Option<Kernel>, CodegenError>
         KernelSpec::RmsLogits { hidden, vocab, rows, eps, format, target } => {
             rms_logits_tiled(name, hidden, vocab, rows, eps, format, target).map(Some)
         }
-        KernelSpec::Embed { .. } | KernelSpec::Attention { .. } | KernelSpec::Argmax { .. } => Ok(None),
+        KernelSpec::Embed { .. }
+        | KernelSpec::Attention { .. }
+        | KernelSpec::Argmax { .. }
+        | KernelSpec::Sample { .. } => Ok(None),
     }
 }
 
@@ -216,6 +223,7 @@ fn generate_shaped(spec: &KernelSpec) -> Result<Kernel, CodegenError> {
             rms_logits(name, hidden, vocab, rows, eps, format, target)
         }
         KernelSpec::Argmax { vocab, target } => argmax(name, vocab, target),
+        KernelSpec::Sample { vocab, target } => sample(name, vocab, target),
     }
 }
 
@@ -1018,6 +1026,139 @@ fn argmax(name: String, vocab: usize, target: Target) -> Result<Kernel, CodegenE
     let winner = wg_argmax(best, best_i);
     if (lid == 0u) {
         result[0] = winner;
+    }
+}
+"#;
+    Ok(m.finish(&entry, [wg, 1, 1], [1, 1, 1], Rows::One))
+}
+
+/// Sampling on the device, the same choice as the host's `Sampler` for the same
+/// logits and uniform draw: candidates ordered by logit (then index), cut to the
+/// top k, then to the top-p mass, and the one where the cumulative weight passes
+/// u times the total. No sort: the logits row becomes weights exp((l - max) / T)
+/// in place, and each cut is a binary search over the weights' bits (which order
+/// like the weights) and then over the indices of equal weights, one pass over
+/// the row per probe.
+fn sample(name: String, vocab: usize, target: Target) -> Result<Kernel, CodegenError> {
+    check(vocab > 0, || format!("{name}: empty vocabulary"))?;
+    let wg = tcal::prev_power_of_two(target.workgroup_limit());
+    let mut m = ModuleText::new(
+        name,
+        target,
+        &[
+            "Sampling of row argmax_row: temperature, top-k, top-p, then the token where the",
+            "cumulative weight, most likely first, passes sample_u of the total.",
+        ],
+    );
+    m.bind(
+        "logits",
+        Access::ReadWrite,
+        Resource::Activation(Activation::Logits),
+        "f32",
+        "[rows, VOCAB] logits; the row becomes its weights",
+    );
+    m.bind("result", Access::ReadWrite, Resource::Argmax, "u32", "[1] the chosen token id");
+    m.konst("VOCAB", "u32", vocab);
+    m.konst("WG", "u32", wg);
+    m.consts += BIG;
+    m.consts += "// Bits of the largest weight, exp(0) = 1.\nconst ONE_BITS: u32 = 0x3f800000u;\n";
+    m.helpers += &tcal::reductions(&target, wg);
+    m.helpers += r#"
+var<workgroup> shared_total: f32;
+var<private> base: u32;
+
+// The workgroup's sum of v, as a uniform value (binary searches branch on it).
+fn uniform_sum(v: f32) -> f32 {
+    let s = wg_sum(v);
+    if (lid == 0u) {
+        shared_total = s;
+    }
+    return workgroupUniformLoad(&shared_total);
+}
+
+// Candidates are ordered by weight, then by index. A prefix of that order is
+// (pk, pc): the weights whose bits exceed pk, and those equal to pk with an
+// index below pc; (0, VOCAB) is every candidate.
+fn in_prefix(bits: u32, i: u32, pk: u32, pc: u32) -> bool {
+    return bits > pk || (bits == pk && i < pc);
+}
+
+// Weight (or count) of the candidates in prefix (pk, pc) whose bits are at
+// least k and, where equal to tie_k, whose index is below tie_c.
+fn mass(k: u32, tie_k: u32, tie_c: u32, pk: u32, pc: u32, counting: bool) -> f32 {
+    var s = 0.0;
+    for (var i = lid; i < VOCAB; i += WG) {
+        let w = logits[base + i];
+        let b = bitcast<u32>(w);
+        if (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {
+            s += select(w, 1.0, counting);
+        }
+    }
+    return uniform_sum(s);
+}
+
+fn passes(x: f32, goal: f32, reach: bool) -> bool {
+    return select(x > goal, x >= goal, reach);
+}
+
+// The shortest prefix within (pk, pc) whose weight (or count) passes goal:
+// exceeds it, or with `reach` reaches it.
+fn cut(goal: f32, reach: bool, pk: u32, pc: u32, counting: bool) -> vec2<u32> {
+    // the largest k whose candidates at or above k pass
+    var lo = 0u;
+    var hi = ONE_BITS;
+    while (lo < hi) {
+        let mid = lo + (hi - lo + 1u) / 2u;
+        if (passes(mass(mid, 0xffffffffu, 0u, pk, pc, counting), goal, reach)) {
+            lo = mid;
+        } else {
+            hi = mid - 1u;
+        }
+    }
+    let k = lo;
+    // then the fewest of the candidates equal to k, by index
+    var clo = 1u;
+    var chi = VOCAB;
+    while (clo < chi) {
+        let mid = clo + (chi - clo) / 2u;
+        if (passes(mass(k, k, mid, pk, pc, counting), goal, reach)) {
+            chi = mid;
+        } else {
+            clo = mid + 1u;
+        }
+    }
+    return vec2<u32>(k, clo);
+}
+
+"#;
+    let entry = entry_signature(&target, "WG")
+        + r#"    base = step.argmax_row * VOCAB;
+    var local_max = -BIG;
+    for (var i = lid; i < VOCAB; i += WG) {
+        let v = logits[base + i];
+        if (v == v) {
+            local_max = max(local_max, v);
+        }
+    }
+    let top = wg_max(local_max);
+    // weights in place; NaN logits weigh nothing
+    for (var i = lid; i < VOCAB; i += WG) {
+        let v = logits[base + i];
+        logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);
+    }
+    storageBarrier();
+    var p = vec2<u32>(0u, VOCAB);
+    if (step.top_k > 0u && step.top_k < VOCAB) {
+        p = cut(f32(step.top_k), true, p.x, p.y, true);
+    }
+    var total = mass(0u, 0xffffffffu, 0u, p.x, p.y, false);
+    if (step.top_p < 1.0) {
+        p = cut(step.top_p * total, true, p.x, p.y, false);
+        total = mass(0u, 0xffffffffu, 0u, p.x, p.y, false);
+    }
+    let chosen = cut(step.sample_u * total, false, p.x, p.y, false);
+    if (lid == 0u) {
+        result[0] = chosen.y - 1u;
     }
 }
 "#;

@@ -79,6 +79,9 @@ pub enum Stage {
     Logits,
     /// Greedy sampling; runs only when the caller wants the argmax.
     Argmax,
+    /// Sampling with temperature, top-k and top-p; runs instead of the argmax
+    /// when the caller samples on the device.
+    Sample,
 }
 
 /// One dispatch of a forward step.
@@ -314,13 +317,15 @@ impl Plan {
 
         let k = set.add(&KernelSpec::Argmax { vocab: cfg.vocab_size, target: *target })?;
         steps.push(PlanStep { kernel: k, batch_kernel: None, stage: Stage::Argmax, layer: None, tensors: Vec::new() });
+        let k = set.add(&KernelSpec::Sample { vocab: cfg.vocab_size, target: *target })?;
+        steps.push(PlanStep { kernel: k, batch_kernel: None, stage: Stage::Sample, layer: None, tensors: Vec::new() });
 
         Ok(Plan { target: *target, kernels: set.kernels, steps })
     }
 
-    /// Dispatches per decoded token, greedy sampling included.
+    /// Dispatches per decoded token, its choice (argmax or sampling) included.
     pub fn dispatches_per_token(&self) -> usize {
-        self.steps.len()
+        self.steps.iter().filter(|s| s.stage != Stage::Sample).count()
     }
 }
 

@@ -105,7 +105,7 @@ impl Kernel {
 }
 
 /// The per-step values every kernel reads from its uniform binding.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StepUniform {
     /// Position of the step's first token.
     pub pos: u32,
@@ -114,17 +114,34 @@ pub struct StepUniform {
     pub ctx: u32,
     /// First token whose logits are computed.
     pub logits_from: u32,
-    /// Logits row the argmax kernel reads.
+    /// Logits row the argmax and the sampler read.
     pub argmax_row: u32,
+    /// Sampling on the device: temperature (> 0), top-k (0: all), top-p (1: all)
+    /// and this step's uniform draw in `[0, 1)`.
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: f32,
+    pub sample_u: f32,
 }
 
 impl StepUniform {
-    pub const SIZE: usize = 32;
+    pub const SIZE: usize = 48;
 
-    /// The uniform buffer contents (little-endian u32s, padded to 32 bytes).
+    /// The uniform buffer contents (little-endian 32-bit fields, padded to 48 bytes).
     pub fn to_bytes(&self) -> [u8; Self::SIZE] {
         let mut b = [0u8; Self::SIZE];
-        for (i, v) in [self.pos, self.n_tokens, self.ctx, self.logits_from, self.argmax_row].iter().enumerate() {
+        let words = [
+            self.pos,
+            self.n_tokens,
+            self.ctx,
+            self.logits_from,
+            self.argmax_row,
+            self.temperature.to_bits(),
+            self.top_k,
+            self.top_p.to_bits(),
+            self.sample_u.to_bits(),
+        ];
+        for (i, v) in words.iter().enumerate() {
             b[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
         }
         b
@@ -161,6 +178,8 @@ pub enum KernelSpec {
     RmsLogits { hidden: usize, vocab: usize, rows: [usize; 2], eps: f32, format: QuantFormat, target: Target },
     /// Index of the largest logit of one row (greedy sampling on the device).
     Argmax { vocab: usize, target: Target },
+    /// Temperature, top-k and top-p sampling of one row on the device.
+    Sample { vocab: usize, target: Target },
 }
 
 impl KernelSpec {
@@ -172,7 +191,8 @@ impl KernelSpec {
             | KernelSpec::MatvecAdd { target, .. }
             | KernelSpec::RmsGateUp { target, .. }
             | KernelSpec::RmsLogits { target, .. }
-            | KernelSpec::Argmax { target, .. } => target,
+            | KernelSpec::Argmax { target, .. }
+            | KernelSpec::Sample { target, .. } => target,
         }
     }
 
@@ -211,6 +231,7 @@ impl KernelSpec {
                 format!("rms-logits-h{hidden}-v{vocab}-r{}-{}-eps{eps}-{}-{t}", rows[0], rows[1], f(*format))
             }
             KernelSpec::Argmax { vocab, .. } => format!("argmax-v{vocab}-{t}"),
+            KernelSpec::Sample { vocab, .. } => format!("sample-v{vocab}-{t}"),
         }
     }
 }

@@ -26,12 +26,12 @@ fn real_model_shape_validates_for_every_precision_and_target() {
                 validate(k, &target).unwrap();
                 validated.insert(k.name.clone());
             }
-            // one pipeline per distinct spec: 5 layer kernels + embed + logits + argmax,
+            // one pipeline per distinct spec: 5 layer kernels + embed + logits + argmax + sampler,
             // plus batch variants of the 4 layer matrix kernels and the logits
-            assert_eq!(plan.kernels.len(), 8 + 5, "{format:?} {}", target.name());
+            assert_eq!(plan.kernels.len(), 9 + 5, "{format:?} {}", target.name());
             for step in &plan.steps {
                 let Some(batch) = step.batch_kernel else {
-                    assert!(matches!(step.stage, Stage::Embed | Stage::Argmax) || step.layer.is_some());
+                    assert!(matches!(step.stage, Stage::Embed | Stage::Argmax | Stage::Sample) || step.layer.is_some());
                     continue;
                 };
                 let (decode, batch) = (&plan.kernels[step.kernel], &plan.kernels[batch]);
@@ -48,8 +48,8 @@ fn real_model_shape_validates_for_every_precision_and_target() {
             assert_eq!(batched, 4 * cfg.num_layers + 1, "{format:?} {}", target.name());
         }
     }
-    // attention and argmax do not depend on the weight format; five kernels have batch variants
-    assert_eq!(validated.len(), 4 * (6 * 6 + 5 * 6 + 2));
+    // attention, argmax and the sampler do not depend on the weight format; five kernels have batch variants
+    assert_eq!(validated.len(), 4 * (6 * 6 + 5 * 6 + 3));
     println!("validated {} kernel variants for the SmolLM2-135M shape", validated.len());
 }
 
@@ -114,7 +114,8 @@ fn generated_files_cover_every_kernel_with_an_index() {
     for target in Target::all() {
         let steps = index["plans"][target.name()].as_array().unwrap();
         // the embedding has two parts; the untied lm_head one
-        assert_eq!(steps.len(), 5 * cfg.num_layers + 2 + 1 + 1);
+        // plus the argmax and the sampler
+        assert_eq!(steps.len(), 5 * cfg.num_layers + 2 + 1 + 2);
     }
     // deterministic
     assert_eq!(files, generated_files(&manifest, &Target::all()).unwrap());
@@ -287,4 +288,12 @@ fn copy_kernel_validates_for_every_target() {
     }
     assert_eq!(llama5_codegen::copy_dispatch(1 << 30), [65535, 1, 1]);
     assert_eq!(llama5_codegen::copy_dispatch(16 * 1024 * 10), [10, 1, 1]);
+}
+
+#[test]
+fn snapshot_sampler() {
+    insta::assert_snapshot!(
+        "sample_f32",
+        snapshot_spec(KernelSpec::Sample { vocab: 49152, target: Target::portable() })
+    );
 }

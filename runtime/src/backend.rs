@@ -1,6 +1,7 @@
 //! What every backend (CPU, GPU) offers the generation loop.
 
 use crate::error::RuntimeError;
+use crate::sampling::SamplingParams;
 
 /// Which logits a forward call returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +43,20 @@ pub trait Backend {
     /// but the last. `None` where the backend has no such path (the caller
     /// samples on the host).
     fn greedy_steps(&mut self, _first: u32, _pos: usize, _k: usize) -> Option<Result<Vec<u32>, RuntimeError>> {
+        None
+    }
+
+    /// Like [`Backend::greedy_steps`], each step sampled on the device with
+    /// `params` at the uniform draw `draws[i]`, for `draws.len()` steps: the
+    /// token the host's [`crate::sampling::Sampler::choose`] picks from the same
+    /// logits and draw.
+    fn sampled_steps(
+        &mut self,
+        _first: u32,
+        _pos: usize,
+        _params: &SamplingParams,
+        _draws: &[f64],
+    ) -> Option<Result<Vec<u32>, RuntimeError>> {
         None
     }
 }

@@ -144,8 +144,8 @@ impl<'a> Generator<'a> {
         timings.prefill = t0.elapsed();
         self.wrapped |= self.cached.len() > ctx;
 
-        // decode; greedy runs may take several tokens per call from a backend
-        // that chooses them on the device (`ahead`)
+        // decode; a backend that chooses tokens on the device (greedy or sampled
+        // with the sampler's next draws) may return several per call (`ahead`)
         let t1 = Instant::now();
         let mut stream = self.tokenizer.stream();
         let mut tokens = Vec::new();
@@ -180,9 +180,20 @@ impl<'a> Generator<'a> {
                 let room = if opts.sliding_window { usize::MAX } else { ctx - self.cached.len() };
                 let k = chunk.min(opts.max_tokens - tokens.len()).min(room);
                 chunk = (chunk * 2).min(GREEDY_CHUNK);
-                match sampler.is_greedy().then(|| self.backend.greedy_steps(next, self.cached.len(), k)).flatten() {
+                let pos = self.cached.len();
+                let on_device = if sampler.is_greedy() {
+                    self.backend.greedy_steps(next, pos, k)
+                } else {
+                    let draws = sampler.preview(k);
+                    let ids = self.backend.sampled_steps(next, pos, sampler.params(), &draws);
+                    if ids.is_some() {
+                        sampler.skip(k);
+                    }
+                    ids
+                };
+                match on_device {
                     Some(ids) => ahead.extend(ids?),
-                    None => logits = self.backend.forward(&[next], self.cached.len(), Logits::Last)?,
+                    None => logits = self.backend.forward(&[next], pos, Logits::Last)?,
                 }
             }
             // `next` is in the cache now: fed by forward, or by the device's greedy steps

@@ -138,13 +138,28 @@ impl Sampler {
         cands.iter().zip(&weights).take(keep).map(|(c, w)| (c.0, (w / kept_total) as f32)).collect()
     }
 
-    /// Draws the next token.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let dist = self.distribution(logits);
-        if dist.len() == 1 {
-            return dist[0].0;
+    /// The next uniform draw in `[0, 1)`: one per token, whether or not the
+    /// choice needs it, so host and device sampling consume the same stream.
+    pub fn draw(&mut self) -> f64 {
+        self.rng.next_f64()
+    }
+
+    /// The next `k` draws, without taking them (see [`Sampler::skip`]).
+    pub fn preview(&self, k: usize) -> Vec<f64> {
+        let mut rng = self.rng.clone();
+        (0..k).map(|_| rng.next_f64()).collect()
+    }
+
+    /// Takes `k` draws, as `k` calls of [`Sampler::draw`] would.
+    pub fn skip(&mut self, k: usize) {
+        for _ in 0..k {
+            self.rng.next_f64();
         }
-        let u = self.rng.next_f64();
+    }
+
+    /// The token at `u` of the cumulative distribution, most likely first.
+    pub fn choose(&self, logits: &[f32], u: f64) -> u32 {
+        let dist = self.distribution(logits);
         let mut cumulative = 0.0;
         for &(id, prob) in &dist {
             cumulative += prob as f64;
@@ -153,6 +168,12 @@ impl Sampler {
             }
         }
         dist[dist.len() - 1].0
+    }
+
+    /// Draws the next token.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let u = self.draw();
+        self.choose(logits, u)
     }
 }
 

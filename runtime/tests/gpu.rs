@@ -160,6 +160,7 @@ fn step(pos: usize, n_tokens: usize, ctx: usize, logits_from: usize, argmax_row:
         ctx: ctx as u32,
         logits_from: logits_from as u32,
         argmax_row: argmax_row as u32,
+        ..StepUniform::default()
     }
     .to_bytes()
     .to_vec()
@@ -534,6 +535,58 @@ fn argmax_picks_the_first_largest_logit() {
     }
 }
 
+#[test]
+fn sampler_kernel_chooses_what_the_host_sampler_chooses() {
+    use llama5_runtime::sampling::{Sampler, SamplingParams};
+    let runner = &runners()[0];
+    let target = *runner.target();
+    let vocab = 1000;
+    let mut rng = Rng(5);
+    // a spread of logits with ties (values on a coarse grid) and a NaN; the top-p
+    // values keep off exact sums of tied weights, where the device's f32 and the
+    // host's f64 may round a cut differently
+    let mut logits: Vec<f32> = rng.vec(vocab, 6.0).iter().map(|v| (v * 4.0).round() / 4.0).collect();
+    logits[17] = f32::NAN;
+    let params = [
+        (1.0, None, None),
+        (0.7, None, None),
+        (1.3, Some(40), None),
+        (0.9, None, Some(0.9)),
+        (2.0, Some(5), Some(0.55)),
+        (0.5, Some(3), None),
+    ];
+    let spec = KernelSpec::Sample { vocab, target };
+    let kernel = generate(&spec).unwrap();
+    let mut checked = 0;
+    for (temperature, top_k, top_p) in params {
+        let host = Sampler::new(SamplingParams { temperature, top_k, top_p, seed: 0 }).unwrap();
+        for i in 0..12 {
+            let u = (i as f64 + 0.37) / 12.0;
+            let step = StepUniform {
+                pos: 0,
+                n_tokens: 1,
+                ctx: 1,
+                logits_from: 0,
+                argmax_row: 1,
+                temperature,
+                top_k: top_k.unwrap_or(0) as u32,
+                top_p: top_p.unwrap_or(1.0),
+                sample_u: u as f32,
+            };
+            // row 1 is sampled; row 0 is a decoy
+            let mut rows = vec![99.0f32; vocab];
+            rows.extend_from_slice(&logits);
+            let contents = vec![step.to_bytes().to_vec(), f32_bytes(&rows), vec![0xff; 4]];
+            let out = runner.run(&kernel, &contents, [1, 1, 1]).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
+            let got = u32::from_le_bytes(out[2][..4].try_into().unwrap());
+            let want = host.choose(&logits, step.sample_u as f64);
+            assert_eq!(got, want, "T {temperature} top-k {top_k:?} top-p {top_p:?} u {u}");
+            checked += 1;
+        }
+    }
+    println!("{checked} device choices match the host sampler on {}", runner.adapter_name());
+}
+
 // ----------------------------------------------------------------------------
 // Whole models: the tiny fixture converted at each precision, GPU against CPU.
 
@@ -709,5 +762,27 @@ fn generator_greedy_on_the_device_matches_the_cpu_backend() {
         if ctx == 24 && !sliding_window {
             assert_eq!(got.stop, StopReason::ContextFull);
         }
+    }
+}
+
+#[test]
+fn generator_sampling_on_the_device_matches_the_cpu_backend() {
+    use llama5_runtime::generate::{GenerateOptions, Generator};
+    use llama5_runtime::sampling::SamplingParams;
+    use llama5_runtime::tokenizer::Tokenizer;
+    let (_dir, model) = convert_tiny(Precision::F16, false, false);
+    let tok = Tokenizer::for_model(&model).unwrap();
+    let prompt = llama5_fixtures::tiny::golden_input_ids();
+    for (seed, top_k, top_p) in [(1, None, None), (2, Some(20), None), (3, None, Some(0.8))] {
+        let sampling = SamplingParams { temperature: 3.0, top_k, top_p, seed };
+        let opts = GenerateOptions { max_tokens: 40, sampling, sliding_window: false };
+        let mut cpu = CpuBackend::new(&model, 64).unwrap();
+        let want = Generator::new(&mut cpu, &tok).generate(&prompt, &opts, &mut |_| Ok(())).unwrap();
+        let gpu_opts = GpuOptions { adapter: None, ctx: 64, pipeline_cache_dir: None };
+        let mut gpu = GpuBackend::with_features(&model, &gpu_opts, features_for(&Target::portable())).unwrap();
+        let got = Generator::new(&mut gpu, &tok).generate(&prompt, &opts, &mut |_| Ok(())).unwrap();
+        assert_eq!(got.tokens, want.tokens, "seed {seed}, top-k {top_k:?}, top-p {top_p:?}");
+        let distinct: std::collections::BTreeSet<&u32> = got.tokens.iter().collect();
+        assert!(distinct.len() > 3, "sampling varies the tokens: {:?}", got.tokens);
     }
 }

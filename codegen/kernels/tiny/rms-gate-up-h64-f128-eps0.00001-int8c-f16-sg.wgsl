@@ -18,7 +18,11 @@ struct Step {
     n_tokens: u32,    // tokens in this step
     ctx: u32,         // positions the KV cache holds (ring size)
     logits_from: u32, // first token whose logits are computed
-    argmax_row: u32,  // logits row the argmax reads
+    argmax_row: u32,  // logits row the argmax and the sampler read
+    temperature: f32, // sampling: temperature (> 0)
+    top_k: u32,       // sampling: keep the k most likely (0: all)
+    top_p: f32,       // sampling: keep the most likely up to this mass (1: all)
+    sample_u: f32,    // sampling: the uniform draw in [0, 1) of this step
     pad0: u32,
     pad1: u32,
     pad2: u32,

@@ -139,7 +139,7 @@ fn work(gpu: &GpuBackend, manifest: &Manifest, d: &DispatchTime, n: usize, pos: 
             }
             (bytes, flops)
         }
-        Stage::Embed | Stage::Argmax => (0, 0.0),
+        Stage::Embed | Stage::Argmax | Stage::Sample => (0, 0.0),
     }
 }
 

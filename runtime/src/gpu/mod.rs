@@ -19,6 +19,7 @@ use llama5_codegen::{Access, Activation, Plan, Resource, Rows, Stage, StepUnifor
 use crate::backend::{Backend, BackendInfo, Logits};
 use crate::error::RuntimeError;
 use crate::model::Model;
+use crate::sampling::SamplingParams;
 use device::{convert_error, take_error, Gpu};
 
 /// Tokens one submission processes at most (prompts are split into chunks of this many):
@@ -73,6 +74,14 @@ impl MemoryUse {
     pub fn total(&self) -> u64 {
         self.weights + self.kv_cache + self.other
     }
+}
+
+/// How a forward step chooses its next token on the device, if it does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Choice {
+    None,
+    Argmax,
+    Sample,
 }
 
 /// One dispatch of a forward step.
@@ -456,6 +465,35 @@ impl GpuBackend {
     /// [`GpuBackend::forward_argmax`] return; the caller discards any after an end
     /// of sequence token.
     pub fn generate_greedy(&mut self, first: u32, pos: usize, k: usize) -> Result<Vec<u32>, RuntimeError> {
+        self.device_steps(first, pos, k, None)
+    }
+
+    /// Like [`GpuBackend::generate_greedy`], with each step sampled on the device
+    /// (temperature, top-k, top-p of `params`) at the uniform draw `draws[i]`:
+    /// the host [`crate::sampling::Sampler`]'s choice for the same logits and draw.
+    pub fn generate_sampled(
+        &mut self,
+        first: u32,
+        pos: usize,
+        params: &SamplingParams,
+        draws: &[f64],
+    ) -> Result<Vec<u32>, RuntimeError> {
+        if !(params.temperature > 0.0 && params.temperature.is_finite()) {
+            return Err(RuntimeError::Other(format!(
+                "sampling on the device needs a temperature > 0, not {}",
+                params.temperature
+            )));
+        }
+        self.device_steps(first, pos, draws.len(), Some((params, draws)))
+    }
+
+    fn device_steps(
+        &mut self,
+        first: u32,
+        pos: usize,
+        k: usize,
+        sampling: Option<(&SamplingParams, &[f64])>,
+    ) -> Result<Vec<u32>, RuntimeError> {
         if first as usize >= self.vocab {
             return Err(RuntimeError::Other(format!("token id {first} is outside the vocabulary of {}", self.vocab)));
         }
@@ -463,35 +501,48 @@ impl GpuBackend {
         let mut next = first;
         while out.len() < k {
             let n = (k - out.len()).min(MAX_GREEDY_STEPS);
-            let chosen = self.submit_greedy(next, pos + out.len(), n)?;
+            let sampling = sampling.map(|(p, d)| (p, &d[out.len()..out.len() + n]));
+            let chosen = self.submit_steps(next, pos + out.len(), n, sampling)?;
             next = *chosen.last().expect("at least one step");
             out.extend(chosen);
         }
         Ok(out)
     }
 
-    fn submit_greedy(&mut self, first: u32, pos: usize, n: usize) -> Result<Vec<u32>, RuntimeError> {
+    fn submit_steps(
+        &mut self,
+        first: u32,
+        pos: usize,
+        n: usize,
+        sampling: Option<(&SamplingParams, &[f64])>,
+    ) -> Result<Vec<u32>, RuntimeError> {
         let mut records = Vec::with_capacity(n * StepUniform::SIZE);
         for i in 0..n {
             let p = pos + i;
-            let step = StepUniform {
+            let mut step = StepUniform {
                 pos: u32::try_from(p).map_err(|_| RuntimeError::Other(format!("position {p} does not fit in u32")))?,
                 n_tokens: 1,
                 ctx: self.ctx as u32,
-                logits_from: 0,
-                argmax_row: 0,
+                ..StepUniform::default()
             };
+            if let Some((params, draws)) = sampling {
+                step.temperature = params.temperature;
+                step.top_k = params.top_k.map_or(0, |k| u32::try_from(k).unwrap_or(u32::MAX));
+                step.top_p = params.top_p.unwrap_or(1.0);
+                step.sample_u = draws[i] as f32;
+            }
             records.extend_from_slice(&step.to_bytes());
         }
+        let choice = if sampling.is_some() { Choice::Sample } else { Choice::Argmax };
         let q = &self.gpu.queue;
         q.write_buffer(&self.greedy_steps, 0, &records);
         q.write_buffer(&self.tokens, 0, &first.to_le_bytes());
         let mut encoder =
-            self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("greedy") });
+            self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("device steps") });
         let size = StepUniform::SIZE as u64;
         for i in 0..n as u64 {
             encoder.copy_buffer_to_buffer(&self.greedy_steps, i * size, &self.step, 0, size);
-            self.encode_pass(&mut encoder, 1, 1, true);
+            self.encode_pass(&mut encoder, 1, 1, choice);
             encoder.copy_buffer_to_buffer(&self.argmax, 0, &self.tokens, 0, 4);
             encoder.copy_buffer_to_buffer(&self.argmax, 0, &self.greedy_tokens, i * 4, 4);
         }
@@ -502,10 +553,10 @@ impl GpuBackend {
     }
 
     /// Records one forward step of `n` tokens as a compute pass.
-    fn encode_pass(&self, encoder: &mut wgpu::CommandEncoder, n: u32, rows: usize, argmax: bool) {
+    fn encode_pass(&self, encoder: &mut wgpu::CommandEncoder, n: u32, rows: usize, choice: Choice) {
         let mut pass =
             encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("forward"), timestamp_writes: None });
-        for d in self.dispatches(n, rows, argmax) {
+        for d in self.dispatches(n, rows, choice) {
             pass.set_pipeline(&self.pipelines[d.kernel]);
             pass.set_bind_group(0, d.bind_group, &[]);
             let [x, y, z] = d.grid;
@@ -516,12 +567,13 @@ impl GpuBackend {
     /// The dispatches of one forward step of `n` tokens and `rows` logits rows,
     /// in order: each plan step's batch kernel where the step repeats often
     /// enough, else its kernel.
-    fn dispatches(&self, n: u32, rows: usize, argmax: bool) -> Vec<Dispatch<'_>> {
+    fn dispatches(&self, n: u32, rows: usize, choice: Choice) -> Vec<Dispatch<'_>> {
         let mut out = Vec::with_capacity(self.plan.steps.len());
         for (i, s) in self.plan.steps.iter().enumerate() {
             let skip = match s.stage {
                 Stage::Logits => rows == 0,
-                Stage::Argmax => !argmax,
+                Stage::Argmax => choice != Choice::Argmax,
+                Stage::Sample => choice != Choice::Sample,
                 Stage::Embed | Stage::Layer => false,
             };
             if skip {
@@ -588,6 +640,7 @@ impl GpuBackend {
             ctx: self.ctx as u32,
             logits_from: n - rows.max(1) as u32,
             argmax_row: rows.saturating_sub(1) as u32,
+            ..StepUniform::default()
         };
         let q = &self.gpu.queue;
         q.write_buffer(&self.step, 0, &step.to_bytes());
@@ -602,7 +655,7 @@ impl GpuBackend {
 
         let mut encoder =
             self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
-        self.encode_pass(&mut encoder, n, rows, argmax);
+        self.encode_pass(&mut encoder, n, rows, if argmax { Choice::Argmax } else { Choice::None });
         let read_bytes = if argmax { 4 } else { (rows * self.vocab * 4) as u64 };
         if read_bytes > 0 {
             let src = if argmax { &self.argmax } else { &self.logits };
@@ -720,6 +773,16 @@ impl Backend for GpuBackend {
 
     fn greedy_steps(&mut self, first: u32, pos: usize, k: usize) -> Option<Result<Vec<u32>, RuntimeError>> {
         Some(self.generate_greedy(first, pos, k))
+    }
+
+    fn sampled_steps(
+        &mut self,
+        first: u32,
+        pos: usize,
+        params: &SamplingParams,
+        draws: &[f64],
+    ) -> Option<Result<Vec<u32>, RuntimeError>> {
+        Some(self.generate_sampled(first, pos, params, draws))
     }
 }
 
