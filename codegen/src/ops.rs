@@ -382,8 +382,11 @@ fn attention(
         format!("{name}: num_heads must be a positive multiple of num_kv_heads")
     })?;
     let wg = tcal::prev_power_of_two(target.workgroup_limit());
-    // position slices of the value sum: every invocation accumulates one dimension
-    let slices = (wg as usize / head_dim).max(1);
+    // heads of a multiple of 4 dimensions are read 4 at a time
+    let width = if head_dim.is_multiple_of(4) { 4 } else { 1 };
+    let lanes = head_dim / width;
+    // position slices of the value sum: every invocation accumulates one vector of dimensions
+    let slices = (wg as usize / lanes).max(1);
     let mut m = ModuleText::new(
         name,
         target,
@@ -393,38 +396,49 @@ fn attention(
             "ring-buffer cache (slot = position % ctx). Positions are visited in tiles of",
             "WG with an online softmax, so any context length fits in workgroup memory;",
             "within a tile, each invocation scores one position, then SLICES interleaved",
-            "slices of the positions accumulate the values in parallel.",
+            "slices of the positions accumulate the values in parallel. Rows are read",
+            "LANE_WIDTH dimensions at a time.",
         ],
     );
     let kv = tcal::kv_type(&target);
-    m.bind("q", Access::ReadOnly, Resource::Activation(Activation::Q), "f32", "[tokens, Q_DIM] queries after RoPE");
-    m.bind("k_cache", Access::ReadOnly, Resource::KeyCache, kv, "[ctx, KV_DIM] keys");
-    m.bind("v_cache", Access::ReadOnly, Resource::ValueCache, kv, "[ctx, KV_DIM] values");
-    m.bind("attn", Access::ReadWrite, Resource::Activation(Activation::Attn), "f32", "[tokens, Q_DIM] output");
+    let (vf, kv_vec) =
+        if width == 4 { ("vec4<f32>".to_string(), format!("vec4<{kv}>")) } else { ("f32".to_string(), kv.to_string()) };
+    m.bind("q", Access::ReadOnly, Resource::Activation(Activation::Q), &vf, "[tokens, Q_DIM] queries after RoPE");
+    m.bind("k_cache", Access::ReadOnly, Resource::KeyCache, &kv_vec, "[ctx, KV_DIM] keys");
+    m.bind("v_cache", Access::ReadOnly, Resource::ValueCache, &kv_vec, "[ctx, KV_DIM] values");
+    m.bind("attn", Access::ReadWrite, Resource::Activation(Activation::Attn), &vf, "[tokens, Q_DIM] output");
     m.konst("WG", "u32", wg);
     m.konst("HEAD_DIM", "u32", head_dim);
+    m.konst("LANE_WIDTH", "u32", width);
+    m.konst("LANES", "u32", lanes);
     m.konst("SLICES", "u32", slices);
     m.konst("GROUP", "u32", heads / kv_heads);
-    m.konst("Q_DIM", "u32", heads * head_dim);
-    m.konst("KV_DIM", "u32", kv_heads * head_dim);
+    m.konst("Q_LANES", "u32", heads * lanes);
+    m.konst("KV_LANES", "u32", kv_heads * lanes);
     m.konst_f32("SCALE", 1.0 / (head_dim as f32).sqrt());
     m.consts += BIG;
     m.helpers += &tcal::reductions(&target, wg);
-    m.helpers += r#"
-var<workgroup> qs: array<f32, HEAD_DIM>;
+    let dot = if width == 4 { "dot(qs[d], $V(k_cache[row + d]))" } else { "qs[d] * $V(k_cache[row + d])" };
+    let vars = [("V", vf.as_str())];
+    m.helpers += &fill(
+        r#"
+var<workgroup> qs: array<$V, LANES>;
 var<workgroup> probs: array<f32, WG>;
-var<workgroup> acc: array<f32, HEAD_DIM>;
-var<workgroup> part: array<f32, SLICES * HEAD_DIM>;
+var<workgroup> acc: array<$V, LANES>;
+var<workgroup> part: array<$V, SLICES * LANES>;
 
-"#;
+"#,
+        &vars,
+    );
     let entry = entry_signature(&target, "WG")
-        + r#"    let h = wid.x;
+        + &fill(
+            &r#"    let h = wid.x;
     let t = wid.y;
     let p = step.pos + t;
-    let kv_base = (h / GROUP) * HEAD_DIM;
-    for (var d = lid; d < HEAD_DIM; d += WG) {
-        qs[d] = q[t * Q_DIM + h * HEAD_DIM + d] * SCALE;
-        acc[d] = 0.0;
+    let kv_base = (h / GROUP) * LANES;
+    for (var d = lid; d < LANES; d += WG) {
+        qs[d] = q[t * Q_LANES + h * LANES + d] * SCALE;
+        acc[d] = $V(0.0);
     }
     workgroupBarrier();
     let n = min(p + 1u, step.ctx);
@@ -435,10 +449,10 @@ var<workgroup> part: array<f32, SLICES * HEAD_DIM>;
         let j = base + lid;
         var s = -BIG;
         if (j < n) {
-            let row = ((first + j) % step.ctx) * KV_DIM + kv_base;
+            let row = ((first + j) % step.ctx) * KV_LANES + kv_base;
             s = 0.0;
-            for (var d = 0u; d < HEAD_DIM; d++) {
-                s += qs[d] * f32(k_cache[row + d]);
+            for (var d = 0u; d < LANES; d++) {
+                s += $DOT;
             }
         }
         let m_new = max(m, wg_max(s));
@@ -448,31 +462,34 @@ var<workgroup> part: array<f32, SLICES * HEAD_DIM>;
         l = l * correction + wg_sum(e);
         m = m_new;
         let count = min(WG, n - base);
-        // slice sl sums positions sl, sl + SLICES, ... of the tile for dimension d
-        for (var w = lid; w < SLICES * HEAD_DIM; w += WG) {
-            let d = w % HEAD_DIM;
-            var a = 0.0;
-            for (var jj = w / HEAD_DIM; jj < count; jj += SLICES) {
-                let row = ((first + base + jj) % step.ctx) * KV_DIM + kv_base;
-                a += probs[jj] * f32(v_cache[row + d]);
+        // slice sl sums positions sl, sl + SLICES, ... of the tile for lane d
+        for (var w = lid; w < SLICES * LANES; w += WG) {
+            let d = w % LANES;
+            var a = $V(0.0);
+            for (var jj = w / LANES; jj < count; jj += SLICES) {
+                let row = ((first + base + jj) % step.ctx) * KV_LANES + kv_base;
+                a += probs[jj] * $V(v_cache[row + d]);
             }
             part[w] = a;
         }
         workgroupBarrier();
-        for (var d = lid; d < HEAD_DIM; d += WG) {
+        for (var d = lid; d < LANES; d += WG) {
             var a = acc[d] * correction;
             for (var sl = 0u; sl < SLICES; sl++) {
-                a += part[sl * HEAD_DIM + d];
+                a += part[sl * LANES + d];
             }
             acc[d] = a;
         }
         workgroupBarrier();
     }
-    for (var d = lid; d < HEAD_DIM; d += WG) {
-        attn[t * Q_DIM + h * HEAD_DIM + d] = acc[d] / l;
+    for (var d = lid; d < LANES; d += WG) {
+        attn[t * Q_LANES + h * LANES + d] = acc[d] / l;
     }
 }
-"#;
+"#
+            .replace("$DOT", dot),
+            &vars,
+        );
     Ok(m.finish(&entry, [wg, 1, 1], [heads as u32, 1, 1], Rows::Tokens))
 }
 

@@ -418,9 +418,10 @@ fn rms_qkv_rope_with_mixed_formats_matches_cpu() {
 
 #[test]
 fn attention_matches_cpu() {
-    let (heads, kv_heads, head_dim) = (6, 2, 10);
-    let (q_dim, kv_dim, group) = (heads * head_dim, kv_heads * head_dim, heads / kv_heads);
-    for runner in runners() {
+    // heads of 10 dimensions are read one at a time, of 16 four at a time
+    for (runner, head_dim) in runners().iter().flat_map(|r| [(r, 10), (r, 16)]) {
+        let (heads, kv_heads) = (6, 2);
+        let (q_dim, kv_dim, group) = (heads * head_dim, kv_heads * head_dim, heads / kv_heads);
         let target = *runner.target();
         // short, wrapped (sliding window), and longer than one tile of positions
         for (pos, tokens, ctx) in [(3, 2, 8), (20, 1, 8), (130, 3, 150), (0, 1, 4), (600, 2, 700)] {

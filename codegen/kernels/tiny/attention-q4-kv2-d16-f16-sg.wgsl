@@ -5,7 +5,8 @@
 // ring-buffer cache (slot = position % ctx). Positions are visited in tiles of
 // WG with an online softmax, so any context length fits in workgroup memory;
 // within a tile, each invocation scores one position, then SLICES interleaved
-// slices of the positions accumulate the values in parallel.
+// slices of the positions accumulate the values in parallel. Rows are read
+// LANE_WIDTH dimensions at a time.
 //
 // Bindings (group 0):
 //   0: step (uniform): per-step values
@@ -33,17 +34,19 @@ struct Step {
 }
 
 @group(0) @binding(0) var<uniform> step: Step;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k_cache: array<f16>;
-@group(0) @binding(3) var<storage, read> v_cache: array<f16>;
-@group(0) @binding(4) var<storage, read_write> attn: array<f32>;
+@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> k_cache: array<vec4<f16>>;
+@group(0) @binding(3) var<storage, read> v_cache: array<vec4<f16>>;
+@group(0) @binding(4) var<storage, read_write> attn: array<vec4<f32>>;
 
 const WG: u32 = 256u;
 const HEAD_DIM: u32 = 16u;
-const SLICES: u32 = 16u;
+const LANE_WIDTH: u32 = 4u;
+const LANES: u32 = 4u;
+const SLICES: u32 = 64u;
 const GROUP: u32 = 2u;
-const Q_DIM: u32 = 64u;
-const KV_DIM: u32 = 32u;
+const Q_LANES: u32 = 16u;
+const KV_LANES: u32 = 8u;
 const SCALE: f32 = 0.25;
 const BIG: f32 = 3.4028235e38;
 
@@ -100,10 +103,10 @@ fn wg_argmax(v: f32, i: u32) -> u32 {
     return best;
 }
 
-var<workgroup> qs: array<f32, HEAD_DIM>;
+var<workgroup> qs: array<vec4<f32>, LANES>;
 var<workgroup> probs: array<f32, WG>;
-var<workgroup> acc: array<f32, HEAD_DIM>;
-var<workgroup> part: array<f32, SLICES * HEAD_DIM>;
+var<workgroup> acc: array<vec4<f32>, LANES>;
+var<workgroup> part: array<vec4<f32>, SLICES * LANES>;
 
 @compute @workgroup_size(WG)
 fn main(
@@ -120,10 +123,10 @@ fn main(
     let h = wid.x;
     let t = wid.y;
     let p = step.pos + t;
-    let kv_base = (h / GROUP) * HEAD_DIM;
-    for (var d = lid; d < HEAD_DIM; d += WG) {
-        qs[d] = q[t * Q_DIM + h * HEAD_DIM + d] * SCALE;
-        acc[d] = 0.0;
+    let kv_base = (h / GROUP) * LANES;
+    for (var d = lid; d < LANES; d += WG) {
+        qs[d] = q[t * Q_LANES + h * LANES + d] * SCALE;
+        acc[d] = vec4<f32>(0.0);
     }
     workgroupBarrier();
     let n = min(p + 1u, step.ctx);
@@ -134,10 +137,10 @@ fn main(
         let j = base + lid;
         var s = -BIG;
         if (j < n) {
-            let row = ((first + j) % step.ctx) * KV_DIM + kv_base;
+            let row = ((first + j) % step.ctx) * KV_LANES + kv_base;
             s = 0.0;
-            for (var d = 0u; d < HEAD_DIM; d++) {
-                s += qs[d] * f32(k_cache[row + d]);
+            for (var d = 0u; d < LANES; d++) {
+                s += dot(qs[d], vec4<f32>(k_cache[row + d]));
             }
         }
         let m_new = max(m, wg_max(s));
@@ -147,27 +150,27 @@ fn main(
         l = l * correction + wg_sum(e);
         m = m_new;
         let count = min(WG, n - base);
-        // slice sl sums positions sl, sl + SLICES, ... of the tile for dimension d
-        for (var w = lid; w < SLICES * HEAD_DIM; w += WG) {
-            let d = w % HEAD_DIM;
-            var a = 0.0;
-            for (var jj = w / HEAD_DIM; jj < count; jj += SLICES) {
-                let row = ((first + base + jj) % step.ctx) * KV_DIM + kv_base;
-                a += probs[jj] * f32(v_cache[row + d]);
+        // slice sl sums positions sl, sl + SLICES, ... of the tile for lane d
+        for (var w = lid; w < SLICES * LANES; w += WG) {
+            let d = w % LANES;
+            var a = vec4<f32>(0.0);
+            for (var jj = w / LANES; jj < count; jj += SLICES) {
+                let row = ((first + base + jj) % step.ctx) * KV_LANES + kv_base;
+                a += probs[jj] * vec4<f32>(v_cache[row + d]);
             }
             part[w] = a;
         }
         workgroupBarrier();
-        for (var d = lid; d < HEAD_DIM; d += WG) {
+        for (var d = lid; d < LANES; d += WG) {
             var a = acc[d] * correction;
             for (var sl = 0u; sl < SLICES; sl++) {
-                a += part[sl * HEAD_DIM + d];
+                a += part[sl * LANES + d];
             }
             acc[d] = a;
         }
         workgroupBarrier();
     }
-    for (var d = lid; d < HEAD_DIM; d += WG) {
-        attn[t * Q_DIM + h * HEAD_DIM + d] = acc[d] / l;
+    for (var d = lid; d < LANES; d += WG) {
+        attn[t * Q_LANES + h * LANES + d] = acc[d] / l;
     }
 }
