@@ -92,6 +92,16 @@ impl ModuleText {
         Ok(())
     }
 
+    /// Binds a weight matrix read four outputs at a load (`<ident>_dot4`).
+    fn quad_weight(&mut self, m: &WeightMatrix<'_>, what: &str) -> Result<(), CodegenError> {
+        let what = format!("{what}; {}, {} x {}", tcal::describe(m.format), m.out, m.in_features);
+        self.bind(m.ident, Access::ReadOnly, Resource::Tensor, "vec4<u32>", &what);
+        let f = m.dot4_functions().map_err(|e| CodegenError::Format { tensor: what.clone(), source: e })?;
+        self.helpers += f.trim_end();
+        self.helpers += "\n\n";
+        Ok(())
+    }
+
     /// Binds a weight matrix for a tiled kernel, read as `read` says.
     fn tile_weight(&mut self, m: &WeightMatrix<'_>, read: TileRead, what: &str) -> Result<(), CodegenError> {
         let what = format!("{what}; {}, {} x {}", tcal::describe(m.format), m.out, m.in_features);
@@ -514,6 +524,40 @@ fn matvec_entry(target: &Target, store: &str) -> String {
         )
 }
 
+/// [`matvec_entry`] for invocations that own four outputs (`<w>_dot4`): `y` is
+/// the dot product of output `o` for token `t`.
+fn matvec_entry4(target: &Target, store: &str) -> String {
+    entry_signature(target, "WG")
+        + &fill(
+            r#"    let t = wid.y;
+    load_input($TOKEN);
+    let lo = lid % TILE;
+    let ks = lid / TILE;
+    let o4 = wid.x * TILE + lo;
+    let part = w_dot4(min(o4, OUT4 - 1u), slice_begin(W_BLOCKS, ks), slice_end(W_BLOCKS, ks));
+    let y4 = ksplit_sum4(part, lo, ks);
+    if (ks == 0u) {
+        for (var j = 0u; j < 4u; j++) {
+            let o = 4u * o4 + j;
+            let y = y4[j];
+            if (o < OUT) {
+                $STORE
+            }
+        }
+    }
+}
+"#,
+            &[("STORE", store)],
+        )
+}
+
+/// Whether a matrix-vector kernel over `out` outputs reads four at a load, and
+/// the units its shape counts (outputs or quads).
+fn output_units(out: usize) -> (bool, usize) {
+    let quads = out >= tcal::QUAD_MIN_OUTPUTS;
+    (quads, if quads { out.div_ceil(4) } else { out })
+}
+
 fn matvec_add(
     name: String,
     input: Activation,
@@ -527,7 +571,12 @@ fn matvec_add(
     let mut m = ModuleText::new(name, target, &["hidden += W x: a matrix-vector product and the residual add."]);
     m.bind(x, Access::ReadOnly, Resource::Activation(input), tcal::input_type(in_features), "[tokens, IN] input");
     let w = WeightMatrix { ident: "w", format, out: out_features, in_features };
-    m.weight(&w, "the projection", true)?;
+    let (quads, units) = output_units(out_features);
+    if quads {
+        m.quad_weight(&w, "the projection")?;
+    } else {
+        m.weight(&w, "the projection", true)?;
+    }
     m.bind(
         "hidden",
         Access::ReadWrite,
@@ -535,18 +584,24 @@ fn matvec_add(
         "f32",
         "[tokens, OUT] residual stream",
     );
-    let shape = MatvecShape::choose(out_features, w.blocks(), &target);
+    let shape = MatvecShape::choose(units, w.blocks(), &target);
     m.konst("IN", "u32", in_features);
     m.konst("OUT", "u32", out_features);
+    if quads {
+        m.konst("OUT4", "u32", units);
+    }
     m.konst("WG", "u32", shape.invocations());
     m.helpers += &tcal::reductions(&target, shape.invocations());
     m.helpers.push('\n');
-    m.helpers += &shape.functions();
+    m.helpers +=
+        &if quads { shape.quad_functions() + "\n" + TileRead::Quad.half_functions() } else { shape.functions() };
     m.helpers.push('\n');
     m.helpers += &tcal::input_functions(x, in_features, false);
     m.helpers.push('\n');
-    let entry = fill(&matvec_entry(&target, "hidden[t * OUT + o] += y;"), &[("TOKEN", "t")]);
-    let dispatch = [(out_features as u32).div_ceil(shape.tile), 1, 1];
+    let store = "hidden[t * OUT + o] += y;";
+    let entry =
+        fill(&if quads { matvec_entry4(&target, store) } else { matvec_entry(&target, store) }, &[("TOKEN", "t")]);
+    let dispatch = [(units as u32).div_ceil(shape.tile), 1, 1];
     Ok(m.finish(&entry, [shape.invocations(), 1, 1], dispatch, Rows::Tokens))
 }
 
@@ -577,22 +632,56 @@ fn rms_gate_up(
     m.bind("norm", Access::ReadOnly, Resource::Tensor, x_type, "post-attention RMSNorm weights, [IN]");
     let wg_ = WeightMatrix { ident: "w_gate", format: gate, out: ffn, in_features: hidden };
     let wu = WeightMatrix { ident: "w_up", format: up, out: ffn, in_features: hidden };
-    m.weight(&wg_, "gate_proj", true)?;
-    m.weight(&wu, "up_proj", true)?;
+    let (quads, units) = output_units(ffn);
+    if quads {
+        m.quad_weight(&wg_, "gate_proj")?;
+        m.quad_weight(&wu, "up_proj")?;
+    } else {
+        m.weight(&wg_, "gate_proj", true)?;
+        m.weight(&wu, "up_proj", true)?;
+    }
     m.bind("ffn", Access::ReadWrite, Resource::Activation(Activation::Ffn), "f32", "[tokens, OUT] SiLU(gate) * up");
-    let shape = MatvecShape::choose(ffn, wg_.blocks(), &target);
+    let shape = MatvecShape::choose(units, wg_.blocks(), &target);
     m.konst("IN", "u32", hidden);
     m.konst("OUT", "u32", ffn);
+    if quads {
+        m.konst("OUT4", "u32", units);
+    }
     m.konst("WG", "u32", shape.invocations());
     m.konst_f32("EPS", eps);
     m.helpers += &tcal::reductions(&target, shape.invocations());
     m.helpers.push('\n');
-    m.helpers += &shape.functions();
+    m.helpers +=
+        &if quads { shape.quad_functions() + "\n" + TileRead::Quad.half_functions() } else { shape.functions() };
     m.helpers.push('\n');
     m.helpers += &tcal::input_functions("hidden", hidden, true);
     m.helpers.push('\n');
-    let entry = entry_signature(&target, "WG")
-        + r#"    let t = wid.y;
+    let entry = if quads {
+        entry_signature(&target, "WG")
+            + r#"    let t = wid.y;
+    load_input(t);
+    let lo = lid % TILE;
+    let ks = lid / TILE;
+    let o4 = wid.x * TILE + lo;
+    let oc = min(o4, OUT4 - 1u);
+    let g_part = w_gate_dot4(oc, slice_begin(W_GATE_BLOCKS, ks), slice_end(W_GATE_BLOCKS, ks));
+    let u_part = w_up_dot4(oc, slice_begin(W_UP_BLOCKS, ks), slice_end(W_UP_BLOCKS, ks));
+    let g = ksplit_sum4(g_part, lo, ks);
+    let u = ksplit_sum4(u_part, lo, ks);
+    if (ks == 0u) {
+        let y = g / (1.0 + exp(-g)) * u;
+        for (var j = 0u; j < 4u; j++) {
+            let o = 4u * o4 + j;
+            if (o < OUT) {
+                ffn[t * OUT + o] = y[j];
+            }
+        }
+    }
+}
+"#
+    } else {
+        entry_signature(&target, "WG")
+            + r#"    let t = wid.y;
     load_input(t);
     let lo = lid % TILE;
     let ks = lid / TILE;
@@ -606,8 +695,9 @@ fn rms_gate_up(
         ffn[t * OUT + o] = g / (1.0 + exp(-g)) * u;
     }
 }
-"#;
-    let dispatch = [(ffn as u32).div_ceil(shape.tile), 1, 1];
+"#
+    };
+    let dispatch = [(units as u32).div_ceil(shape.tile), 1, 1];
     Ok(m.finish(&entry, [shape.invocations(), 1, 1], dispatch, Rows::Tokens))
 }
 
@@ -640,23 +730,36 @@ fn rms_logits(
     );
     m.bind("norm", Access::ReadOnly, Resource::Tensor, x_type, "final RMSNorm weights, [IN]");
     let w = WeightMatrix { ident: "w", format, out: rows[1] - rows[0], in_features: hidden };
-    m.weight(&w, "output projection part", true)?;
+    let (quads, units) = output_units(rows[1] - rows[0]);
+    if quads {
+        m.quad_weight(&w, "output projection part")?;
+    } else {
+        m.weight(&w, "output projection part", true)?;
+    }
     m.bind("logits", Access::ReadWrite, Resource::Activation(Activation::Logits), "f32", "[rows, VOCAB] logits");
-    let shape = MatvecShape::choose(rows[1] - rows[0], w.blocks(), &target);
+    let shape = MatvecShape::choose(units, w.blocks(), &target);
     m.konst("IN", "u32", hidden);
     m.konst("OUT", "u32", rows[1] - rows[0]);
+    if quads {
+        m.konst("OUT4", "u32", units);
+    }
     m.konst("ROW0", "u32", rows[0]);
     m.konst("VOCAB", "u32", vocab);
     m.konst("WG", "u32", shape.invocations());
     m.konst_f32("EPS", eps);
     m.helpers += &tcal::reductions(&target, shape.invocations());
     m.helpers.push('\n');
-    m.helpers += &shape.functions();
+    m.helpers +=
+        &if quads { shape.quad_functions() + "\n" + TileRead::Quad.half_functions() } else { shape.functions() };
     m.helpers.push('\n');
     m.helpers += &tcal::input_functions("hidden", hidden, true);
     m.helpers.push('\n');
-    let entry = fill(&matvec_entry(&target, "logits[t * VOCAB + ROW0 + o] = y;"), &[("TOKEN", "step.logits_from + t")]);
-    let dispatch = [((rows[1] - rows[0]) as u32).div_ceil(shape.tile), 1, 1];
+    let store = "logits[t * VOCAB + ROW0 + o] = y;";
+    let entry = fill(
+        &if quads { matvec_entry4(&target, store) } else { matvec_entry(&target, store) },
+        &[("TOKEN", "step.logits_from + t")],
+    );
+    let dispatch = [(units as u32).div_ceil(shape.tile), 1, 1];
     Ok(m.finish(&entry, [shape.invocations(), 1, 1], dispatch, Rows::LogitRows))
 }
 

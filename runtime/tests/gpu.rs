@@ -250,9 +250,10 @@ fn rms_gate_up_matches_cpu() {
     let eps = 1e-5;
     for runner in runners() {
         let target = *runner.target();
-        for (format, tokens) in FORMATS.iter().flat_map(|&f| [(f, 2), (f, 66)]) {
+        // a batch tile's worth of tokens; and outputs enough to be read four at a load
+        for (format, tokens, ffn) in FORMATS.iter().flat_map(|&f| [(f, 2, 70), (f, 66, 70), (f, 2, 8198)]) {
             let mut rng = Rng(7);
-            let (hidden, ffn) = (input_size(format, 90), 70);
+            let hidden = input_size(format, 90);
             let (g_bytes, g) = packed(&mut rng, format, ffn, hidden);
             let (u_bytes, u) = packed(&mut rng, format, ffn, hidden);
             let x = rng.vec(tokens * hidden, 3.0);
@@ -463,9 +464,10 @@ fn logits_part_matches_cpu() {
     let eps = 1e-5;
     for runner in runners() {
         let target = *runner.target();
-        for format in FORMATS {
+        // a part of a small vocabulary, and one wide enough to be read four outputs at a load
+        for (format, vocab, rows) in FORMATS.iter().flat_map(|&f| [(f, 300, [100, 300]), (f, 9000, [10, 8211])]) {
             let mut rng = Rng(11);
-            let (hidden, vocab, rows, tokens) = (input_size(format, 60), 300, [100, 300], 3);
+            let (hidden, tokens) = (input_size(format, 60), 3);
             let (w_bytes, w) = packed(&mut rng, format, rows[1] - rows[0], hidden);
             let x = rng.vec(tokens * hidden, 2.0);
             let norm = rng.vec(hidden, 1.0);
