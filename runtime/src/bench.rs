@@ -19,6 +19,7 @@ use crate::cpu::CpuBackend;
 use crate::error::RuntimeError;
 use crate::gpu::{GpuBackend, GpuOptions, MemoryUse};
 use crate::model::Model;
+use crate::sampling::{Sampler, SamplingParams};
 use crate::synthetic::{synthetic_model, SyntheticShape};
 use crate::tiers;
 
@@ -71,6 +72,8 @@ pub struct BenchOptions {
     pub copy_bytes: Option<u64>,
     /// Also time each kernel of a decode step and of the prefill with timestamp queries.
     pub profile: bool,
+    /// Decode by sampling at this temperature (no top-k or top-p); 0 is greedy.
+    pub temperature: f32,
 }
 
 impl Default for BenchOptions {
@@ -83,6 +86,7 @@ impl Default for BenchOptions {
             prefill_tokens: 512,
             copy_bytes: None,
             profile: false,
+            temperature: 0.0,
         }
     }
 }
@@ -150,6 +154,8 @@ pub struct Settings {
     pub prefill_tokens: usize,
     /// KV-cache positions the backend was built with.
     pub ctx: usize,
+    /// Decode sampling temperature; 0 is greedy.
+    pub temperature: f32,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -248,21 +254,41 @@ pub struct MemoryReport {
 trait Subject {
     /// Runs `tokens` from `pos` and returns the greedy next token.
     fn next_token(&mut self, tokens: &[u32], pos: usize) -> Result<u32, RuntimeError>;
-    /// `k` greedy steps from token `first` at `pos`, each feeding the previous choice.
-    fn greedy(&mut self, first: u32, pos: usize, k: usize) -> Result<Vec<u32>, RuntimeError>;
-    /// Greedy steps the decode measurement gives one call of [`Subject::greedy`].
+    /// `k` decode steps from token `first` at `pos`, each feeding the previous
+    /// choice: greedy, or drawn by `sampler`.
+    fn decode(
+        &mut self,
+        first: u32,
+        pos: usize,
+        k: usize,
+        sampler: Option<&mut Sampler>,
+    ) -> Result<Vec<u32>, RuntimeError>;
+    /// Steps the decode measurement gives one call of [`Subject::decode`].
     fn tokens_per_submission(&self) -> usize;
 }
 
-/// Greedy steps the GPU records in one submission when decoding.
+/// Decode steps the GPU records in one submission.
 const GPU_DECODE_SUBMISSION: usize = 32;
 
 impl Subject for GpuBackend {
     fn next_token(&mut self, tokens: &[u32], pos: usize) -> Result<u32, RuntimeError> {
         self.forward_argmax(tokens, pos)
     }
-    fn greedy(&mut self, first: u32, pos: usize, k: usize) -> Result<Vec<u32>, RuntimeError> {
-        self.generate_greedy(first, pos, k)
+    fn decode(
+        &mut self,
+        first: u32,
+        pos: usize,
+        k: usize,
+        sampler: Option<&mut Sampler>,
+    ) -> Result<Vec<u32>, RuntimeError> {
+        match sampler {
+            None => self.generate_greedy(first, pos, k),
+            Some(s) => {
+                let draws = s.preview(k);
+                s.skip(k);
+                self.generate_sampled(first, pos, &s.params().clone(), &draws)
+            }
+        }
     }
     fn tokens_per_submission(&self) -> usize {
         GPU_DECODE_SUBMISSION
@@ -274,11 +300,21 @@ impl Subject for CpuBackend<'_> {
         let logits = self.forward(tokens, pos, Logits::Last)?;
         Ok(argmax(&logits))
     }
-    fn greedy(&mut self, first: u32, pos: usize, k: usize) -> Result<Vec<u32>, RuntimeError> {
+    fn decode(
+        &mut self,
+        first: u32,
+        pos: usize,
+        k: usize,
+        mut sampler: Option<&mut Sampler>,
+    ) -> Result<Vec<u32>, RuntimeError> {
         let mut out = Vec::with_capacity(k);
         let mut next = first;
         for i in 0..k {
-            next = self.next_token(&[next], pos + i)?;
+            let logits = self.forward(&[next], pos + i, Logits::Last)?;
+            next = match sampler.as_deref_mut() {
+                None => argmax(&logits),
+                Some(s) => s.sample(&logits),
+            };
             out.push(next);
         }
         Ok(out)
@@ -324,12 +360,22 @@ fn measure(subject: &mut dyn Subject, opts: &BenchOptions, vocab: usize) -> Resu
         let mut next = subject.next_token(&prompt, 0)?;
         s.prompt_ms.push(ms(t0.elapsed()));
         let mut steps = Vec::with_capacity(opts.gen_tokens);
+        let mut sampler = (opts.temperature > 0.0)
+            .then(|| {
+                Sampler::new(SamplingParams {
+                    temperature: opts.temperature,
+                    top_k: None,
+                    top_p: None,
+                    seed: run as u64,
+                })
+            })
+            .transpose()?;
         while steps.len() < opts.gen_tokens {
             let k = (opts.gen_tokens - steps.len()).min(subject.tokens_per_submission());
             let t = Instant::now();
-            let chosen = subject.greedy(next, opts.prompt_tokens + steps.len(), k)?;
+            let chosen = subject.decode(next, opts.prompt_tokens + steps.len(), k, sampler.as_mut())?;
             let each = ms(t.elapsed()) / k as f64;
-            next = *chosen.last().ok_or_else(|| RuntimeError::Other("greedy decoding returned no token".into()))?;
+            next = *chosen.last().ok_or_else(|| RuntimeError::Other("decoding returned no token".into()))?;
             steps.extend(std::iter::repeat_n(each, k));
         }
         s.decode_ms.push(steps);
@@ -790,6 +836,7 @@ fn report(
             gen_tokens: opts.gen_tokens,
             prefill_tokens: opts.prefill_tokens,
             ctx,
+            temperature: opts.temperature,
         },
         copy: m.copy,
         other_copies: m.other_copies,
@@ -807,7 +854,7 @@ fn conventions() -> Vec<String> {
     [
         "GB = 1e9 bytes; rates are medians unless named min / max / p10 / p90",
         "copy bandwidth counts read + write: 2 x buffer bytes per copy, several copies per submission, wall time to a blocking wait; on a GPU both the API's buffer copy (which a driver may run on a slower copy engine) and a compute-shader copy run, and the faster is the yardstick",
-        "decode: wall time per single-token forward step including the greedy choice of the next token, after a prefilled prompt; a submission of several greedy steps (tokens per submission) counts its time evenly over its steps",
+        "decode: wall time per single-token forward step including the choice of the next token (greedy, or sampled at the settings' temperature), after a prefilled prompt; a submission of several steps (tokens per submission) counts its time evenly over its steps",
         "prefill: one forward over prefill_tokens from position 0, up to the first sampled token",
         "time to first token: open (directory models) + backend creation (upload, pipelines) + prompt prefill; synthetic weights are built in host memory first, which is not counted",
         "bytes per token: stored bytes of every layer matrix (data and scales) and norm, one embedding row, the whole LM head, plus K and V of every layer at the mean decode context; activations are not counted",

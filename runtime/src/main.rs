@@ -106,6 +106,9 @@ struct BenchArgs {
     /// Also time every kernel of a decode step and of the prefill on the GPU (timestamp queries).
     #[arg(long)]
     profile: bool,
+    /// Decode by sampling at this temperature instead of greedily (0).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -520,6 +523,7 @@ fn bench_cmd(args: &BenchArgs) -> Result<()> {
         prefill_tokens: args.prefill_tokens,
         copy_bytes: args.copy_mib.map(|m| m << 20),
         profile: args.profile,
+        temperature: args.temperature,
     };
     let report = bench::run(&source, &opts).context("benchmark")?;
     if args.json {

@@ -37,6 +37,7 @@ fn small(backend: BenchBackend) -> BenchOptions {
         prefill_tokens: 16,
         copy_bytes: Some(4 << 20),
         profile: false,
+        temperature: 0.0,
     }
 }
 
@@ -128,6 +129,17 @@ fn gpu_bench_of_a_synthetic_model() {
     assert_eq!(prefill.tokens, opts.prefill_tokens);
     assert!(prefill.kernels.iter().any(|k| k.kernel.ends_with("-batch") && k.flops > 0.0), "{prefill:?}");
     assert!(r.to_table().contains("profile: prefill"));
+}
+
+#[test]
+fn sampled_decode_is_benched_on_both_backends() {
+    let source = ModelSource::Synthetic { shape: tiny_shape(), precision: Precision::Int8, seed: 2 };
+    for backend in [BenchBackend::Gpu { adapter: None }, BenchBackend::Cpu] {
+        let opts = BenchOptions { temperature: 0.8, ..small(backend.clone()) };
+        let r = bench::run(&source, &opts).unwrap();
+        check(&r, &opts);
+        assert_eq!(r.settings.temperature, 0.8, "{backend:?}");
+    }
 }
 
 #[test]
