@@ -860,9 +860,13 @@ fn rms_qkv_rope_tiled(
     );
     m.bind("hidden", Access::ReadOnly, Resource::Activation(Activation::Hidden), "f32", "[tokens, IN] residual stream");
     m.bind("norm", Access::ReadOnly, Resource::Tensor, "f32", "input RMSNorm weights, [IN]");
+    // with heads of a multiple of 8 dimensions, four consecutive units of one
+    // half are four consecutive outputs of one matrix: one aligned load
+    let aligned = head_dim.is_multiple_of(8);
+    let read = if aligned { TileRead::Quad } else { TileRead::One };
     let names = [("wq", "q_proj", q_dim), ("wk", "k_proj", kv_dim), ("wv", "v_proj", kv_dim)];
     for ((ident, what, out), format) in names.iter().zip(formats) {
-        m.tile_weight(&WeightMatrix { ident, format, out: *out, in_features: hidden }, TileRead::One, what)?;
+        m.tile_weight(&WeightMatrix { ident, format, out: *out, in_features: hidden }, read, what)?;
     }
     let kv = tcal::kv_type(&target);
     m.bind("q", Access::ReadWrite, Resource::Activation(Activation::Q), "f32", "[tokens, Q_DIM] queries after RoPE");
@@ -882,8 +886,11 @@ fn rms_qkv_rope_tiled(
     m.helpers += &tiling.prelude("hidden", true);
     m.helpers += &weight_tile("wt");
     m.helpers.push('\n');
-    m.helpers += TileRead::One.half_functions();
+    m.helpers += read.half_functions();
     m.helpers.push('\n');
+    if aligned {
+        return rms_qkv_rope_tiled_aligned(m, tiling, &target, units);
+    }
     // column c of the tile is half c % 2 of unit u0 + c / 2, whichever matrix holds it
     let stage = r#"        for (var i = lid; i < (BO / 4u) * BK; i += WG) {
             let q = i % (BO / 4u);
@@ -912,6 +919,92 @@ fn rms_qkv_rope_tiled(
             rope_store(t, step.pos + t, u0 + 2u * tx + 1u, y.z, y.w);
 "#,
         );
+    let entry =
+        tiling.entry("    let t0 = wid.y * BT;\n    let u0 = wid.x * (BO / 2u);\n", &[("y", "wt")], stage, &epilogue);
+    let dispatch = [(units as u32).div_ceil(BO / 2), 1, 1];
+    Ok(m.finish(&entry, [tiling.wg, 1, 1], dispatch, Rows::TokenTiles(tiling.bt)))
+}
+
+/// The tiled QKV kernel for heads of a multiple of 8 dimensions: tile column c
+/// is half c / (BO / 2) of unit u0 + c % (BO / 2), so each quad of columns is
+/// one aligned load, and RoPE partners sit in invocations tx and tx + BO / 8,
+/// which trade their sums through workgroup memory.
+fn rms_qkv_rope_tiled_aligned(
+    mut m: ModuleText,
+    tiling: Tiling,
+    target: &Target,
+    units: usize,
+) -> Result<Kernel, CodegenError> {
+    let store = if target.shader_f16 { "f16" } else { "" };
+    m.helpers += &fill(
+        r#"// Stores half `half` of unit `unit` of token t (position p): `own` is this half's
+// sum, `other` its partner's; q and k rotated, k and v into cache slot p % ctx.
+fn rope_store_half(t: u32, p: u32, unit: u32, half: u32, own: f32, other: f32) {
+    let u = unit_output(unit);
+    if (u.x == 3u) {
+        return;
+    }
+    let o = u.y + half * HALF;
+    let slot = (p % step.ctx) * KV_DIM;
+    if (u.x == 2u) {
+        v_cache[slot + o] = $KV(own);
+        return;
+    }
+    // reduced to [-pi, pi]: cos / sin are only accurate there on some devices
+    let raw = f32(p) * inv_freq[u.y % HEAD_DIM];
+    let angle = raw - TAU * round(raw / TAU);
+    let c = cos(angle);
+    let s = sin(angle);
+    // (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)
+    let rotated = select(own * c + other * s, own * c - other * s, half == 0u);
+    if (u.x == 0u) {
+        q[t * Q_DIM + o] = rotated;
+    } else {
+        k_cache[slot + o] = $KV(rotated);
+    }
+}
+
+"#,
+        &[("KV", store)],
+    );
+    let stage = r#"        for (var i = lid; i < (BO / 4u) * BK; i += WG) {
+            let q = i % (BO / 4u);
+            let kk = i / (BO / 4u);
+            let u = unit_output(u0 + 4u * (q % (BO / 8u)));
+            let o = u.y + (q / (BO / 8u)) * HALF;
+            var v = vec4<f32>(0.0);
+            if (u.x == 0u) {
+                v = wq_at(o, k0 + kk);
+            } else if (u.x == 1u) {
+                v = wk_at(o, k0 + kk);
+            } else if (u.x == 2u) {
+                v = wv_at(o, k0 + kk);
+            }
+            wt[kk * (BO / 4u) + q] = v;
+        }
+"#;
+    let mut epilogue = String::from(
+        r#"    let r = inv_rms(ty);
+    let half = tx / (BO / 8u);
+    let first_unit = u0 + 4u * (tx % (BO / 8u));
+    var own: array<vec4<f32>, 4>;
+    var other: array<vec4<f32>, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        own[i] = acc_y[i] * r[i];
+        workgroupBarrier();
+        xt[lid] = own[i];
+        workgroupBarrier();
+        other[i] = xt[lid ^ (BO / 8u)];
+    }
+"#,
+    );
+    epilogue += &per_token(
+        "t0",
+        r#"            for (var j = 0u; j < 4u; j++) {
+                rope_store_half(t, step.pos + t, first_unit + j, half, own[$I][j], other[$I][j]);
+            }
+"#,
+    );
     let entry =
         tiling.entry("    let t0 = wid.y * BT;\n    let u0 = wid.x * (BO / 2u);\n", &[("y", "wt")], stage, &epilogue);
     let dispatch = [(units as u32).div_ceil(BO / 2), 1, 1];

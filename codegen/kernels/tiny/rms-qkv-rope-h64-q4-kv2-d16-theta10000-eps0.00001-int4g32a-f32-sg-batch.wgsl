@@ -33,9 +33,9 @@ struct Step {
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<storage, read> hidden: array<f32>;
 @group(0) @binding(2) var<storage, read> norm: array<f32>;
-@group(0) @binding(3) var<storage, read> wq: array<u32>;
-@group(0) @binding(4) var<storage, read> wk: array<u32>;
-@group(0) @binding(5) var<storage, read> wv: array<u32>;
+@group(0) @binding(3) var<storage, read> wq: array<vec4<u32>>;
+@group(0) @binding(4) var<storage, read> wk: array<vec4<u32>>;
+@group(0) @binding(5) var<storage, read> wv: array<vec4<u32>>;
 @group(0) @binding(6) var<storage, read_write> q: array<f32>;
 @group(0) @binding(7) var<storage, read_write> k_cache: array<f32>;
 @group(0) @binding(8) var<storage, read_write> v_cache: array<f32>;
@@ -56,17 +56,17 @@ const WQ_IN: u32 = 64u;
 const WQ_SCALES: u32 = 512u;
 const WQ_SCALE_STRIDE: u32 = 64u;
 
-fn wq_raw(o: u32, k: u32) -> f32 {
-    let sm = wq[WQ_SCALES + (k / 32u) * WQ_SCALE_STRIDE + o];
-    return f32((wq[(k / 8u) * WQ_STRIDE + o] >> u32(4u * (k % 8u))) & u32(15u)) * half_lo(sm) + half_hi(sm);
+fn wq_raw(o: u32, k: u32) -> vec4<f32> {
+    let sm = wq[(WQ_SCALES + (k / 32u) * WQ_SCALE_STRIDE + o) / 4u];
+    return vec4<f32>((wq[((k / 8u) * WQ_STRIDE + o) / 4u] >> vec4<u32>(4u * (k % 8u))) & vec4<u32>(15u)) * half_lo(sm) + half_hi(sm);
 }
 
-// Input k of output o, dequantised; zero past the last output or input.
-fn wq_at(o: u32, k: u32) -> f32 {
+// Input k of output o .. o + 4, dequantised; zero past the last output or input.
+fn wq_at(o: u32, k: u32) -> vec4<f32> {
     if (k >= WQ_IN) {
-        return f32(0.0);
+        return vec4<f32>(0.0);
     }
-    return select(f32(0.0), wq_raw(o, k), o < u32(WQ_OUT));
+    return select(vec4<f32>(0.0), wq_raw(o, k), vec4<u32>(o) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(WQ_OUT));
 }
 
 // wk: int4 x8, groups of 32 inputs with (scale, min) f16 pairs, 32 outputs x 64 inputs, column-major packed.
@@ -76,17 +76,17 @@ const WK_IN: u32 = 64u;
 const WK_SCALES: u32 = 256u;
 const WK_SCALE_STRIDE: u32 = 32u;
 
-fn wk_raw(o: u32, k: u32) -> f32 {
-    let sm = wk[WK_SCALES + (k / 32u) * WK_SCALE_STRIDE + o];
-    return f32((wk[(k / 8u) * WK_STRIDE + o] >> u32(4u * (k % 8u))) & u32(15u)) * half_lo(sm) + half_hi(sm);
+fn wk_raw(o: u32, k: u32) -> vec4<f32> {
+    let sm = wk[(WK_SCALES + (k / 32u) * WK_SCALE_STRIDE + o) / 4u];
+    return vec4<f32>((wk[((k / 8u) * WK_STRIDE + o) / 4u] >> vec4<u32>(4u * (k % 8u))) & vec4<u32>(15u)) * half_lo(sm) + half_hi(sm);
 }
 
-// Input k of output o, dequantised; zero past the last output or input.
-fn wk_at(o: u32, k: u32) -> f32 {
+// Input k of output o .. o + 4, dequantised; zero past the last output or input.
+fn wk_at(o: u32, k: u32) -> vec4<f32> {
     if (k >= WK_IN) {
-        return f32(0.0);
+        return vec4<f32>(0.0);
     }
-    return select(f32(0.0), wk_raw(o, k), o < u32(WK_OUT));
+    return select(vec4<f32>(0.0), wk_raw(o, k), vec4<u32>(o) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(WK_OUT));
 }
 
 // wv: int4 x8, groups of 32 inputs with (scale, min) f16 pairs, 32 outputs x 64 inputs, column-major packed.
@@ -96,17 +96,17 @@ const WV_IN: u32 = 64u;
 const WV_SCALES: u32 = 256u;
 const WV_SCALE_STRIDE: u32 = 32u;
 
-fn wv_raw(o: u32, k: u32) -> f32 {
-    let sm = wv[WV_SCALES + (k / 32u) * WV_SCALE_STRIDE + o];
-    return f32((wv[(k / 8u) * WV_STRIDE + o] >> u32(4u * (k % 8u))) & u32(15u)) * half_lo(sm) + half_hi(sm);
+fn wv_raw(o: u32, k: u32) -> vec4<f32> {
+    let sm = wv[(WV_SCALES + (k / 32u) * WV_SCALE_STRIDE + o) / 4u];
+    return vec4<f32>((wv[((k / 8u) * WV_STRIDE + o) / 4u] >> vec4<u32>(4u * (k % 8u))) & vec4<u32>(15u)) * half_lo(sm) + half_hi(sm);
 }
 
-// Input k of output o, dequantised; zero past the last output or input.
-fn wv_at(o: u32, k: u32) -> f32 {
+// Input k of output o .. o + 4, dequantised; zero past the last output or input.
+fn wv_at(o: u32, k: u32) -> vec4<f32> {
     if (k >= WV_IN) {
-        return f32(0.0);
+        return vec4<f32>(0.0);
     }
-    return select(f32(0.0), wv_raw(o, k), o < u32(WV_OUT));
+    return select(vec4<f32>(0.0), wv_raw(o, k), vec4<u32>(o) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(WV_OUT));
 }
 
 // RoPE inverse frequencies theta^(-2j / HEAD_DIM).
@@ -210,12 +210,39 @@ fn inv_rms(ty: u32) -> vec4<f32> {
 // A weight tile: element (k, c) is wt[k * BO / 4 + c / 4][c % 4].
 var<workgroup> wt: array<vec4<f32>, BK * BO / 4u>;
 
-fn half_lo(x: u32) -> f32 {
-    return unpack2x16float(x).x;
+fn half_lo(x: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(x.x).x, unpack2x16float(x.y).x, unpack2x16float(x.z).x, unpack2x16float(x.w).x);
 }
 
-fn half_hi(x: u32) -> f32 {
-    return unpack2x16float(x).y;
+fn half_hi(x: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(x.x).y, unpack2x16float(x.y).y, unpack2x16float(x.z).y, unpack2x16float(x.w).y);
+}
+
+// Stores half `half` of unit `unit` of token t (position p): `own` is this half's
+// sum, `other` its partner's; q and k rotated, k and v into cache slot p % ctx.
+fn rope_store_half(t: u32, p: u32, unit: u32, half: u32, own: f32, other: f32) {
+    let u = unit_output(unit);
+    if (u.x == 3u) {
+        return;
+    }
+    let o = u.y + half * HALF;
+    let slot = (p % step.ctx) * KV_DIM;
+    if (u.x == 2u) {
+        v_cache[slot + o] = (own);
+        return;
+    }
+    // reduced to [-pi, pi]: cos / sin are only accurate there on some devices
+    let raw = f32(p) * inv_freq[u.y % HEAD_DIM];
+    let angle = raw - TAU * round(raw / TAU);
+    let c = cos(angle);
+    let s = sin(angle);
+    // (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)
+    let rotated = select(own * c + other * s, own * c - other * s, half == 0u);
+    if (u.x == 0u) {
+        q[t * Q_DIM + o] = rotated;
+    } else {
+        k_cache[slot + o] = (rotated);
+    }
 }
 
 @compute @workgroup_size(WG)
@@ -232,18 +259,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var i = lid; i < (BO / 4u) * BK; i += WG) {
             let q = i % (BO / 4u);
             let kk = i / (BO / 4u);
+            let u = unit_output(u0 + 4u * (q % (BO / 8u)));
+            let o = u.y + (q / (BO / 8u)) * HALF;
             var v = vec4<f32>(0.0);
-            for (var j = 0u; j < 4u; j++) {
-                let c = 4u * q + j;
-                let u = unit_output(u0 + c / 2u);
-                let o = u.y + (c % 2u) * HALF;
-                if (u.x == 0u) {
-                    v[j] = wq_at(o, k0 + kk);
-                } else if (u.x == 1u) {
-                    v[j] = wk_at(o, k0 + kk);
-                } else if (u.x == 2u) {
-                    v[j] = wv_at(o, k0 + kk);
-                }
+            if (u.x == 0u) {
+                v = wq_at(o, k0 + kk);
+            } else if (u.x == 1u) {
+                v = wk_at(o, k0 + kk);
+            } else if (u.x == 2u) {
+                v = wv_at(o, k0 + kk);
             }
             wt[kk * (BO / 4u) + q] = v;
         }
@@ -259,36 +283,47 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         workgroupBarrier();
     }
     let r = inv_rms(ty);
+    let half = tx / (BO / 8u);
+    let first_unit = u0 + 4u * (tx % (BO / 8u));
+    var own: array<vec4<f32>, 4>;
+    var other: array<vec4<f32>, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        own[i] = acc_y[i] * r[i];
+        workgroupBarrier();
+        xt[lid] = own[i];
+        workgroupBarrier();
+        other[i] = xt[lid ^ (BO / 8u)];
+    }
     {
         let t = t0 + 4u * ty + 0u;
         if (t < n) {
-            let y = acc_y[0] * r[0];
-            rope_store(t, step.pos + t, u0 + 2u * tx, y.x, y.y);
-            rope_store(t, step.pos + t, u0 + 2u * tx + 1u, y.z, y.w);
+            for (var j = 0u; j < 4u; j++) {
+                rope_store_half(t, step.pos + t, first_unit + j, half, own[0][j], other[0][j]);
+            }
         }
     }
     {
         let t = t0 + 4u * ty + 1u;
         if (t < n) {
-            let y = acc_y[1] * r[1];
-            rope_store(t, step.pos + t, u0 + 2u * tx, y.x, y.y);
-            rope_store(t, step.pos + t, u0 + 2u * tx + 1u, y.z, y.w);
+            for (var j = 0u; j < 4u; j++) {
+                rope_store_half(t, step.pos + t, first_unit + j, half, own[1][j], other[1][j]);
+            }
         }
     }
     {
         let t = t0 + 4u * ty + 2u;
         if (t < n) {
-            let y = acc_y[2] * r[2];
-            rope_store(t, step.pos + t, u0 + 2u * tx, y.x, y.y);
-            rope_store(t, step.pos + t, u0 + 2u * tx + 1u, y.z, y.w);
+            for (var j = 0u; j < 4u; j++) {
+                rope_store_half(t, step.pos + t, first_unit + j, half, own[2][j], other[2][j]);
+            }
         }
     }
     {
         let t = t0 + 4u * ty + 3u;
         if (t < n) {
-            let y = acc_y[3] * r[3];
-            rope_store(t, step.pos + t, u0 + 2u * tx, y.x, y.y);
-            rope_store(t, step.pos + t, u0 + 2u * tx + 1u, y.z, y.w);
+            for (var j = 0u; j < 4u; j++) {
+                rope_store_half(t, step.pos + t, first_unit + j, half, own[3][j], other[3][j]);
+            }
         }
     }
 }
