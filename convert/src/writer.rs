@@ -271,6 +271,25 @@ fn split_rows(
     Ok((0..out).step_by(rows).map(|a| [a, (a + rows).min(out)]).collect())
 }
 
+/// Bytes a matrix takes in the shards at `format`: every part's block, rounded
+/// up to the region alignment (an upper bound: the last region of a shard is
+/// not padded).
+pub(crate) fn matrix_bytes(
+    name: &str,
+    format: QuantFormat,
+    out: usize,
+    in_features: usize,
+    shard_size: u64,
+) -> Result<u64, ConvertError> {
+    let mut total = 0;
+    for rows in split_rows(name, format, out, in_features, shard_size)? {
+        let block = part_block(format, rows[1] - rows[0], in_features)
+            .map_err(|source| ConvertError::Format { tensor: name.into(), source })?;
+        total += align_up(block, REGION_ALIGN);
+    }
+    Ok(total)
+}
+
 /// Tensor names in writing order: embedding, each layer, final norm, LM head.
 fn ordered_names(cfg: &ModelConfig) -> Vec<String> {
     let mut v = vec![names::EMBED.to_string()];
@@ -369,8 +388,12 @@ fn plan(source: &Source, options: &ConvertOptions) -> Result<Plan, ConvertError>
     let layers = (0..cfg.num_layers)
         .map(|l| {
             let precision = options.precision.for_layer(l).0;
-            let reason = if options.precision.is_uniform() { "uniform" } else { "per-layer option" };
-            LayerEntry { index: l, precision, kernels: kernel_names(cfg, l, &formats), reason: Some(reason.into()) }
+            let reason = match &options.routing {
+                Some(r) => r.layer_reasons.get(l).cloned().unwrap_or_default(),
+                None if options.precision.is_uniform() => "uniform".into(),
+                None => "per-layer option".into(),
+            };
+            LayerEntry { index: l, precision, kernels: kernel_names(cfg, l, &formats), reason: Some(reason) }
         })
         .collect();
     Ok(Plan { tensors, layers, shard_bytes: alloc.used })
