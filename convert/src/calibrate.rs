@@ -210,7 +210,10 @@ pub fn calibrate(input: &Path, text: &Path, options: &CalibrateOptions) -> Resul
     let cfg = source.config().clone();
     let text_str = std::fs::read_to_string(text).at(text)?;
 
-    let work = TempDir::create(std::env::temp_dir().join(format!("llama5-calibrate-{}", std::process::id())))?;
+    // unique per call: calibrations may run side by side in one process
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let work = TempDir::create(std::env::temp_dir().join(format!("llama5-calibrate-{}-{call}", std::process::id())))?;
     let dir_of = |p: Precision| work.path().join(p.as_str());
     for &p in std::iter::once(&REFERENCE).chain(&precisions) {
         convert_source(&source, &dir_of(p), &options.convert_options(p))?;

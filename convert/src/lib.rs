@@ -23,4 +23,4 @@ pub mod writer;
 pub use error::ConvertError;
 pub use export::export_hf;
 pub use options::{parse_size, ConvertOptions, PrecisionSpec, RoutingNotes};
-pub use writer::{convert, convert_source, kernel_names};
+pub use writer::{convert, convert_source, convert_tiers, kernel_names};

@@ -57,9 +57,10 @@ struct ConvertArgs {
     /// Output model directory.
     #[arg(short, long)]
     output: PathBuf,
-    /// f16, bf16, int8, int4, or per layer: `layers.0-3=f16,*=int4` (`*` also covers embedding and LM head).
-    #[arg(long, default_value = "f16", value_parser = |s: &str| s.parse::<PrecisionSpec>())]
-    precision: PrecisionSpec,
+    /// f16, bf16, int8, int4; per layer: `layers.0-3=f16,*=int4` (`*` also covers embedding and LM
+    /// head); or tiers: `int4,int8,f16` writes `<output>/int4`, `<output>/int8`, `<output>/f16`.
+    #[arg(long, default_value = "f16", value_parser = |s: &str| s.parse::<PrecisionArg>())]
+    precision: PrecisionArg,
     /// INT4 group size along the input dimension (a multiple of 8).
     #[arg(long, default_value_t = llama5_codegen::manifest::DEFAULT_GROUP_SIZE)]
     group_size: u32,
@@ -115,6 +116,23 @@ struct CalibrateArgs {
     int8_per_tensor: bool,
 }
 
+/// `--precision`: one model's spec, or a list of uniform tiers.
+#[derive(Clone)]
+enum PrecisionArg {
+    Spec(PrecisionSpec),
+    Tiers(Vec<Precision>),
+}
+
+impl std::str::FromStr for PrecisionArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.contains(',') && !s.contains('=') {
+            return s.split(',').map(|p| p.trim().parse()).collect::<Result<_, _>>().map(PrecisionArg::Tiers);
+        }
+        s.parse().map(PrecisionArg::Spec)
+    }
+}
+
 const SUBCOMMANDS: [&str; 8] = ["convert", "inspect", "calibrate", "export-hf", "help", "-h", "--help", "-V"];
 
 fn main() -> ExitCode {
@@ -137,8 +155,12 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Convert(a) => {
+            let (precision, tiers) = match a.precision {
+                PrecisionArg::Spec(s) => (s, None),
+                PrecisionArg::Tiers(t) => (PrecisionSpec::default(), Some(t)),
+            };
             let options = ConvertOptions {
-                precision: a.precision,
+                precision,
                 group_size: a.group_size,
                 symmetric: a.symmetric,
                 int8_per_tensor: a.int8_per_tensor,
@@ -148,6 +170,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 routing: None,
             };
             let context = || format!("converting {} into {}", a.input.display(), a.output.display());
+            if let Some(tiers) = tiers {
+                if a.calibration.is_some() {
+                    anyhow::bail!("--calibration routes one model; it does not combine with a list of tiers");
+                }
+                let ms = llama5_convert::convert_tiers(&a.input, &a.output, &tiers, &options).with_context(context)?;
+                for (p, m) in tiers.iter().zip(&ms) {
+                    eprintln!(
+                        "wrote {}: {} shards, {:.1} MiB",
+                        a.output.join(p.as_str()).display(),
+                        m.shards.len(),
+                        m.total_bytes() as f64 / (1 << 20) as f64
+                    );
+                }
+                return Ok(());
+            }
             let m = match (&a.calibration, a.budget, a.max_loss) {
                 (Some(cal), budget, max_loss) => {
                     let objective = match (budget, max_loss) {

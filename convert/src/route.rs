@@ -163,7 +163,8 @@ pub fn check_matches(
             format!("measured on a model of {} layers; this one has {}", cal.model.num_layers, cfg.num_layers),
         );
     }
-    if cal.model != *cfg {
+    // the name comes from a file or directory name; everything else must agree
+    if (ModelConfig { name: None, ..cal.model.clone() }) != (ModelConfig { name: None, ..cfg.clone() }) {
         return bad("model", "measured on a model of another configuration than this one".into());
     }
     if cal.source.sha256 != source_sha256 {

@@ -75,6 +75,106 @@ fn write_kernels(dir: &Path, manifest: &Manifest) -> Result<Vec<KernelFile>, Con
     Ok(entries)
 }
 
+/// Converts `input` once per precision into `out_dir/<precision>/` (the
+/// runtime's tier directory), all or nothing: the tiers are built together in
+/// one temporary sibling and renamed into place at once. A file byte-identical
+/// to the same file of an earlier tier (the tokenizer, shared kernels) becomes
+/// a hard link to it.
+pub fn convert_tiers(
+    input: &Path,
+    out_dir: &Path,
+    precisions: &[Precision],
+    options: &ConvertOptions,
+) -> Result<Vec<Manifest>, ConvertError> {
+    check_options(options)?;
+    if precisions.is_empty() {
+        return Err(ConvertError::Options("no tier precision given".into()));
+    }
+    for (i, p) in precisions.iter().enumerate() {
+        if precisions[..i].contains(p) {
+            return Err(ConvertError::Options(format!("tier {p} is named twice")));
+        }
+    }
+    let state = tiers_output_state(out_dir, options.force)?;
+    let source = Source::open(input)?;
+    if let Some(parent) = out_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).at(parent)?;
+    }
+    let tmp = TempDir::create(sibling(out_dir, "tmp"))?;
+    let mut manifests = Vec::new();
+    let mut written: Vec<PathBuf> = Vec::new();
+    for &p in precisions {
+        let opts = ConvertOptions { precision: crate::PrecisionSpec::uniform(p), ..options.clone() };
+        let plan = plan(&source, &opts)?;
+        let tokenizer = source.tokenizer()?;
+        let dir = tmp.path().join(p.as_str());
+        std::fs::create_dir_all(&dir).at(&dir)?;
+        manifests.push(write_model(&source, &plan, tokenizer, &dir, &opts)?);
+        link_duplicates(&dir, &written)?;
+        written.push(dir);
+    }
+    install(tmp, out_dir, state == OutputState::Replace)?;
+    Ok(manifests)
+}
+
+/// Like [`output_state`] for a directory of tiers: an earlier output is one
+/// whose immediate subdirectories hold a `manifest.json`.
+fn tiers_output_state(out: &Path, force: bool) -> Result<OutputState, ConvertError> {
+    let is_tiers = std::fs::read_dir(out)
+        .map(|entries| entries.flatten().any(|e| e.path().join("manifest.json").is_file()))
+        .unwrap_or(false);
+    if !is_tiers {
+        return output_state(out, force, "manifest.json");
+    }
+    if force {
+        Ok(OutputState::Replace)
+    } else {
+        Err(ConvertError::Output {
+            path: out.into(),
+            reason: "already holds model tiers; pass --force to replace them".into(),
+        })
+    }
+}
+
+/// Every file under `dir`, as paths relative to it, sorted.
+fn files_under(dir: &Path) -> Result<Vec<PathBuf>, ConvertError> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let abs = dir.join(&rel);
+        for entry in std::fs::read_dir(&abs).at(&abs)? {
+            let entry = entry.at(&abs)?;
+            let rel = rel.join(entry.file_name());
+            if entry.file_type().at(&entry.path())?.is_dir() {
+                stack.push(rel);
+            } else {
+                out.push(rel);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Replaces each file of `dir` that is byte-identical to the same file of an
+/// earlier tier by a hard link to that file.
+fn link_duplicates(dir: &Path, earlier: &[PathBuf]) -> Result<(), ConvertError> {
+    for rel in files_under(dir)? {
+        let path = dir.join(&rel);
+        let len = std::fs::metadata(&path).at(&path)?.len();
+        for other in earlier.iter().map(|e| e.join(&rel)) {
+            if std::fs::metadata(&other).is_ok_and(|m| m.len() == len)
+                && std::fs::read(&other).at(&other)? == std::fs::read(&path).at(&path)?
+            {
+                std::fs::remove_file(&path).at(&path)?;
+                std::fs::hard_link(&other, &path).at(&path)?;
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_options(o: &ConvertOptions) -> Result<(), ConvertError> {
     if o.group_size == 0 || !o.group_size.is_multiple_of(8) {
         return Err(ConvertError::Options(format!("group size {} must be a positive multiple of 8", o.group_size)));

@@ -92,15 +92,23 @@ pub(crate) fn target_for(features: wgpu::Features, limits: &wgpu::Limits, info: 
     }
 }
 
+/// Lowers the device's largest storage binding and buffer to this many bytes.
+pub const MAX_BINDING_ENV: &str = "LLAMA5_MAX_BINDING_BYTES";
+
 /// Opens a device with `shader-f16` and subgroups where offered and the
-/// adapter's own limits.
+/// adapter's own limits (lowered by [`MAX_BINDING_ENV`]).
 pub(crate) async fn open(adapter: wgpu::Adapter, features_allowed: wgpu::Features) -> Result<Gpu, RuntimeError> {
     let info = adapter.get_info();
     // The pipeline cache changes no kernel, so it is not subject to `features_allowed`.
     let wanted =
         (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP) & features_allowed | wgpu::Features::PIPELINE_CACHE;
     let features = adapter.features() & wanted;
-    let limits = adapter.limits();
+    let mut limits = adapter.limits();
+    // A smaller device on demand: how the tier fallback is tested on any GPU.
+    if let Some(max) = std::env::var(MAX_BINDING_ENV).ok().and_then(|v| v.parse::<u64>().ok()) {
+        limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(max);
+        limits.max_buffer_size = limits.max_buffer_size.min(max);
+    }
     let (device, queue) = adapter
         .request_device(&wgpu::DeviceDescriptor {
             label: Some("llama5"),
