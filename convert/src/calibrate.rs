@@ -223,7 +223,11 @@ pub fn calibrate(input: &Path, text: &Path, options: &CalibrateOptions) -> Resul
     let mut tokens = tokenizer.encode(&text_str, true)?;
     tokens.truncate(options.tokens);
     if tokens.len() < 2 {
-        return Err(ConvertError::invalid(text, "text", format!("{} tokens; calibration needs at least 2", tokens.len())));
+        return Err(ConvertError::invalid(
+            text,
+            "text",
+            format!("{} tokens; calibration needs at least 2", tokens.len()),
+        ));
     }
     let run = Reference::new(&reference, &tokens)?;
     let mut effects: BTreeMap<Precision, Vec<_>> = BTreeMap::new();
@@ -239,10 +243,7 @@ pub fn calibrate(input: &Path, text: &Path, options: &CalibrateOptions) -> Resul
         for &p in std::iter::once(&REFERENCE).chain(&precisions) {
             bytes.insert(p, unit_bytes(&cfg, unit, p, &recorded)?);
         }
-        let effects = effects
-            .iter()
-            .map(|(&p, e)| (p, Effect { kl: e[i].kl, rel_error: e[i].rel_error }))
-            .collect();
+        let effects = effects.iter().map(|(&p, e)| (p, Effect { kl: e[i].kl, rel_error: e[i].rel_error })).collect();
         units.push(UnitCalibration { unit: unit.to_string(), bytes, effects });
     }
     Ok(Calibration {
@@ -298,7 +299,12 @@ impl Calibration {
         if self.units.len() != want.len() {
             return bad(
                 "units".into(),
-                format!("{} entries for a model of {} layers (expected {})", self.units.len(), self.model.num_layers, want.len()),
+                format!(
+                    "{} entries for a model of {} layers (expected {})",
+                    self.units.len(),
+                    self.model.num_layers,
+                    want.len()
+                ),
             );
         }
         for (i, (u, w)) in self.units.iter().zip(&want).enumerate() {
@@ -316,7 +322,10 @@ impl Calibration {
                 };
                 for (name, v) in [("kl", e.kl), ("rel_error", e.rel_error)] {
                     if !v.is_finite() || v < 0.0 {
-                        return bad(format!("units[{i}].effects.{p}.{name}"), format!("{v} is not a finite number >= 0"));
+                        return bad(
+                            format!("units[{i}].effects.{p}.{name}"),
+                            format!("{v} is not a finite number >= 0"),
+                        );
                     }
                 }
             }

@@ -62,7 +62,10 @@ fn measurements_are_sane_and_int4_costs_more_than_int8() {
     assert!(int4 > 4.0 * int8, "int4 {int4} vs int8 {int8}");
     // the file reads back as written
     let back = Calibration::read(&fx.cal_path).unwrap();
-    assert_eq!((&back.model, &back.source, &back.text, &back.options), (&cal.model, &cal.source, &cal.text, &cal.options));
+    assert_eq!(
+        (&back.model, &back.source, &back.text, &back.options),
+        (&cal.model, &cal.source, &cal.text, &cal.options)
+    );
     for (a, b) in back.units.iter().zip(&cal.units) {
         assert_eq!((&a.unit, &a.bytes), (&b.unit, &b.bytes));
         for (p, e) in &a.effects {
@@ -71,8 +74,9 @@ fn measurements_are_sane_and_int4_costs_more_than_int8() {
         }
     }
     // and the same text gives the same file
-    let again = calibrate(&fx.hf, &fx.dir.path().join("text.txt"), &CalibrateOptions { tokens: 64, ..Default::default() })
-        .unwrap();
+    let again =
+        calibrate(&fx.hf, &fx.dir.path().join("text.txt"), &CalibrateOptions { tokens: 64, ..Default::default() })
+            .unwrap();
     assert_eq!(again.to_json(), cal.to_json());
 }
 
@@ -123,7 +127,9 @@ fn routing_honours_the_budget_and_is_deterministic() {
     };
     let (smallest, largest) = (all_at(Precision::Int4), all_at(Precision::F16));
     let mut last_kl = f64::INFINITY;
-    for (i, budget) in [smallest, (smallest * 2 + largest) / 3, (smallest + largest * 2) / 3, largest].into_iter().enumerate() {
+    for (i, budget) in
+        [smallest, (smallest * 2 + largest) / 3, (smallest + largest * 2) / 3, largest].into_iter().enumerate()
+    {
         let dir = out(&fx, &format!("budget-{i}"));
         let (m, r) = convert_routed(&fx.hf, &dir, &options, &fx.cal_path, Objective::Budget(budget)).unwrap();
         assert!(model_bytes(&m) <= budget, "{} > budget {budget}", model_bytes(&m));
