@@ -92,7 +92,8 @@ fn read_edited(fx: &Fixture, edit: impl FnOnce(&mut serde_json::Value)) -> Resul
 #[test]
 fn bad_files_name_the_field() {
     let fx = default_fixture();
-    let cases: Vec<(Box<dyn FnOnce(&mut serde_json::Value)>, &str)> = vec![
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let cases: Vec<(Edit, &str)> = vec![
         (Box::new(|v| v["units"][1]["effects"]["int4"]["kl"] = (-1.0).into()), "units[1].effects.int4.kl"),
         (Box::new(|v| v["units"][2]["unit"] = "layers.7".into()), "units[2].unit"),
         (Box::new(|v| v["units"].as_array_mut().unwrap().truncate(2)), "units"),
