@@ -219,3 +219,50 @@ fn mismatched_calibrations_are_refused() {
         assert!(!out(&fx, name).exists(), "{name}: nothing written on error");
     }
 }
+
+#[test]
+fn the_binary_calibrates_routes_and_writes_tiers() {
+    let root = tempfile::tempdir().unwrap();
+    let hf = root.path().join("hf");
+    tiny::write_hf_dir(&hf).unwrap();
+    let text = root.path().join("text.txt");
+    std::fs::write(&text, TEXT).unwrap();
+    let cal = root.path().join("cal.json");
+    let run =
+        |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_llama5-convert")).args(args).output().unwrap();
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    let (hf_s, text_s, cal_s) = (p(&hf), p(&text), p(&cal));
+    let out = run(&["calibrate", &hf_s, "--text", &text_s, "-o", &cal_s, "--tokens", "32", "--precisions", "int4"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let c = Calibration::read(&cal).unwrap();
+    assert_eq!((c.tokens, c.options.precisions.clone()), (32, vec![Precision::Int4]));
+
+    let routed = p(&root.path().join("routed"));
+    let out = run(&[&hf_s, "-o", &routed, "--calibration", &cal_s, "--max-loss", "1%"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success() && err.contains("routed for max loss 1%ppl"), "{err}");
+    // the routed manifest still matches the published schema
+    let schema: serde_json::Value = serde_json::from_str(include_str!("../../docs/manifest.schema.json")).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.path().join("routed/manifest.json")).unwrap()).unwrap();
+    let validator = jsonschema::draft202012::new(&schema).unwrap();
+    assert!(validator.is_valid(&manifest));
+    assert!(manifest["converter"]["options"]["objective"].as_str().unwrap().starts_with("max loss"));
+
+    // --calibration needs an objective; an objective needs --calibration
+    let out = run(&[&hf_s, "-o", &p(&root.path().join("x")), "--calibration", &cal_s]);
+    assert!(!out.status.success());
+    let out = run(&[&hf_s, "-o", &p(&root.path().join("x")), "--budget", "1MiB"]);
+    assert!(!out.status.success());
+    let out = run(&[&hf_s, "-o", &p(&root.path().join("x")), "--calibration", &cal_s, "--max-loss", "lots"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("is not a loss"));
+    let out = run(&[&hf_s, "-o", &p(&root.path().join("x")), "--calibration", &cal_s, "--budget", "1KiB"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && err.contains("smallest possible model"), "{err}");
+    assert!(!root.path().join("x").exists());
+
+    let tiers = root.path().join("tiers");
+    let out = run(&[&hf_s, "-o", &p(&tiers), "--precision", "int4,f16"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(tiers.join("int4/manifest.json").is_file() && tiers.join("f16/manifest.json").is_file());
+}
