@@ -43,6 +43,8 @@ pub enum ConvertError {
     Options(String),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Runtime(#[from] llama5_runtime::RuntimeError),
 }
 
 impl ConvertError {

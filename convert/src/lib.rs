@@ -6,6 +6,7 @@
 //! The entry points are [`convert`], [`export_hf`] and [`inspect::inspect`];
 //! [`source::Source`] is the reader seam shared by all three.
 
+pub mod calibrate;
 pub mod error;
 pub mod export;
 pub mod gguf;
@@ -15,10 +16,11 @@ pub mod hf;
 pub mod inspect;
 pub mod options;
 pub mod quants;
+pub mod route;
 pub mod source;
 pub mod writer;
 
 pub use error::ConvertError;
 pub use export::export_hf;
-pub use options::{parse_size, ConvertOptions, PrecisionSpec};
-pub use writer::{convert, convert_source, kernel_names};
+pub use options::{parse_size, ConvertOptions, PrecisionSpec, RoutingNotes};
+pub use writer::{convert, convert_source, convert_tiers, kernel_names};

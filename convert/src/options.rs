@@ -140,6 +140,17 @@ pub struct ConvertOptions {
     pub force: bool,
     /// Show a progress bar (only when stderr is a terminal).
     pub progress: bool,
+    /// Set for a plan routed from a calibration file: why each layer got its precision.
+    pub routing: Option<RoutingNotes>,
+}
+
+/// What a routed plan adds to the manifest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoutingNotes {
+    /// [`llama5_codegen::manifest::LayerEntry::reason`] of each layer.
+    pub layer_reasons: Vec<String>,
+    /// Added to the recorded options (calibration file hash, objective, predicted loss).
+    pub recorded: BTreeMap<String, String>,
 }
 
 impl Default for ConvertOptions {
@@ -152,6 +163,7 @@ impl Default for ConvertOptions {
             shard_size: DEFAULT_SHARD_BYTES,
             force: false,
             progress: false,
+            routing: None,
         }
     }
 }
@@ -163,13 +175,17 @@ impl ConvertOptions {
 
     /// The options recorded in the manifest (those that change the output).
     pub fn recorded(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([
+        let mut map = BTreeMap::from([
             ("precision".to_string(), self.precision.as_str().to_string()),
             ("group_size".to_string(), self.group_size.to_string()),
             ("symmetric".to_string(), self.symmetric.to_string()),
             ("int8_per_tensor".to_string(), self.int8_per_tensor.to_string()),
             ("shard_size".to_string(), self.shard_size.to_string()),
-        ])
+        ]);
+        if let Some(r) = &self.routing {
+            map.extend(r.recorded.clone());
+        }
+        map
     }
 }
 

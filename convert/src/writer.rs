@@ -75,6 +75,106 @@ fn write_kernels(dir: &Path, manifest: &Manifest) -> Result<Vec<KernelFile>, Con
     Ok(entries)
 }
 
+/// Converts `input` once per precision into `out_dir/<precision>/` (the
+/// runtime's tier directory), all or nothing: the tiers are built together in
+/// one temporary sibling and renamed into place at once. A file byte-identical
+/// to the same file of an earlier tier (the tokenizer, shared kernels) becomes
+/// a hard link to it.
+pub fn convert_tiers(
+    input: &Path,
+    out_dir: &Path,
+    precisions: &[Precision],
+    options: &ConvertOptions,
+) -> Result<Vec<Manifest>, ConvertError> {
+    check_options(options)?;
+    if precisions.is_empty() {
+        return Err(ConvertError::Options("no tier precision given".into()));
+    }
+    for (i, p) in precisions.iter().enumerate() {
+        if precisions[..i].contains(p) {
+            return Err(ConvertError::Options(format!("tier {p} is named twice")));
+        }
+    }
+    let state = tiers_output_state(out_dir, options.force)?;
+    let source = Source::open(input)?;
+    if let Some(parent) = out_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).at(parent)?;
+    }
+    let tmp = TempDir::create(sibling(out_dir, "tmp"))?;
+    let mut manifests = Vec::new();
+    let mut written: Vec<PathBuf> = Vec::new();
+    for &p in precisions {
+        let opts = ConvertOptions { precision: crate::PrecisionSpec::uniform(p), ..options.clone() };
+        let plan = plan(&source, &opts)?;
+        let tokenizer = source.tokenizer()?;
+        let dir = tmp.path().join(p.as_str());
+        std::fs::create_dir_all(&dir).at(&dir)?;
+        manifests.push(write_model(&source, &plan, tokenizer, &dir, &opts)?);
+        link_duplicates(&dir, &written)?;
+        written.push(dir);
+    }
+    install(tmp, out_dir, state == OutputState::Replace)?;
+    Ok(manifests)
+}
+
+/// Like [`output_state`] for a directory of tiers: an earlier output is one
+/// whose immediate subdirectories hold a `manifest.json`.
+fn tiers_output_state(out: &Path, force: bool) -> Result<OutputState, ConvertError> {
+    let is_tiers = std::fs::read_dir(out)
+        .map(|entries| entries.flatten().any(|e| e.path().join("manifest.json").is_file()))
+        .unwrap_or(false);
+    if !is_tiers {
+        return output_state(out, force, "manifest.json");
+    }
+    if force {
+        Ok(OutputState::Replace)
+    } else {
+        Err(ConvertError::Output {
+            path: out.into(),
+            reason: "already holds model tiers; pass --force to replace them".into(),
+        })
+    }
+}
+
+/// Every file under `dir`, as paths relative to it, sorted.
+fn files_under(dir: &Path) -> Result<Vec<PathBuf>, ConvertError> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let abs = dir.join(&rel);
+        for entry in std::fs::read_dir(&abs).at(&abs)? {
+            let entry = entry.at(&abs)?;
+            let rel = rel.join(entry.file_name());
+            if entry.file_type().at(&entry.path())?.is_dir() {
+                stack.push(rel);
+            } else {
+                out.push(rel);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Replaces each file of `dir` that is byte-identical to the same file of an
+/// earlier tier by a hard link to that file.
+fn link_duplicates(dir: &Path, earlier: &[PathBuf]) -> Result<(), ConvertError> {
+    for rel in files_under(dir)? {
+        let path = dir.join(&rel);
+        let len = std::fs::metadata(&path).at(&path)?.len();
+        for other in earlier.iter().map(|e| e.join(&rel)) {
+            if std::fs::metadata(&other).is_ok_and(|m| m.len() == len)
+                && std::fs::read(&other).at(&other)? == std::fs::read(&path).at(&path)?
+            {
+                std::fs::remove_file(&path).at(&path)?;
+                std::fs::hard_link(&other, &path).at(&path)?;
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_options(o: &ConvertOptions) -> Result<(), ConvertError> {
     if o.group_size == 0 || !o.group_size.is_multiple_of(8) {
         return Err(ConvertError::Options(format!("group size {} must be a positive multiple of 8", o.group_size)));
@@ -271,6 +371,25 @@ fn split_rows(
     Ok((0..out).step_by(rows).map(|a| [a, (a + rows).min(out)]).collect())
 }
 
+/// Bytes a matrix takes in the shards at `format`: every part's block, rounded
+/// up to the region alignment (an upper bound: the last region of a shard is
+/// not padded).
+pub(crate) fn matrix_bytes(
+    name: &str,
+    format: QuantFormat,
+    out: usize,
+    in_features: usize,
+    shard_size: u64,
+) -> Result<u64, ConvertError> {
+    let mut total = 0;
+    for rows in split_rows(name, format, out, in_features, shard_size)? {
+        let block = part_block(format, rows[1] - rows[0], in_features)
+            .map_err(|source| ConvertError::Format { tensor: name.into(), source })?;
+        total += align_up(block, REGION_ALIGN);
+    }
+    Ok(total)
+}
+
 /// Tensor names in writing order: embedding, each layer, final norm, LM head.
 fn ordered_names(cfg: &ModelConfig) -> Vec<String> {
     let mut v = vec![names::EMBED.to_string()];
@@ -369,8 +488,12 @@ fn plan(source: &Source, options: &ConvertOptions) -> Result<Plan, ConvertError>
     let layers = (0..cfg.num_layers)
         .map(|l| {
             let precision = options.precision.for_layer(l).0;
-            let reason = if options.precision.is_uniform() { "uniform" } else { "per-layer option" };
-            LayerEntry { index: l, precision, kernels: kernel_names(cfg, l, &formats), reason: Some(reason.into()) }
+            let reason = match &options.routing {
+                Some(r) => r.layer_reasons.get(l).cloned().unwrap_or_default(),
+                None if options.precision.is_uniform() => "uniform".into(),
+                None => "per-layer option".into(),
+            };
+            LayerEntry { index: l, precision, kernels: kernel_names(cfg, l, &formats), reason: Some(reason) }
         })
         .collect();
     Ok(Plan { tensors, layers, shard_bytes: alloc.used })

@@ -46,7 +46,7 @@ impl<'m> Matrix<'m> {
     }
 }
 
-struct LayerWeights<'m> {
+pub(crate) struct LayerWeights<'m> {
     attn_norm: Vec<f32>, // (hidden)
     wq: Matrix<'m>,      // (num_heads * head_dim, hidden)
     wk: Matrix<'m>,      // (num_kv_heads * head_dim, hidden)
@@ -58,15 +58,15 @@ struct LayerWeights<'m> {
     w_down: Matrix<'m>,  // (hidden, intermediate)
 }
 
-struct Weights<'m> {
-    embed: Matrix<'m>, // (vocab, hidden)
-    layers: Vec<LayerWeights<'m>>,
-    final_norm: Vec<f32>, // (hidden)
-    lm_head: Matrix<'m>,  // (vocab, hidden); the embedding when tied
+pub(crate) struct Weights<'m> {
+    pub(crate) embed: Matrix<'m>, // (vocab, hidden)
+    pub(crate) layers: Vec<LayerWeights<'m>>,
+    pub(crate) final_norm: Vec<f32>, // (hidden)
+    pub(crate) lm_head: Matrix<'m>,  // (vocab, hidden); the embedding when tied
 }
 
 impl<'m> Weights<'m> {
-    fn load(model: &'m Model) -> Result<Self, RuntimeError> {
+    pub(crate) fn load(model: &'m Model) -> Result<Self, RuntimeError> {
         let cfg = &model.manifest.model;
         let layers = (0..cfg.num_layers)
             .map(|l| {
@@ -98,7 +98,7 @@ impl<'m> Weights<'m> {
 // KV cache
 
 /// A ring of `ctx` positions per layer: position `p` lives in slot `p % ctx`.
-struct KvCache {
+pub(crate) struct KvCache {
     ctx: usize,
     kv_dim: usize,
     keys: Vec<f32>,   // (layer, ctx, kv_dim), after RoPE
@@ -106,7 +106,7 @@ struct KvCache {
 }
 
 impl KvCache {
-    fn new(layers: usize, ctx: usize, kv_dim: usize) -> Self {
+    pub(crate) fn new(layers: usize, ctx: usize, kv_dim: usize) -> Self {
         KvCache { ctx, kv_dim, keys: vec![0.0; layers * ctx * kv_dim], values: vec![0.0; layers * ctx * kv_dim] }
     }
 
@@ -304,88 +304,116 @@ impl<'m> CpuBackend<'m> {
     /// Hidden states `(n, hidden)` of `tokens` at positions `pos..`, after the
     /// last block (before the final norm); fills the KV cache.
     fn blocks(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, RuntimeError> {
-        let cfg = &self.cfg;
-        let (n, hidden, head_dim) = (tokens.len(), cfg.hidden_size, cfg.head_dim);
-        let (q_dim, kv_dim, ctx) = (cfg.q_dim(), cfg.kv_dim(), self.cache.ctx);
-        let group = cfg.num_heads / cfg.num_kv_heads;
-
-        // token embeddings: x is (n, hidden)
-        let mut x = Vec::with_capacity(n * hidden);
-        for &t in tokens {
-            x.extend(self.weights.embed.row(t as usize)?);
-        }
-        let mut xb = vec![0f32; n * hidden];
-
+        let mut x = embed(&self.weights.embed, tokens)?;
         for (l, layer) in self.weights.layers.iter().enumerate() {
-            // attention rmsnorm
-            for (o, v) in xb.chunks_exact_mut(hidden).zip(x.chunks_exact(hidden)) {
-                rmsnorm(o, v, &layer.attn_norm, cfg.rms_norm_eps);
-            }
-
-            // q, k, v projections: (n, q_dim), (n, kv_dim), (n, kv_dim)
-            let mut q = matmul(&layer.wq, &xb, n);
-            let mut k = matmul(&layer.wk, &xb, n);
-            let v = matmul(&layer.wv, &xb, n);
-
-            // RoPE on queries and keys, each at its own position
-            for t in 0..n {
-                rope(&mut q[t * q_dim..(t + 1) * q_dim], head_dim, pos + t, &self.inv_freq);
-                rope(&mut k[t * kv_dim..(t + 1) * kv_dim], head_dim, pos + t, &self.inv_freq);
-            }
-
-            // causal attention per (token, head) over the last min(p + 1, ctx)
-            // positions: this call's keys come from k/v, earlier ones from the
-            // cache, which is written only afterwards so no slot is overwritten
-            // while a query of this call still needs it
-            let cache = &self.cache;
-            let key_at = |p: usize| {
-                if p >= pos {
-                    &k[(p - pos) * kv_dim..(p - pos + 1) * kv_dim]
-                } else {
-                    cache.key(l, p)
-                }
-            };
-            let value_at = |p: usize| {
-                if p >= pos {
-                    &v[(p - pos) * kv_dim..(p - pos + 1) * kv_dim]
-                } else {
-                    cache.value(l, p)
-                }
-            };
-            let mut att = vec![0f32; n * q_dim];
-            att.par_chunks_mut(head_dim).enumerate().for_each(|(i, out)| {
-                let (t, h) = (i / cfg.num_heads, i % cfg.num_heads);
-                let kv = (h / group) * head_dim..(h / group + 1) * head_dim;
-                let span = attention_span(pos + t, ctx);
-                let qh = &q[t * q_dim + h * head_dim..t * q_dim + (h + 1) * head_dim];
-                let keys = span.clone().map(|p| &key_at(p)[kv.clone()]);
-                let values = span.map(|p| &value_at(p)[kv.clone()]);
-                attention(out, qh, keys, values);
-            });
-
-            // write this call's keys and values into the ring (later positions win)
-            for t in n.saturating_sub(ctx)..n {
-                self.cache.store(l, pos + t, &k[t * kv_dim..(t + 1) * kv_dim], &v[t * kv_dim..(t + 1) * kv_dim]);
-            }
-
-            // output projection and residual
-            let o = matmul(&layer.wo, &att, n);
-            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-
-            // ffn rmsnorm
-            for (o, v) in xb.chunks_exact_mut(hidden).zip(x.chunks_exact(hidden)) {
-                rmsnorm(o, v, &layer.mlp_norm, cfg.rms_norm_eps);
-            }
-
-            // SwiGLU: down(silu(gate(x)) * up(x)), then residual
-            let mut gate = matmul(&layer.w_gate, &xb, n);
-            let up = matmul(&layer.w_up, &xb, n);
-            gate.iter_mut().zip(&up).for_each(|(g, u)| *g = silu(*g) * u);
-            let down = matmul(&layer.w_down, &gate, n);
-            x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
+            block(&self.cfg, layer, l, &mut x, pos, &mut self.cache, &self.inv_freq);
         }
         Ok(x)
     }
+}
+
+/// Token embeddings `(n, hidden)`.
+pub(crate) fn embed(table: &Matrix, tokens: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+    let mut x = Vec::with_capacity(tokens.len() * table.in_features);
+    for &t in tokens {
+        x.extend(table.row(t as usize)?);
+    }
+    Ok(x)
+}
+
+/// Transformer block `l` on the hidden states `x` `(n, hidden)` of positions
+/// `pos..`, in place; reads and writes layer `l` of `cache`.
+pub(crate) fn block(
+    cfg: &ModelConfig,
+    layer: &LayerWeights,
+    l: usize,
+    x: &mut [f32],
+    pos: usize,
+    cache: &mut KvCache,
+    inv_freq: &[f64],
+) {
+    let (hidden, head_dim) = (cfg.hidden_size, cfg.head_dim);
+    let n = x.len() / hidden;
+    let (q_dim, kv_dim, ctx) = (cfg.q_dim(), cfg.kv_dim(), cache.ctx);
+    let group = cfg.num_heads / cfg.num_kv_heads;
+    let mut xb = vec![0f32; n * hidden];
+
+    // attention rmsnorm
+    for (o, v) in xb.chunks_exact_mut(hidden).zip(x.chunks_exact(hidden)) {
+        rmsnorm(o, v, &layer.attn_norm, cfg.rms_norm_eps);
+    }
+
+    // q, k, v projections: (n, q_dim), (n, kv_dim), (n, kv_dim)
+    let mut q = matmul(&layer.wq, &xb, n);
+    let mut k = matmul(&layer.wk, &xb, n);
+    let v = matmul(&layer.wv, &xb, n);
+
+    // RoPE on queries and keys, each at its own position
+    for t in 0..n {
+        rope(&mut q[t * q_dim..(t + 1) * q_dim], head_dim, pos + t, inv_freq);
+        rope(&mut k[t * kv_dim..(t + 1) * kv_dim], head_dim, pos + t, inv_freq);
+    }
+
+    // causal attention per (token, head) over the last min(p + 1, ctx)
+    // positions: this call's keys come from k/v, earlier ones from the
+    // cache, which is written only afterwards so no slot is overwritten
+    // while a query of this call still needs it
+    let cache_ro = &*cache;
+    let key_at = |p: usize| {
+        if p >= pos {
+            &k[(p - pos) * kv_dim..(p - pos + 1) * kv_dim]
+        } else {
+            cache_ro.key(l, p)
+        }
+    };
+    let value_at = |p: usize| {
+        if p >= pos {
+            &v[(p - pos) * kv_dim..(p - pos + 1) * kv_dim]
+        } else {
+            cache_ro.value(l, p)
+        }
+    };
+    let mut att = vec![0f32; n * q_dim];
+    att.par_chunks_mut(head_dim).enumerate().for_each(|(i, out)| {
+        let (t, h) = (i / cfg.num_heads, i % cfg.num_heads);
+        let kv = (h / group) * head_dim..(h / group + 1) * head_dim;
+        let span = attention_span(pos + t, ctx);
+        let qh = &q[t * q_dim + h * head_dim..t * q_dim + (h + 1) * head_dim];
+        let keys = span.clone().map(|p| &key_at(p)[kv.clone()]);
+        let values = span.map(|p| &value_at(p)[kv.clone()]);
+        attention(out, qh, keys, values);
+    });
+
+    // write this call's keys and values into the ring (later positions win)
+    for t in n.saturating_sub(ctx)..n {
+        cache.store(l, pos + t, &k[t * kv_dim..(t + 1) * kv_dim], &v[t * kv_dim..(t + 1) * kv_dim]);
+    }
+
+    // output projection and residual
+    let o = matmul(&layer.wo, &att, n);
+    x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+
+    // ffn rmsnorm
+    for (o, v) in xb.chunks_exact_mut(hidden).zip(x.chunks_exact(hidden)) {
+        rmsnorm(o, v, &layer.mlp_norm, cfg.rms_norm_eps);
+    }
+
+    // SwiGLU: down(silu(gate(x)) * up(x)), then residual
+    let mut gate = matmul(&layer.w_gate, &xb, n);
+    let up = matmul(&layer.w_up, &xb, n);
+    gate.iter_mut().zip(&up).for_each(|(g, u)| *g = silu(*g) * u);
+    let down = matmul(&layer.w_down, &gate, n);
+    x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
+}
+
+/// Logits `(n, vocab)` of the hidden states `x` `(n, hidden)`: final rmsnorm, then the LM head.
+pub(crate) fn head(cfg: &ModelConfig, final_norm: &[f32], lm_head: &Matrix, x: &[f32]) -> Vec<f32> {
+    let hidden = cfg.hidden_size;
+    let mut normed = vec![0f32; x.len()];
+    for (o, v) in normed.chunks_exact_mut(hidden).zip(x.chunks_exact(hidden)) {
+        rmsnorm(o, v, final_norm, cfg.rms_norm_eps);
+    }
+    matmul(lm_head, &normed, x.len() / hidden)
 }
 
 impl Backend for CpuBackend<'_> {
@@ -424,11 +452,7 @@ impl Backend for CpuBackend<'_> {
             Logits::All => &x[..],
             Logits::Last => &x[x.len() - hidden..],
         };
-        let mut normed = vec![0f32; rows.len()];
-        for (o, v) in normed.chunks_exact_mut(hidden).zip(rows.chunks_exact(hidden)) {
-            rmsnorm(o, v, &self.weights.final_norm, self.cfg.rms_norm_eps);
-        }
-        Ok(matmul(&self.weights.lm_head, &normed, rows.len() / hidden))
+        Ok(head(&self.cfg, &self.weights.final_norm, &self.weights.lm_head, rows))
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod backend;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
+pub mod calibrate;
 pub mod chat;
 pub mod cpu;
 pub mod error;

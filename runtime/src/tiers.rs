@@ -89,7 +89,7 @@ pub fn does_not_fit(e: &RuntimeError) -> bool {
         RuntimeError::OutOfMemory(_) => true,
         RuntimeError::Gpu(message) => {
             let m = message.to_ascii_lowercase();
-            m.contains("limit") || m.contains("too large") || m.contains("exceeds")
+            m.contains("limit") || m.contains("too large") || m.contains("exceeds") || m.contains("the adapter allows")
         }
         _ => false,
     }
@@ -124,6 +124,7 @@ mod tests {
     fn fit_errors() {
         assert!(does_not_fit(&RuntimeError::OutOfMemory("x".into())));
         assert!(does_not_fit(&RuntimeError::Gpu("buffer exceeds max_storage_buffer_binding_size limit".into())));
+        assert!(does_not_fit(&RuntimeError::Gpu("x needs a 9-byte binding; the adapter allows 8".into())));
         assert!(!does_not_fit(&RuntimeError::NoAdapter("none".into())));
     }
 

@@ -287,3 +287,105 @@ fn info_summarises_the_model() {
     assert!(stdout.contains("2 layers, hidden 64") && stdout.contains("precision:   f16"), "{stdout}");
     assert!(stdout.contains("precision:   int8"), "{stdout}");
 }
+
+/// The fixture's tokenizer with a wider one-layer model (hidden 512), whose
+/// f16 projections are larger than any activation buffer, so a binding limit
+/// can reject the f16 tier and admit the int8 one.
+fn wide_hf_dir(dir: &Path) {
+    tiny::write_hf_dir(dir).unwrap();
+    let config_path = dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let (hidden, inter, heads, kv_heads, head_dim, vocab) = (512usize, 256usize, 4usize, 2usize, 128usize, 259usize);
+    config["hidden_size"] = hidden.into();
+    config["intermediate_size"] = inter.into();
+    config["num_hidden_layers"] = 1.into();
+    config["num_attention_heads"] = heads.into();
+    config["num_key_value_heads"] = kv_heads.into();
+    config["head_dim"] = head_dim.into();
+    config["vocab_size"] = vocab.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let l = |s: &str| format!("model.layers.0.{s}");
+    let shapes: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![vocab, hidden]),
+        ("model.norm.weight".into(), vec![hidden]),
+        (l("input_layernorm.weight"), vec![hidden]),
+        (l("post_attention_layernorm.weight"), vec![hidden]),
+        (l("self_attn.q_proj.weight"), vec![heads * head_dim, hidden]),
+        (l("self_attn.k_proj.weight"), vec![kv_heads * head_dim, hidden]),
+        (l("self_attn.v_proj.weight"), vec![kv_heads * head_dim, hidden]),
+        (l("self_attn.o_proj.weight"), vec![hidden, heads * head_dim]),
+        (l("mlp.gate_proj.weight"), vec![inter, hidden]),
+        (l("mlp.up_proj.weight"), vec![inter, hidden]),
+        (l("mlp.down_proj.weight"), vec![hidden, inter]),
+    ];
+    // a safetensors file by hand: header length, JSON header, f32 data
+    let (mut header, mut data, mut state) = (serde_json::Map::new(), Vec::<u8>::new(), 0x9e37_79b9_7f4a_7c15u64);
+    for (name, shape) in &shapes {
+        let n: usize = shape.iter().product();
+        let start = data.len();
+        for _ in 0..n {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let v = if shape.len() == 1 { 1.0 } else { ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1 };
+            data.extend(v.to_le_bytes());
+        }
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let header = serde_json::Value::Object(header).to_string().into_bytes();
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(header);
+    file.extend(data);
+    std::fs::write(dir.join("model.safetensors"), file).unwrap();
+}
+
+/// A device whose largest binding is lowered below the f16 projections:
+/// `auto` falls back to the int8 tier and says so; an explicit f16 fails
+/// naming the limit.
+#[test]
+fn auto_falls_back_to_a_tier_that_fits_a_smaller_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    wide_hf_dir(&hf);
+    let tiers = dir.path().join("tiers");
+    let all = [Precision::Int4, Precision::Int8, Precision::F16];
+    let manifests = llama5_convert::convert_tiers(&hf, &tiers, &all, &ConvertOptions::default()).unwrap();
+    // the largest weight binding of the int8 tier and of the f16 tier
+    let largest = |i: usize| {
+        manifests[i]
+            .tensors
+            .values()
+            .flat_map(|t| &t.parts)
+            .map(|p| p.data.bytes + p.scales.map_or(0, |s| s.bytes))
+            .max()
+    };
+    let (int8, f16) = (largest(1).unwrap(), largest(2).unwrap());
+    let limit = (int8 + f16) / 2 / 4 * 4;
+    assert!(int8 < limit && limit < f16);
+    let run = |precision: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_llama5"));
+        cmd.args(["generate", path(&tiers), "--prompt", "x", "--max-tokens", "2", "--ctx", "16"]).args([
+            "--backend",
+            "gpu",
+            "--no-pipeline-cache",
+        ]);
+        if let Some(p) = precision {
+            cmd.args(["--precision", p]).env("LLAMA5_MAX_BINDING_BYTES", limit.to_string());
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(Some("auto"));
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("the f16 tier does not fit the GPU") && err.contains("trying int8"), "{err}");
+    assert!(err.contains(&format!("the adapter allows {limit}")), "{err}");
+    assert!(err.contains("int8 tier from"), "int8 is the tier that ran: {err}");
+    let out = run(Some("f16"));
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("no tier of") && err.contains(&limit.to_string()), "{err}");
+    // the adapter's own limits take the f16 tier
+    let out = run(None);
+    assert!(out.status.success() && text(&out.stderr).contains("f16 tier from"), "{}", text(&out.stderr));
+}

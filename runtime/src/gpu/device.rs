@@ -92,8 +92,11 @@ pub(crate) fn target_for(features: wgpu::Features, limits: &wgpu::Limits, info: 
     }
 }
 
+/// Lowers the device's largest storage binding and buffer to this many bytes.
+pub const MAX_BINDING_ENV: &str = "LLAMA5_MAX_BINDING_BYTES";
+
 /// Opens a device with `shader-f16` and subgroups where offered and the
-/// adapter's own limits.
+/// adapter's own limits (lowered by [`MAX_BINDING_ENV`]).
 pub(crate) async fn open(adapter: wgpu::Adapter, features_allowed: wgpu::Features) -> Result<Gpu, RuntimeError> {
     let info = adapter.get_info();
     // The pipeline cache and timestamp queries change no kernel, so they are not subject to `features_allowed`.
@@ -101,7 +104,12 @@ pub(crate) async fn open(adapter: wgpu::Adapter, features_allowed: wgpu::Feature
         | wgpu::Features::PIPELINE_CACHE
         | wgpu::Features::TIMESTAMP_QUERY;
     let features = adapter.features() & wanted;
-    let limits = adapter.limits();
+    let mut limits = adapter.limits();
+    // A smaller device on demand: how the tier fallback is tested on any GPU.
+    if let Some(max) = std::env::var(MAX_BINDING_ENV).ok().and_then(|v| v.parse::<u64>().ok()) {
+        limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(max);
+        limits.max_buffer_size = limits.max_buffer_size.min(max);
+    }
     let (device, queue) = adapter
         .request_device(&wgpu::DeviceDescriptor {
             label: Some("llama5"),
