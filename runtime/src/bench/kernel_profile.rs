@@ -10,7 +10,7 @@ use super::{median, tokens, BenchOptions, GB};
 use crate::backend::{Backend, Logits};
 use crate::error::RuntimeError;
 use crate::gpu::profile::DispatchTime;
-use crate::gpu::{GpuBackend, MAX_BATCH};
+use crate::gpu::GpuBackend;
 
 /// Profiled repetitions of each step; each dispatch's median is kept.
 const REPS: usize = 5;
@@ -56,7 +56,7 @@ pub(super) fn profile(
     let prompt = tokens(opts.prompt_tokens, vocab, 7);
     gpu.forward(&prompt, 0, Logits::Last)?;
     let decode = profile_step(gpu, manifest, "decode", &prompt[..1], opts.prompt_tokens)?;
-    let long = tokens(opts.prefill_tokens.min(MAX_BATCH), vocab, 8);
+    let long = tokens(opts.prefill_tokens.min(gpu.max_batch()), vocab, 8);
     let prefill = profile_step(gpu, manifest, "prefill", &long, 0)?;
     Ok(vec![decode, prefill])
 }

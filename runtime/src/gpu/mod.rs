@@ -112,6 +112,10 @@ pub struct GpuBackend {
     /// The token chosen by each greedy step.
     greedy_tokens: wgpu::Buffer,
     ctx: usize,
+    /// Tokens one submission takes at most: [`MAX_BATCH`], or fewer for a small cache.
+    batch: usize,
+    /// Logits rows one submission computes at most: [`MAX_LOGIT_ROWS`], or fewer.
+    logit_rows: usize,
     vocab: usize,
     load: LoadTimes,
     memory: MemoryUse,
@@ -241,10 +245,13 @@ impl GpuBackend {
             .collect();
 
         // Activations, reused by every layer.
-        let b = MAX_BATCH as u64;
+        // a step never holds more tokens than the cache has positions
+        let batch = MAX_BATCH.min(ctx);
+        let logit_rows = MAX_LOGIT_ROWS.min(ctx);
+        let b = batch as u64;
         let act = |a: Activation| -> u64 {
             if a == Activation::Logits {
-                return (MAX_LOGIT_ROWS * cfg.vocab_size * 4) as u64;
+                return (logit_rows * cfg.vocab_size * 4) as u64;
             }
             let per_token = match a {
                 Activation::Hidden => cfg.hidden_size,
@@ -384,12 +391,19 @@ impl GpuBackend {
             greedy_steps,
             greedy_tokens,
             ctx,
+            batch,
+            logit_rows,
             vocab: cfg.vocab_size,
             load,
             memory,
             warmed_up: false,
             gpu,
         })
+    }
+
+    /// Tokens one submission takes at most.
+    pub fn max_batch(&self) -> usize {
+        self.batch
     }
 
     /// The kernel plan the backend runs.
@@ -612,7 +626,7 @@ impl GpuBackend {
             let p = pos + done;
             // A chunk may not write a slot a token of the same chunk still attends to:
             // only whole chunks before the ring wraps, single tokens after.
-            let most = if logits == Logits::All { MAX_LOGIT_ROWS } else { MAX_BATCH };
+            let most = if logits == Logits::All { self.logit_rows } else { self.batch };
             let mut n = (tokens.len() - done).min(most);
             if p + n > self.ctx {
                 n = self.ctx.saturating_sub(p).max(1).min(n);

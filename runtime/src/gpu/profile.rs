@@ -7,7 +7,7 @@
 
 use llama5_codegen::Stage;
 
-use super::{GpuBackend, MAX_BATCH, MAX_LOGIT_ROWS};
+use super::GpuBackend;
 use crate::error::RuntimeError;
 
 /// The GPU time of one dispatch of a profiled step.
@@ -35,9 +35,10 @@ impl GpuBackend {
         if !self.has_timestamps() {
             return Err(RuntimeError::Gpu(format!("{} offers no timestamp queries", self.gpu.info.name)));
         }
-        if tokens.is_empty() || tokens.len() > MAX_BATCH || rows > tokens.len().min(MAX_LOGIT_ROWS) {
+        if tokens.is_empty() || tokens.len() > self.batch || rows > tokens.len().min(self.logit_rows) {
             return Err(RuntimeError::Other(format!(
-                "a profiled step takes 1 to {MAX_BATCH} tokens and at most {MAX_LOGIT_ROWS} logits rows"
+                "a profiled step takes 1 to {} tokens and at most {} logits rows",
+                self.batch, self.logit_rows
             )));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
