@@ -416,8 +416,19 @@ fn plan(source: &Source, options: &ConvertOptions) -> Result<Plan, ConvertError>
     let available = source.tensors();
     let mut alloc = Allocator { shard_size: options.shard_size, used: vec![0] };
     let mut tensors = Vec::new();
-    for name in ordered_names(cfg) {
+    // the vectors (norms, kept in f32 at every precision) first, in a shard of
+    // their own: it is byte-identical across precision tiers, which share it
+    let mut names = ordered_names(cfg);
+    names.sort_by_key(|n| expected.get(n).is_none_or(|s| s.len() != 1));
+    let mut in_vector_shard = true;
+    for name in names {
         let want = &expected[&name];
+        if in_vector_shard && want.len() != 1 {
+            in_vector_shard = false;
+            if alloc.used.last().is_some_and(|&u| u > 0) {
+                alloc.used.push(0);
+            }
+        }
         let found = available
             .get(&name)
             .ok_or_else(|| ConvertError::MissingTensor { path: source.path().into(), tensor: name.clone() })?;

@@ -21,8 +21,12 @@ fn tiers_are_written_together_and_share_identical_files() {
     }
     let ino = |p: &str| std::fs::metadata(out.join(p).join("tokenizer.json")).unwrap().ino();
     assert!(ino("int4") == ino("int8") && ino("int8") == ino("f16"), "one tokenizer file, hard-linked");
-    let shard = |p: &str| std::fs::metadata(out.join(p).join("shard_00000.bin")).unwrap().ino();
-    assert_ne!(shard("int4"), shard("f16"));
+    // the norms' shard is shared; the matrices' shards are not
+    let shard = |p: &str, i: usize| std::fs::metadata(out.join(p).join(format!("shard_{i:05}.bin"))).unwrap().ino();
+    assert!(shard("int4", 0) == shard("int8", 0) && shard("int8", 0) == shard("f16", 0), "one norms shard");
+    assert_ne!(shard("int4", 1), shard("f16", 1));
+    let norms = &ms[0].tensors[llama5_codegen::manifest::names::FINAL_NORM].parts[0].data;
+    assert_eq!(norms.shard, 0);
 
     // an existing output is kept unless --force
     let err = convert_tiers(&hf, &out, &all, &ConvertOptions::default()).unwrap_err().to_string();
