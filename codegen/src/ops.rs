@@ -983,28 +983,24 @@ fn rope_store_half(t: u32, p: u32, unit: u32, half: u32, own: f32, other: f32) {
             wt[kk * (BO / 4u) + q] = v;
         }
 "#;
+    // unrolled, with constant indices only: a runtime index into the
+    // accumulators would move them out of registers for the whole kernel
     let mut epilogue = String::from(
-        r#"    let r = inv_rms(ty);
-    let half = tx / (BO / 8u);
-    let first_unit = u0 + 4u * (tx % (BO / 8u));
-    var own: array<vec4<f32>, 4>;
-    var other: array<vec4<f32>, 4>;
-    for (var i = 0u; i < 4u; i++) {
-        own[i] = acc_y[i] * r[i];
-        workgroupBarrier();
-        xt[lid] = own[i];
-        workgroupBarrier();
-        other[i] = xt[lid ^ (BO / 8u)];
+        "    let r = inv_rms(ty);\n    let half = tx / (BO / 8u);\n    let first_unit = u0 + 4u * (tx % (BO / 8u));\n",
+    );
+    for i in 0..4 {
+        epilogue += &format!(
+            "    let own{i} = acc_y[{i}] * r[{i}];\n    workgroupBarrier();\n    xt[lid] = own{i};\n    workgroupBarrier();\n    let other{i} = xt[lid ^ (BO / 8u)];\n"
+        );
     }
-"#,
-    );
-    epilogue += &per_token(
-        "t0",
-        r#"            for (var j = 0u; j < 4u; j++) {
-                rope_store_half(t, step.pos + t, first_unit + j, half, own[$I][j], other[$I][j]);
-            }
-"#,
-    );
+    let stores: String = ["x", "y", "z", "w"]
+        .iter()
+        .enumerate()
+        .map(|(j, c)| {
+            format!("            rope_store_half(t, step.pos + t, first_unit + {j}u, half, own$I.{c}, other$I.{c});\n")
+        })
+        .collect();
+    epilogue += &per_token("t0", &stores);
     let entry =
         tiling.entry("    let t0 = wid.y * BT;\n    let u0 = wid.x * (BO / 2u);\n", &[("y", "wt")], stage, &epilogue);
     let dispatch = [(units as u32).div_ceil(BO / 2), 1, 1];

@@ -287,45 +287,60 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let r = inv_rms(ty);
     let half = tx / (BO / 8u);
     let first_unit = u0 + 4u * (tx % (BO / 8u));
-    var own: array<vec4<f32>, 4>;
-    var other: array<vec4<f32>, 4>;
-    for (var i = 0u; i < 4u; i++) {
-        own[i] = acc_y[i] * r[i];
-        workgroupBarrier();
-        xt[lid] = own[i];
-        workgroupBarrier();
-        other[i] = xt[lid ^ (BO / 8u)];
-    }
+    let own0 = acc_y[0] * r[0];
+    workgroupBarrier();
+    xt[lid] = own0;
+    workgroupBarrier();
+    let other0 = xt[lid ^ (BO / 8u)];
+    let own1 = acc_y[1] * r[1];
+    workgroupBarrier();
+    xt[lid] = own1;
+    workgroupBarrier();
+    let other1 = xt[lid ^ (BO / 8u)];
+    let own2 = acc_y[2] * r[2];
+    workgroupBarrier();
+    xt[lid] = own2;
+    workgroupBarrier();
+    let other2 = xt[lid ^ (BO / 8u)];
+    let own3 = acc_y[3] * r[3];
+    workgroupBarrier();
+    xt[lid] = own3;
+    workgroupBarrier();
+    let other3 = xt[lid ^ (BO / 8u)];
     {
         let t = t0 + 4u * ty + 0u;
         if (t < n) {
-            for (var j = 0u; j < 4u; j++) {
-                rope_store_half(t, step.pos + t, first_unit + j, half, own[0][j], other[0][j]);
-            }
+            rope_store_half(t, step.pos + t, first_unit + 0u, half, own0.x, other0.x);
+            rope_store_half(t, step.pos + t, first_unit + 1u, half, own0.y, other0.y);
+            rope_store_half(t, step.pos + t, first_unit + 2u, half, own0.z, other0.z);
+            rope_store_half(t, step.pos + t, first_unit + 3u, half, own0.w, other0.w);
         }
     }
     {
         let t = t0 + 4u * ty + 1u;
         if (t < n) {
-            for (var j = 0u; j < 4u; j++) {
-                rope_store_half(t, step.pos + t, first_unit + j, half, own[1][j], other[1][j]);
-            }
+            rope_store_half(t, step.pos + t, first_unit + 0u, half, own1.x, other1.x);
+            rope_store_half(t, step.pos + t, first_unit + 1u, half, own1.y, other1.y);
+            rope_store_half(t, step.pos + t, first_unit + 2u, half, own1.z, other1.z);
+            rope_store_half(t, step.pos + t, first_unit + 3u, half, own1.w, other1.w);
         }
     }
     {
         let t = t0 + 4u * ty + 2u;
         if (t < n) {
-            for (var j = 0u; j < 4u; j++) {
-                rope_store_half(t, step.pos + t, first_unit + j, half, own[2][j], other[2][j]);
-            }
+            rope_store_half(t, step.pos + t, first_unit + 0u, half, own2.x, other2.x);
+            rope_store_half(t, step.pos + t, first_unit + 1u, half, own2.y, other2.y);
+            rope_store_half(t, step.pos + t, first_unit + 2u, half, own2.z, other2.z);
+            rope_store_half(t, step.pos + t, first_unit + 3u, half, own2.w, other2.w);
         }
     }
     {
         let t = t0 + 4u * ty + 3u;
         if (t < n) {
-            for (var j = 0u; j < 4u; j++) {
-                rope_store_half(t, step.pos + t, first_unit + j, half, own[3][j], other[3][j]);
-            }
+            rope_store_half(t, step.pos + t, first_unit + 0u, half, own3.x, other3.x);
+            rope_store_half(t, step.pos + t, first_unit + 1u, half, own3.y, other3.y);
+            rope_store_half(t, step.pos + t, first_unit + 2u, half, own3.z, other3.z);
+            rope_store_half(t, step.pos + t, first_unit + 3u, half, own3.w, other3.w);
         }
     }
 }
