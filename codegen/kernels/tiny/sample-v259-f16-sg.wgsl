@@ -141,7 +141,22 @@ fn cut(goal: f32, reach: bool, pk: u32, pc: u32, counting: bool) -> vec2<u32> {
         }
     }
     let k = lo;
-    // then the fewest of the candidates equal to k, by index
+    // then the fewest of the candidates equal to k, by index; usually there is
+    // only one, and its index ends the prefix
+    var ties = 0.0;
+    var last = 0.0;
+    for (var i = lid; i < VOCAB; i += WG) {
+        let b = bitcast<u32>(logits[base + i]);
+        if (b == k && in_prefix(b, i, pk, pc)) {
+            ties += 1.0;
+            last = max(last, f32(i));
+        }
+    }
+    let tie_count = uniform_sum(ties);
+    let tie_last = u32(wg_max(last));
+    if (tie_count == 1.0) {
+        return vec2<u32>(k, tie_last + 1u);
+    }
     var clo = 1u;
     var chi = VOCAB;
     while (clo < chi) {
