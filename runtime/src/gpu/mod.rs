@@ -8,6 +8,7 @@
 mod device;
 pub mod harness;
 mod pipeline_cache;
+mod wait;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -103,9 +104,8 @@ fn storage_buffer(device: &wgpu::Device, label: &str, size: u64) -> wgpu::Buffer
 }
 
 #[cfg(not(target_arch = "wasm32"))]
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    pollster::block_on(f)
-}
+use wait::block_on;
+use wait::{blocking, oneshot, settle};
 
 impl GpuBackend {
     /// Picks an adapter, uploads the model and builds every pipeline.
@@ -419,9 +419,26 @@ impl GpuBackend {
 
     /// Runs `tokens` like [`Backend::forward`] and returns the greedy next
     /// token, chosen on the device (only 4 bytes come back).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_argmax(&mut self, tokens: &[u32], pos: usize) -> Result<u32, RuntimeError> {
-        let bytes = self.run(tokens, pos, Logits::Last, true)?;
+        block_on(self.forward_argmax_async(tokens, pos))
+    }
+
+    /// [`GpuBackend::forward_argmax`] without blocking (the form the web uses).
+    pub async fn forward_argmax_async(&mut self, tokens: &[u32], pos: usize) -> Result<u32, RuntimeError> {
+        let bytes = self.run(tokens, pos, Logits::Last, true).await?;
         Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+    }
+
+    /// [`Backend::forward`] without blocking (the form the web uses).
+    pub async fn forward_async(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        logits: Logits,
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let bytes = self.run(tokens, pos, logits, false).await?;
+        Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
     /// Greedy decoding of `k` tokens with one submission per [`MAX_GREEDY_STEPS`]:
@@ -430,7 +447,13 @@ impl GpuBackend {
     /// reads its token. Returns the `k` chosen tokens, exactly what `k` calls of
     /// [`GpuBackend::forward_argmax`] return; the caller discards any after an end
     /// of sequence token.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn generate_greedy(&mut self, first: u32, pos: usize, k: usize) -> Result<Vec<u32>, RuntimeError> {
+        block_on(self.generate_greedy_async(first, pos, k))
+    }
+
+    /// [`GpuBackend::generate_greedy`] without blocking (the form the web uses).
+    pub async fn generate_greedy_async(&mut self, first: u32, pos: usize, k: usize) -> Result<Vec<u32>, RuntimeError> {
         if first as usize >= self.vocab {
             return Err(RuntimeError::Other(format!("token id {first} is outside the vocabulary of {}", self.vocab)));
         }
@@ -438,14 +461,14 @@ impl GpuBackend {
         let mut next = first;
         while out.len() < k {
             let n = (k - out.len()).min(MAX_GREEDY_STEPS);
-            let chosen = self.submit_greedy(next, pos + out.len(), n)?;
+            let chosen = self.submit_greedy(next, pos + out.len(), n).await?;
             next = *chosen.last().expect("at least one step");
             out.extend(chosen);
         }
         Ok(out)
     }
 
-    fn submit_greedy(&mut self, first: u32, pos: usize, n: usize) -> Result<Vec<u32>, RuntimeError> {
+    async fn submit_greedy(&mut self, first: u32, pos: usize, n: usize) -> Result<Vec<u32>, RuntimeError> {
         let mut records = Vec::with_capacity(n * StepUniform::SIZE);
         for i in 0..n {
             let p = pos + i;
@@ -472,7 +495,7 @@ impl GpuBackend {
         }
         let read_bytes = n as u64 * 4;
         encoder.copy_buffer_to_buffer(&self.greedy_tokens, 0, &self.readback, 0, read_bytes);
-        let bytes = self.submit_and_read(encoder, read_bytes)?;
+        let bytes = self.submit_and_read(encoder, read_bytes).await?;
         Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
@@ -510,7 +533,7 @@ impl GpuBackend {
     }
 
     /// Runs every chunk; returns the bytes read back (logits rows, or the argmax).
-    fn run(&mut self, tokens: &[u32], pos: usize, logits: Logits, argmax: bool) -> Result<Vec<u8>, RuntimeError> {
+    async fn run(&mut self, tokens: &[u32], pos: usize, logits: Logits, argmax: bool) -> Result<Vec<u8>, RuntimeError> {
         if tokens.is_empty() {
             return Err(RuntimeError::Other("forward needs at least one token".into()));
         }
@@ -533,14 +556,20 @@ impl GpuBackend {
                 Logits::Last if last => 1,
                 Logits::Last => 0,
             };
-            let bytes = self.submit_chunk(&tokens[done..done + n], p, rows, argmax && last)?;
+            let bytes = self.submit_chunk(&tokens[done..done + n], p, rows, argmax && last).await?;
             out.extend_from_slice(&bytes);
             done += n;
         }
         Ok(out)
     }
 
-    fn submit_chunk(&mut self, tokens: &[u32], pos: usize, rows: usize, argmax: bool) -> Result<Vec<u8>, RuntimeError> {
+    async fn submit_chunk(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        rows: usize,
+        argmax: bool,
+    ) -> Result<Vec<u8>, RuntimeError> {
         let n = tokens.len() as u32;
         let step = StepUniform {
             pos: u32::try_from(pos).map_err(|_| RuntimeError::Other(format!("position {pos} does not fit in u32")))?,
@@ -562,12 +591,16 @@ impl GpuBackend {
             let src = if argmax { &self.argmax } else { &self.logits };
             encoder.copy_buffer_to_buffer(src, 0, &self.readback, 0, read_bytes);
         }
-        self.submit_and_read(encoder, read_bytes)
+        self.submit_and_read(encoder, read_bytes).await
     }
 
     /// Submits `encoder` (inside error scopes the first time) and returns the
     /// first `read_bytes` of the readback buffer, or waits when there are none.
-    fn submit_and_read(&mut self, encoder: wgpu::CommandEncoder, read_bytes: u64) -> Result<Vec<u8>, RuntimeError> {
+    async fn submit_and_read(
+        &mut self,
+        encoder: wgpu::CommandEncoder,
+        read_bytes: u64,
+    ) -> Result<Vec<u8>, RuntimeError> {
         let device = &self.gpu.device;
         let first = !self.warmed_up;
         let scopes = first.then(|| {
@@ -578,17 +611,17 @@ impl GpuBackend {
         });
         self.gpu.queue.submit([encoder.finish()]);
         if let Some((validation, oom)) = scopes {
-            if let Some(e) = block_on_native(oom.pop())? {
+            if let Some(e) = oom.pop().await {
                 return Err(convert_error("first forward step", e));
             }
-            if let Some(e) = block_on_native(validation.pop())? {
+            if let Some(e) = validation.pop().await {
                 return Err(convert_error("first forward step", e));
             }
         }
         let bytes = if read_bytes > 0 {
-            self.read_back(read_bytes)?
+            self.read_back(read_bytes).await?
         } else {
-            self.wait()?;
+            self.wait().await?;
             Vec::new()
         };
         take_error(&self.gpu.errors)?;
@@ -596,41 +629,27 @@ impl GpuBackend {
         Ok(bytes)
     }
 
-    fn wait(&self) -> Result<(), RuntimeError> {
-        self.gpu
-            .device
-            .poll(wgpu::PollType::Wait { submission_index: None, timeout: Some(std::time::Duration::from_secs(300)) })
-            .map_err(|e| RuntimeError::Gpu(format!("waiting for the device: {e}")))?;
+    /// Waits until the device has finished everything submitted.
+    async fn wait(&self) -> Result<(), RuntimeError> {
+        let (tx, rx) = oneshot();
+        self.gpu.queue.on_submitted_work_done(move || tx.send(()));
+        settle(&self.gpu.device, rx, "waiting for the device").await?;
         take_error(&self.gpu.errors)
     }
 
-    fn read_back(&self, bytes: u64) -> Result<Vec<u8>, RuntimeError> {
+    async fn read_back(&self, bytes: u64) -> Result<Vec<u8>, RuntimeError> {
         let slice = self.readback.slice(..bytes);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait()?;
-        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(RuntimeError::Gpu(format!("reading back results: {e}"))),
-            Err(_) => return Err(RuntimeError::Gpu("reading back results: the map did not complete".into())),
-        }
+        let (tx, rx) = oneshot();
+        slice.map_async(wgpu::MapMode::Read, move |r| tx.send(r));
+        settle(&self.gpu.device, rx, "reading back results")
+            .await?
+            .map_err(|e| RuntimeError::Gpu(format!("reading back results: {e}")))?;
+        take_error(&self.gpu.errors)?;
         let data =
             slice.get_mapped_range().map_err(|e| RuntimeError::Gpu(format!("reading back results: {e}")))?.to_vec();
         self.readback.unmap();
         Ok(data)
     }
-}
-
-#[cfg(not(target_arch = "wasm32"))]
-fn block_on_native<F: std::future::Future>(f: F) -> Result<F::Output, RuntimeError> {
-    Ok(block_on(f))
-}
-
-#[cfg(target_arch = "wasm32")]
-fn block_on_native<F: std::future::Future>(_f: F) -> Result<F::Output, RuntimeError> {
-    Err(RuntimeError::Gpu("synchronous forward steps are not available on the web".into()))
 }
 
 /// Milliseconds from an arbitrary origin (timing only).
@@ -668,12 +687,11 @@ impl Backend for GpuBackend {
         self.vocab
     }
     fn forward(&mut self, tokens: &[u32], pos: usize, logits: Logits) -> Result<Vec<f32>, RuntimeError> {
-        let bytes = self.run(tokens, pos, logits, false)?;
-        Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        blocking(self.forward_async(tokens, pos, logits))?
     }
 
     fn greedy_steps(&mut self, first: u32, pos: usize, k: usize) -> Option<Result<Vec<u32>, RuntimeError>> {
-        Some(self.generate_greedy(first, pos, k))
+        Some(blocking(self.generate_greedy_async(first, pos, k)).and_then(|r| r))
     }
 }
 
@@ -729,4 +747,16 @@ pub(crate) fn create_pipeline(
         cache,
     });
     (bgl, pipeline)
+}
+
+impl crate::generate::AsyncBackend for GpuBackend {
+    fn ctx(&self) -> usize {
+        self.ctx
+    }
+    async fn forward(&mut self, tokens: &[u32], pos: usize, logits: Logits) -> Result<Vec<f32>, RuntimeError> {
+        self.forward_async(tokens, pos, logits).await
+    }
+    async fn greedy_steps(&mut self, first: u32, pos: usize, k: usize) -> Option<Result<Vec<u32>, RuntimeError>> {
+        Some(self.generate_greedy_async(first, pos, k).await)
+    }
 }
