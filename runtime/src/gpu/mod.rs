@@ -6,6 +6,7 @@
 //! `llama5_codegen::Plan`; this module only resolves each binding to a buffer.
 
 mod device;
+mod fit;
 pub mod harness;
 mod pipeline_cache;
 mod wait;
@@ -20,6 +21,8 @@ use crate::backend::{Backend, BackendInfo, Logits};
 use crate::error::RuntimeError;
 use crate::model::Model;
 use device::{convert_error, take_error, Gpu};
+pub use device::{probe, AdapterProbe};
+pub use fit::check_fits;
 
 /// Tokens one submission processes at most (prompts are split into chunks of this many).
 pub const MAX_BATCH: usize = 64;

@@ -1,0 +1,36 @@
+//! Whether a model fits an adapter's limits, decided from its manifest alone,
+//! so a browser can say so before downloading any shard.
+
+use llama5_codegen::manifest::Manifest;
+
+use super::{AdapterProbe, MAX_BATCH};
+use crate::error::RuntimeError;
+
+/// Checks every buffer the backend would bind (each tensor part, one layer's
+/// KV cache, the logits of a full batch) against the adapter's storage binding
+/// and buffer size limits; the error names the largest offender and the limit.
+pub fn check_fits(manifest: &Manifest, adapter: &AdapterProbe, ctx: usize) -> Result<(), RuntimeError> {
+    let cfg = &manifest.model;
+    let limit = adapter.limits.max_storage_buffer_binding_size.min(adapter.limits.max_buffer_size);
+    let mut needs: Vec<(String, u64)> = Vec::new();
+    for (name, t) in &manifest.tensors {
+        for (i, p) in t.parts.iter().enumerate() {
+            let bytes = p.data.bytes + p.scales.as_ref().map_or(0, |s| s.bytes);
+            needs.push((format!("tensor `{name}` part {i}"), bytes));
+        }
+    }
+    let kv = ctx as u64 * cfg.kv_dim() as u64 * llama5_codegen::tcal::kv_bytes_per_element(&adapter.target);
+    needs.push((format!("one layer's KV cache at {ctx} positions"), kv));
+    needs.push(("the logits of one batch".into(), MAX_BATCH as u64 * cfg.vocab_size as u64 * 4));
+    let Some((what, bytes)) = needs.into_iter().filter(|(_, b)| *b > limit).max_by_key(|(_, b)| *b) else {
+        return Ok(());
+    };
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    Err(RuntimeError::Gpu(format!(
+        "the model does not fit this adapter: {what} needs a {:.1} MiB buffer and {} allows {:.1} MiB \
+         (convert with smaller shards so tensors are split into parts, or use a smaller context)",
+        mib(bytes),
+        adapter.info.name,
+        mib(limit)
+    )))
+}
