@@ -39,7 +39,7 @@ const GROUP: u32 = 2u;
 const Q_DIM: u32 = 64u;
 const KV_DIM: u32 = 32u;
 const SCALE: f32 = 0.25;
-const BIG: f32 = 3.4028235e38;
+const BIG: f32 = 0x1.fffffep+127f;
 
 // Reductions: a tree in workgroup memory.
 const RED_SLOTS: u32 = 256u;
