@@ -121,6 +121,9 @@ impl Session {
     /// `decode_tokens`, `decode_ms`.
     pub fn chat(&self, user: String, max_tokens: u32, on_token: js_sys::Function) -> js_sys::Promise {
         let inner = self.inner.clone();
+        // The borrow lasts the whole turn on purpose: a second turn started
+        // meanwhile gets an error from `try_borrow_mut` instead of interleaving.
+        #[allow(clippy::await_holding_refcell_ref)]
         wasm_bindgen_futures::future_to_promise(async move {
             let mut guard = inner.try_borrow_mut().map_err(|_| err("a turn is already running"))?;
             let s = &mut *guard;

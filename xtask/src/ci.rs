@@ -115,28 +115,31 @@ fn browser_steps(steps: &mut Vec<Step>, totals: &mut TestTotals, model: Option<&
             run_tests(&mut cmd, totals, browser.name())
         });
     }
-    step(steps, "browser page e2e", || {
-        let Some(gguf) = model else {
-            return Ok(format!("{SKIPPED}no model (fetch-model failed)"));
-        };
-        let driver = match web::ensure_browser(Browser::Chromium) {
-            Ok(d) => d,
-            Err(e) => return Ok(format!("{SKIPPED}{e:#}")),
-        };
-        let report = web::e2e(gguf, &driver);
-        // one test: counted like the others
-        match &report {
-            Ok(r) => {
-                totals.passed += 1;
-                println!("[chromium] test page_end_to_end ... ok ({r})");
+    for (name, browser) in [("page e2e chromium", Browser::Chromium), ("page e2e firefox", Browser::Firefox)] {
+        step(steps, name, || {
+            let Some(gguf) = model else {
+                return Ok(format!("{SKIPPED}no model (fetch-model failed)"));
+            };
+            let driver = match web::ensure_browser(browser) {
+                Ok(d) => d,
+                Err(e) => return Ok(format!("{SKIPPED}{e:#}")),
+            };
+            let report = web::e2e(gguf, browser, &driver);
+            // one test, counted like the others
+            let b = browser.name();
+            match &report {
+                Ok(r) => {
+                    totals.passed += 1;
+                    println!("[{b}] test page_end_to_end ... ok ({r})");
+                }
+                Err(e) => {
+                    totals.failed += 1;
+                    println!("[{b}] test page_end_to_end ... FAILED ({e:#})");
+                }
             }
-            Err(e) => {
-                totals.failed += 1;
-                println!("[chromium] test page_end_to_end ... FAILED ({e:#})");
-            }
-        }
-        report
-    });
+            report
+        });
+    }
 }
 
 fn summary(steps: &[Step], totals: &TestTotals) -> ExitCode {
@@ -232,7 +235,7 @@ fn run_tests(cmd: &mut Command, totals: &mut TestTotals, prefix: &str) -> anyhow
     Ok(format!("{passed} passed{on}"))
 }
 
-/// Builds the runtime's library for the browser, adding the target through
+/// Builds the runtime's library for the browser and lints the browser crate, adding the target through
 /// rustup when it is missing (the getrandom backend cfg comes from `.cargo/config.toml`).
 fn build_wasm() -> anyhow::Result<String> {
     let mut list = Command::new("rustup");
@@ -243,6 +246,18 @@ fn build_wasm() -> anyhow::Result<String> {
             .with_context(|| format!("installing the {WASM_TARGET} target"))?;
     }
     cargo_step(util::cargo().args(["build", "-p", "llama5-runtime", "--lib", "--target", WASM_TARGET]))?;
+    // the browser crate is empty natively, so the workspace clippy step never lints it
+    cargo_step(util::cargo().args([
+        "clippy",
+        "-p",
+        "llama5-web",
+        "--lib",
+        "--target",
+        WASM_TARGET,
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     Ok(WASM_TARGET.to_string())
 }
 

@@ -328,7 +328,7 @@ fn serve_one(mut stream: std::net::TcpStream, root: &Path) -> std::io::Result<()
 }
 
 // ----------------------------------------------------------------------------
-// The page end to end, driven through chromedriver
+// The page end to end, driven through WebDriver
 
 /// What the end-to-end test types.
 pub const E2E_PROMPT: &str = "What is the capital of France?";
@@ -402,7 +402,7 @@ fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {
     }
 }
 
-/// A WebDriver session on chromedriver.
+/// A WebDriver session (chromedriver or geckodriver).
 struct Driver {
     port: u16,
     session: String,
@@ -504,11 +504,12 @@ fn native_tokens(model_dir: &Path, prompt: &str, n: usize) -> anyhow::Result<Vec
 }
 
 /// Serves the page with the real model at INT4 on 127.0.0.1, loads it in
-/// headless Chromium through chromedriver, types [`E2E_PROMPT`] and checks
-/// the first [`E2E_TOKENS`] tokens against the native CPU backend; saves a
-/// screenshot to `target/web-e2e/browser.png`. Returns a one-line report.
-pub fn e2e(gguf: &Path, chromedriver: &Path) -> anyhow::Result<String> {
-    let work = util::workspace_root().join("target/web-e2e");
+/// `browser` (headless, through its WebDriver), types [`E2E_PROMPT`] and
+/// checks the first [`E2E_TOKENS`] tokens against the native CPU backend;
+/// saves a screenshot to `target/web-e2e/<browser>.png`, then reloads the
+/// page and checks the shard comes from Cache Storage. Returns a one-line report.
+pub fn e2e(gguf: &Path, browser: Browser, driver: &Path) -> anyhow::Result<String> {
+    let work = util::workspace_root().join("target/web-e2e").join(browser.name());
     let model_dir = work.join("int4");
     if model_dir.exists() {
         std::fs::remove_dir_all(&model_dir).with_context(|| format!("removing {}", model_dir.display()))?;
@@ -526,39 +527,47 @@ pub fn e2e(gguf: &Path, chromedriver: &Path) -> anyhow::Result<String> {
     std::thread::spawn(move || serve_forever(listener, site));
 
     let driver_port = free_port()?;
-    let mut child = Command::new(chromedriver)
+    let mut child = Command::new(driver)
         .arg(format!("--port={driver_port}"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .with_context(|| format!("starting {}", chromedriver.display()))?;
-    let result = drive(driver_port, site_port, &want, &work);
+        .with_context(|| format!("starting {}", driver.display()))?;
+    let result = drive(browser, driver_port, site_port, &want, &work);
     let _ = child.kill();
     let _ = child.wait();
     result
 }
 
-fn drive(driver_port: u16, site_port: u16, want: &[u32], work: &Path) -> anyhow::Result<String> {
+/// The same flags and prefs as `web/webdriver.json`, plus a window size for the screenshot.
+fn capabilities(browser: Browser) -> serde_json::Value {
+    match browser {
+        Browser::Chromium => serde_json::json!({ "capabilities": { "alwaysMatch": { "goog:chromeOptions": {
+            "args": ["--headless=new", "--no-sandbox", "--enable-unsafe-webgpu", "--disable-dev-shm-usage",
+                     "--window-size=900,1000"]
+        }}}}),
+        Browser::Firefox => serde_json::json!({ "capabilities": { "alwaysMatch": { "moz:firefoxOptions": {
+            "args": ["-headless", "--width=900", "--height=1000"],
+            "prefs": { "dom.webgpu.enabled": true, "gfx.webgpu.ignore-blocklist": true }
+        }}}}),
+    }
+}
+
+fn drive(browser: Browser, driver_port: u16, site_port: u16, want: &[u32], work: &Path) -> anyhow::Result<String> {
     let start = std::time::Instant::now();
     while http(driver_port, "GET", "/status", None).is_err() {
         if start.elapsed().as_secs() > 30 {
-            bail!("chromedriver did not answer on port {driver_port}");
+            bail!("the WebDriver did not answer on port {driver_port}");
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let caps = serde_json::json!({ "capabilities": { "alwaysMatch": { "goog:chromeOptions": {
-        "args": ["--headless=new", "--no-sandbox", "--enable-unsafe-webgpu", "--disable-dev-shm-usage", "--window-size=900,1000"]
-    }}}});
-    let (status, body) = http(driver_port, "POST", "/session", Some(&caps))?;
-    let v: serde_json::Value = serde_json::from_slice(&body).context("chromedriver's new session")?;
+    let (status, body) = http(driver_port, "POST", "/session", Some(&capabilities(browser)))?;
+    let v: serde_json::Value = serde_json::from_slice(&body).context("the WebDriver's new session")?;
     let session = v["value"]["sessionId"].as_str().with_context(|| format!("no session (HTTP {status}): {v}"))?;
     let d = Driver { port: driver_port, session: session.to_string() };
     let outcome = (|| -> anyhow::Result<String> {
-        d.call(
-            "POST",
-            "/url",
-            Some(serde_json::json!({ "url": format!("http://127.0.0.1:{site_port}/?model=model/") })),
-        )?;
+        let url = format!("http://127.0.0.1:{site_port}/?model=model/");
+        d.call("POST", "/url", Some(serde_json::json!({ "url": url })))?;
         d.wait_state(&["ready"], std::time::Duration::from_secs(300))?;
         let adapter = d.script("return document.getElementById('adapter').innerText")?;
         let max = d.element("#max-tokens")?;
@@ -574,14 +583,22 @@ fn drive(driver_port: u16, site_port: u16, want: &[u32], work: &Path) -> anyhow:
         let stats = d.script("return document.getElementById('stats').textContent")?;
         let shot = d.call("GET", "/screenshot", None)?;
         let png = base64_decode(shot.as_str().context("a base64 screenshot")?)?;
-        let path = work.join("browser.png");
+        let path = work.join(format!("{}.png", browser.name()));
         std::fs::write(&path, png).with_context(|| format!("writing {}", path.display()))?;
         let adapter = adapter.as_str().unwrap_or("").lines().take(2).collect::<Vec<_>>().join(" ");
         if got.len() < want.len() || got[..want.len()] != *want {
             bail!("the page generated {got:?}; the native CPU backend's first tokens are {want:?}");
         }
+        // a second visit reads the shards from Cache Storage
+        d.call("POST", "/url", Some(serde_json::json!({ "url": url })))?;
+        d.wait_state(&["ready"], std::time::Duration::from_secs(300))?;
+        let progress = d.script("return document.getElementById('progress-text').textContent")?;
+        let progress = progress.as_str().unwrap_or("");
+        if !progress.contains("from Cache Storage") || !progress.contains("nothing downloaded") {
+            bail!("the second visit downloaded again: {progress}");
+        }
         Ok(format!(
-            "first {} tokens equal the native CPU backend's; {}; adapter: {adapter}; screenshot {}",
+            "first {} tokens equal the native CPU backend's; {}; second visit from Cache Storage; adapter: {adapter}; screenshot {}",
             want.len(),
             stats.as_str().unwrap_or(""),
             path.display()

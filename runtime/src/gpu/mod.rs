@@ -655,18 +655,11 @@ impl GpuBackend {
     }
 }
 
-/// Milliseconds from an arbitrary origin (timing only).
+/// Milliseconds from an arbitrary origin (timing only; `performance.now()` on the web).
 fn web_time_now() -> f64 {
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        use std::sync::OnceLock;
-        static START: OnceLock<std::time::Instant> = OnceLock::new();
-        START.get_or_init(std::time::Instant::now).elapsed().as_secs_f64() * 1000.0
-    }
-    #[cfg(target_arch = "wasm32")]
-    {
-        0.0
-    }
+    use std::sync::OnceLock;
+    static START: OnceLock<web_time::Instant> = OnceLock::new();
+    START.get_or_init(web_time::Instant::now).elapsed().as_secs_f64() * 1000.0
 }
 
 impl Backend for GpuBackend {
