@@ -6,10 +6,13 @@ use llama5_codegen::manifest::Manifest;
 use super::{AdapterProbe, MAX_BATCH};
 use crate::error::RuntimeError;
 
-/// Checks every buffer the backend would bind (each tensor part, one layer's
-/// KV cache, the logits of a full batch) against the adapter's storage binding
-/// and buffer size limits; the error names the largest offender and the limit.
+/// Checks that the kernel plan exists for the adapter's target, then every
+/// buffer the backend would bind (each tensor part, one layer's KV cache, the
+/// logits of a full batch) against the adapter's storage binding and buffer
+/// size limits; the error names the largest offender and the limit.
 pub fn check_fits(manifest: &Manifest, adapter: &AdapterProbe, ctx: usize) -> Result<(), RuntimeError> {
+    llama5_codegen::Plan::from_manifest(manifest, &adapter.target)
+        .map_err(|e| RuntimeError::Gpu(format!("the model cannot run on this adapter: {e}")))?;
     let cfg = &manifest.model;
     let limit = adapter.limits.max_storage_buffer_binding_size.min(adapter.limits.max_buffer_size);
     let mut needs: Vec<(String, u64)> = Vec::new();
