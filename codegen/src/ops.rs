@@ -27,8 +27,9 @@ struct Step {
 }
 "#;
 
-/// Largest f32 magnitude, as a stand-in for -inf (WGSL has no infinity literal).
-const BIG: &str = "const BIG: f32 = 3.4028235e38;\n";
+/// Largest f32 magnitude, as a stand-in for -inf (WGSL has no infinity literal);
+/// written exactly, since Tint (Chromium) rejects a decimal literal that rounds past it.
+const BIG: &str = "const BIG: f32 = 0x1.fffffep+127f;\n";
 
 /// Assembles one module: header comment, binding table, constants, helpers, entry point.
 struct ModuleText {

@@ -789,3 +789,22 @@ fn generator_sampling_on_the_device_matches_the_cpu_backend() {
         assert!(distinct.len() > 3, "sampling varies the tokens: {:?}", got.tokens);
     }
 }
+
+#[test]
+fn check_fits_names_what_exceeds_the_adapters_limits() {
+    use llama5_runtime::gpu::{check_fits, probe};
+    let (_dir, model) = convert_tiny(Precision::F16, false, false);
+    let mut adapter = pollster::block_on(probe(None)).unwrap();
+    check_fits(&model.manifest, &adapter, 64).unwrap();
+    // the error names the largest buffer over the limit: a batch of logits
+    // (64 rows of 256) is 64 KiB, the F16 embedding 32 KiB
+    adapter.limits.max_storage_buffer_binding_size = 4096;
+    let e = check_fits(&model.manifest, &adapter, 64).unwrap_err().to_string();
+    assert!(e.contains("does not fit this adapter") && e.contains("the logits of one batch needs a 0.1 MiB"), "{e}");
+    assert!(e.contains(&adapter.info.name), "{e}");
+    adapter.limits.max_storage_buffer_binding_size = 1 << 30;
+    // a context whose KV cache alone is over the limit: 4M positions * 32 kv dims * 2 or 4 bytes
+    adapter.limits.max_buffer_size = 64 << 20;
+    let e = check_fits(&model.manifest, &adapter, 1 << 22).unwrap_err().to_string();
+    assert!(e.contains("KV cache"), "{e}");
+}

@@ -8,13 +8,17 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 
+use crate::web::{self, Browser};
 use crate::{codegen, fetch, util};
 
 /// What `cargo xtask test` installs when no Vulkan adapter is visible.
 const VULKAN_PACKAGES: [&str; 3] = ["mesa-vulkan-drivers", "libvulkan1", "vulkan-tools"];
 
 /// The browser target the runtime's library must keep compiling for.
-const WASM_TARGET: &str = "wasm32-unknown-unknown";
+const WASM_TARGET: &str = web::WASM_TARGET;
+
+/// A step's note when it did not run: printed as SKIPPED, never counted as passed.
+const SKIPPED: &str = "skipped: ";
 
 struct Step {
     name: &'static str,
@@ -68,12 +72,81 @@ pub fn run() -> anyhow::Result<ExitCode> {
         if let Some(path) = &model {
             cmd.env("LLAMA5_MODEL_GGUF", path);
         }
-        run_tests(&mut cmd, &mut totals)
+        run_tests(&mut cmd, &mut totals, "")
     });
+    browser_steps(&mut steps, &mut totals, model.as_deref());
+    Ok(summary(&steps, &totals))
+}
 
+/// `cargo xtask test-browser`: only the browser steps.
+pub fn run_browser() -> anyhow::Result<ExitCode> {
+    let mut steps = Vec::new();
+    let mut totals = TestTotals::default();
+    let mut model: Option<PathBuf> = None;
+    step(&mut steps, "fetch-model", || {
+        let path = fetch::fetch_model()?;
+        model = Some(path.clone());
+        Ok(path.display().to_string())
+    });
+    browser_steps(&mut steps, &mut totals, model.as_deref());
+    Ok(summary(&steps, &totals))
+}
+
+/// The wasm-bindgen tests in each browser, then the page end to end.
+fn browser_steps(steps: &mut Vec<Step>, totals: &mut TestTotals, model: Option<&std::path::Path>) {
+    let mut setup: Option<(PathBuf, PathBuf)> = None;
+    step(steps, "browser setup", || {
+        let bindgen = web::ensure_wasm_bindgen()?;
+        let runner = bindgen.with_file_name("wasm-bindgen-test-runner");
+        let fixture = web::prepare_fixture()?;
+        setup = Some((runner, fixture));
+        Ok(format!("wasm-bindgen {}", web::locked_wasm_bindgen()?))
+    });
+    for (name, browser) in [("browser chromium", Browser::Chromium), ("browser firefox", Browser::Firefox)] {
+        step(steps, name, || {
+            let Some((runner, fixture)) = &setup else {
+                return Ok(format!("{SKIPPED}browser setup failed"));
+            };
+            let driver = match web::ensure_browser(browser) {
+                Ok(d) => d,
+                Err(e) => return Ok(format!("{SKIPPED}{e:#}")),
+            };
+            let mut cmd = web::browser_test_command(browser, &driver, runner, fixture);
+            run_tests(&mut cmd, totals, browser.name())
+        });
+    }
+    for (name, browser) in [("page e2e chromium", Browser::Chromium), ("page e2e firefox", Browser::Firefox)] {
+        step(steps, name, || {
+            let Some(gguf) = model else {
+                return Ok(format!("{SKIPPED}no model (fetch-model failed)"));
+            };
+            let driver = match web::ensure_browser(browser) {
+                Ok(d) => d,
+                Err(e) => return Ok(format!("{SKIPPED}{e:#}")),
+            };
+            let report = web::e2e(gguf, browser, &driver);
+            // one test, counted like the others
+            let b = browser.name();
+            match &report {
+                Ok(r) => {
+                    totals.passed += 1;
+                    println!("[{b}] test page_end_to_end ... ok ({r})");
+                }
+                Err(e) => {
+                    totals.failed += 1;
+                    println!("[{b}] test page_end_to_end ... FAILED ({e:#})");
+                }
+            }
+            report
+        });
+    }
+}
+
+fn summary(steps: &[Step], totals: &TestTotals) -> ExitCode {
     println!("\nxtask test summary");
-    for s in &steps {
+    for s in steps {
         let (status, note) = match &s.result {
+            Ok(note) if note.starts_with(SKIPPED) => ("SKIPPED", note[SKIPPED.len()..].to_string()),
             Ok(note) => ("ok", note.clone()),
             Err(e) => ("FAILED", format!("{e:#}").lines().next().unwrap_or_default().to_string()),
         };
@@ -83,8 +156,17 @@ pub fn run() -> anyhow::Result<ExitCode> {
     if !failed.is_empty() {
         println!("{} of {} steps failed: {}", failed.len(), steps.len(), failed.join(", "));
     }
+    let skipped: Vec<&str> =
+        steps.iter().filter(|s| s.result.as_ref().is_ok_and(|n| n.starts_with(SKIPPED))).map(|s| s.name).collect();
+    if !skipped.is_empty() {
+        println!("{} steps skipped (not counted as passed): {}", skipped.len(), skipped.join(", "));
+    }
     println!("tests: {} passed, {} failed", totals.passed, totals.failed);
-    Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn cargo_step(cmd: &mut Command) -> anyhow::Result<String> {
@@ -115,8 +197,12 @@ impl TestTotals {
     }
 }
 
-/// Runs `cargo test`, echoing its stdout line by line while counting results.
-fn run_tests(cmd: &mut Command, totals: &mut TestTotals) -> anyhow::Result<String> {
+/// Runs `cargo test`, echoing its stdout line by line (each prefixed with
+/// `[prefix]` when one is given) while counting results; the note names the
+/// adapters the tests reported (`adapter: ...` lines).
+fn run_tests(cmd: &mut Command, totals: &mut TestTotals, prefix: &str) -> anyhow::Result<String> {
+    let before = TestTotals { passed: totals.passed, failed: totals.failed };
+    let mut adapters: Vec<String> = Vec::new();
     let line = util::display(cmd);
     eprintln!("$ {line}");
     let mut child = cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("starting `{line}`"))?;
@@ -125,17 +211,31 @@ fn run_tests(cmd: &mut Command, totals: &mut TestTotals) -> anyhow::Result<Strin
     for l in BufReader::new(stdout).lines() {
         let l = l.with_context(|| format!("reading the output of `{line}`"))?;
         totals.add_line(&l);
-        writeln!(out, "{l}").context("writing to stdout")?;
+        if let Some(a) = l.trim().strip_prefix("adapter: ") {
+            if !adapters.iter().any(|x| x == a) {
+                adapters.push(a.to_string());
+            }
+        }
+        if prefix.is_empty() {
+            writeln!(out, "{l}").context("writing to stdout")?;
+        } else {
+            writeln!(out, "[{prefix}] {l}").context("writing to stdout")?;
+        }
     }
     drop(out);
     let status = child.wait().with_context(|| format!("waiting for `{line}`"))?;
+    let (passed, failed) = (totals.passed - before.passed, totals.failed - before.failed);
     if !status.success() {
-        bail!("`{line}` failed ({status}): {} passed, {} failed", totals.passed, totals.failed);
+        bail!("`{line}` failed ({status}): {passed} passed, {failed} failed");
     }
-    Ok(format!("{} passed", totals.passed))
+    if passed == 0 {
+        bail!("`{line}` ran no tests");
+    }
+    let on = if adapters.is_empty() { String::new() } else { format!(" on {}", adapters.join("; ")) };
+    Ok(format!("{passed} passed{on}"))
 }
 
-/// Builds the runtime's library for the browser, adding the target through
+/// Builds the runtime's library for the browser and lints the browser crate, adding the target through
 /// rustup when it is missing (the getrandom backend cfg comes from `.cargo/config.toml`).
 fn build_wasm() -> anyhow::Result<String> {
     let mut list = Command::new("rustup");
@@ -146,6 +246,18 @@ fn build_wasm() -> anyhow::Result<String> {
             .with_context(|| format!("installing the {WASM_TARGET} target"))?;
     }
     cargo_step(util::cargo().args(["build", "-p", "llama5-runtime", "--lib", "--target", WASM_TARGET]))?;
+    // the browser crate is empty natively, so the workspace clippy step never lints it
+    cargo_step(util::cargo().args([
+        "clippy",
+        "-p",
+        "llama5-web",
+        "--lib",
+        "--target",
+        WASM_TARGET,
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     Ok(WASM_TARGET.to_string())
 }
 

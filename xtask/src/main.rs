@@ -8,6 +8,7 @@ mod codegen;
 mod demo;
 mod fetch;
 mod util;
+mod web;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,6 +23,10 @@ commands:
                             ($LLAMA5_CACHE, $XDG_CACHE_HOME/llama5 or ~/.cache/llama5); prints its path
   test                      what CI runs: Vulkan driver, fetch-model, codegen --check, fmt, clippy,
                             cargo test --workspace (with LLAMA5_MODEL_GGUF set), then a summary
+  test-browser              only the browser steps of `test`: the wasm tests in Chromium and Firefox
+                            (browsers, drivers and the wasm-bindgen CLI installed when missing)
+  web [--model <dir>]       build the browser page into target/web (wasm-bindgen CLI installed when
+      [--serve [--port N]]  missing); --model links a converted model as its model/; --serve serves it
   codegen [--check]         regenerate the fixture model's kernels in codegen/kernels/tiny
           [--model <dir>]   ... or those of a converted model (written to <dir>/kernels)
           [--out <dir>]     ... into another directory (default: codegen/kernels/tiny, <dir>/kernels)
@@ -65,6 +70,13 @@ fn run() -> anyhow::Result<ExitCode> {
             }
             ci::run()
         }
+        "test-browser" => {
+            if !rest.is_empty() {
+                bail!("test-browser takes no arguments, got {rest:?}");
+            }
+            ci::run_browser()
+        }
+        "web" => web::run(rest).map(|()| ExitCode::SUCCESS),
         "codegen" => run_codegen(rest).map(|()| ExitCode::SUCCESS),
         "demo" => match rest {
             [] => demo::demo(demo::DEMO_PROMPT),

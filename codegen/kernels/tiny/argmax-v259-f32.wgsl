@@ -29,7 +29,7 @@ struct Step {
 
 const VOCAB: u32 = 259u;
 const WG: u32 = 256u;
-const BIG: f32 = 3.4028235e38;
+const BIG: f32 = 0x1.fffffep+127f;
 
 // Reductions: a tree in workgroup memory.
 const RED_SLOTS: u32 = 256u;

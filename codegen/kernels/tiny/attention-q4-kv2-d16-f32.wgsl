@@ -46,7 +46,7 @@ const GROUP: u32 = 2u;
 const Q_LANES: u32 = 16u;
 const KV_LANES: u32 = 8u;
 const SCALE: f32 = 0.25;
-const BIG: f32 = 3.4028235e38;
+const BIG: f32 = 0x1.fffffep+127f;
 
 // Reductions: a tree in workgroup memory.
 const RED_SLOTS: u32 = 256u;

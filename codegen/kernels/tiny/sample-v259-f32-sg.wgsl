@@ -30,7 +30,7 @@ struct Step {
 
 const VOCAB: u32 = 259u;
 const WG: u32 = 256u;
-const BIG: f32 = 3.4028235e38;
+const BIG: f32 = 0x1.fffffep+127f;
 // Bits of the largest weight, exp(0) = 1.
 const ONE_BITS: u32 = 0x3f800000u;
 

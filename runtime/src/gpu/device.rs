@@ -80,6 +80,25 @@ pub(crate) async fn pick_adapter(name: Option<&str>) -> Result<wgpu::Adapter, Ru
     }
 }
 
+/// What an adapter offers, before any model is loaded (the web page shows it
+/// and checks a manifest against it before downloading shards).
+#[derive(Clone, Debug)]
+pub struct AdapterProbe {
+    pub info: wgpu::AdapterInfo,
+    pub features: wgpu::Features,
+    pub limits: wgpu::Limits,
+    /// The kernels a device opened on it would run.
+    pub target: Target,
+}
+
+/// Finds the adapter [`super::GpuBackend::new_async`] would pick and reports it.
+pub async fn probe(name: Option<&str>) -> Result<AdapterProbe, RuntimeError> {
+    let adapter = pick_adapter(name).await?;
+    let (info, features, limits) = (adapter.get_info(), adapter.features(), adapter.limits());
+    let target = target_for(features, &limits, &info);
+    Ok(AdapterProbe { info, features, limits, target })
+}
+
 /// The kernel target a device with these features and limits supports.
 pub(crate) fn target_for(features: wgpu::Features, limits: &wgpu::Limits, info: &wgpu::AdapterInfo) -> Target {
     Target {

@@ -1,12 +1,12 @@
 //! Runs one generated kernel on buffers the caller fills: how each kernel is
 //! tested against a plain CPU implementation, and how it can be timed alone.
-//!
-//! Native only: it waits on the device synchronously.
-#![cfg(not(target_arch = "wasm32"))]
+//! Async at its core like the backend (the browser tests await it); the
+//! blocking forms are native only.
 
 use llama5_codegen::{Access, Kernel, Target};
 
 use super::device::{self, convert_error, take_error, Gpu};
+use super::wait::{oneshot, settle};
 use crate::error::RuntimeError;
 
 pub struct KernelRunner {
@@ -15,11 +15,18 @@ pub struct KernelRunner {
 
 impl KernelRunner {
     /// Opens a device like [`super::GpuBackend::new`], restricted to `features_allowed`.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn new(adapter: Option<&str>, features_allowed: wgpu::Features) -> Result<Self, RuntimeError> {
-        pollster::block_on(async {
-            let a = device::pick_adapter(adapter).await?;
-            Ok(KernelRunner { gpu: device::open(a, features_allowed).await? })
-        })
+        super::wait::block_on(Self::new_async(adapter, features_allowed))
+    }
+
+    pub async fn new_async(adapter: Option<&str>, features_allowed: wgpu::Features) -> Result<Self, RuntimeError> {
+        let a = device::pick_adapter(adapter).await?;
+        Ok(KernelRunner { gpu: device::open(a, features_allowed).await? })
+    }
+
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.gpu.info
     }
 
     pub fn target(&self) -> &Target {
@@ -33,7 +40,17 @@ impl KernelRunner {
     /// Dispatches `kernel` once with `grid` workgroups; `contents[i]` is the
     /// initial content of binding `i` (uniform included). Returns the contents
     /// of every binding afterwards.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn run(&self, kernel: &Kernel, contents: &[Vec<u8>], grid: [u32; 3]) -> Result<Vec<Vec<u8>>, RuntimeError> {
+        super::wait::block_on(self.run_async(kernel, contents, grid))
+    }
+
+    pub async fn run_async(
+        &self,
+        kernel: &Kernel,
+        contents: &[Vec<u8>],
+        grid: [u32; 3],
+    ) -> Result<Vec<Vec<u8>>, RuntimeError> {
         let device = &self.gpu.device;
         if contents.len() != kernel.bindings.len() {
             return Err(RuntimeError::Other(format!(
@@ -95,22 +112,15 @@ impl KernelRunner {
             offset += size;
         }
         self.gpu.queue.submit([encoder.finish()]);
-        if let Some(e) = pollster::block_on(validation.pop()) {
+        if let Some(e) = validation.pop().await {
             return Err(convert_error(&kernel.name, e));
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        readback.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        device
-            .poll(wgpu::PollType::Wait { submission_index: None, timeout: Some(std::time::Duration::from_secs(300)) })
-            .map_err(|e| RuntimeError::Gpu(format!("{}: {e}", kernel.name)))?;
+        let (tx, rx) = oneshot();
+        readback.slice(..).map_async(wgpu::MapMode::Read, move |r| tx.send(r));
+        settle(device, rx, &kernel.name)
+            .await?
+            .map_err(|e| RuntimeError::Gpu(format!("{}: reading back failed: {e}", kernel.name)))?;
         take_error(&self.gpu.errors)?;
-        // another thread polling the same device may be the one running the callback
-        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
-            Ok(Ok(())) => {}
-            other => return Err(RuntimeError::Gpu(format!("{}: reading back failed: {other:?}", kernel.name))),
-        }
         let view = readback.slice(..).get_mapped_range().map_err(|e| RuntimeError::Gpu(e.to_string()))?;
         let mut out = Vec::new();
         let mut offset = 0usize;

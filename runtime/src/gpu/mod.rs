@@ -6,9 +6,11 @@
 //! `llama5_codegen::Plan`; this module only resolves each binding to a buffer.
 
 mod device;
+mod fit;
 pub mod harness;
 mod pipeline_cache;
 pub mod profile;
+mod wait;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -21,6 +23,8 @@ use crate::error::RuntimeError;
 use crate::model::Model;
 use crate::sampling::SamplingParams;
 use device::{convert_error, take_error, Gpu};
+pub use device::{probe, AdapterProbe};
+pub use fit::check_fits;
 
 /// Tokens one submission processes at most (prompts are split into chunks of this many):
 /// the tiled batch kernels read each weight once per chunk.
@@ -37,6 +41,24 @@ pub const BATCH_MIN_ROWS: u32 = 8;
 /// Greedy decode steps one submission records at most ([`GpuBackend::generate_greedy`]
 /// splits longer runs).
 pub const MAX_GREEDY_STEPS: usize = 256;
+
+/// Tokens and logits rows one submission holds at most with a cache of `ctx`
+/// positions: a step never holds more tokens than the cache has positions.
+pub(crate) fn capacity(ctx: usize) -> (usize, usize) {
+    (MAX_BATCH.min(ctx), MAX_LOGIT_ROWS.min(ctx))
+}
+
+/// Bytes of the activation buffer `a` with a cache of `ctx` positions.
+pub(crate) fn activation_bytes(cfg: &llama5_codegen::manifest::ModelConfig, a: Activation, ctx: usize) -> u64 {
+    let (batch, logit_rows) = capacity(ctx);
+    let (rows, per_row) = match a {
+        Activation::Hidden => (batch, cfg.hidden_size),
+        Activation::Q | Activation::Attn => (batch, cfg.q_dim()),
+        Activation::Ffn => (batch, cfg.intermediate_size),
+        Activation::Logits => (logit_rows, cfg.vocab_size),
+    };
+    (rows * per_row * 4) as u64
+}
 
 /// How the GPU backend is set up.
 #[derive(Clone, Debug, Default)]
@@ -86,7 +108,8 @@ enum Choice {
 
 /// One dispatch of a forward step.
 struct Dispatch<'a> {
-    /// Index into the plan's steps.
+    /// Index into the plan's steps (for the profile, which is native only).
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     step: usize,
     /// Index into the plan's kernels (and the pipelines).
     kernel: usize,
@@ -133,9 +156,8 @@ fn storage_buffer(device: &wgpu::Device, label: &str, size: u64) -> wgpu::Buffer
 }
 
 #[cfg(not(target_arch = "wasm32"))]
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    pollster::block_on(f)
-}
+use wait::block_on;
+use wait::{blocking, oneshot, settle};
 
 impl GpuBackend {
     /// Picks an adapter, uploads the model and builds every pipeline.
@@ -245,22 +267,9 @@ impl GpuBackend {
             .collect();
 
         // Activations, reused by every layer.
-        // a step never holds more tokens than the cache has positions
-        let batch = MAX_BATCH.min(ctx);
-        let logit_rows = MAX_LOGIT_ROWS.min(ctx);
+        let (batch, logit_rows) = capacity(ctx);
         let b = batch as u64;
-        let act = |a: Activation| -> u64 {
-            if a == Activation::Logits {
-                return (logit_rows * cfg.vocab_size * 4) as u64;
-            }
-            let per_token = match a {
-                Activation::Hidden => cfg.hidden_size,
-                Activation::Q | Activation::Attn => cfg.q_dim(),
-                Activation::Ffn => cfg.intermediate_size,
-                Activation::Logits => cfg.vocab_size,
-            };
-            b * per_token as u64 * 4
-        };
+        let act = |a: Activation| activation_bytes(cfg, a, ctx);
         let mut activations = BTreeMap::new();
         for a in [Activation::Hidden, Activation::Q, Activation::Attn, Activation::Ffn, Activation::Logits] {
             check_size(&format!("activation {a:?}"), act(a))?;
@@ -467,9 +476,26 @@ impl GpuBackend {
 
     /// Runs `tokens` like [`Backend::forward`] and returns the greedy next
     /// token, chosen on the device (only 4 bytes come back).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_argmax(&mut self, tokens: &[u32], pos: usize) -> Result<u32, RuntimeError> {
-        let bytes = self.run(tokens, pos, Logits::Last, true)?;
+        block_on(self.forward_argmax_async(tokens, pos))
+    }
+
+    /// [`GpuBackend::forward_argmax`] without blocking (the form the web uses).
+    pub async fn forward_argmax_async(&mut self, tokens: &[u32], pos: usize) -> Result<u32, RuntimeError> {
+        let bytes = self.run(tokens, pos, Logits::Last, true).await?;
         Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+    }
+
+    /// [`Backend::forward`] without blocking (the form the web uses).
+    pub async fn forward_async(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        logits: Logits,
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let bytes = self.run(tokens, pos, logits, false).await?;
+        Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
     /// Greedy decoding of `k` tokens with one submission per [`MAX_GREEDY_STEPS`]:
@@ -478,14 +504,32 @@ impl GpuBackend {
     /// reads its token. Returns the `k` chosen tokens, exactly what `k` calls of
     /// [`GpuBackend::forward_argmax`] return; the caller discards any after an end
     /// of sequence token.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn generate_greedy(&mut self, first: u32, pos: usize, k: usize) -> Result<Vec<u32>, RuntimeError> {
-        self.device_steps(first, pos, k, None)
+        block_on(self.generate_greedy_async(first, pos, k))
+    }
+
+    /// [`GpuBackend::generate_greedy`] without blocking (the form the web uses).
+    pub async fn generate_greedy_async(&mut self, first: u32, pos: usize, k: usize) -> Result<Vec<u32>, RuntimeError> {
+        self.device_steps(first, pos, k, None).await
     }
 
     /// Like [`GpuBackend::generate_greedy`], with each step sampled on the device
     /// (temperature, top-k, top-p of `params`) at the uniform draw `draws[i]`:
     /// the host [`crate::sampling::Sampler`]'s choice for the same logits and draw.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn generate_sampled(
+        &mut self,
+        first: u32,
+        pos: usize,
+        params: &SamplingParams,
+        draws: &[f64],
+    ) -> Result<Vec<u32>, RuntimeError> {
+        block_on(self.generate_sampled_async(first, pos, params, draws))
+    }
+
+    /// [`GpuBackend::generate_sampled`] without blocking (the form the web uses).
+    pub async fn generate_sampled_async(
         &mut self,
         first: u32,
         pos: usize,
@@ -498,10 +542,10 @@ impl GpuBackend {
                 params.temperature
             )));
         }
-        self.device_steps(first, pos, draws.len(), Some((params, draws)))
+        self.device_steps(first, pos, draws.len(), Some((params, draws))).await
     }
 
-    fn device_steps(
+    async fn device_steps(
         &mut self,
         first: u32,
         pos: usize,
@@ -516,14 +560,14 @@ impl GpuBackend {
         while out.len() < k {
             let n = (k - out.len()).min(MAX_GREEDY_STEPS);
             let sampling = sampling.map(|(p, d)| (p, &d[out.len()..out.len() + n]));
-            let chosen = self.submit_steps(next, pos + out.len(), n, sampling)?;
+            let chosen = self.submit_steps(next, pos + out.len(), n, sampling).await?;
             next = *chosen.last().expect("at least one step");
             out.extend(chosen);
         }
         Ok(out)
     }
 
-    fn submit_steps(
+    async fn submit_steps(
         &mut self,
         first: u32,
         pos: usize,
@@ -562,7 +606,7 @@ impl GpuBackend {
         }
         let read_bytes = n as u64 * 4;
         encoder.copy_buffer_to_buffer(&self.greedy_tokens, 0, &self.readback, 0, read_bytes);
-        let bytes = self.submit_and_read(encoder, read_bytes)?;
+        let bytes = self.submit_and_read(encoder, read_bytes).await?;
         Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
@@ -613,7 +657,7 @@ impl GpuBackend {
     }
 
     /// Runs every chunk; returns the bytes read back (logits rows, or the argmax).
-    fn run(&mut self, tokens: &[u32], pos: usize, logits: Logits, argmax: bool) -> Result<Vec<u8>, RuntimeError> {
+    async fn run(&mut self, tokens: &[u32], pos: usize, logits: Logits, argmax: bool) -> Result<Vec<u8>, RuntimeError> {
         if tokens.is_empty() {
             return Err(RuntimeError::Other("forward needs at least one token".into()));
         }
@@ -637,7 +681,7 @@ impl GpuBackend {
                 Logits::Last if last => 1,
                 Logits::Last => 0,
             };
-            let bytes = self.submit_chunk(&tokens[done..done + n], p, rows, argmax && last)?;
+            let bytes = self.submit_chunk(&tokens[done..done + n], p, rows, argmax && last).await?;
             out.extend_from_slice(&bytes);
             done += n;
         }
@@ -663,7 +707,13 @@ impl GpuBackend {
         Ok(())
     }
 
-    fn submit_chunk(&mut self, tokens: &[u32], pos: usize, rows: usize, argmax: bool) -> Result<Vec<u8>, RuntimeError> {
+    async fn submit_chunk(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        rows: usize,
+        argmax: bool,
+    ) -> Result<Vec<u8>, RuntimeError> {
         let n = tokens.len() as u32;
         self.write_step(tokens, pos, rows)?;
 
@@ -675,12 +725,16 @@ impl GpuBackend {
             let src = if argmax { &self.argmax } else { &self.logits };
             encoder.copy_buffer_to_buffer(src, 0, &self.readback, 0, read_bytes);
         }
-        self.submit_and_read(encoder, read_bytes)
+        self.submit_and_read(encoder, read_bytes).await
     }
 
     /// Submits `encoder` (inside error scopes the first time) and returns the
     /// first `read_bytes` of the readback buffer, or waits when there are none.
-    fn submit_and_read(&mut self, encoder: wgpu::CommandEncoder, read_bytes: u64) -> Result<Vec<u8>, RuntimeError> {
+    async fn submit_and_read(
+        &mut self,
+        encoder: wgpu::CommandEncoder,
+        read_bytes: u64,
+    ) -> Result<Vec<u8>, RuntimeError> {
         let device = &self.gpu.device;
         let first = !self.warmed_up;
         let scopes = first.then(|| {
@@ -691,17 +745,17 @@ impl GpuBackend {
         });
         self.gpu.queue.submit([encoder.finish()]);
         if let Some((validation, oom)) = scopes {
-            if let Some(e) = block_on_native(oom.pop())? {
+            if let Some(e) = oom.pop().await {
                 return Err(convert_error("first forward step", e));
             }
-            if let Some(e) = block_on_native(validation.pop())? {
+            if let Some(e) = validation.pop().await {
                 return Err(convert_error("first forward step", e));
             }
         }
         let bytes = if read_bytes > 0 {
-            self.read_back(read_bytes)?
+            self.read_back(read_bytes).await?
         } else {
-            self.wait()?;
+            self.wait().await?;
             Vec::new()
         };
         take_error(&self.gpu.errors)?;
@@ -709,55 +763,37 @@ impl GpuBackend {
         Ok(bytes)
     }
 
-    fn wait(&self) -> Result<(), RuntimeError> {
-        self.gpu
-            .device
-            .poll(wgpu::PollType::Wait { submission_index: None, timeout: Some(std::time::Duration::from_secs(300)) })
-            .map_err(|e| RuntimeError::Gpu(format!("waiting for the device: {e}")))?;
+    /// Waits until the device has finished everything submitted.
+    async fn wait(&self) -> Result<(), RuntimeError> {
+        let (tx, rx) = oneshot();
+        self.gpu.queue.on_submitted_work_done(move || tx.send(()));
+        settle(&self.gpu.device, rx, "waiting for the device").await?;
         take_error(&self.gpu.errors)
     }
 
-    fn read_back(&self, bytes: u64) -> Result<Vec<u8>, RuntimeError> {
-        let slice = self.readback.slice(..bytes);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait()?;
-        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(RuntimeError::Gpu(format!("reading back results: {e}"))),
-            Err(_) => return Err(RuntimeError::Gpu("reading back results: the map did not complete".into())),
-        }
-        let data =
-            slice.get_mapped_range().map_err(|e| RuntimeError::Gpu(format!("reading back results: {e}")))?.to_vec();
-        self.readback.unmap();
+    async fn read_back(&self, bytes: u64) -> Result<Vec<u8>, RuntimeError> {
+        self.read_mapped(&self.readback, bytes, "reading back results").await
+    }
+
+    /// Maps the first `bytes` of `buffer` (a `MAP_READ` buffer the submitted
+    /// work writes), copies them out and unmaps it; `what` names the read in errors.
+    async fn read_mapped(&self, buffer: &wgpu::Buffer, bytes: u64, what: &str) -> Result<Vec<u8>, RuntimeError> {
+        let slice = buffer.slice(..bytes);
+        let (tx, rx) = oneshot();
+        slice.map_async(wgpu::MapMode::Read, move |r| tx.send(r));
+        settle(&self.gpu.device, rx, what).await?.map_err(|e| RuntimeError::Gpu(format!("{what}: {e}")))?;
+        take_error(&self.gpu.errors)?;
+        let data = slice.get_mapped_range().map_err(|e| RuntimeError::Gpu(format!("{what}: {e}")))?.to_vec();
+        buffer.unmap();
         Ok(data)
     }
 }
 
-#[cfg(not(target_arch = "wasm32"))]
-fn block_on_native<F: std::future::Future>(f: F) -> Result<F::Output, RuntimeError> {
-    Ok(block_on(f))
-}
-
-#[cfg(target_arch = "wasm32")]
-fn block_on_native<F: std::future::Future>(_f: F) -> Result<F::Output, RuntimeError> {
-    Err(RuntimeError::Gpu("synchronous forward steps are not available on the web".into()))
-}
-
-/// Milliseconds from an arbitrary origin (timing only).
+/// Milliseconds from an arbitrary origin (timing only; `performance.now()` on the web).
 fn web_time_now() -> f64 {
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        use std::sync::OnceLock;
-        static START: OnceLock<std::time::Instant> = OnceLock::new();
-        START.get_or_init(std::time::Instant::now).elapsed().as_secs_f64() * 1000.0
-    }
-    #[cfg(target_arch = "wasm32")]
-    {
-        0.0
-    }
+    use std::sync::OnceLock;
+    static START: OnceLock<web_time::Instant> = OnceLock::new();
+    START.get_or_init(web_time::Instant::now).elapsed().as_secs_f64() * 1000.0
 }
 
 impl Backend for GpuBackend {
@@ -781,12 +817,11 @@ impl Backend for GpuBackend {
         self.vocab
     }
     fn forward(&mut self, tokens: &[u32], pos: usize, logits: Logits) -> Result<Vec<f32>, RuntimeError> {
-        let bytes = self.run(tokens, pos, logits, false)?;
-        Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        blocking(self.forward_async(tokens, pos, logits))?
     }
 
     fn greedy_steps(&mut self, first: u32, pos: usize, k: usize) -> Option<Result<Vec<u32>, RuntimeError>> {
-        Some(self.generate_greedy(first, pos, k))
+        Some(blocking(self.generate_greedy_async(first, pos, k)).and_then(|r| r))
     }
 
     fn sampled_steps(
@@ -796,7 +831,7 @@ impl Backend for GpuBackend {
         params: &SamplingParams,
         draws: &[f64],
     ) -> Option<Result<Vec<u32>, RuntimeError>> {
-        Some(self.generate_sampled(first, pos, params, draws))
+        Some(blocking(self.generate_sampled_async(first, pos, params, draws)).and_then(|r| r))
     }
 }
 
@@ -852,4 +887,25 @@ pub(crate) fn create_pipeline(
         cache,
     });
     (bgl, pipeline)
+}
+
+impl crate::generate::AsyncBackend for GpuBackend {
+    fn ctx(&self) -> usize {
+        self.ctx
+    }
+    async fn forward(&mut self, tokens: &[u32], pos: usize, logits: Logits) -> Result<Vec<f32>, RuntimeError> {
+        self.forward_async(tokens, pos, logits).await
+    }
+    async fn greedy_steps(&mut self, first: u32, pos: usize, k: usize) -> Option<Result<Vec<u32>, RuntimeError>> {
+        Some(self.generate_greedy_async(first, pos, k).await)
+    }
+    async fn sampled_steps(
+        &mut self,
+        first: u32,
+        pos: usize,
+        params: &SamplingParams,
+        draws: &[f64],
+    ) -> Option<Result<Vec<u32>, RuntimeError>> {
+        Some(self.generate_sampled_async(first, pos, params, draws).await)
+    }
 }

@@ -85,23 +85,9 @@ impl GpuBackend {
         encoder.copy_buffer_to_buffer(&resolved, 0, &read, 0, bytes);
         self.gpu.queue.submit([encoder.finish()]);
 
-        let slice = read.slice(..);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait()?;
-        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(RuntimeError::Gpu(format!("reading timestamps: {e}"))),
-            Err(_) => return Err(RuntimeError::Gpu("reading timestamps: the map did not complete".into())),
-        }
-        let ticks: Vec<u64> = slice
-            .get_mapped_range()
-            .map_err(|e| RuntimeError::Gpu(format!("reading timestamps: {e}")))?
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8-byte chunks")))
-            .collect();
+        let raw = super::wait::block_on(self.read_mapped(&read, bytes, "reading timestamps"))?;
+        let ticks: Vec<u64> =
+            raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8-byte chunks"))).collect();
         let period = f64::from(self.gpu.queue.get_timestamp_period());
         Ok(list
             .iter()
