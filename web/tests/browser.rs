@@ -28,7 +28,8 @@ macro_rules! fixture {
 }
 
 const MANIFEST: &[u8] = fixture!("manifest.json");
-const SHARD: &[u8] = fixture!("shard_00000.bin");
+/// The norms' shard, then the matrices'.
+const SHARDS: [&[u8]; 2] = [fixture!("shard_00000.bin"), fixture!("shard_00001.bin")];
 const TOKENIZER: &[u8] = fixture!("tokenizer.json");
 /// `{"ctx", "max_tokens", "prompt": [ids], "tokens": [ids]}` from the native CPU backend.
 const EXPECTED: &[u8] = fixture!("expected.json");
@@ -91,7 +92,14 @@ async fn matvec_kernels_match_the_cpu() {
         let x = values(7, tokens * in_features);
         let hidden = values(9, tokens * out);
         let spec = KernelSpec::MatvecAdd { input: Activation::Ffn, in_features, out_features: out, format, target };
-        let step = StepUniform { pos: 0, n_tokens: tokens as u32, ctx: 1, logits_from: 0, argmax_row: 0 };
+        let step = StepUniform {
+            pos: 0,
+            n_tokens: tokens as u32,
+            ctx: 1,
+            logits_from: 0,
+            argmax_row: 0,
+            ..Default::default()
+        };
         let contents = vec![step.to_bytes().to_vec(), f32_bytes(&x), w_bytes, f32_bytes(&hidden)];
         let mut want = hidden.clone();
         for t in 0..tokens {
@@ -112,10 +120,12 @@ async fn matvec_kernels_match_the_cpu() {
 
 fn tiny_model() -> (Model, Tokenizer) {
     let manifest = Manifest::from_json(std::str::from_utf8(MANIFEST).unwrap()).unwrap();
-    assert_eq!(manifest.shards.len(), 1, "the fixture is one shard");
-    let shards = vec![std::sync::Arc::new(SHARD) as ShardBytes];
+    assert_eq!(manifest.shards.len(), SHARDS.len(), "the fixture's shards");
+    let shards = SHARDS.iter().map(|s| std::sync::Arc::new(*s) as ShardBytes).collect();
     let model = Model::from_parts(manifest, Default::default(), shards).unwrap();
-    model.verify_shard(0).unwrap();
+    for i in 0..SHARDS.len() {
+        model.verify_shard(i).unwrap();
+    }
     let tokenizer = Tokenizer::from_bytes(TOKENIZER, &model.manifest.tokenizer).unwrap();
     (model, tokenizer)
 }
