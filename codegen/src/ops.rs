@@ -280,6 +280,20 @@ fn embed(
     Ok(m.finish(&entry, [64, 1, 1], dispatch, Rows::Tokens))
 }
 
+/// The widths of Q and of K / V, once the shape is checked.
+fn qkv_dims(
+    name: &str,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<(usize, usize), CodegenError> {
+    check(heads > 0 && kv_heads > 0 && head_dim > 0 && head_dim.is_multiple_of(2) && hidden > 0, || {
+        format!("{name}: heads, kv_heads must be positive and head_dim even")
+    })?;
+    Ok((heads * head_dim, kv_heads * head_dim))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn rms_qkv_rope(
     name: String,
@@ -292,10 +306,7 @@ fn rms_qkv_rope(
     formats: [QuantFormat; 3],
     target: Target,
 ) -> Result<Kernel, CodegenError> {
-    check(heads > 0 && kv_heads > 0 && head_dim > 0 && head_dim.is_multiple_of(2) && hidden > 0, || {
-        format!("{name}: heads, kv_heads must be positive and head_dim even")
-    })?;
-    let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
+    let (q_dim, kv_dim) = qkv_dims(&name, hidden, heads, kv_heads, head_dim)?;
     let mut m = ModuleText::new(
         name,
         target,
@@ -846,10 +857,7 @@ fn rms_qkv_rope_tiled(
     formats: [QuantFormat; 3],
     target: Target,
 ) -> Result<Kernel, CodegenError> {
-    check(heads > 0 && kv_heads > 0 && head_dim > 0 && head_dim.is_multiple_of(2) && hidden > 0, || {
-        format!("{name}: heads, kv_heads must be positive and head_dim even")
-    })?;
-    let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
+    let (q_dim, kv_dim) = qkv_dims(&name, hidden, heads, kv_heads, head_dim)?;
     let tiling = Tiling::for_target(&target);
     let mut m = ModuleText::new(
         name,
