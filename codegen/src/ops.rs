@@ -93,8 +93,12 @@ impl ModuleText {
         Ok(())
     }
 
-    /// Binds a weight matrix read four outputs at a load (`<ident>_dot4`).
-    fn quad_weight(&mut self, m: &WeightMatrix<'_>, what: &str) -> Result<(), CodegenError> {
+    /// Binds a weight matrix of a matrix-vector kernel: read four outputs at a
+    /// load (`<ident>_dot4`) with `quads`, else one (`<ident>_dot`).
+    fn matvec_weight(&mut self, m: &WeightMatrix<'_>, quads: bool, what: &str) -> Result<(), CodegenError> {
+        if !quads {
+            return self.weight(m, what, true);
+        }
         let what = format!("{what}; {}, {} x {}", tcal::describe(m.format), m.out, m.in_features);
         self.bind(m.ident, Access::ReadOnly, Resource::Tensor, "vec4<u32>", &what);
         let f = m.dot4_functions().map_err(|e| CodegenError::Format { tensor: what.clone(), source: e })?;
@@ -563,6 +567,15 @@ fn matvec_entry4(target: &Target, store: &str) -> String {
         )
 }
 
+/// The k-slice helpers of a matrix-vector kernel, for one output or four per invocation.
+fn shape_functions(shape: &MatvecShape, quads: bool) -> String {
+    if quads {
+        shape.quad_functions() + "\n" + TileRead::Quad.half_functions()
+    } else {
+        shape.functions()
+    }
+}
+
 /// Whether a matrix-vector kernel over `out` outputs reads four at a load, and
 /// the units its shape counts (outputs or quads).
 fn output_units(out: usize) -> (bool, usize) {
@@ -584,11 +597,7 @@ fn matvec_add(
     m.bind(x, Access::ReadOnly, Resource::Activation(input), tcal::input_type(in_features), "[tokens, IN] input");
     let w = WeightMatrix { ident: "w", format, out: out_features, in_features };
     let (quads, units) = output_units(out_features);
-    if quads {
-        m.quad_weight(&w, "the projection")?;
-    } else {
-        m.weight(&w, "the projection", true)?;
-    }
+    m.matvec_weight(&w, quads, "the projection")?;
     m.bind(
         "hidden",
         Access::ReadWrite,
@@ -605,8 +614,7 @@ fn matvec_add(
     m.konst("WG", "u32", shape.invocations());
     m.helpers += &tcal::reductions(&target, shape.invocations());
     m.helpers.push('\n');
-    m.helpers +=
-        &if quads { shape.quad_functions() + "\n" + TileRead::Quad.half_functions() } else { shape.functions() };
+    m.helpers += &shape_functions(&shape, quads);
     m.helpers.push('\n');
     m.helpers += &tcal::input_functions(x, in_features, false);
     m.helpers.push('\n');
@@ -645,13 +653,8 @@ fn rms_gate_up(
     let wg_ = WeightMatrix { ident: "w_gate", format: gate, out: ffn, in_features: hidden };
     let wu = WeightMatrix { ident: "w_up", format: up, out: ffn, in_features: hidden };
     let (quads, units) = output_units(ffn);
-    if quads {
-        m.quad_weight(&wg_, "gate_proj")?;
-        m.quad_weight(&wu, "up_proj")?;
-    } else {
-        m.weight(&wg_, "gate_proj", true)?;
-        m.weight(&wu, "up_proj", true)?;
-    }
+    m.matvec_weight(&wg_, quads, "gate_proj")?;
+    m.matvec_weight(&wu, quads, "up_proj")?;
     m.bind("ffn", Access::ReadWrite, Resource::Activation(Activation::Ffn), "f32", "[tokens, OUT] SiLU(gate) * up");
     let shape = MatvecShape::choose(units, wg_.blocks(), &target);
     m.konst("IN", "u32", hidden);
@@ -663,8 +666,7 @@ fn rms_gate_up(
     m.konst_f32("EPS", eps);
     m.helpers += &tcal::reductions(&target, shape.invocations());
     m.helpers.push('\n');
-    m.helpers +=
-        &if quads { shape.quad_functions() + "\n" + TileRead::Quad.half_functions() } else { shape.functions() };
+    m.helpers += &shape_functions(&shape, quads);
     m.helpers.push('\n');
     m.helpers += &tcal::input_functions("hidden", hidden, true);
     m.helpers.push('\n');
@@ -743,11 +745,7 @@ fn rms_logits(
     m.bind("norm", Access::ReadOnly, Resource::Tensor, x_type, "final RMSNorm weights, [IN]");
     let w = WeightMatrix { ident: "w", format, out: rows[1] - rows[0], in_features: hidden };
     let (quads, units) = output_units(rows[1] - rows[0]);
-    if quads {
-        m.quad_weight(&w, "output projection part")?;
-    } else {
-        m.weight(&w, "output projection part", true)?;
-    }
+    m.matvec_weight(&w, quads, "output projection part")?;
     m.bind("logits", Access::ReadWrite, Resource::Activation(Activation::Logits), "f32", "[rows, VOCAB] logits");
     let shape = MatvecShape::choose(units, w.blocks(), &target);
     m.konst("IN", "u32", hidden);
@@ -761,8 +759,7 @@ fn rms_logits(
     m.konst_f32("EPS", eps);
     m.helpers += &tcal::reductions(&target, shape.invocations());
     m.helpers.push('\n');
-    m.helpers +=
-        &if quads { shape.quad_functions() + "\n" + TileRead::Quad.half_functions() } else { shape.functions() };
+    m.helpers += &shape_functions(&shape, quads);
     m.helpers.push('\n');
     m.helpers += &tcal::input_functions("hidden", hidden, true);
     m.helpers.push('\n');
@@ -807,6 +804,14 @@ fn unit_output(unit: u32) -> vec2<u32> {
     return vec2<u32>(which, (pair / HALF) * HEAD_DIM + pair % HALF);
 }
 
+// cos and sin of the RoPE angle of position p for output o1 (the first of its pair).
+fn rope_cos_sin(p: u32, o1: u32) -> vec2<f32> {
+    // reduced to [-pi, pi]: cos / sin are only accurate there on some devices
+    let raw = f32(p) * inv_freq[o1 % HEAD_DIM];
+    let angle = raw - TAU * round(raw / TAU);
+    return vec2<f32>(cos(angle), sin(angle));
+}
+
 // Stores unit `unit` of token t (position p): q and k rotated, k and v into
 // cache slot p % ctx.
 fn rope_store(t: u32, p: u32, unit: u32, x1: f32, x2: f32) {
@@ -822,13 +827,9 @@ fn rope_store(t: u32, p: u32, unit: u32, x1: f32, x2: f32) {
         v_cache[slot + o2] = $KV(x2);
         return;
     }
-    // reduced to [-pi, pi]: cos / sin are only accurate there on some devices
-    let raw = f32(p) * inv_freq[o1 % HEAD_DIM];
-    let angle = raw - TAU * round(raw / TAU);
-    let c = cos(angle);
-    let s = sin(angle);
-    let r1 = x1 * c - x2 * s;
-    let r2 = x2 * c + x1 * s;
+    let cs = rope_cos_sin(p, o1);
+    let r1 = x1 * cs.x - x2 * cs.y;
+    let r2 = x2 * cs.x + x1 * cs.y;
     if (u.x == 0u) {
         q[t * Q_DIM + o1] = r1;
         q[t * Q_DIM + o2] = r2;
@@ -959,13 +960,9 @@ fn rope_store_half(t: u32, p: u32, unit: u32, half: u32, own: f32, other: f32) {
         v_cache[slot + o] = $KV(own);
         return;
     }
-    // reduced to [-pi, pi]: cos / sin are only accurate there on some devices
-    let raw = f32(p) * inv_freq[u.y % HEAD_DIM];
-    let angle = raw - TAU * round(raw / TAU);
-    let c = cos(angle);
-    let s = sin(angle);
+    let cs = rope_cos_sin(p, u.y);
     // (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)
-    let rotated = select(own * c + other * s, own * c - other * s, half == 0u);
+    let rotated = select(own * cs.x + other * cs.y, own * cs.x - other * cs.y, half == 0u);
     if (u.x == 0u) {
         q[t * Q_DIM + o] = rotated;
     } else {

@@ -133,6 +133,14 @@ fn unit_output(unit: u32) -> vec2<u32> {
     return vec2<u32>(which, (pair / HALF) * HEAD_DIM + pair % HALF);
 }
 
+// cos and sin of the RoPE angle of position p for output o1 (the first of its pair).
+fn rope_cos_sin(p: u32, o1: u32) -> vec2<f32> {
+    // reduced to [-pi, pi]: cos / sin are only accurate there on some devices
+    let raw = f32(p) * inv_freq[o1 % HEAD_DIM];
+    let angle = raw - TAU * round(raw / TAU);
+    return vec2<f32>(cos(angle), sin(angle));
+}
+
 // Stores unit `unit` of token t (position p): q and k rotated, k and v into
 // cache slot p % ctx.
 fn rope_store(t: u32, p: u32, unit: u32, x1: f32, x2: f32) {
@@ -148,13 +156,9 @@ fn rope_store(t: u32, p: u32, unit: u32, x1: f32, x2: f32) {
         v_cache[slot + o2] = f16(x2);
         return;
     }
-    // reduced to [-pi, pi]: cos / sin are only accurate there on some devices
-    let raw = f32(p) * inv_freq[o1 % HEAD_DIM];
-    let angle = raw - TAU * round(raw / TAU);
-    let c = cos(angle);
-    let s = sin(angle);
-    let r1 = x1 * c - x2 * s;
-    let r2 = x2 * c + x1 * s;
+    let cs = rope_cos_sin(p, o1);
+    let r1 = x1 * cs.x - x2 * cs.y;
+    let r2 = x2 * cs.x + x1 * cs.y;
     if (u.x == 0u) {
         q[t * Q_DIM + o1] = r1;
         q[t * Q_DIM + o2] = r2;
@@ -233,13 +237,9 @@ fn rope_store_half(t: u32, p: u32, unit: u32, half: u32, own: f32, other: f32) {
         v_cache[slot + o] = f16(own);
         return;
     }
-    // reduced to [-pi, pi]: cos / sin are only accurate there on some devices
-    let raw = f32(p) * inv_freq[u.y % HEAD_DIM];
-    let angle = raw - TAU * round(raw / TAU);
-    let c = cos(angle);
-    let s = sin(angle);
+    let cs = rope_cos_sin(p, u.y);
     // (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)
-    let rotated = select(own * c + other * s, own * c - other * s, half == 0u);
+    let rotated = select(own * cs.x + other * cs.y, own * cs.x - other * cs.y, half == 0u);
     if (u.x == 0u) {
         q[t * Q_DIM + o] = rotated;
     } else {
