@@ -286,7 +286,7 @@ impl Subject for GpuBackend {
             Some(s) => {
                 let draws = s.preview(k);
                 s.skip(k);
-                self.generate_sampled(first, pos, &s.params().clone(), &draws)
+                self.generate_sampled(first, pos, s.params(), &draws)
             }
         }
     }

@@ -700,7 +700,7 @@ fn multi_step_greedy_matches_single_steps() {
     let prompt = llama5_fixtures::tiny::golden_input_ids();
     compare_greedy(&model, 64, &prompt, 12, &Target::all());
     // past the ring's wrap, and more steps than one submission records
-    let steps = llama5_runtime::gpu::MAX_GREEDY_STEPS + 5;
+    let steps = llama5_runtime::gpu::MAX_DEVICE_STEPS + 5;
     compare_greedy(&model, 24, &prompt, steps, &[Target::portable()]);
     let opts = GpuOptions { adapter: None, ctx: 16, pipeline_cache_dir: None };
     let mut gpu = GpuBackend::with_features(&model, &opts, wgpu::Features::empty()).unwrap();

@@ -38,9 +38,9 @@ pub const MAX_LOGIT_ROWS: usize = 64;
 /// one: below it, the matrix-vector kernels' wider spread over the GPU wins.
 pub const BATCH_MIN_ROWS: u32 = 8;
 
-/// Greedy decode steps one submission records at most ([`GpuBackend::generate_greedy`]
-/// splits longer runs).
-pub const MAX_GREEDY_STEPS: usize = 256;
+/// Decode steps one submission records at most when the device chooses the
+/// tokens (greedy or sampled; longer runs are split).
+pub const MAX_DEVICE_STEPS: usize = 256;
 
 /// Tokens and logits rows one submission holds at most with a cache of `ctx`
 /// positions: a step never holds more tokens than the cache has positions.
@@ -130,10 +130,10 @@ pub struct GpuBackend {
     logits: wgpu::Buffer,
     argmax: wgpu::Buffer,
     readback: wgpu::Buffer,
-    /// One [`StepUniform`] per greedy step, copied into `step` before each step runs.
-    greedy_steps: wgpu::Buffer,
-    /// The token chosen by each greedy step.
-    greedy_tokens: wgpu::Buffer,
+    /// One [`StepUniform`] per device step, copied into `step` before each step runs.
+    step_records: wgpu::Buffer,
+    /// The token chosen by each device step.
+    chosen_tokens: wgpu::Buffer,
     ctx: usize,
     /// Tokens one submission takes at most: [`MAX_BATCH`], or fewer for a small cache.
     batch: usize,
@@ -283,13 +283,13 @@ impl GpuBackend {
         });
         let tokens = storage_buffer(device, "tokens", b * 4);
         let argmax = storage_buffer(device, "argmax", 4);
-        let greedy_steps = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("greedy steps"),
-            size: (MAX_GREEDY_STEPS * StepUniform::SIZE) as u64,
+        let step_records = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("step records"),
+            size: (MAX_DEVICE_STEPS * StepUniform::SIZE) as u64,
             usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let greedy_tokens = storage_buffer(device, "greedy tokens", (MAX_GREEDY_STEPS * 4) as u64);
+        let chosen_tokens = storage_buffer(device, "chosen tokens", (MAX_DEVICE_STEPS * 4) as u64);
         let readback = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
             size: act(Activation::Logits),
@@ -380,7 +380,7 @@ impl GpuBackend {
             weights: weights.values().map(wgpu::Buffer::size).sum(),
             kv_cache: caches.iter().map(|(k, v)| k.size() + v.size()).sum(),
             other: activations.values().map(wgpu::Buffer::size).sum::<u64>()
-                + [&step_buf, &tokens, &argmax, &readback, &greedy_steps, &greedy_tokens]
+                + [&step_buf, &tokens, &argmax, &readback, &step_records, &chosen_tokens]
                     .iter()
                     .map(|b| b.size())
                     .sum::<u64>(),
@@ -397,8 +397,8 @@ impl GpuBackend {
             logits,
             argmax,
             readback,
-            greedy_steps,
-            greedy_tokens,
+            step_records,
+            chosen_tokens,
             ctx,
             batch,
             logit_rows,
@@ -498,7 +498,7 @@ impl GpuBackend {
         Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
-    /// Greedy decoding of `k` tokens with one submission per [`MAX_GREEDY_STEPS`]:
+    /// Greedy decoding of `k` tokens with one submission per [`MAX_DEVICE_STEPS`]:
     /// step `i` feeds the previous step's choice (`first` for step 0) at position
     /// `pos + i`, and the device writes its argmax where the next step's embedding
     /// reads its token. Returns the `k` chosen tokens, exactly what `k` calls of
@@ -558,7 +558,7 @@ impl GpuBackend {
         let mut out = Vec::with_capacity(k);
         let mut next = first;
         while out.len() < k {
-            let n = (k - out.len()).min(MAX_GREEDY_STEPS);
+            let n = (k - out.len()).min(MAX_DEVICE_STEPS);
             let sampling = sampling.map(|(p, d)| (p, &d[out.len()..out.len() + n]));
             let chosen = self.submit_steps(next, pos + out.len(), n, sampling).await?;
             next = *chosen.last().expect("at least one step");
@@ -593,19 +593,19 @@ impl GpuBackend {
         }
         let choice = if sampling.is_some() { Choice::Sample } else { Choice::Argmax };
         let q = &self.gpu.queue;
-        q.write_buffer(&self.greedy_steps, 0, &records);
+        q.write_buffer(&self.step_records, 0, &records);
         q.write_buffer(&self.tokens, 0, &first.to_le_bytes());
         let mut encoder =
             self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("device steps") });
         let size = StepUniform::SIZE as u64;
         for i in 0..n as u64 {
-            encoder.copy_buffer_to_buffer(&self.greedy_steps, i * size, &self.step, 0, size);
+            encoder.copy_buffer_to_buffer(&self.step_records, i * size, &self.step, 0, size);
             self.encode_pass(&mut encoder, 1, 1, choice);
             encoder.copy_buffer_to_buffer(&self.argmax, 0, &self.tokens, 0, 4);
-            encoder.copy_buffer_to_buffer(&self.argmax, 0, &self.greedy_tokens, i * 4, 4);
+            encoder.copy_buffer_to_buffer(&self.argmax, 0, &self.chosen_tokens, i * 4, 4);
         }
         let read_bytes = n as u64 * 4;
-        encoder.copy_buffer_to_buffer(&self.greedy_tokens, 0, &self.readback, 0, read_bytes);
+        encoder.copy_buffer_to_buffer(&self.chosen_tokens, 0, &self.readback, 0, read_bytes);
         let bytes = self.submit_and_read(encoder, read_bytes).await?;
         Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
@@ -625,17 +625,17 @@ impl GpuBackend {
     /// The dispatches of one forward step of `n` tokens and `rows` logits rows,
     /// in order: each plan step's batch kernel where the step repeats often
     /// enough, else its kernel.
-    fn dispatches(&self, n: u32, rows: usize, choice: Choice) -> Vec<Dispatch<'_>> {
-        let mut out = Vec::with_capacity(self.plan.steps.len());
-        for (i, s) in self.plan.steps.iter().enumerate() {
-            let skip = match s.stage {
-                Stage::Logits => rows == 0,
-                Stage::Argmax => choice != Choice::Argmax,
-                Stage::Sample => choice != Choice::Sample,
-                Stage::Embed | Stage::Layer => false,
+    fn dispatches(&self, n: u32, rows: usize, choice: Choice) -> impl Iterator<Item = Dispatch<'_>> + '_ {
+        // an iterator, not a list: this runs for every step of every submission
+        self.plan.steps.iter().enumerate().filter_map(move |(i, s)| {
+            let run = match s.stage {
+                Stage::Logits => rows > 0,
+                Stage::Argmax => choice == Choice::Argmax,
+                Stage::Sample => choice == Choice::Sample,
+                Stage::Embed | Stage::Layer => true,
             };
-            if skip {
-                continue;
+            if !run {
+                return None;
             }
             let mut kernel = s.kernel;
             let mut bind_group = &self.bind_groups[i];
@@ -651,9 +651,8 @@ impl GpuBackend {
                 }
             }
             let grid = self.plan.kernels[kernel].dispatch_for(n, rows as u32);
-            out.push(Dispatch { step: i, kernel, bind_group, grid });
-        }
-        out
+            Some(Dispatch { step: i, kernel, bind_group, grid })
+        })
     }
 
     /// Runs every chunk; returns the bytes read back (logits rows, or the argmax).

@@ -47,7 +47,7 @@ impl GpuBackend {
         self.write_step(tokens, pos, rows)?;
         let device = &self.gpu.device;
         let choice = if rows > 0 { super::Choice::Argmax } else { super::Choice::None };
-        let list = self.dispatches(tokens.len() as u32, rows, choice);
+        let list: Vec<_> = self.dispatches(tokens.len() as u32, rows, choice).collect();
         let count = 2 * list.len() as u32;
         let queries = device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("profile"),
