@@ -197,15 +197,19 @@ pub fn fingerprint(path: &Path) -> Result<Fingerprint, ConvertError> {
 /// Measures every unit of `input` at every precision of `options` over the
 /// first `options.tokens` tokens of `text`.
 pub fn calibrate(input: &Path, text: &Path, options: &CalibrateOptions) -> Result<Calibration, ConvertError> {
-    if options.precisions.is_empty() {
-        return Err(ConvertError::Options("calibration needs at least one precision".into()));
+    // the reference is measured against, not as a candidate
+    let mut precisions = options.precisions.clone();
+    precisions.retain(|&p| p != REFERENCE);
+    precisions.sort_by_key(|p| std::cmp::Reverse(p.fidelity()));
+    precisions.dedup();
+    if precisions.is_empty() {
+        return Err(ConvertError::Options(format!(
+            "calibration needs at least one precision other than the {REFERENCE} reference"
+        )));
     }
     if options.tokens < 2 {
         return Err(ConvertError::Options(format!("--tokens {} is below 2", options.tokens)));
     }
-    let mut precisions = options.precisions.clone();
-    precisions.sort_by_key(|p| std::cmp::Reverse(p.fidelity()));
-    precisions.dedup();
     let source = Source::open(input)?;
     let cfg = source.config().clone();
     let text_str = std::fs::read_to_string(text).at(text)?;

@@ -266,3 +266,18 @@ fn the_binary_calibrates_routes_and_writes_tiers() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(tiers.join("int4/manifest.json").is_file() && tiers.join("f16/manifest.json").is_file());
 }
+
+#[test]
+fn the_reference_named_as_a_candidate_is_measured_against_not_measured() {
+    let fx = fixture(&CalibrateOptions {
+        tokens: 16,
+        precisions: vec![Precision::F16, Precision::Int8],
+        ..Default::default()
+    });
+    assert_eq!(fx.cal.options.precisions, vec![Precision::Int8]);
+    assert!(fx.cal.units.iter().all(|u| u.effects.keys().eq([&Precision::Int8])));
+    let text = fx.dir.path().join("text.txt");
+    let only_reference = CalibrateOptions { precisions: vec![Precision::F16], ..Default::default() };
+    let e = calibrate(&fx.hf, &text, &only_reference).unwrap_err().to_string();
+    assert!(e.contains("other than the f16 reference"), "{e}");
+}
