@@ -22,6 +22,12 @@ pub enum RuntimeError {
     DeviceLost(String),
     #[error("gpu: out of memory: {0}")]
     OutOfMemory(String),
+    /// A buffer of the model is larger than the device allows: a smaller tier may fit.
+    #[error(
+        "gpu: the model does not fit {adapter}: {what} needs a {bytes}-byte buffer and {adapter} allows {limit} \
+         (convert with smaller shards so tensors are split into parts, or use a smaller context)"
+    )]
+    TooLarge { what: String, bytes: u64, limit: u64, adapter: String },
     #[error("no usable GPU adapter: {0}")]
     NoAdapter(String),
     #[error("kernel {name}: {message}")]

@@ -86,10 +86,11 @@ pub fn select(tiers: &[Tier], precision: Option<Precision>) -> Result<Vec<Tier>,
 /// (then a smaller tier may still fit), rather than for want of a usable GPU.
 pub fn does_not_fit(e: &RuntimeError) -> bool {
     match e {
-        RuntimeError::OutOfMemory(_) => true,
+        RuntimeError::OutOfMemory(_) | RuntimeError::TooLarge { .. } => true,
+        // wgpu's own refusals of a buffer or binding size
         RuntimeError::Gpu(message) => {
             let m = message.to_ascii_lowercase();
-            m.contains("limit") || m.contains("too large") || m.contains("exceeds") || m.contains("the adapter allows")
+            m.contains("limit") || m.contains("too large") || m.contains("exceeds")
         }
         _ => false,
     }
@@ -124,7 +125,9 @@ mod tests {
     fn fit_errors() {
         assert!(does_not_fit(&RuntimeError::OutOfMemory("x".into())));
         assert!(does_not_fit(&RuntimeError::Gpu("buffer exceeds max_storage_buffer_binding_size limit".into())));
-        assert!(does_not_fit(&RuntimeError::Gpu("x needs a 9-byte binding; the adapter allows 8".into())));
+        let too_large = RuntimeError::TooLarge { what: "x".into(), bytes: 9, limit: 8, adapter: "a".into() };
+        assert!(does_not_fit(&too_large));
+        assert!(!does_not_fit(&RuntimeError::Gpu("shader compilation failed".into())));
         assert!(!does_not_fit(&RuntimeError::NoAdapter("none".into())));
     }
 

@@ -94,7 +94,7 @@ pub struct AdapterProbe {
 /// Finds the adapter [`super::GpuBackend::new_async`] would pick and reports it.
 pub async fn probe(name: Option<&str>) -> Result<AdapterProbe, RuntimeError> {
     let adapter = pick_adapter(name).await?;
-    let (info, features, limits) = (adapter.get_info(), adapter.features(), adapter.limits());
+    let (info, features, limits) = (adapter.get_info(), adapter.features(), granted_limits(&adapter));
     let target = target_for(features, &limits, &info);
     Ok(AdapterProbe { info, features, limits, target })
 }
@@ -114,6 +114,18 @@ pub(crate) fn target_for(features: wgpu::Features, limits: &wgpu::Limits, info: 
 /// Lowers the device's largest storage binding and buffer to this many bytes.
 pub const MAX_BINDING_ENV: &str = "LLAMA5_MAX_BINDING_BYTES";
 
+/// The limits a device opened on `adapter` gets: the adapter's own, lowered
+/// by [`MAX_BINDING_ENV`] (a smaller device on demand: how the tier fallback
+/// is tested on any GPU). [`probe`] reports the same.
+fn granted_limits(adapter: &wgpu::Adapter) -> wgpu::Limits {
+    let mut limits = adapter.limits();
+    if let Some(max) = std::env::var(MAX_BINDING_ENV).ok().and_then(|v| v.parse::<u64>().ok()) {
+        limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(max);
+        limits.max_buffer_size = limits.max_buffer_size.min(max);
+    }
+    limits
+}
+
 /// Opens a device with `shader-f16` and subgroups where offered and the
 /// adapter's own limits (lowered by [`MAX_BINDING_ENV`]).
 pub(crate) async fn open(adapter: wgpu::Adapter, features_allowed: wgpu::Features) -> Result<Gpu, RuntimeError> {
@@ -123,12 +135,7 @@ pub(crate) async fn open(adapter: wgpu::Adapter, features_allowed: wgpu::Feature
         | wgpu::Features::PIPELINE_CACHE
         | wgpu::Features::TIMESTAMP_QUERY;
     let features = adapter.features() & wanted;
-    let mut limits = adapter.limits();
-    // A smaller device on demand: how the tier fallback is tested on any GPU.
-    if let Some(max) = std::env::var(MAX_BINDING_ENV).ok().and_then(|v| v.parse::<u64>().ok()) {
-        limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(max);
-        limits.max_buffer_size = limits.max_buffer_size.min(max);
-    }
+    let limits = granted_limits(&adapter);
     let (device, queue) = adapter
         .request_device(&wgpu::DeviceDescriptor {
             label: Some("llama5"),

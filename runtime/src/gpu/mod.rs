@@ -216,14 +216,7 @@ impl GpuBackend {
     ) -> Result<Self, RuntimeError> {
         let cfg = &model.manifest.model;
         let device = &gpu.device;
-        let max_binding = gpu.limits.max_storage_buffer_binding_size;
-        let check_size = |what: &str, bytes: u64| {
-            if bytes > max_binding {
-                Err(RuntimeError::Gpu(format!("{what} needs a {bytes}-byte binding; the adapter allows {max_binding}")))
-            } else {
-                Ok(())
-            }
-        };
+        fit::check_buffers(&model.manifest, &gpu.target, ctx, &gpu.limits, &gpu.info.name)?;
 
         // Weights: one buffer per tensor part holding its data then its scales.
         let upload_start = web_time_now();
@@ -243,7 +236,6 @@ impl GpuBackend {
                 let data = model.region(&part.data);
                 let scales = part.scales.as_ref().map(|r| model.region(r)).unwrap_or(&[]);
                 let bytes = (data.len() + scales.len()) as u64;
-                check_size(&format!("tensor `{}` part {}", t.tensor, t.part), bytes)?;
                 let buffer = storage_buffer(device, &t.tensor, bytes);
                 gpu.queue.write_buffer(&buffer, 0, data);
                 if !scales.is_empty() {
@@ -256,7 +248,6 @@ impl GpuBackend {
 
         // KV cache: a ring of ctx positions per layer.
         let kv_bytes = ctx as u64 * cfg.kv_dim() as u64 * llama5_codegen::tcal::kv_bytes_per_element(&gpu.target);
-        check_size("the KV cache of one layer", kv_bytes)?;
         let caches: Vec<(wgpu::Buffer, wgpu::Buffer)> = (0..cfg.num_layers)
             .map(|l| {
                 (
@@ -272,7 +263,6 @@ impl GpuBackend {
         let act = |a: Activation| activation_bytes(cfg, a, ctx);
         let mut activations = BTreeMap::new();
         for a in [Activation::Hidden, Activation::Q, Activation::Attn, Activation::Ffn, Activation::Logits] {
-            check_size(&format!("activation {a:?}"), act(a))?;
             activations.insert(a, storage_buffer(device, &format!("{a:?}"), act(a)));
         }
         let step_buf = device.create_buffer(&wgpu::BufferDescriptor {
