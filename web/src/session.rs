@@ -53,7 +53,6 @@ struct Inner {
 #[wasm_bindgen]
 pub struct Session {
     inner: Rc<RefCell<Inner>>,
-    adapter: String,
     backend: String,
 }
 
@@ -65,8 +64,12 @@ impl Session {
     pub async fn load(url: String, on_progress: js_sys::Function) -> Result<Session, JsValue> {
         let adapter = llama5_runtime::gpu::probe(None).await.map_err(err)?;
         let manifest = load::fetch_manifest(&url).await.map_err(err)?;
-        llama5_runtime::gpu::check_fits(&manifest, &adapter, PAGE_CTX).map_err(err)?;
-        let tokenizer_url = load::join(&url, &manifest.tokenizer.file);
+        let ctx = PAGE_CTX.min(manifest.model.max_position_embeddings);
+        llama5_runtime::gpu::check_fits(&manifest, &adapter, ctx).map_err(err)?;
+        // the tokenizer before the shards: a bad one fails before the download
+        let tokenizer_bytes = load::fetch_bytes(&load::join(&url, &manifest.tokenizer.file)).await.map_err(err)?;
+        let tokenizer = Tokenizer::from_bytes(&tokenizer_bytes, &manifest.tokenizer).map_err(err)?;
+        let template = ChatTemplate::for_tokenizer(&tokenizer).map_err(err)?;
         let mut report = |p: &Progress<'_>| {
             let args = js_sys::Array::of4(
                 &p.file.into(),
@@ -77,14 +80,7 @@ impl Session {
             let _ = on_progress.apply(&JsValue::NULL, &args);
         };
         let model = load::fetch_model(&url, manifest, &mut report).await.map_err(err)?;
-        let tokenizer_bytes = load::fetch_bytes(&tokenizer_url).await.map_err(err)?;
-        let tokenizer = Tokenizer::from_bytes(&tokenizer_bytes, &model.manifest.tokenizer).map_err(err)?;
-        let template = ChatTemplate::for_tokenizer(&tokenizer).map_err(err)?;
-        let opts = GpuOptions {
-            adapter: None,
-            ctx: PAGE_CTX.min(model.manifest.model.max_position_embeddings),
-            pipeline_cache_dir: None,
-        };
+        let opts = GpuOptions { adapter: None, ctx, pipeline_cache_dir: None };
         let backend = GpuBackend::new_async(&model, &opts, wgpu::Features::all()).await.map_err(|e| match e {
             llama5_runtime::RuntimeError::OutOfMemory(_) => {
                 err(format!("the model does not fit this adapter's memory ({e})"))
@@ -100,14 +96,8 @@ impl Session {
                 template,
                 messages: Vec::new(),
             })),
-            adapter: adapter_json(&adapter, &crate::browser_adapter_info().await),
             backend: backend_line,
         })
-    }
-
-    /// The adapter, as JSON (see [`probe`]).
-    pub fn adapter(&self) -> String {
-        self.adapter.clone()
     }
 
     /// One line on the backend: adapter, kernel variant, upload and pipelines.
