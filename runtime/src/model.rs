@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use llama5_codegen::format::{part_sizes, PartSizes};
-use llama5_codegen::manifest::{Manifest, QuantFormat, Region, TensorEntry, TensorPart};
+use llama5_codegen::manifest::{Manifest, QuantFormat, Region, ShardEntry, TensorEntry, TensorPart};
 use sha2::{Digest, Sha256};
 
 use crate::error::RuntimeError;
@@ -59,13 +59,7 @@ impl Model {
             )));
         }
         for (entry, bytes) in manifest.shards.iter().zip(&shards) {
-            let len = (**bytes).as_ref().len() as u64;
-            if len != entry.bytes {
-                return Err(RuntimeError::Shard {
-                    file: entry.file.clone(),
-                    reason: format!("{len} bytes on disk, manifest says {}", entry.bytes),
-                });
-            }
+            check_shard_length(entry, (**bytes).as_ref())?;
         }
         Ok(Model { manifest, dir, shards })
     }
@@ -103,15 +97,7 @@ impl Model {
 
     /// Checks shard `i` against the manifest's sha256.
     pub fn verify_shard(&self, i: usize) -> Result<(), RuntimeError> {
-        let entry = &self.manifest.shards[i];
-        let digest = hex::encode(Sha256::digest(self.shard(i)));
-        if digest != entry.sha256 {
-            return Err(RuntimeError::Shard {
-                file: entry.file.clone(),
-                reason: format!("sha256 {digest} does not match the manifest's {}", entry.sha256),
-            });
-        }
-        Ok(())
+        check_shard(&self.manifest.shards[i], self.shard(i))
     }
 
     pub fn shard(&self, i: usize) -> &[u8] {
@@ -157,4 +143,29 @@ impl Model {
             })
             .collect()
     }
+}
+
+/// Checks that `bytes` have the length the manifest lists for `entry`.
+pub fn check_shard_length(entry: &ShardEntry, bytes: &[u8]) -> Result<(), RuntimeError> {
+    let len = bytes.len() as u64;
+    if len != entry.bytes {
+        return Err(RuntimeError::Shard {
+            file: entry.file.clone(),
+            reason: format!("{len} bytes, the manifest says {}", entry.bytes),
+        });
+    }
+    Ok(())
+}
+
+/// Checks `bytes` against the length and sha256 the manifest lists for `entry`.
+pub fn check_shard(entry: &ShardEntry, bytes: &[u8]) -> Result<(), RuntimeError> {
+    check_shard_length(entry, bytes)?;
+    let digest = hex::encode(Sha256::digest(bytes));
+    if digest != entry.sha256 {
+        return Err(RuntimeError::Shard {
+            file: entry.file.clone(),
+            reason: format!("sha256 {digest} does not match the manifest's {}", entry.sha256),
+        });
+    }
+    Ok(())
 }

@@ -1,14 +1,14 @@
-//! A model directory over HTTP: `manifest.json`, then each shard streamed
-//! through sha256 with progress, kept in Cache Storage so the next visit reads
-//! it from there (and verifies it again).
+//! A model directory over HTTP: `manifest.json`, then each shard streamed with
+//! progress, checked against the manifest's length and sha256 (the runtime's
+//! `check_shard`), kept in Cache Storage so the next visit reads it from there
+//! (and checks it again).
 
 use std::sync::Arc;
 
 use js_sys::{Reflect, Uint8Array};
 use llama5_codegen::manifest::Manifest;
-use llama5_runtime::model::ShardBytes;
+use llama5_runtime::model::{check_shard, ShardBytes};
 use llama5_runtime::Model;
-use sha2::{Digest, Sha256};
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{Cache, Response};
@@ -83,19 +83,18 @@ async fn cached(cache: &Cache, url: &str) -> Option<Vec<u8>> {
     Some(Uint8Array::new(&buf).to_vec())
 }
 
-/// Streams `url`'s body, hashing as it arrives; returns the bytes and their sha256.
+/// Streams `url`'s body, reporting progress; at most `total` bytes.
 async fn download(
     url: &str,
     file: &str,
     total: u64,
     on_progress: &mut dyn FnMut(&Progress<'_>),
-) -> Result<(Vec<u8>, String), String> {
+) -> Result<Vec<u8>, String> {
     let resp = fetch(url).await?;
     let body = resp.body().ok_or_else(|| format!("fetching {url}: no body"))?;
     let reader: web_sys::ReadableStreamDefaultReader =
         body.get_reader().dyn_into().map_err(|e| js_error(&format!("reading {url}"), e.into()))?;
     let mut bytes = Vec::with_capacity(total as usize);
-    let mut hash = Sha256::new();
     loop {
         let chunk = JsFuture::from(reader.read()).await.map_err(|e| js_error(&format!("reading {url}"), e))?;
         let done = Reflect::get(&chunk, &"done".into()).map(|d| d.is_truthy()).unwrap_or(true);
@@ -105,15 +104,15 @@ async fn download(
         let value: Uint8Array = Reflect::get(&chunk, &"value".into())
             .and_then(|v| v.dyn_into())
             .map_err(|e| js_error(&format!("reading {url}"), e))?;
-        let piece = value.to_vec();
-        hash.update(&piece);
-        bytes.extend_from_slice(&piece);
+        let start = bytes.len();
+        bytes.resize(start + value.length() as usize, 0);
+        value.copy_to(&mut bytes[start..]);
         if bytes.len() as u64 > total {
             return Err(format!("{file}: more than the {total} bytes the manifest lists"));
         }
         on_progress(&Progress { file, done: bytes.len() as u64, total, source: Source::Network });
     }
-    Ok((bytes, hex::encode(hash.finalize())))
+    Ok(bytes)
 }
 
 /// Fetches and parses `base/manifest.json`.
@@ -142,7 +141,7 @@ pub async fn fetch_model(
         let mut bytes = None;
         if let Some(cache) = &cache {
             if let Some(b) = cached(cache, &key).await {
-                if b.len() as u64 == entry.bytes && hex::encode(Sha256::digest(&b)) == entry.sha256 {
+                if check_shard(entry, &b).is_ok() {
                     on_progress(&Progress {
                         file: &entry.file,
                         done: entry.bytes,
@@ -159,16 +158,8 @@ pub async fn fetch_model(
         let bytes = match bytes {
             Some(b) => b,
             None => {
-                let (b, digest) = download(&url, &entry.file, entry.bytes, on_progress).await?;
-                if b.len() as u64 != entry.bytes {
-                    return Err(format!("{}: {} bytes downloaded, manifest says {}", entry.file, b.len(), entry.bytes));
-                }
-                if digest != entry.sha256 {
-                    return Err(format!(
-                        "{}: sha256 {digest} does not match the manifest's {}",
-                        entry.file, entry.sha256
-                    ));
-                }
+                let b = download(&url, &entry.file, entry.bytes, on_progress).await?;
+                check_shard(entry, &b).map_err(|e| e.to_string())?;
                 if let Some(cache) = &cache {
                     store(cache, &key, &b).await.map_err(|e| format!("{}: {e}", entry.file))?;
                 }
