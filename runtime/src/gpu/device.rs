@@ -44,6 +44,26 @@ pub(crate) struct Gpu {
     pub errors: SharedErrors,
 }
 
+impl Gpu {
+    /// Maps the first `bytes` of `buffer` (a `MAP_READ` buffer the submitted
+    /// work writes), copies them out and unmaps it; `what` names the read in errors.
+    pub(crate) async fn read_mapped(
+        &self,
+        buffer: &wgpu::Buffer,
+        bytes: u64,
+        what: &str,
+    ) -> Result<Vec<u8>, RuntimeError> {
+        let slice = buffer.slice(..bytes);
+        let (tx, rx) = super::wait::oneshot();
+        slice.map_async(wgpu::MapMode::Read, move |r| tx.send(r));
+        super::wait::settle(&self.device, rx, what).await?.map_err(|e| RuntimeError::Gpu(format!("{what}: {e}")))?;
+        take_error(&self.errors)?;
+        let data = slice.get_mapped_range().map_err(|e| RuntimeError::Gpu(format!("{what}: {e}")))?.to_vec();
+        buffer.unmap();
+        Ok(data)
+    }
+}
+
 fn instance() -> wgpu::Instance {
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
     desc.backends = wgpu::Backends::all();

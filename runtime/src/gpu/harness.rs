@@ -5,8 +5,7 @@
 
 use llama5_codegen::{Access, Kernel, Target};
 
-use super::device::{self, convert_error, take_error, Gpu};
-use super::wait::{oneshot, settle};
+use super::device::{self, convert_error, Gpu};
 use crate::error::RuntimeError;
 
 pub struct KernelRunner {
@@ -115,13 +114,7 @@ impl KernelRunner {
         if let Some(e) = validation.pop().await {
             return Err(convert_error(&kernel.name, e));
         }
-        let (tx, rx) = oneshot();
-        readback.slice(..).map_async(wgpu::MapMode::Read, move |r| tx.send(r));
-        settle(device, rx, &kernel.name)
-            .await?
-            .map_err(|e| RuntimeError::Gpu(format!("{}: reading back failed: {e}", kernel.name)))?;
-        take_error(&self.gpu.errors)?;
-        let view = readback.slice(..).get_mapped_range().map_err(|e| RuntimeError::Gpu(e.to_string()))?;
+        let view = self.gpu.read_mapped(&readback, readback.size(), &format!("{}: reading back", kernel.name)).await?;
         let mut out = Vec::new();
         let mut offset = 0usize;
         for ((_, size), data) in buffers.iter().zip(contents) {

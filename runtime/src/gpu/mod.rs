@@ -761,20 +761,7 @@ impl GpuBackend {
     }
 
     async fn read_back(&self, bytes: u64) -> Result<Vec<u8>, RuntimeError> {
-        self.read_mapped(&self.readback, bytes, "reading back results").await
-    }
-
-    /// Maps the first `bytes` of `buffer` (a `MAP_READ` buffer the submitted
-    /// work writes), copies them out and unmaps it; `what` names the read in errors.
-    async fn read_mapped(&self, buffer: &wgpu::Buffer, bytes: u64, what: &str) -> Result<Vec<u8>, RuntimeError> {
-        let slice = buffer.slice(..bytes);
-        let (tx, rx) = oneshot();
-        slice.map_async(wgpu::MapMode::Read, move |r| tx.send(r));
-        settle(&self.gpu.device, rx, what).await?.map_err(|e| RuntimeError::Gpu(format!("{what}: {e}")))?;
-        take_error(&self.gpu.errors)?;
-        let data = slice.get_mapped_range().map_err(|e| RuntimeError::Gpu(format!("{what}: {e}")))?.to_vec();
-        buffer.unmap();
-        Ok(data)
+        self.gpu.read_mapped(&self.readback, bytes, "reading back results").await
     }
 }
 

@@ -85,7 +85,7 @@ impl GpuBackend {
         encoder.copy_buffer_to_buffer(&resolved, 0, &read, 0, bytes);
         self.gpu.queue.submit([encoder.finish()]);
 
-        let raw = super::wait::block_on(self.read_mapped(&read, bytes, "reading timestamps"))?;
+        let raw = super::wait::block_on(self.gpu.read_mapped(&read, bytes, "reading timestamps"))?;
         let ticks: Vec<u64> =
             raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8-byte chunks"))).collect();
         let period = f64::from(self.gpu.queue.get_timestamp_period());
