@@ -260,6 +260,8 @@ fn load(args: &ModelArgs, ctx: usize) -> Result<Loaded> {
         if args.no_pipeline_cache { None } else { args.pipeline_cache.clone().or_else(default_pipeline_cache) };
     let opts = GpuOptions { adapter: args.adapter.clone(), ctx, pipeline_cache_dir };
     let mut last_error = None;
+    // the first tier, kept for the CPU should no tier fit the GPU
+    let mut first = None;
     for (i, tier) in candidates.iter().enumerate() {
         let (model, open_time) = open(tier)?;
         let ctx = ctx.min(model.manifest.model.max_position_embeddings);
@@ -279,6 +281,9 @@ fn load(args: &ModelArgs, ctx: usize) -> Result<Loaded> {
                     None => eprintln!("llama5: the {} tier does not fit the GPU ({e})", tier.name()),
                 }
                 last_error = Some(e);
+                if i == 0 {
+                    first = Some((model, open_time));
+                }
             }
             Err(e) if args.backend == BackendChoice::Auto => {
                 eprintln!("llama5: no usable GPU ({e}); using the CPU backend");
@@ -290,7 +295,10 @@ fn load(args: &ModelArgs, ctx: usize) -> Result<Loaded> {
     let e = last_error.map_or_else(|| "no candidate tier".to_string(), |e| e.to_string());
     if args.backend == BackendChoice::Auto {
         eprintln!("llama5: no tier fits the GPU ({e}); using the CPU backend");
-        let (model, load) = open(&candidates[0])?;
+        let (model, load) = match first {
+            Some(opened) => opened,
+            None => open(&candidates[0])?,
+        };
         return Ok(Loaded { model, tier: candidates[0].clone(), gpu: None, load });
     }
     bail!("no tier of {} fits the GPU: {e}", args.model.display())
