@@ -22,6 +22,9 @@ pub use plan::{
     generated_files, kernel_names_for_layer, layer_kernel_names, LayerFormats, Plan, PlanStep, Stage, TensorLayout,
     TensorRef,
 };
-pub use spec::{Access, Activation, Binding, Kernel, KernelSpec, Resource, Rows, StepUniform};
+pub use spec::{
+    attention_splits, Access, Activation, Binding, Kernel, KernelSpec, Resource, Rows, StepUniform,
+    ATTENTION_SPLIT_LEN, MAX_ATTENTION_SPLITS,
+};
 pub use target::{capabilities, Target};
 pub use validate::validate;

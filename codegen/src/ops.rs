@@ -3,7 +3,9 @@
 
 use crate::error::CodegenError;
 use crate::manifest::QuantFormat;
-use crate::spec::{Access, Activation, Binding, Kernel, KernelSpec, Resource, Rows};
+use crate::spec::{
+    Access, Activation, Binding, Kernel, KernelSpec, Resource, Rows, ATTENTION_SPLIT_LEN, MAX_ATTENTION_SPLITS,
+};
 use crate::target::Target;
 use crate::tcal::{self, fill, MatvecShape, TileRead, WeightMatrix};
 use crate::tiled::{per_token, stage_weights, weight_tile, Tiling, BO};
@@ -169,16 +171,6 @@ fn entry_signature(target: &Target, workgroup: &str) -> String {
     )
 }
 
-fn activation_name(a: Activation) -> &'static str {
-    match a {
-        Activation::Hidden => "hidden",
-        Activation::Q => "q",
-        Activation::Attn => "attn",
-        Activation::Ffn => "ffn",
-        Activation::Logits => "logits",
-    }
-}
-
 fn check(cond: bool, what: impl FnOnce() -> String) -> Result<(), CodegenError> {
     if cond {
         Ok(())
@@ -202,8 +194,12 @@ pub fn generate_batch(spec: &KernelSpec) -> Result<Option<Kernel>, CodegenError>
         KernelSpec::RmsQkvRope { hidden, heads, kv_heads, head_dim, rope_theta, eps, q, k, v, target } => {
             rms_qkv_rope_tiled(name, hidden, heads, kv_heads, head_dim, rope_theta, eps, [q, k, v], target).map(Some)
         }
+        KernelSpec::AttnOutput { heads, head_dim, hidden, format, target } => {
+            let input = AddInput::AttnSplits { heads, head_dim };
+            matmul_add_tiled(name, input, heads * head_dim, hidden, format, target).map(Some)
+        }
         KernelSpec::MatvecAdd { input, in_features, out_features, format, target } => {
-            matmul_add_tiled(name, input, in_features, out_features, format, target).map(Some)
+            matmul_add_tiled(name, AddInput::Plain(input), in_features, out_features, format, target).map(Some)
         }
         KernelSpec::RmsGateUp { hidden, ffn, eps, gate, up, target } => {
             rms_gate_up_tiled(name, hidden, ffn, eps, gate, up, target).map(Some)
@@ -228,8 +224,12 @@ fn generate_shaped(spec: &KernelSpec) -> Result<Kernel, CodegenError> {
         KernelSpec::Attention { heads, kv_heads, head_dim, target } => {
             attention(name, heads, kv_heads, head_dim, target)
         }
+        KernelSpec::AttnOutput { heads, head_dim, hidden, format, target } => {
+            check(heads > 0 && head_dim > 0, || format!("{name}: no attention heads"))?;
+            matvec_add(name, AddInput::AttnSplits { heads, head_dim }, heads * head_dim, hidden, format, target)
+        }
         KernelSpec::MatvecAdd { input, in_features, out_features, format, target } => {
-            matvec_add(name, input, in_features, out_features, format, target)
+            matvec_add(name, AddInput::Plain(input), in_features, out_features, format, target)
         }
         KernelSpec::RmsGateUp { hidden, ffn, eps, gate, up, target } => {
             rms_gate_up(name, hidden, ffn, eps, gate, up, target)
@@ -417,13 +417,15 @@ fn attention(
         name,
         target,
         &[
-            "Causal grouped-query attention for one (head, token) per workgroup: token t",
-            "at position p = pos + t attends to positions max(0, p + 1 - ctx) ..= p of the",
-            "ring-buffer cache (slot = position % ctx). Positions are visited in tiles of",
-            "WG with an online softmax, so any context length fits in workgroup memory;",
-            "within a tile, each invocation scores one position, then SLICES interleaved",
-            "slices of the positions accumulate the values in parallel. Rows are read",
-            "LANE_WIDTH dimensions at a time.",
+            "Causal grouped-query attention for one (head, token, split) per workgroup:",
+            "token t at position p = pos + t attends to positions max(0, p + 1 - ctx) ..= p",
+            "of the ring-buffer cache (slot = position % ctx). A step of one token splits",
+            "them into attention_splits() runs, one per workgroup, each writing its own",
+            "output row and its scores' log-sum-exp (the o_proj kernel combines them).",
+            "Positions are visited in tiles of WG with an online softmax, so any context",
+            "length fits in workgroup memory; within a tile, each invocation scores one",
+            "position, then SLICES interleaved slices of the positions accumulate the",
+            "values in parallel. Rows are read LANE_WIDTH dimensions at a time.",
         ],
     );
     let kv = tcal::kv_type(&target);
@@ -432,8 +434,22 @@ fn attention(
     m.bind("q", Access::ReadOnly, Resource::Activation(Activation::Q), &vf, "[tokens, Q_DIM] queries after RoPE");
     m.bind("k_cache", Access::ReadOnly, Resource::KeyCache, &kv_vec, "[ctx, KV_DIM] keys");
     m.bind("v_cache", Access::ReadOnly, Resource::ValueCache, &kv_vec, "[ctx, KV_DIM] values");
-    m.bind("attn", Access::ReadWrite, Resource::Activation(Activation::Attn), &vf, "[tokens, Q_DIM] output");
+    m.bind(
+        "attn",
+        Access::ReadWrite,
+        Resource::Activation(Activation::Attn),
+        &vf,
+        "[tokens, Q_DIM] output, or [splits, Q_DIM]",
+    );
+    m.bind(
+        "lse",
+        Access::ReadWrite,
+        Resource::Activation(Activation::AttnLse),
+        "f32",
+        "[MAX_SPLITS, HEADS] log-sum-exp of each split's scores",
+    );
     m.konst("WG", "u32", wg);
+    m.konst("HEADS", "u32", heads);
     m.konst("HEAD_DIM", "u32", head_dim);
     m.konst("LANE_WIDTH", "u32", width);
     m.konst("LANES", "u32", lanes);
@@ -443,6 +459,7 @@ fn attention(
     m.konst("KV_LANES", "u32", kv_heads * lanes);
     m.konst_f32("SCALE", 1.0 / (head_dim as f32).sqrt());
     m.consts += BIG;
+    splits_function(&mut m);
     m.helpers += &tcal::reductions(&target, wg);
     let dot = if width == 4 { "dot(qs[d], $V(k_cache[row + d]))" } else { "qs[d] * $V(k_cache[row + d])" };
     let vars = [("V", vf.as_str())];
@@ -460,6 +477,11 @@ var<workgroup> part: array<$V, SLICES * LANES>;
         + &fill(
             &r#"    let h = wid.x;
     let t = wid.y;
+    let sp = wid.z;
+    let splits = attention_splits();
+    if (sp >= splits) {
+        return;
+    }
     let p = step.pos + t;
     let kv_base = (h / GROUP) * LANES;
     for (var d = lid; d < LANES; d += WG) {
@@ -469,12 +491,15 @@ var<workgroup> part: array<$V, SLICES * LANES>;
     workgroupBarrier();
     let n = min(p + 1u, step.ctx);
     let first = p + 1u - n;
+    // this split's positions: first + lo .. first + hi
+    let lo = n * sp / splits;
+    let hi = n * (sp + 1u) / splits;
     var m = -BIG;
     var l = 0.0;
-    for (var base = 0u; base < n; base += WG) {
+    for (var base = lo; base < hi; base += WG) {
         let j = base + lid;
         var s = -BIG;
-        if (j < n) {
+        if (j < hi) {
             let row = ((first + j) % step.ctx) * KV_LANES + kv_base;
             s = 0.0;
             for (var d = 0u; d < LANES; d++) {
@@ -482,12 +507,12 @@ var<workgroup> part: array<$V, SLICES * LANES>;
             }
         }
         let m_new = max(m, wg_max(s));
-        let e = select(0.0, exp(s - m_new), j < n);
+        let e = select(0.0, exp(s - m_new), j < hi);
         let correction = exp(m - m_new);
         probs[lid] = e;
         l = l * correction + wg_sum(e);
         m = m_new;
-        let count = min(WG, n - base);
+        let count = min(WG, hi - base);
         // slice sl sums positions sl, sl + SLICES, ... of the tile for lane d
         for (var w = lid; w < SLICES * LANES; w += WG) {
             let d = w % LANES;
@@ -508,15 +533,36 @@ var<workgroup> part: array<$V, SLICES * LANES>;
         }
         workgroupBarrier();
     }
+    // split sp of a single token's step writes row sp (t is 0 then)
     for (var d = lid; d < LANES; d += WG) {
-        attn[t * Q_LANES + h * LANES + d] = acc[d] / l;
+        attn[(t + sp) * Q_LANES + h * LANES + d] = acc[d] / l;
+    }
+    if (splits > 1u && lid == 0u) {
+        lse[sp * HEADS + h] = m + log(l);
     }
 }
 "#
             .replace("$DOT", dot),
             &vars,
         );
-    Ok(m.finish(&entry, [wg, 1, 1], [heads as u32, 1, 1], Rows::Tokens))
+    Ok(m.finish(&entry, [wg, 1, 1], [heads as u32, 1, 1], Rows::TokensSplits))
+}
+
+/// Declares `attention_splits()`, the WGSL twin of [`crate::spec::attention_splits`].
+fn splits_function(m: &mut ModuleText) {
+    m.konst("SPLIT_LEN", "u32", ATTENTION_SPLIT_LEN);
+    m.konst("MAX_SPLITS", "u32", MAX_ATTENTION_SPLITS);
+    m.helpers += r#"// Workgroups each head's attention is split over: one for a step of several
+// tokens, else one per SPLIT_LEN attended positions, at most MAX_SPLITS.
+fn attention_splits() -> u32 {
+    if (step.n_tokens != 1u) {
+        return 1u;
+    }
+    let attended = min(step.pos + 1u, step.ctx);
+    return clamp((attended + SPLIT_LEN - 1u) / SPLIT_LEN, 1u, MAX_SPLITS);
+}
+
+"#;
 }
 
 /// Shared body of the single-matrix matvec kernels: `y` is the full dot
@@ -583,18 +629,85 @@ fn output_units(out: usize) -> (bool, usize) {
     (quads, if quads { out.div_ceil(4) } else { out })
 }
 
+/// The input of a `hidden += W x` kernel.
+#[derive(Clone, Copy, Debug)]
+enum AddInput {
+    /// An activation, read as it is.
+    Plain(Activation),
+    /// The attention output of `heads` heads of `head_dim`, its position splits
+    /// combined as it is read ([`tcal::split_input_functions`]).
+    AttnSplits { heads: usize, head_dim: usize },
+}
+
+impl AddInput {
+    fn activation(self) -> Activation {
+        match self {
+            AddInput::Plain(a) => a,
+            AddInput::AttnSplits { .. } => Activation::Attn,
+        }
+    }
+
+    /// What the kernel's header says it does.
+    fn summary(self) -> &'static [&'static str] {
+        match self {
+            AddInput::Plain(_) => &["hidden += W x: a matrix-vector product and the residual add."],
+            AddInput::AttnSplits { .. } => &[
+                "hidden += W attn: the attention's output projection and the residual add;",
+                "a step of one token split over positions has its splits combined first.",
+            ],
+        }
+    }
+
+    /// Binds what the kernel reads besides `x` (after `hidden`): decode and
+    /// tiled kernels bind the same.
+    fn bind_extra(self, m: &mut ModuleText) {
+        if let AddInput::AttnSplits { .. } = self {
+            m.bind(
+                "lse",
+                Access::ReadOnly,
+                Resource::Activation(Activation::AttnLse),
+                "f32",
+                "[MAX_SPLITS, HEADS] log-sum-exp of each split's scores",
+            );
+        }
+    }
+
+    /// `load_input`, `xin` and `xin4` of a matrix-vector kernel, with the constants they need.
+    fn functions(self, m: &mut ModuleText, in_features: usize) -> String {
+        match self {
+            AddInput::Plain(a) => tcal::input_functions(a.ident(), in_features, false),
+            AddInput::AttnSplits { heads, head_dim } => {
+                m.konst("HEADS", "u32", heads);
+                m.konst("HEAD_DIM", "u32", head_dim);
+                m.consts += BIG;
+                splits_function(m);
+                tcal::split_input_functions(in_features)
+            }
+        }
+    }
+}
+
 fn matvec_add(
     name: String,
-    input: Activation,
+    input: AddInput,
     in_features: usize,
     out_features: usize,
     format: QuantFormat,
     target: Target,
 ) -> Result<Kernel, CodegenError> {
     check(in_features > 0 && out_features > 0, || format!("{name}: empty matrix"))?;
-    let x = activation_name(input);
-    let mut m = ModuleText::new(name, target, &["hidden += W x: a matrix-vector product and the residual add."]);
-    m.bind(x, Access::ReadOnly, Resource::Activation(input), tcal::input_type(in_features), "[tokens, IN] input");
+    let x = input.activation().ident();
+    let mut m = ModuleText::new(name, target, input.summary());
+    m.bind(
+        x,
+        Access::ReadOnly,
+        Resource::Activation(input.activation()),
+        tcal::input_type(in_features),
+        match input {
+            AddInput::Plain(_) => "[tokens, IN] input",
+            AddInput::AttnSplits { .. } => "[tokens, IN] attention output, or one row per split",
+        },
+    );
     let w = WeightMatrix { ident: "w", format, out: out_features, in_features };
     let (quads, units) = output_units(out_features);
     m.matvec_weight(&w, quads, "the projection")?;
@@ -605,6 +718,7 @@ fn matvec_add(
         "f32",
         "[tokens, OUT] residual stream",
     );
+    input.bind_extra(&mut m);
     let shape = MatvecShape::choose(units, w.blocks(), &target);
     m.konst("IN", "u32", in_features);
     m.konst("OUT", "u32", out_features);
@@ -616,7 +730,8 @@ fn matvec_add(
     m.helpers.push('\n');
     m.helpers += &shape_functions(&shape, quads);
     m.helpers.push('\n');
-    m.helpers += &tcal::input_functions(x, in_features, false);
+    let input_functions = input.functions(&mut m, in_features);
+    m.helpers += &input_functions;
     m.helpers.push('\n');
     let store = "hidden[t * OUT + o] += y;";
     let entry =
@@ -1016,17 +1131,17 @@ fn rope_store_half(t: u32, p: u32, unit: u32, half: u32, own: f32, other: f32) {
 /// Tiled [`matvec_add`].
 fn matmul_add_tiled(
     name: String,
-    input: Activation,
+    input: AddInput,
     in_features: usize,
     out_features: usize,
     format: QuantFormat,
     target: Target,
 ) -> Result<Kernel, CodegenError> {
     check(in_features > 0 && out_features > 0, || format!("{name}: empty matrix"))?;
-    let x = activation_name(input);
+    let x = input.activation().ident();
     let tiling = Tiling::for_target(&target);
     let mut m = ModuleText::new(name, target, &["hidden += W x for a tile of tokens x outputs, and the residual add."]);
-    m.bind(x, Access::ReadOnly, Resource::Activation(input), "f32", "[tokens, IN] input");
+    m.bind(x, Access::ReadOnly, Resource::Activation(input.activation()), "f32", "[tokens, IN] input");
     m.tile_weight(
         &WeightMatrix { ident: "w", format, out: out_features, in_features },
         TileRead::Quad,
@@ -1039,6 +1154,8 @@ fn matmul_add_tiled(
         "f32",
         "[tokens, OUT] residual stream",
     );
+    // the steps this kernel runs have several tokens, so they are never split
+    input.bind_extra(&mut m);
     m.konst("IN", "u32", in_features);
     m.konst("OUT", "u32", out_features);
     m.helpers += &tiling.prelude(x, false);

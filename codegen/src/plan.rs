@@ -124,10 +124,10 @@ pub fn layer_specs(cfg: &ModelConfig, formats: &LayerFormats, target: &Target) -
             target,
         },
         KernelSpec::Attention { heads: cfg.num_heads, kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim, target },
-        KernelSpec::MatvecAdd {
-            input: Activation::Attn,
-            in_features: cfg.q_dim(),
-            out_features: cfg.hidden_size,
+        KernelSpec::AttnOutput {
+            heads: cfg.num_heads,
+            head_dim: cfg.head_dim,
+            hidden: cfg.hidden_size,
             format: formats.o,
             target,
         },

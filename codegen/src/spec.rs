@@ -13,12 +13,51 @@ pub enum Activation {
     Hidden,
     /// Queries after RoPE, `[tokens, num_heads * head_dim]` f32.
     Q,
-    /// Attention output, `[tokens, num_heads * head_dim]` f32.
+    /// Attention output, `[tokens, num_heads * head_dim]` f32; for a step of
+    /// one token split over positions, row `s` holds split `s`'s output.
     Attn,
+    /// Log-sum-exp of each split's scores, `[MAX_ATTENTION_SPLITS, num_heads]` f32
+    /// (steps of one token split over positions only).
+    AttnLse,
     /// SiLU(gate) * up, `[tokens, intermediate]` f32.
     Ffn,
     /// Logits, `[rows, vocab]` f32.
     Logits,
+}
+
+impl Activation {
+    pub const ALL: [Activation; 6] =
+        [Activation::Hidden, Activation::Q, Activation::Attn, Activation::AttnLse, Activation::Ffn, Activation::Logits];
+
+    /// The WGSL name of its binding.
+    pub fn ident(self) -> &'static str {
+        match self {
+            Activation::Hidden => "hidden",
+            Activation::Q => "q",
+            Activation::Attn => "attn",
+            Activation::AttnLse => "lse",
+            Activation::Ffn => "ffn",
+            Activation::Logits => "logits",
+        }
+    }
+}
+
+/// Attended positions one attention workgroup takes before a single token's
+/// attention is split over more workgroups (a head alone cannot fill a GPU).
+pub const ATTENTION_SPLIT_LEN: u32 = 256;
+/// Workgroups one head's attention is split over at most.
+pub const MAX_ATTENTION_SPLITS: u32 = 32;
+
+/// Workgroups each head's attention is split over in `step`: one for a step of
+/// several tokens (its tokens spread the work), else one per
+/// [`ATTENTION_SPLIT_LEN`] attended positions, at most [`MAX_ATTENTION_SPLITS`].
+/// The kernels compute the same in WGSL from the step uniform.
+pub fn attention_splits(step: &StepUniform) -> u32 {
+    if step.n_tokens != 1 {
+        return 1;
+    }
+    let attended = step.pos.wrapping_add(1).min(step.ctx);
+    attended.div_ceil(ATTENTION_SPLIT_LEN).clamp(1, MAX_ATTENTION_SPLITS)
 }
 
 /// What a binding is bound to; the runtime resolves it per plan step.
@@ -74,6 +113,9 @@ pub enum Rows {
     TokenTiles(u32),
     /// `dispatch[1]` times the tiles of this many rows the logits rows need.
     LogitRowTiles(u32),
+    /// `dispatch[1]` times the token count, and `dispatch[2]` times the
+    /// step's [`attention_splits`].
+    TokensSplits,
 }
 
 /// A generated, validated compute shader and what dispatching it needs.
@@ -91,10 +133,12 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    /// The workgroup counts for a step of `tokens` tokens and `logit_rows` logits rows.
-    pub fn dispatch_for(&self, tokens: u32, logit_rows: u32) -> [u32; 3] {
+    /// The workgroup counts for `step` with `logit_rows` logits rows.
+    pub fn dispatch_for(&self, step: &StepUniform, logit_rows: u32) -> [u32; 3] {
         let [x, y, z] = self.dispatch;
+        let tokens = step.n_tokens;
         match self.rows {
+            Rows::TokensSplits => [x, y * tokens, z * attention_splits(step)],
             Rows::One => [x, y, z],
             Rows::Tokens => [x, y * tokens, z],
             Rows::LogitRows => [x, y * logit_rows, z],
@@ -170,7 +214,9 @@ pub enum KernelSpec {
     },
     /// Causal grouped-query attention over the ring-buffer cache.
     Attention { heads: usize, kv_heads: usize, head_dim: usize, target: Target },
-    /// `hidden += W x` for the input activation `input` (o_proj, down_proj).
+    /// o_proj: `hidden += W attn`, the attention's position splits combined first.
+    AttnOutput { heads: usize, head_dim: usize, hidden: usize, format: QuantFormat, target: Target },
+    /// `hidden += W x` for the input activation `input` (down_proj).
     MatvecAdd { input: Activation, in_features: usize, out_features: usize, format: QuantFormat, target: Target },
     /// RMSNorm, gate and up projections, SiLU(gate) * up.
     RmsGateUp { hidden: usize, ffn: usize, eps: f32, gate: QuantFormat, up: QuantFormat, target: Target },
@@ -188,6 +234,7 @@ impl KernelSpec {
             KernelSpec::Embed { target, .. }
             | KernelSpec::RmsQkvRope { target, .. }
             | KernelSpec::Attention { target, .. }
+            | KernelSpec::AttnOutput { target, .. }
             | KernelSpec::MatvecAdd { target, .. }
             | KernelSpec::RmsGateUp { target, .. }
             | KernelSpec::RmsLogits { target, .. }
@@ -213,14 +260,11 @@ impl KernelSpec {
             KernelSpec::Attention { heads, kv_heads, head_dim, .. } => {
                 format!("attention-q{heads}-kv{kv_heads}-d{head_dim}-{t}")
             }
+            KernelSpec::AttnOutput { heads, head_dim, hidden, format, .. } => {
+                format!("attn-output-q{heads}-d{head_dim}-h{hidden}-{}-{t}", f(*format))
+            }
             KernelSpec::MatvecAdd { input, in_features, out_features, format, .. } => {
-                let input = match input {
-                    Activation::Hidden => "hidden",
-                    Activation::Q => "q",
-                    Activation::Attn => "attn",
-                    Activation::Ffn => "ffn",
-                    Activation::Logits => "logits",
-                };
+                let input = input.ident();
                 format!("matvec-add-{input}-{in_features}x{out_features}-{}-{t}", f(*format))
             }
             KernelSpec::RmsGateUp { hidden, ffn, eps, gate, up, .. } => {

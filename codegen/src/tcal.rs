@@ -839,6 +839,120 @@ pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: bool) -> 
     fill(&s, &vars)
 }
 
+/// [`input_functions`] for the attention output `attn` (no norm): a step of one
+/// token split over positions ([`crate::spec::attention_splits`], WGSL
+/// `attention_splits()`) left one partial row per split, each normalised by its
+/// own softmax sum, and the log-sum-exp of each split's scores in `lse`
+/// (`[MAX_SPLITS, HEADS]`). Loading combines them: split `s` of head `h` weighs
+/// `exp(lse[s, h] - M) / sum_s' exp(lse[s', h] - M)`, `M` the largest. Needs the
+/// constants `IN`, `HEADS`, `HEAD_DIM`, `MAX_SPLITS`, `BIG` and `WG`.
+pub(crate) fn split_input_functions(in_features: usize) -> String {
+    let cached = in_features * 4 <= INPUT_CACHE_BYTES;
+    let vec = in_features.is_multiple_of(4);
+    let mut s = String::from(
+        r#"// Weight of split s for head h: split_w[s * HEADS + h].
+var<workgroup> split_w: array<f32, MAX_SPLITS * HEADS>;
+
+fn split_weights(splits: u32) {
+    for (var h = lid; h < HEADS; h += WG) {
+        var m = -BIG;
+        for (var s = 0u; s < splits; s++) {
+            m = max(m, lse[s * HEADS + h]);
+        }
+        var sum = 0.0;
+        for (var s = 0u; s < splits; s++) {
+            let e = exp(lse[s * HEADS + h] - m);
+            split_w[s * HEADS + h] = e;
+            sum += e;
+        }
+        for (var s = 0u; s < splits; s++) {
+            split_w[s * HEADS + h] /= sum;
+        }
+    }
+    workgroupBarrier();
+}
+
+"#,
+    );
+    // `combined(j, splits)`: element j (a vec4 of elements with vec rows) of the combined row
+    s += if vec {
+        r#"const IN4: u32 = IN / 4u;
+
+fn combined(j: u32, splits: u32) -> vec4<f32> {
+    let h = (4u * j + vec4<u32>(0u, 1u, 2u, 3u)) / HEAD_DIM;
+    var v = vec4<f32>(0.0);
+    for (var s = 0u; s < splits; s++) {
+        let w = vec4<f32>(split_w[s * HEADS + h.x], split_w[s * HEADS + h.y], split_w[s * HEADS + h.z], split_w[s * HEADS + h.w]);
+        v += attn[s * IN4 + j] * w;
+    }
+    return v;
+}
+
+"#
+    } else {
+        r#"fn combined(i: u32, splits: u32) -> f32 {
+    var v = 0.0;
+    for (var s = 0u; s < splits; s++) {
+        v += attn[s * IN + i] * split_w[s * HEADS + i / HEAD_DIM];
+    }
+    return v;
+}
+
+"#
+    };
+    let (ty, count, row) = if vec { ("vec4<f32>", "IN4", "IN4") } else { ("f32", "IN", "IN") };
+    if cached {
+        s += &format!("// The input row, its splits combined, cached in workgroup memory.\nvar<workgroup> xs: array<{ty}, {count}>;\n\n");
+        s += &format!(
+            r#"fn load_input(t: u32) {{
+    let splits = attention_splits();
+    if (splits == 1u) {{
+        for (var j = lid; j < {count}; j += WG) {{
+            xs[j] = attn[t * {row} + j];
+        }}
+    }} else {{
+        split_weights(splits);
+        for (var j = lid; j < {count}; j += WG) {{
+            xs[j] = combined(j, splits);
+        }}
+    }}
+    workgroupBarrier();
+}}
+
+"#
+        );
+        s += if vec {
+            "fn xin(i: u32) -> f32 {\n    return xs[i / 4u][i % 4u];\n}\n\nfn xin4(j: u32) -> vec4<f32> {\n    return xs[j];\n}\n"
+        } else {
+            "fn xin(i: u32) -> f32 {\n    return xs[i];\n}\n\nfn xin4(j: u32) -> vec4<f32> {\n    return vec4<f32>(xin(4u * j), xin(4u * j + 1u), xin(4u * j + 2u), xin(4u * j + 3u));\n}\n"
+        };
+    } else {
+        s += &format!(
+            r#"// The input row is too large for workgroup memory: read from storage,
+// combining the splits on every read.
+var<private> x_base: u32;
+var<private> x_splits: u32;
+
+fn load_input(t: u32) {{
+    let splits = attention_splits();
+    x_base = t * {row};
+    x_splits = splits;
+    if (splits > 1u) {{
+        split_weights(splits);
+    }}
+}}
+
+"#
+        );
+        s += if vec {
+            "fn xin4(j: u32) -> vec4<f32> {\n    if (x_splits == 1u) {\n        return attn[x_base + j];\n    }\n    return combined(j, x_splits);\n}\n\nfn xin(i: u32) -> f32 {\n    return xin4(i / 4u)[i % 4u];\n}\n"
+        } else {
+            "fn xin(i: u32) -> f32 {\n    if (x_splits == 1u) {\n        return attn[x_base + i];\n    }\n    return combined(i, x_splits);\n}\n\nfn xin4(j: u32) -> vec4<f32> {\n    return vec4<f32>(xin(4u * j), xin(4u * j + 1u), xin(4u * j + 2u), xin(4u * j + 3u));\n}\n"
+        };
+    }
+    s
+}
+
 /// [`input_functions`] over scalar bindings (rows that do not split into vec4s).
 fn scalar_input_functions(x_ident: &str, cached: bool, norm: bool) -> String {
     let vars = [("X", x_ident)];

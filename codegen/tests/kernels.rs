@@ -40,7 +40,7 @@ fn real_model_shape_validates_for_every_precision_and_target() {
                 let tiled = match decode.rows {
                     Rows::Tokens => matches!(batch.rows, Rows::TokenTiles(t) if t > 1),
                     Rows::LogitRows => matches!(batch.rows, Rows::LogitRowTiles(t) if t > 1),
-                    Rows::One | Rows::TokenTiles(_) | Rows::LogitRowTiles(_) => false,
+                    Rows::One | Rows::TokensSplits | Rows::TokenTiles(_) | Rows::LogitRowTiles(_) => false,
                 };
                 assert!(tiled, "{}: {:?} for {:?}", batch.name, batch.rows, decode.rows);
             }
@@ -51,6 +51,36 @@ fn real_model_shape_validates_for_every_precision_and_target() {
     // attention, argmax and the sampler do not depend on the weight format; five kernels have batch variants
     assert_eq!(validated.len(), 4 * (6 * 6 + 5 * 6 + 3));
     println!("validated {} kernel variants for the SmolLM2-135M shape", validated.len());
+}
+
+/// Llama-2-7B's shape reads inputs too wide for workgroup memory from storage
+/// (the attention output combining its splits as it is read): those paths validate too.
+#[test]
+fn large_model_shape_validates_for_every_target() {
+    let cfg = ModelConfig {
+        name: Some("Llama-2-7B".into()),
+        hidden_size: 4096,
+        intermediate_size: 11008,
+        num_layers: 1,
+        num_heads: 32,
+        num_kv_heads: 32,
+        head_dim: 128,
+        vocab_size: 32000,
+        tie_word_embeddings: false,
+        ..common::smollm2_config()
+    };
+    let mut validated = 0;
+    for format in [QuantFormat::F16, QuantFormat::Int4 { group_size: 32, symmetric: false }] {
+        let manifest = common::manifest(&cfg, format, 1);
+        for target in Target::all() {
+            let plan = Plan::from_manifest(&manifest, &target).unwrap();
+            for k in &plan.kernels {
+                validate(k, &target).unwrap_or_else(|e| panic!("{}: {e}", k.name));
+                validated += 1;
+            }
+        }
+    }
+    println!("validated {validated} kernel variants for the Llama-2-7B shape");
 }
 
 #[test]
@@ -179,7 +209,7 @@ proptest! {
             KernelSpec::Embed { hidden, rows: [vocab / 3, vocab], format, target },
             KernelSpec::RmsQkvRope { hidden, heads, kv_heads, head_dim, rope_theta: 10000.0, eps: 1e-6, q: format, k: format, v: format, target },
             KernelSpec::Attention { heads, kv_heads, head_dim, target },
-            KernelSpec::MatvecAdd { input: Activation::Attn, in_features: q_dim, out_features: hidden, format, target },
+            KernelSpec::AttnOutput { heads, head_dim, hidden, format, target },
             KernelSpec::RmsGateUp { hidden, ffn, eps: 1e-6, gate: format, up: format, target },
             KernelSpec::MatvecAdd { input: Activation::Ffn, in_features: ffn, out_features: hidden, format, target },
             KernelSpec::RmsLogits { hidden, vocab, rows: [0, vocab], eps: 1e-6, format, target },
@@ -234,6 +264,10 @@ fn snapshot_int4_qkv_f16_subgroups() {
 fn snapshot_attention() {
     let spec = KernelSpec::Attention { heads: 9, kv_heads: 3, head_dim: 64, target: f16_sg() };
     insta::assert_snapshot!("attention_f16_sg", snapshot_spec(spec));
+    // its splits are combined as the output projection reads them
+    let spec =
+        KernelSpec::AttnOutput { heads: 9, head_dim: 64, hidden: 576, format: QuantFormat::F16, target: f16_sg() };
+    insta::assert_snapshot!("attn_output_f16_sg", snapshot_spec(spec));
 }
 
 #[test]

@@ -7,7 +7,10 @@ use std::sync::OnceLock;
 
 use llama5_codegen::format;
 use llama5_codegen::manifest::{Precision, QuantFormat};
-use llama5_codegen::{generate, generate_batch, Activation, Kernel, KernelSpec, StepUniform, Target};
+use llama5_codegen::{
+    attention_splits, generate, generate_batch, Activation, Kernel, KernelSpec, StepUniform, Target,
+    ATTENTION_SPLIT_LEN, MAX_ATTENTION_SPLITS,
+};
 use llama5_runtime::cpu;
 use llama5_runtime::gpu::harness::KernelRunner;
 use llama5_runtime::gpu::{GpuBackend, GpuOptions};
@@ -166,30 +169,24 @@ fn step(pos: usize, n_tokens: usize, ctx: usize, logits_from: usize, argmax_row:
     .to_vec()
 }
 
-fn run(
-    runner: &KernelRunner,
-    spec: &KernelSpec,
-    contents: &[Vec<u8>],
-    tokens: u32,
-    rows: u32,
-) -> (Kernel, Vec<Vec<u8>>) {
+/// The step a kernel's contents hold in binding 0 (the fields dispatch sizes depend on).
+fn step_of(contents: &[Vec<u8>]) -> StepUniform {
+    let word = |i: usize| u32::from_le_bytes(contents[0][4 * i..4 * i + 4].try_into().unwrap());
+    StepUniform { pos: word(0), n_tokens: word(1), ctx: word(2), ..StepUniform::default() }
+}
+
+fn run(runner: &KernelRunner, spec: &KernelSpec, contents: &[Vec<u8>], rows: u32) -> (Kernel, Vec<Vec<u8>>) {
     let kernel = generate(spec).unwrap();
-    let grid = kernel.dispatch_for(tokens, rows);
+    let grid = kernel.dispatch_for(&step_of(contents), rows);
     let out = runner.run(&kernel, contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
     (kernel, out)
 }
 
 /// Runs the kernel of `spec` and, where it has one, its batch variant on the same contents.
-fn run_all(
-    runner: &KernelRunner,
-    spec: &KernelSpec,
-    contents: &[Vec<u8>],
-    tokens: u32,
-    rows: u32,
-) -> Vec<(Kernel, Vec<Vec<u8>>)> {
-    let mut out = vec![run(runner, spec, contents, tokens, rows)];
+fn run_all(runner: &KernelRunner, spec: &KernelSpec, contents: &[Vec<u8>], rows: u32) -> Vec<(Kernel, Vec<Vec<u8>>)> {
+    let mut out = vec![run(runner, spec, contents, rows)];
     if let Some(kernel) = generate_batch(spec).unwrap() {
-        let grid = kernel.dispatch_for(tokens, rows);
+        let grid = kernel.dispatch_for(&step_of(contents), rows);
         let result = runner.run(&kernel, contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
         out.push((kernel, result));
     }
@@ -237,7 +234,7 @@ fn matvec_add_matches_cpu() {
                         want[t * out + o] += y[o];
                     }
                 }
-                for (kernel, result) in run_all(runner, &spec, &contents, tokens as u32, 0) {
+                for (kernel, result) in run_all(runner, &spec, &contents, 0) {
                     assert_close(&kernel.name, &to_f32(&result[3]), &want, nmse_for(format));
                 }
             }
@@ -274,7 +271,7 @@ fn rms_gate_up_matches_cpu() {
                 let (gv, uv) = (matvec(&g, &xn, ffn), matvec(&u, &xn, ffn));
                 want.extend(gv.iter().zip(&uv).map(|(a, b)| cpu::silu(*a) * b));
             }
-            for (kernel, result) in run_all(runner, &spec, &contents, tokens as u32, 0) {
+            for (kernel, result) in run_all(runner, &spec, &contents, 0) {
                 assert_close(&kernel.name, &to_f32(&result[5]), &want, nmse_for(format));
             }
         }
@@ -341,7 +338,7 @@ fn rms_qkv_rope_matches_cpu() {
                 }
                 let limit = nmse_for(format);
                 let kv_limit = if target.shader_f16 { NMSE_KV_F16 } else { limit };
-                for (kernel, result) in run_all(runner, &spec, &contents, tokens as u32, 0) {
+                for (kernel, result) in run_all(runner, &spec, &contents, 0) {
                     assert_close(&format!("{} q", kernel.name), &to_f32(&result[6]), &want_q, limit);
                     assert_close(&format!("{} k", kernel.name), &kv_values(&result[7], &target), &want_k, kv_limit);
                     assert_close(&format!("{} v", kernel.name), &kv_values(&result[8], &target), &want_v, kv_limit);
@@ -409,7 +406,7 @@ fn rms_qkv_rope_with_mixed_formats_matches_cpu() {
         }
         let limit = nmse_for(formats[0]);
         let kv_limit = if target.shader_f16 { NMSE_KV_F16 } else { limit };
-        for (kernel, result) in run_all(runner, &spec, &contents, tokens as u32, 0) {
+        for (kernel, result) in run_all(runner, &spec, &contents, 0) {
             assert_close(&format!("{} q", kernel.name), &to_f32(&result[6]), &want_q, limit);
             assert_close(&format!("{} k", kernel.name), &kv_values(&result[7], &target), &want_k, kv_limit);
             assert_close(&format!("{} v", kernel.name), &kv_values(&result[8], &target), &want_v, kv_limit);
@@ -424,8 +421,18 @@ fn attention_matches_cpu() {
         let (heads, kv_heads) = (6, 2);
         let (q_dim, kv_dim, group) = (heads * head_dim, kv_heads * head_dim, heads / kv_heads);
         let target = *runner.target();
-        // short, wrapped (sliding window), and longer than one tile of positions
-        for (pos, tokens, ctx) in [(3, 2, 8), (20, 1, 8), (130, 3, 150), (0, 1, 4), (600, 2, 700)] {
+        // short, wrapped (sliding window), longer than one tile of positions; single
+        // tokens split over positions (wrapped, and more splits than allowed)
+        for (pos, tokens, ctx) in [
+            (3, 2, 8),
+            (20, 1, 8),
+            (130, 3, 150),
+            (0, 1, 4),
+            (600, 2, 700),
+            (600, 1, 700),
+            (1000, 1, 300),
+            (9000, 1, 9001),
+        ] {
             let mut rng = Rng(pos as u64 * 7 + ctx as u64);
             let q = rng.vec(tokens * q_dim, 2.0);
             let k_cache = kv_values(&kv_bytes(&rng.vec(ctx * kv_dim, 1.0), &target), &target);
@@ -436,9 +443,16 @@ fn attention_matches_cpu() {
                 f32_bytes(&q),
                 kv_bytes(&k_cache, &target),
                 kv_bytes(&v_cache, &target),
-                vec![0; tokens * q_dim * 4],
+                vec![0; tokens.max(MAX_ATTENTION_SPLITS as usize) * q_dim * 4],
+                vec![0; MAX_ATTENTION_SPLITS as usize * heads * 4],
             ];
-            let (kernel, result) = run(runner, &spec, &contents, tokens as u32, 0);
+            let (kernel, result) = run(runner, &spec, &contents, 0);
+            let splits = attention_splits(&step_of(&contents)) as usize;
+            assert_eq!(
+                splits > 1,
+                tokens == 1 && pos >= ATTENTION_SPLIT_LEN as usize && ctx > ATTENTION_SPLIT_LEN as usize
+            );
+            let got = combine_splits(&to_f32(&result[4]), &to_f32(&result[5]), splits, heads, head_dim);
             let mut want = vec![0.0; tokens * q_dim];
             for t in 0..tokens {
                 for h in 0..heads {
@@ -454,7 +468,76 @@ fn attention_matches_cpu() {
                     );
                 }
             }
-            assert_close(&format!("{} pos {pos} ctx {ctx}", kernel.name), &to_f32(&result[4]), &want, NMSE_F16);
+            let what = format!("{} pos {pos} ctx {ctx}, {splits} splits", kernel.name);
+            assert_close(&what, &got[..tokens * q_dim], &want, NMSE_F16);
+        }
+    }
+}
+
+/// The attention output a step split over positions stands for: each head's
+/// split rows weighed by the softmax of their log-sum-exps (as is, unsplit).
+fn combine_splits(rows: &[f32], lse: &[f32], splits: usize, heads: usize, head_dim: usize) -> Vec<f32> {
+    if splits == 1 {
+        return rows.to_vec();
+    }
+    let q_dim = heads * head_dim;
+    let mut out = vec![0.0; q_dim];
+    for h in 0..heads {
+        let l: Vec<f32> = (0..splits).map(|s| lse[s * heads + h]).collect();
+        let m = l.iter().copied().fold(f32::MIN, f32::max);
+        let total: f32 = l.iter().map(|x| (x - m).exp()).sum();
+        for s in 0..splits {
+            let w = (l[s] - m).exp() / total;
+            for d in 0..head_dim {
+                out[h * head_dim + d] += w * rows[s * q_dim + h * head_dim + d];
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn attn_output_combines_splits_then_matches_cpu() {
+    for runner in runners() {
+        let target = *runner.target();
+        for format in FORMATS {
+            // the input cached in workgroup memory, read from storage, and rows of odd vec4s
+            let pairs = matches!(format, QuantFormat::F16 | QuantFormat::Bf16);
+            let shapes: &[(usize, usize)] = if pairs { &[(6, 16), (6, 352), (3, 6)] } else { &[(6, 16), (6, 352)] };
+            for &(heads, head_dim) in shapes {
+                let in_features = heads * head_dim;
+                let hidden_size = input_size(format, 50);
+                // steps of several tokens (never split), of one short token, and split 2 and 32 ways
+                for (pos, tokens, ctx) in [(0, 3, 64), (5, 1, 64), (300, 1, 400), (9000, 1, 9001)] {
+                    let st = step(pos, tokens, ctx, 0, 0);
+                    let splits = attention_splits(&step_of(std::slice::from_ref(&st))) as usize;
+                    let mut rng = Rng(pos as u64 + in_features as u64);
+                    let (w_bytes, w) = packed(&mut rng, format, hidden_size, in_features);
+                    let rows = rng.vec(tokens.max(splits) * in_features, 1.0);
+                    let lse = rng.vec(MAX_ATTENTION_SPLITS as usize * heads, 3.0);
+                    let hidden = rng.vec(tokens * hidden_size, 1.0);
+                    let x =
+                        if splits > 1 { combine_splits(&rows, &lse, splits, heads, head_dim) } else { rows.clone() };
+                    let mut want = hidden.clone();
+                    for t in 0..tokens {
+                        let y = matvec(&w, &x[t * in_features..(t + 1) * in_features], hidden_size);
+                        for (o, y) in y.iter().enumerate() {
+                            want[t * hidden_size + o] += y;
+                        }
+                    }
+                    let spec = KernelSpec::AttnOutput { heads, head_dim, hidden: hidden_size, format, target };
+                    let contents = vec![st, f32_bytes(&rows), w_bytes, f32_bytes(&hidden), f32_bytes(&lse)];
+                    let results = if tokens > 1 {
+                        run_all(runner, &spec, &contents, 0)
+                    } else {
+                        vec![run(runner, &spec, &contents, 0)]
+                    };
+                    for (kernel, result) in results {
+                        let what = format!("{} pos {pos}, {tokens} tokens, {splits} splits", kernel.name);
+                        assert_close(&what, &to_f32(&result[3]), &want, nmse_for(format));
+                    }
+                }
+            }
         }
     }
 }
@@ -484,7 +567,7 @@ fn logits_part_matches_cpu() {
                 let y = matvec(&w, &xn, rows[1] - rows[0]);
                 want[r * vocab + rows[0]..r * vocab + rows[1]].copy_from_slice(&y);
             }
-            for (kernel, result) in run_all(runner, &spec, &contents, tokens as u32, 2) {
+            for (kernel, result) in run_all(runner, &spec, &contents, 2) {
                 assert_close(&kernel.name, &to_f32(&result[4]), &want, nmse_for(format));
             }
         }
@@ -503,7 +586,7 @@ fn embed_part_matches_cpu() {
             let sentinel = vec![-3.0f32; tokens.len() * hidden];
             let spec = KernelSpec::Embed { hidden, rows, format, target };
             let contents = vec![step(0, tokens.len(), 1, 0, 0), u32_bytes(&tokens), w_bytes, f32_bytes(&sentinel)];
-            let (kernel, result) = run(runner, &spec, &contents, tokens.len() as u32, 0);
+            let (kernel, result) = run(runner, &spec, &contents, 0);
             let mut want = sentinel.clone();
             for (t, &tok) in tokens.iter().enumerate() {
                 let tok = tok as usize;
@@ -531,7 +614,7 @@ fn argmax_picks_the_first_largest_logit() {
             logits[vocab / 2] = 99.0; // row 0 must not be read
             let spec = KernelSpec::Argmax { vocab, target };
             let contents = vec![step(0, 1, 1, 0, 1), f32_bytes(&logits), vec![0xff; 4]];
-            let (kernel, result) = run(runner, &spec, &contents, 1, 1);
+            let (kernel, result) = run(runner, &spec, &contents, 1);
             let got = u32::from_le_bytes(result[2][..4].try_into().unwrap());
             assert_eq!(got as usize, a, "{}", kernel.name);
         }
@@ -673,6 +756,32 @@ fn sliding_window_and_chunked_prompt_match_cpu_backend() {
     // a prompt longer than one submission's batch
     let prompt: Vec<u32> = (0..150u32).map(|i| (i * 53 + 5) % 259).collect();
     compare_model(&model, 256, &prompt, 1);
+}
+
+#[test]
+fn attention_split_over_positions_matches_cpu_backend() {
+    let (_dir, model) = convert_tiny(Precision::Int8, false, false);
+    // single tokens past ATTENTION_SPLIT_LEN positions split their attention, up to the ring's wrap and past it
+    let prompt: Vec<u32> = (0..300u32).map(|i| (i * 29 + 3) % 259).collect();
+    let ctx = 320;
+    let decode = 30;
+    let last = StepUniform { pos: (prompt.len() + decode - 1) as u32, n_tokens: 1, ctx, ..StepUniform::default() };
+    assert!(attention_splits(&last) > 1);
+    for target in Target::all() {
+        let opts = GpuOptions { adapter: None, ctx: ctx as usize, pipeline_cache_dir: None };
+        let mut gpu = GpuBackend::with_features(&model, &opts, features_for(&target)).unwrap();
+        let mut cpu = CpuBackend::new(&model, ctx as usize).unwrap();
+        let limit = if target.shader_f16 { NMSE_MODEL_F16_KV } else { NMSE_MODEL_F32 };
+        gpu.forward(&prompt, 0, Logits::Last).unwrap();
+        let mut next = argmax(&cpu.forward(&prompt, 0, Logits::Last).unwrap());
+        for pos in prompt.len()..prompt.len() + decode {
+            let g = gpu.forward(&[next], pos, Logits::Last).unwrap();
+            let c = cpu.forward(&[next], pos, Logits::Last).unwrap();
+            assert_close(&format!("{} position {pos}", target.name()), &g, &c, limit);
+            next = argmax(&c);
+        }
+    }
+    compare_greedy(&model, ctx as usize, &prompt, decode, &[Target::portable()]);
 }
 
 /// Runs of greedy steps in one submission choose what single steps choose.

@@ -109,7 +109,7 @@ async fn matvec_kernels_match_the_cpu() {
             }
         }
         let kernel = generate(&spec).unwrap();
-        let grid = kernel.dispatch_for(tokens as u32, 0);
+        let grid = kernel.dispatch_for(&step, 0);
         let result =
             runner.run_async(&kernel, &contents, grid).await.unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
         let got: Vec<f32> = result[3].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();

@@ -37,7 +37,7 @@ pub(crate) fn check_buffers(
     }
     let kv = ctx as u64 * cfg.kv_dim() as u64 * llama5_codegen::tcal::kv_bytes_per_element(target);
     needs.push((format!("one layer's KV cache at {ctx} positions"), kv));
-    for a in [Activation::Hidden, Activation::Q, Activation::Attn, Activation::Ffn, Activation::Logits] {
+    for a in Activation::ALL {
         let what = if a == Activation::Logits { "the logits of one batch".into() } else { format!("activation {a:?}") };
         needs.push((what, activation_bytes(cfg, a, ctx)));
     }

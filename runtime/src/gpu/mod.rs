@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use llama5_codegen::{Access, Activation, Plan, Resource, Rows, Stage, StepUniform, Target};
+use llama5_codegen::{Access, Activation, Plan, Resource, Rows, Stage, StepUniform, Target, MAX_ATTENTION_SPLITS};
 
 use crate::backend::{Backend, BackendInfo, Logits};
 use crate::error::RuntimeError;
@@ -53,7 +53,9 @@ pub(crate) fn activation_bytes(cfg: &llama5_codegen::manifest::ModelConfig, a: A
     let (batch, logit_rows) = capacity(ctx);
     let (rows, per_row) = match a {
         Activation::Hidden => (batch, cfg.hidden_size),
+        // a step of one token split over positions holds a row per split: fewer than the batch
         Activation::Q | Activation::Attn => (batch, cfg.q_dim()),
+        Activation::AttnLse => (MAX_ATTENTION_SPLITS as usize, cfg.num_heads),
         Activation::Ffn => (batch, cfg.intermediate_size),
         Activation::Logits => (logit_rows, cfg.vocab_size),
     };
@@ -262,7 +264,7 @@ impl GpuBackend {
         let b = batch as u64;
         let act = |a: Activation| activation_bytes(cfg, a, ctx);
         let mut activations = BTreeMap::new();
-        for a in [Activation::Hidden, Activation::Q, Activation::Attn, Activation::Ffn, Activation::Logits] {
+        for a in Activation::ALL {
             activations.insert(a, storage_buffer(device, &format!("{a:?}"), act(a)));
         }
         let step_buf = device.create_buffer(&wgpu::BufferDescriptor {
@@ -565,6 +567,7 @@ impl GpuBackend {
         sampling: Option<(&SamplingParams, &[f64])>,
     ) -> Result<Vec<u32>, RuntimeError> {
         let mut records = Vec::with_capacity(n * StepUniform::SIZE);
+        let mut steps = Vec::with_capacity(n);
         for i in 0..n {
             let p = pos + i;
             let mut step = StepUniform {
@@ -580,6 +583,7 @@ impl GpuBackend {
                 step.sample_u = draws[i] as f32;
             }
             records.extend_from_slice(&step.to_bytes());
+            steps.push(step);
         }
         let choice = if sampling.is_some() { Choice::Sample } else { Choice::Argmax };
         let q = &self.gpu.queue;
@@ -588,9 +592,9 @@ impl GpuBackend {
         let mut encoder =
             self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("device steps") });
         let size = StepUniform::SIZE as u64;
-        for i in 0..n as u64 {
+        for (i, step) in (0..).zip(&steps) {
             encoder.copy_buffer_to_buffer(&self.step_records, i * size, &self.step, 0, size);
-            self.encode_pass(&mut encoder, 1, 1, choice);
+            self.encode_pass(&mut encoder, step, 1, choice);
             encoder.copy_buffer_to_buffer(&self.argmax, 0, &self.tokens, 0, 4);
             encoder.copy_buffer_to_buffer(&self.argmax, 0, &self.chosen_tokens, i * 4, 4);
         }
@@ -600,11 +604,11 @@ impl GpuBackend {
         Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
-    /// Records one forward step of `n` tokens as a compute pass.
-    fn encode_pass(&self, encoder: &mut wgpu::CommandEncoder, n: u32, rows: usize, choice: Choice) {
+    /// Records one forward step as a compute pass.
+    fn encode_pass(&self, encoder: &mut wgpu::CommandEncoder, step: &StepUniform, rows: usize, choice: Choice) {
         let mut pass =
             encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("forward"), timestamp_writes: None });
-        for d in self.dispatches(n, rows, choice) {
+        for d in self.dispatches(step, rows, choice) {
             pass.set_pipeline(&self.pipelines[d.kernel]);
             pass.set_bind_group(0, d.bind_group, &[]);
             let [x, y, z] = d.grid;
@@ -612,10 +616,16 @@ impl GpuBackend {
         }
     }
 
-    /// The dispatches of one forward step of `n` tokens and `rows` logits rows,
-    /// in order: each plan step's batch kernel where the step repeats often
-    /// enough, else its kernel.
-    fn dispatches(&self, n: u32, rows: usize, choice: Choice) -> impl Iterator<Item = Dispatch<'_>> + '_ {
+    /// The dispatches of one forward step with `rows` logits rows, in order:
+    /// each plan step's batch kernel where the step repeats often enough, else
+    /// its kernel.
+    fn dispatches<'a>(
+        &'a self,
+        step: &'a StepUniform,
+        rows: usize,
+        choice: Choice,
+    ) -> impl Iterator<Item = Dispatch<'a>> + 'a {
+        let n = step.n_tokens;
         // an iterator, not a list: this runs for every step of every submission
         self.plan.steps.iter().enumerate().filter_map(move |(i, s)| {
             let run = match s.stage {
@@ -631,7 +641,7 @@ impl GpuBackend {
             let mut bind_group = &self.bind_groups[i];
             if let (Some(bk), Some(bg)) = (s.batch_kernel, &self.batch_bind_groups[i]) {
                 let repeats = match self.plan.kernels[bk].rows {
-                    Rows::Tokens | Rows::TokenTiles(_) => n,
+                    Rows::Tokens | Rows::TokensSplits | Rows::TokenTiles(_) => n,
                     Rows::LogitRows | Rows::LogitRowTiles(_) => rows as u32,
                     Rows::One => 1,
                 };
@@ -640,7 +650,7 @@ impl GpuBackend {
                     bind_group = bg;
                 }
             }
-            let grid = self.plan.kernels[kernel].dispatch_for(n, rows as u32);
+            let grid = self.plan.kernels[kernel].dispatch_for(step, rows as u32);
             Some(Dispatch { step: i, kernel, bind_group, grid })
         })
     }
@@ -678,8 +688,8 @@ impl GpuBackend {
     }
 
     /// Writes the step uniform and the token ids of a step of `tokens` at `pos`
-    /// whose last `rows` tokens want logits.
-    fn write_step(&self, tokens: &[u32], pos: usize, rows: usize) -> Result<(), RuntimeError> {
+    /// whose last `rows` tokens want logits; returns the uniform.
+    fn write_step(&self, tokens: &[u32], pos: usize, rows: usize) -> Result<StepUniform, RuntimeError> {
         let n = tokens.len() as u32;
         let step = StepUniform {
             pos: u32::try_from(pos).map_err(|_| RuntimeError::Other(format!("position {pos} does not fit in u32")))?,
@@ -693,7 +703,7 @@ impl GpuBackend {
         q.write_buffer(&self.step, 0, &step.to_bytes());
         let token_bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
         q.write_buffer(&self.tokens, 0, &token_bytes);
-        Ok(())
+        Ok(step)
     }
 
     async fn submit_chunk(
@@ -703,12 +713,11 @@ impl GpuBackend {
         rows: usize,
         argmax: bool,
     ) -> Result<Vec<u8>, RuntimeError> {
-        let n = tokens.len() as u32;
-        self.write_step(tokens, pos, rows)?;
+        let step = self.write_step(tokens, pos, rows)?;
 
         let mut encoder =
             self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
-        self.encode_pass(&mut encoder, n, rows, if argmax { Choice::Argmax } else { Choice::None });
+        self.encode_pass(&mut encoder, &step, rows, if argmax { Choice::Argmax } else { Choice::None });
         let read_bytes = if argmax { 4 } else { (rows * self.vocab * 4) as u64 };
         if read_bytes > 0 {
             let src = if argmax { &self.argmax } else { &self.logits };

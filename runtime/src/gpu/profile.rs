@@ -44,10 +44,10 @@ impl GpuBackend {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
             return Err(RuntimeError::Other(format!("token id {bad} is outside the vocabulary of {}", self.vocab)));
         }
-        self.write_step(tokens, pos, rows)?;
+        let step = self.write_step(tokens, pos, rows)?;
         let device = &self.gpu.device;
         let choice = if rows > 0 { super::Choice::Argmax } else { super::Choice::None };
-        let list: Vec<_> = self.dispatches(tokens.len() as u32, rows, choice).collect();
+        let list: Vec<_> = self.dispatches(&step, rows, choice).collect();
         let count = 2 * list.len() as u32;
         let queries = device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("profile"),
