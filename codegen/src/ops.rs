@@ -681,7 +681,7 @@ impl AddInput {
                 m.konst("HEAD_DIM", "u32", head_dim);
                 m.consts += BIG;
                 splits_function(m);
-                tcal::split_input_functions(in_features)
+                tcal::split_input_functions(in_features, head_dim)
             }
         }
     }

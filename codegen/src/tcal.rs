@@ -846,60 +846,71 @@ pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: bool) -> 
 /// (`[MAX_SPLITS, HEADS]`). Loading combines them: split `s` of head `h` weighs
 /// `exp(lse[s, h] - M) / sum_s' exp(lse[s', h] - M)`, `M` the largest. Needs the
 /// constants `IN`, `HEADS`, `HEAD_DIM`, `MAX_SPLITS`, `BIG` and `WG`.
-pub(crate) fn split_input_functions(in_features: usize) -> String {
+pub(crate) fn split_input_functions(in_features: usize, head_dim: usize) -> String {
     let cached = in_features * 4 <= INPUT_CACHE_BYTES;
     let vec = in_features.is_multiple_of(4);
     let mut s = String::from(
-        r#"// Weight of split s for head h: split_w[s * HEADS + h].
+        r#"// Weight of split s for head h: split_w[s * HEADS + h]; the largest
+// log-sum-exp of head h and its softmax sum: split_norm[h].
 var<workgroup> split_w: array<f32, MAX_SPLITS * HEADS>;
+var<workgroup> split_norm: array<vec2<f32>, HEADS>;
 
+// Every (split, head) pair is loaded at once: a loop per head over splits in
+// storage would wait on each load in turn.
 fn split_weights(splits: u32) {
+    let count = splits * HEADS;
+    for (var i = lid; i < count; i += WG) {
+        split_w[i] = lse[i];
+    }
+    workgroupBarrier();
     for (var h = lid; h < HEADS; h += WG) {
         var m = -BIG;
         for (var s = 0u; s < splits; s++) {
-            m = max(m, lse[s * HEADS + h]);
+            m = max(m, split_w[s * HEADS + h]);
         }
         var sum = 0.0;
         for (var s = 0u; s < splits; s++) {
-            let e = exp(lse[s * HEADS + h] - m);
-            split_w[s * HEADS + h] = e;
-            sum += e;
+            sum += exp(split_w[s * HEADS + h] - m);
         }
-        for (var s = 0u; s < splits; s++) {
-            split_w[s * HEADS + h] /= sum;
-        }
+        split_norm[h] = vec2<f32>(m, sum);
+    }
+    workgroupBarrier();
+    for (var i = lid; i < count; i += WG) {
+        let n = split_norm[i % HEADS];
+        split_w[i] = exp(split_w[i] - n.x) / n.y;
     }
     workgroupBarrier();
 }
 
 "#,
     );
-    // `combined(j, splits)`: element j (a vec4 of elements with vec rows) of the combined row
-    s += if vec {
-        r#"const IN4: u32 = IN / 4u;
-
-fn combined(j: u32, splits: u32) -> vec4<f32> {
-    let h = (4u * j + vec4<u32>(0u, 1u, 2u, 3u)) / HEAD_DIM;
-    var v = vec4<f32>(0.0);
-    for (var s = 0u; s < splits; s++) {
-        let w = vec4<f32>(split_w[s * HEADS + h.x], split_w[s * HEADS + h.y], split_w[s * HEADS + h.z], split_w[s * HEADS + h.w]);
-        v += attn[s * IN4 + j] * w;
-    }
-    return v;
-}
-
-"#
+    // `combined(j, splits)`: element j (a vec4 of elements with vec rows) of the
+    // combined row, four splits per iteration so their loads are in flight together
+    // (past the last split, the last row is read again with weight 0)
+    let (ty, index, weight) = if !vec {
+        ("f32", "s * IN + i", "split_w[s * HEADS + i / HEAD_DIM]")
+    } else if head_dim.is_multiple_of(4) {
+        ("vec4<f32>", "s * IN4 + j", "split_w[s * HEADS + 4u * j / HEAD_DIM]")
     } else {
-        r#"fn combined(i: u32, splits: u32) -> f32 {
-    var v = 0.0;
-    for (var s = 0u; s < splits; s++) {
-        v += attn[s * IN + i] * split_w[s * HEADS + i / HEAD_DIM];
-    }
-    return v;
-}
-
-"#
+        ("vec4<f32>", "s * IN4 + j", "vec4<f32>(split_w[s * HEADS + h.x], split_w[s * HEADS + h.y], split_w[s * HEADS + h.z], split_w[s * HEADS + h.w])")
     };
+    if vec {
+        s += "const IN4: u32 = IN / 4u;\n\n";
+    }
+    let arg = if vec { "j" } else { "i" };
+    s += &format!("fn combined({arg}: u32, splits: u32) -> {ty} {{\n");
+    if vec && !head_dim.is_multiple_of(4) {
+        s += "    let h = (4u * j + vec4<u32>(0u, 1u, 2u, 3u)) / HEAD_DIM;\n";
+    }
+    s += &format!("    var v = {ty}(0.0);\n    for (var s0 = 0u; s0 < splits; s0 += 4u) {{\n");
+    s += "        let s1 = min(s0 + 1u, splits - 1u);\n        let s2 = min(s0 + 2u, splits - 1u);\n        let s3 = min(s0 + 3u, splits - 1u);\n";
+    for u in 0..4 {
+        let w = weight.replace("s * HEADS", &format!("s{u} * HEADS"));
+        let at = index.replace("s * ", &format!("s{u} * "));
+        let keep = if u == 0 { String::new() } else { format!(" * f32(s0 + {u}u < splits)") };
+        s += &format!("        v += attn[{at}] * {w}{keep};\n");
+    }
+    s += "    }\n    return v;\n}\n\n";
     let (ty, count, row) = if vec { ("vec4<f32>", "IN4", "IN4") } else { ("f32", "IN", "IN") };
     if cached {
         s += &format!("// The input row, its splits combined, cached in workgroup memory.\nvar<workgroup> xs: array<{ty}, {count}>;\n\n");
