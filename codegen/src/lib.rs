@@ -23,7 +23,7 @@ pub use plan::{
     TensorRef,
 };
 pub use spec::{
-    attention_splits, Access, Activation, Binding, Kernel, KernelSpec, Resource, Rows, StepUniform,
+    attention_splits, split_limit, Access, Activation, Binding, Kernel, KernelSpec, Resource, Rows, StepUniform,
     ATTENTION_SPLIT_LEN, MAX_ATTENTION_SPLITS,
 };
 pub use target::{capabilities, Target};

@@ -4,7 +4,8 @@
 use crate::error::CodegenError;
 use crate::manifest::QuantFormat;
 use crate::spec::{
-    Access, Activation, Binding, Kernel, KernelSpec, Resource, Rows, ATTENTION_SPLIT_LEN, MAX_ATTENTION_SPLITS,
+    split_limit, Access, Activation, Binding, Kernel, KernelSpec, Resource, Rows, ATTENTION_SPLIT_LEN,
+    MAX_ATTENTION_SPLITS,
 };
 use crate::target::Target;
 use crate::tcal::{self, fill, MatvecShape, TileRead, WeightMatrix};
@@ -459,7 +460,7 @@ fn attention(
     m.konst("KV_LANES", "u32", kv_heads * lanes);
     m.konst_f32("SCALE", 1.0 / (head_dim as f32).sqrt());
     m.consts += BIG;
-    splits_function(&mut m);
+    splits_function(&mut m, heads, head_dim);
     m.helpers += &tcal::reductions(&target, wg);
     let dot = if width == 4 { "dot(qs[d], $V(k_cache[row + d]))" } else { "qs[d] * $V(k_cache[row + d])" };
     let vars = [("V", vf.as_str())];
@@ -545,21 +546,23 @@ var<workgroup> part: array<$V, SLICES * LANES>;
             .replace("$DOT", dot),
             &vars,
         );
-    Ok(m.finish(&entry, [wg, 1, 1], [heads as u32, 1, 1], Rows::TokensSplits))
+    Ok(m.finish(&entry, [wg, 1, 1], [heads as u32, 1, 1], Rows::TokensSplits { limit: split_limit(heads, head_dim) }))
 }
 
-/// Declares `attention_splits()`, the WGSL twin of [`crate::spec::attention_splits`].
-fn splits_function(m: &mut ModuleText) {
+/// Declares `attention_splits()` for `heads` heads of `head_dim`, the WGSL
+/// twin of [`crate::spec::attention_splits`] with [`split_limit`].
+fn splits_function(m: &mut ModuleText, heads: usize, head_dim: usize) {
     m.konst("SPLIT_LEN", "u32", ATTENTION_SPLIT_LEN);
     m.konst("MAX_SPLITS", "u32", MAX_ATTENTION_SPLITS);
+    m.konst("SPLIT_LIMIT", "u32", split_limit(heads, head_dim));
     m.helpers += r#"// Workgroups each head's attention is split over: one for a step of several
-// tokens, else one per SPLIT_LEN attended positions, at most MAX_SPLITS.
+// tokens, else one per SPLIT_LEN attended positions, at most SPLIT_LIMIT.
 fn attention_splits() -> u32 {
     if (step.n_tokens != 1u) {
         return 1u;
     }
     let attended = min(step.pos + 1u, step.ctx);
-    return clamp((attended + SPLIT_LEN - 1u) / SPLIT_LEN, 1u, MAX_SPLITS);
+    return clamp((attended + SPLIT_LEN - 1u) / SPLIT_LEN, 1u, SPLIT_LIMIT);
 }
 
 "#;
@@ -680,7 +683,7 @@ impl AddInput {
                 m.konst("HEADS", "u32", heads);
                 m.konst("HEAD_DIM", "u32", head_dim);
                 m.consts += BIG;
-                splits_function(m);
+                splits_function(m, heads, head_dim);
                 tcal::split_input_functions(in_features, head_dim)
             }
         }

@@ -772,8 +772,14 @@ pub(crate) fn input_type(in_features: usize) -> &'static str {
 /// `xin4(j)` elements `4j .. 4j + 4`. With `norm`, the input is RMS-normalised
 /// and scaled by the `norm` weights. The input and norm bindings are declared
 /// with [`input_type`].
+/// Whether a matrix-vector kernel caches its input row of `in_features` in
+/// workgroup memory (else it reads it from storage).
+pub(crate) fn input_cached(in_features: usize) -> bool {
+    in_features * 4 <= INPUT_CACHE_BYTES
+}
+
 pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: bool) -> String {
-    let cached = in_features * 4 <= INPUT_CACHE_BYTES;
+    let cached = input_cached(in_features);
     let vars = [("X", x_ident)];
     if !in_features.is_multiple_of(4) {
         return scalar_input_functions(x_ident, cached, norm)
@@ -847,7 +853,7 @@ pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: bool) -> 
 /// `exp(lse[s, h] - M) / sum_s' exp(lse[s', h] - M)`, `M` the largest. Needs the
 /// constants `IN`, `HEADS`, `HEAD_DIM`, `MAX_SPLITS`, `BIG` and `WG`.
 pub(crate) fn split_input_functions(in_features: usize, head_dim: usize) -> String {
-    let cached = in_features * 4 <= INPUT_CACHE_BYTES;
+    let cached = input_cached(in_features);
     let vec = in_features.is_multiple_of(4);
     let mut s = String::from(
         r#"// Weight of split s for head h: split_w[s * HEADS + h]; the largest

@@ -40,7 +40,7 @@ fn real_model_shape_validates_for_every_precision_and_target() {
                 let tiled = match decode.rows {
                     Rows::Tokens => matches!(batch.rows, Rows::TokenTiles(t) if t > 1),
                     Rows::LogitRows => matches!(batch.rows, Rows::LogitRowTiles(t) if t > 1),
-                    Rows::One | Rows::TokensSplits | Rows::TokenTiles(_) | Rows::LogitRowTiles(_) => false,
+                    Rows::One | Rows::TokensSplits { .. } | Rows::TokenTiles(_) | Rows::LogitRowTiles(_) => false,
                 };
                 assert!(tiled, "{}: {:?} for {:?}", batch.name, batch.rows, decode.rows);
             }

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use llama5_codegen::format;
 use llama5_codegen::manifest::{Precision, QuantFormat};
 use llama5_codegen::{
-    attention_splits, generate, generate_batch, Activation, Kernel, KernelSpec, StepUniform, Target,
+    attention_splits, generate, generate_batch, split_limit, Activation, Kernel, KernelSpec, StepUniform, Target,
     ATTENTION_SPLIT_LEN, MAX_ATTENTION_SPLITS,
 };
 use llama5_runtime::cpu;
@@ -416,9 +416,11 @@ fn rms_qkv_rope_with_mixed_formats_matches_cpu() {
 
 #[test]
 fn attention_matches_cpu() {
-    // heads of 10 dimensions are read one at a time, of 16 four at a time
-    for (runner, head_dim) in runners().iter().flat_map(|r| [(r, 10), (r, 16)]) {
-        let (heads, kv_heads) = (6, 2);
+    // heads of 10 dimensions are read one at a time, of 16 four at a time; 32 heads
+    // of 80 split fewer ways (split_limit)
+    for (runner, head_dim, heads, kv_heads) in
+        runners().iter().flat_map(|r| [(r, 10, 6, 2), (r, 16, 6, 2), (r, 80, 32, 8)])
+    {
         let (q_dim, kv_dim, group) = (heads * head_dim, kv_heads * head_dim, heads / kv_heads);
         let target = *runner.target();
         // short, wrapped (sliding window), longer than one tile of positions; single
@@ -447,7 +449,7 @@ fn attention_matches_cpu() {
                 vec![0; MAX_ATTENTION_SPLITS as usize * heads * 4],
             ];
             let (kernel, result) = run(runner, &spec, &contents, 0);
-            let splits = attention_splits(&step_of(&contents)) as usize;
+            let splits = attention_splits(&step_of(&contents), split_limit(heads, head_dim)) as usize;
             assert_eq!(
                 splits > 1,
                 tokens == 1 && pos >= ATTENTION_SPLIT_LEN as usize && ctx > ATTENTION_SPLIT_LEN as usize
@@ -503,14 +505,16 @@ fn attn_output_combines_splits_then_matches_cpu() {
         for format in FORMATS {
             // the input cached in workgroup memory, read from storage, and rows of odd vec4s
             let pairs = matches!(format, QuantFormat::F16 | QuantFormat::Bf16);
-            let shapes: &[(usize, usize)] = if pairs { &[(6, 16), (6, 352), (3, 6)] } else { &[(6, 16), (6, 352)] };
+            let shapes: &[(usize, usize)] =
+                if pairs { &[(6, 16), (6, 352), (32, 80), (3, 6)] } else { &[(6, 16), (6, 352), (32, 80)] };
             for &(heads, head_dim) in shapes {
                 let in_features = heads * head_dim;
                 let hidden_size = input_size(format, 50);
                 // steps of several tokens (never split), of one short token, and split 2 and 32 ways
                 for (pos, tokens, ctx) in [(0, 3, 64), (5, 1, 64), (300, 1, 400), (9000, 1, 9001)] {
                     let st = step(pos, tokens, ctx, 0, 0);
-                    let splits = attention_splits(&step_of(std::slice::from_ref(&st))) as usize;
+                    let splits =
+                        attention_splits(&step_of(std::slice::from_ref(&st)), split_limit(heads, head_dim)) as usize;
                     let mut rng = Rng(pos as u64 + in_features as u64);
                     let (w_bytes, w) = packed(&mut rng, format, hidden_size, in_features);
                     let rows = rng.vec(tokens.max(splits) * in_features, 1.0);
@@ -766,7 +770,8 @@ fn attention_split_over_positions_matches_cpu_backend() {
     let ctx = 320;
     let decode = 30;
     let last = StepUniform { pos: (prompt.len() + decode - 1) as u32, n_tokens: 1, ctx, ..StepUniform::default() };
-    assert!(attention_splits(&last) > 1);
+    let cfg = &model.manifest.model;
+    assert!(attention_splits(&last, split_limit(cfg.num_heads, cfg.head_dim)) > 1);
     for target in Target::all() {
         let opts = GpuOptions { adapter: None, ctx: ctx as usize, pipeline_cache_dir: None };
         let mut gpu = GpuBackend::with_features(&model, &opts, features_for(&target)).unwrap();

@@ -54,15 +54,16 @@ const SCALE: f32 = 0.25;
 const BIG: f32 = 0x1.fffffep+127f;
 const SPLIT_LEN: u32 = 256u;
 const MAX_SPLITS: u32 = 32u;
+const SPLIT_LIMIT: u32 = 32u;
 
 // Workgroups each head's attention is split over: one for a step of several
-// tokens, else one per SPLIT_LEN attended positions, at most MAX_SPLITS.
+// tokens, else one per SPLIT_LEN attended positions, at most SPLIT_LIMIT.
 fn attention_splits() -> u32 {
     if (step.n_tokens != 1u) {
         return 1u;
     }
     let attended = min(step.pos + 1u, step.ctx);
-    return clamp((attended + SPLIT_LEN - 1u) / SPLIT_LEN, 1u, MAX_SPLITS);
+    return clamp((attended + SPLIT_LEN - 1u) / SPLIT_LEN, 1u, SPLIT_LIMIT);
 }
 
 // Reductions: a tree in workgroup memory.

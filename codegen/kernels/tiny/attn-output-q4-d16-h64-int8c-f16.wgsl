@@ -42,6 +42,7 @@ const HEAD_DIM: u32 = 16u;
 const BIG: f32 = 0x1.fffffep+127f;
 const SPLIT_LEN: u32 = 256u;
 const MAX_SPLITS: u32 = 32u;
+const SPLIT_LIMIT: u32 = 32u;
 
 // w: int8 x4 with an f32 scale per output, 64 outputs x 64 inputs, column-major packed.
 const W_STRIDE: u32 = 64u;
@@ -136,33 +137,43 @@ fn ksplit_sum(v: f32, lo: u32, ks: u32) -> f32 {
 }
 
 // Workgroups each head's attention is split over: one for a step of several
-// tokens, else one per SPLIT_LEN attended positions, at most MAX_SPLITS.
+// tokens, else one per SPLIT_LEN attended positions, at most SPLIT_LIMIT.
 fn attention_splits() -> u32 {
     if (step.n_tokens != 1u) {
         return 1u;
     }
     let attended = min(step.pos + 1u, step.ctx);
-    return clamp((attended + SPLIT_LEN - 1u) / SPLIT_LEN, 1u, MAX_SPLITS);
+    return clamp((attended + SPLIT_LEN - 1u) / SPLIT_LEN, 1u, SPLIT_LIMIT);
 }
 
-// Weight of split s for head h: split_w[s * HEADS + h].
+// Weight of split s for head h: split_w[s * HEADS + h]; the largest
+// log-sum-exp of head h and its softmax sum: split_norm[h].
 var<workgroup> split_w: array<f32, MAX_SPLITS * HEADS>;
+var<workgroup> split_norm: array<vec2<f32>, HEADS>;
 
+// Every (split, head) pair is loaded at once: a loop per head over splits in
+// storage would wait on each load in turn.
 fn split_weights(splits: u32) {
+    let count = splits * HEADS;
+    for (var i = lid; i < count; i += WG) {
+        split_w[i] = lse[i];
+    }
+    workgroupBarrier();
     for (var h = lid; h < HEADS; h += WG) {
         var m = -BIG;
         for (var s = 0u; s < splits; s++) {
-            m = max(m, lse[s * HEADS + h]);
+            m = max(m, split_w[s * HEADS + h]);
         }
         var sum = 0.0;
         for (var s = 0u; s < splits; s++) {
-            let e = exp(lse[s * HEADS + h] - m);
-            split_w[s * HEADS + h] = e;
-            sum += e;
+            sum += exp(split_w[s * HEADS + h] - m);
         }
-        for (var s = 0u; s < splits; s++) {
-            split_w[s * HEADS + h] /= sum;
-        }
+        split_norm[h] = vec2<f32>(m, sum);
+    }
+    workgroupBarrier();
+    for (var i = lid; i < count; i += WG) {
+        let n = split_norm[i % HEADS];
+        split_w[i] = exp(split_w[i] - n.x) / n.y;
     }
     workgroupBarrier();
 }
@@ -170,11 +181,15 @@ fn split_weights(splits: u32) {
 const IN4: u32 = IN / 4u;
 
 fn combined(j: u32, splits: u32) -> vec4<f32> {
-    let h = (4u * j + vec4<u32>(0u, 1u, 2u, 3u)) / HEAD_DIM;
     var v = vec4<f32>(0.0);
-    for (var s = 0u; s < splits; s++) {
-        let w = vec4<f32>(split_w[s * HEADS + h.x], split_w[s * HEADS + h.y], split_w[s * HEADS + h.z], split_w[s * HEADS + h.w]);
-        v += attn[s * IN4 + j] * w;
+    for (var s0 = 0u; s0 < splits; s0 += 4u) {
+        let s1 = min(s0 + 1u, splits - 1u);
+        let s2 = min(s0 + 2u, splits - 1u);
+        let s3 = min(s0 + 3u, splits - 1u);
+        v += attn[s0 * IN4 + j] * split_w[s0 * HEADS + 4u * j / HEAD_DIM];
+        v += attn[s1 * IN4 + j] * split_w[s1 * HEADS + 4u * j / HEAD_DIM] * f32(s0 + 1u < splits);
+        v += attn[s2 * IN4 + j] * split_w[s2 * HEADS + 4u * j / HEAD_DIM] * f32(s0 + 2u < splits);
+        v += attn[s3 * IN4 + j] * split_w[s3 * HEADS + 4u * j / HEAD_DIM] * f32(s0 + 3u < splits);
     }
     return v;
 }

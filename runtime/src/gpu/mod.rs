@@ -641,7 +641,7 @@ impl GpuBackend {
             let mut bind_group = &self.bind_groups[i];
             if let (Some(bk), Some(bg)) = (s.batch_kernel, &self.batch_bind_groups[i]) {
                 let repeats = match self.plan.kernels[bk].rows {
-                    Rows::Tokens | Rows::TokensSplits | Rows::TokenTiles(_) => n,
+                    Rows::Tokens | Rows::TokensSplits { .. } | Rows::TokenTiles(_) => n,
                     Rows::LogitRows | Rows::LogitRowTiles(_) => rows as u32,
                     Rows::One => 1,
                 };
