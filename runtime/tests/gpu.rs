@@ -823,6 +823,32 @@ fn multi_step_greedy_matches_single_steps() {
 }
 
 #[test]
+fn logits_buffers_grow_only_when_a_step_wants_every_row() {
+    let (_dir, model) = convert_tiny(Precision::F16, false, false);
+    let vocab = model.manifest.model.vocab_size;
+    let opts = GpuOptions { adapter: None, ctx: 64, pipeline_cache_dir: None };
+    let mut gpu = GpuBackend::with_features(&model, &opts, wgpu::Features::empty()).unwrap();
+    let mut cpu = CpuBackend::new(&model, 64).unwrap();
+    let prompt = llama5_fixtures::tiny::golden_input_ids();
+    let before = gpu.memory_use().other;
+    let c = cpu.forward(&prompt, 0, Logits::Last).unwrap();
+    assert_eq!(gpu.forward_argmax(&prompt, 0).unwrap(), argmax(&c));
+    assert_eq!(gpu.memory_use().other, before, "one row of logits is held from the start");
+
+    let all = gpu.forward(&prompt, 0, Logits::All).unwrap();
+    let grown = gpu.memory_use().other;
+    // the logits buffer and the readback buffer grow by the same rows
+    assert!(grown >= before + 2 * ((prompt.len() - 1) * vocab * 4) as u64, "{before} -> {grown}");
+    assert_close("every row after growing", &all, &cpu.forward(&prompt, 0, Logits::All).unwrap(), NMSE_MODEL_F32);
+    // the argmax and the logits kernels were rebound to the grown buffer: a new prompt's choice is right
+    let other: Vec<u32> = prompt.iter().map(|t| (t * 7 + 1) % vocab as u32).collect();
+    let c = cpu.forward(&other, 0, Logits::Last).unwrap();
+    assert_eq!(gpu.forward_argmax(&other, 0).unwrap(), argmax(&c));
+    assert_close("last row after growing", &gpu.forward(&other, 0, Logits::Last).unwrap(), &c, NMSE_MODEL_F32);
+    assert_eq!(gpu.memory_use().other, grown);
+}
+
+#[test]
 fn bad_inputs_are_errors_not_panics() {
     let (_dir, model) = convert_tiny(Precision::Int8, false, false);
     let opts = GpuOptions { adapter: None, ctx: 16, pipeline_cache_dir: None };

@@ -119,18 +119,28 @@ struct Dispatch<'a> {
     grid: [u32; 3],
 }
 
+/// The buffers the bind groups refer to, kept so a grown buffer can be rebound.
+struct Buffers {
+    /// One per tensor part: its data then its scales.
+    weights: BTreeMap<(String, usize), wgpu::Buffer>,
+    /// Key and value cache of each layer.
+    caches: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    activations: BTreeMap<Activation, wgpu::Buffer>,
+    step: wgpu::Buffer,
+    tokens: wgpu::Buffer,
+    argmax: wgpu::Buffer,
+}
+
 pub struct GpuBackend {
     gpu: Gpu,
     plan: Plan,
     pipelines: Vec<wgpu::ComputePipeline>,
+    layouts: Vec<wgpu::BindGroupLayout>,
+    buffers: Buffers,
     /// One per plan step, in plan order.
     bind_groups: Vec<wgpu::BindGroup>,
     /// The bind group of each plan step's batch kernel, if it has one.
     batch_bind_groups: Vec<Option<wgpu::BindGroup>>,
-    step: wgpu::Buffer,
-    tokens: wgpu::Buffer,
-    logits: wgpu::Buffer,
-    argmax: wgpu::Buffer,
     readback: wgpu::Buffer,
     /// One [`StepUniform`] per device step, copied into `step` before each step runs.
     step_records: wgpu::Buffer,
@@ -141,6 +151,10 @@ pub struct GpuBackend {
     batch: usize,
     /// Logits rows one submission computes at most: [`MAX_LOGIT_ROWS`], or fewer.
     logit_rows: usize,
+    /// Logits rows the logits and readback buffers hold now: one until a step
+    /// wants more (most generation never does, and they are most of the
+    /// activation memory of a small model).
+    logit_rows_held: usize,
     vocab: usize,
     load: LoadTimes,
     memory: MemoryUse,
@@ -265,7 +279,8 @@ impl GpuBackend {
         let act = |a: Activation| activation_bytes(cfg, a, ctx);
         let mut activations = BTreeMap::new();
         for a in Activation::ALL {
-            activations.insert(a, storage_buffer(device, &format!("{a:?}"), act(a)));
+            let bytes = if a == Activation::Logits { logits_bytes(cfg.vocab_size, 1) } else { act(a) };
+            activations.insert(a, storage_buffer(device, &format!("{a:?}"), bytes));
         }
         let step_buf = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("step"),
@@ -282,12 +297,7 @@ impl GpuBackend {
             mapped_at_creation: false,
         });
         let chosen_tokens = storage_buffer(device, "chosen tokens", (MAX_DEVICE_STEPS * 4) as u64);
-        let readback = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size: act(Activation::Logits),
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let readback = readback_buffer(device, cfg.vocab_size, 1);
         let upload_ms = web_time_now() - upload_start;
 
         // Pipelines, one per distinct kernel, each validated by codegen first.
@@ -307,57 +317,13 @@ impl GpuBackend {
             cache.save();
         }
 
+        let buffers = Buffers { weights, caches, activations, step: step_buf, tokens, argmax };
         // Bind groups, one per plan step (and one for its batch kernel, which has the same bindings).
         let mut bind_groups = Vec::with_capacity(plan.steps.len());
         let mut batch_bind_groups = Vec::with_capacity(plan.steps.len());
-        for step in &plan.steps {
-            let k = &plan.kernels[step.kernel];
-            let mut entries = Vec::with_capacity(k.bindings.len());
-            for b in &k.bindings {
-                let layer_cache = |which: usize| -> Result<&wgpu::Buffer, RuntimeError> {
-                    let l = step.layer.ok_or_else(|| RuntimeError::Kernel {
-                        name: k.name.clone(),
-                        message: "cache binding outside a layer".into(),
-                    })?;
-                    Ok(if which == 0 { &caches[l].0 } else { &caches[l].1 })
-                };
-                let buffer = match &b.resource {
-                    Resource::Step => &step_buf,
-                    Resource::Tokens => &tokens,
-                    Resource::Activation(a) => &activations[a],
-                    Resource::KeyCache => layer_cache(0)?,
-                    Resource::ValueCache => layer_cache(1)?,
-                    Resource::Argmax => &argmax,
-                    Resource::Tensor => {
-                        let t =
-                            step.tensors.iter().find(|t| t.binding == b.index).ok_or_else(|| RuntimeError::Kernel {
-                                name: k.name.clone(),
-                                message: format!("no tensor for binding {}", b.name),
-                            })?;
-                        &weights[&(t.tensor.clone(), t.part)]
-                    }
-                };
-                entries.push(wgpu::BindGroupEntry { binding: b.index, resource: buffer.as_entire_binding() });
-            }
-            bind_groups.push(device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(&k.name),
-                layout: &layouts[step.kernel],
-                entries: &entries,
-            }));
-            let batch = match step.batch_kernel {
-                Some(bk) if plan.kernels[bk].bindings != k.bindings => {
-                    return Err(RuntimeError::Kernel {
-                        name: plan.kernels[bk].name.clone(),
-                        message: format!("bindings differ from those of {}", k.name),
-                    });
-                }
-                Some(bk) => Some(device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some(&plan.kernels[bk].name),
-                    layout: &layouts[bk],
-                    entries: &entries,
-                })),
-                None => None,
-            };
+        for i in 0..plan.steps.len() {
+            let (group, batch) = step_bind_groups(device, &plan, &layouts, &buffers, i)?;
+            bind_groups.push(group);
             batch_bind_groups.push(batch);
         }
 
@@ -368,32 +334,30 @@ impl GpuBackend {
             pipeline_ms,
             pipeline_cache_bytes: disk_cache.as_ref().map(|c| c.loaded_bytes),
         };
+        let b = &buffers;
         let memory = MemoryUse {
-            weights: weights.values().map(wgpu::Buffer::size).sum(),
-            kv_cache: caches.iter().map(|(k, v)| k.size() + v.size()).sum(),
-            other: activations.values().map(wgpu::Buffer::size).sum::<u64>()
-                + [&step_buf, &tokens, &argmax, &readback, &step_records, &chosen_tokens]
+            weights: b.weights.values().map(wgpu::Buffer::size).sum(),
+            kv_cache: b.caches.iter().map(|(k, v)| k.size() + v.size()).sum(),
+            other: b.activations.values().map(wgpu::Buffer::size).sum::<u64>()
+                + [&b.step, &b.tokens, &b.argmax, &readback, &step_records, &chosen_tokens]
                     .iter()
                     .map(|b| b.size())
                     .sum::<u64>(),
         };
-        let logits = activations.remove(&Activation::Logits).expect("created above");
-        // The remaining activation buffers and caches stay alive through the bind groups.
         Ok(GpuBackend {
             plan,
             pipelines,
+            layouts,
+            buffers,
             bind_groups,
             batch_bind_groups,
-            step: step_buf,
-            tokens,
-            logits,
-            argmax,
             readback,
             step_records,
             chosen_tokens,
             ctx,
             batch,
             logit_rows,
+            logit_rows_held: 1,
             vocab: cfg.vocab_size,
             load,
             memory,
@@ -588,15 +552,15 @@ impl GpuBackend {
         let choice = if sampling.is_some() { Choice::Sample } else { Choice::Argmax };
         let q = &self.gpu.queue;
         q.write_buffer(&self.step_records, 0, &records);
-        q.write_buffer(&self.tokens, 0, &first.to_le_bytes());
+        q.write_buffer(&self.buffers.tokens, 0, &first.to_le_bytes());
         let mut encoder =
             self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("device steps") });
         let size = StepUniform::SIZE as u64;
         for (i, step) in (0..).zip(&steps) {
-            encoder.copy_buffer_to_buffer(&self.step_records, i * size, &self.step, 0, size);
+            encoder.copy_buffer_to_buffer(&self.step_records, i * size, &self.buffers.step, 0, size);
             self.encode_pass(&mut encoder, step, 1, choice);
-            encoder.copy_buffer_to_buffer(&self.argmax, 0, &self.tokens, 0, 4);
-            encoder.copy_buffer_to_buffer(&self.argmax, 0, &self.chosen_tokens, i * 4, 4);
+            encoder.copy_buffer_to_buffer(&self.buffers.argmax, 0, &self.buffers.tokens, 0, 4);
+            encoder.copy_buffer_to_buffer(&self.buffers.argmax, 0, &self.chosen_tokens, i * 4, 4);
         }
         let read_bytes = n as u64 * 4;
         encoder.copy_buffer_to_buffer(&self.chosen_tokens, 0, &self.readback, 0, read_bytes);
@@ -663,6 +627,9 @@ impl GpuBackend {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
             return Err(RuntimeError::Other(format!("token id {bad} is outside the vocabulary of {}", self.vocab)));
         }
+        if logits == Logits::All {
+            self.hold_logit_rows(tokens.len().min(self.logit_rows))?;
+        }
         let mut out = Vec::new();
         let mut done = 0;
         while done < tokens.len() {
@@ -700,9 +667,9 @@ impl GpuBackend {
             ..StepUniform::default()
         };
         let q = &self.gpu.queue;
-        q.write_buffer(&self.step, 0, &step.to_bytes());
+        q.write_buffer(&self.buffers.step, 0, &step.to_bytes());
         let token_bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
-        q.write_buffer(&self.tokens, 0, &token_bytes);
+        q.write_buffer(&self.buffers.tokens, 0, &token_bytes);
         Ok(step)
     }
 
@@ -720,7 +687,7 @@ impl GpuBackend {
         self.encode_pass(&mut encoder, &step, rows, if argmax { Choice::Argmax } else { Choice::None });
         let read_bytes = if argmax { 4 } else { (rows * self.vocab * 4) as u64 };
         if read_bytes > 0 {
-            let src = if argmax { &self.argmax } else { &self.logits };
+            let src = if argmax { &self.buffers.argmax } else { &self.buffers.activations[&Activation::Logits] };
             encoder.copy_buffer_to_buffer(src, 0, &self.readback, 0, read_bytes);
         }
         self.submit_and_read(encoder, read_bytes).await
@@ -772,6 +739,109 @@ impl GpuBackend {
     async fn read_back(&self, bytes: u64) -> Result<Vec<u8>, RuntimeError> {
         self.gpu.read_mapped(&self.readback, bytes, "reading back results").await
     }
+}
+
+impl GpuBackend {
+    /// Grows the logits and readback buffers to hold `rows` rows (never shrinks
+    /// them) and rebinds the steps that bind the logits.
+    fn hold_logit_rows(&mut self, rows: usize) -> Result<(), RuntimeError> {
+        if rows <= self.logit_rows_held {
+            return Ok(());
+        }
+        let device = &self.gpu.device;
+        let logits = storage_buffer(device, "Logits", logits_bytes(self.vocab, rows));
+        let readback = readback_buffer(device, self.vocab, rows);
+        let old = self.buffers.activations.insert(Activation::Logits, logits).expect("allocated at load");
+        self.memory.other = self.memory.other - old.size() - self.readback.size()
+            + self.buffers.activations[&Activation::Logits].size()
+            + readback.size();
+        self.readback = readback;
+        for i in 0..self.plan.steps.len() {
+            let k = &self.plan.kernels[self.plan.steps[i].kernel];
+            if k.bindings.iter().any(|b| b.resource == Resource::Activation(Activation::Logits)) {
+                let (group, batch) = step_bind_groups(device, &self.plan, &self.layouts, &self.buffers, i)?;
+                self.bind_groups[i] = group;
+                self.batch_bind_groups[i] = batch;
+            }
+        }
+        self.logit_rows_held = rows;
+        Ok(())
+    }
+}
+
+/// Bytes of `rows` logits rows of a vocabulary of `vocab`.
+fn logits_bytes(vocab: usize, rows: usize) -> u64 {
+    (rows * vocab * 4) as u64
+}
+
+/// The buffer results come back through: `rows` logits rows, or the tokens of
+/// [`MAX_DEVICE_STEPS`] steps.
+fn readback_buffer(device: &wgpu::Device, vocab: usize, rows: usize) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("readback"),
+        size: logits_bytes(vocab, rows).max((MAX_DEVICE_STEPS * 4) as u64),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
+}
+
+/// The bind group of plan step `i`, and of its batch kernel if it has one
+/// (the same buffers: a batch kernel binds exactly what its kernel binds).
+fn step_bind_groups(
+    device: &wgpu::Device,
+    plan: &Plan,
+    layouts: &[wgpu::BindGroupLayout],
+    buffers: &Buffers,
+    i: usize,
+) -> Result<(wgpu::BindGroup, Option<wgpu::BindGroup>), RuntimeError> {
+    let step = &plan.steps[i];
+    let k = &plan.kernels[step.kernel];
+    let mut entries = Vec::with_capacity(k.bindings.len());
+    for b in &k.bindings {
+        let layer_cache = |which: usize| -> Result<&wgpu::Buffer, RuntimeError> {
+            let l = step.layer.ok_or_else(|| RuntimeError::Kernel {
+                name: k.name.clone(),
+                message: "cache binding outside a layer".into(),
+            })?;
+            Ok(if which == 0 { &buffers.caches[l].0 } else { &buffers.caches[l].1 })
+        };
+        let buffer = match &b.resource {
+            Resource::Step => &buffers.step,
+            Resource::Tokens => &buffers.tokens,
+            Resource::Activation(a) => &buffers.activations[a],
+            Resource::KeyCache => layer_cache(0)?,
+            Resource::ValueCache => layer_cache(1)?,
+            Resource::Argmax => &buffers.argmax,
+            Resource::Tensor => {
+                let t = step.tensors.iter().find(|t| t.binding == b.index).ok_or_else(|| RuntimeError::Kernel {
+                    name: k.name.clone(),
+                    message: format!("no tensor for binding {}", b.name),
+                })?;
+                &buffers.weights[&(t.tensor.clone(), t.part)]
+            }
+        };
+        entries.push(wgpu::BindGroupEntry { binding: b.index, resource: buffer.as_entire_binding() });
+    }
+    let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(&k.name),
+        layout: &layouts[step.kernel],
+        entries: &entries,
+    });
+    let batch = match step.batch_kernel {
+        Some(bk) if plan.kernels[bk].bindings != k.bindings => {
+            return Err(RuntimeError::Kernel {
+                name: plan.kernels[bk].name.clone(),
+                message: format!("bindings differ from those of {}", k.name),
+            });
+        }
+        Some(bk) => Some(device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&plan.kernels[bk].name),
+            layout: &layouts[bk],
+            entries: &entries,
+        })),
+        None => None,
+    };
+    Ok((group, batch))
 }
 
 /// Milliseconds from an arbitrary origin (timing only; `performance.now()` on the web).
