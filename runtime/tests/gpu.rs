@@ -26,6 +26,22 @@ const NMSE_KV_F16: f64 = 1e-5;
 const NMSE_MODEL_F32: f64 = 1e-7;
 /// Whole-model logits with the f16 KV cache.
 const NMSE_MODEL_F16_KV: f64 = 1e-4;
+/// Tiled kernels on cooperative matrices stage inputs and dequantised weights
+/// as f16 (2^-11 relative rounding of each, f32 accumulation): about 2e-7 on
+/// these random values, allowed with margin on top of the precision's own limit.
+const NMSE_COOP_F16_INPUTS: f64 = 1e-5;
+/// Whole-model logits when the prefill ran on cooperative matrices.
+const NMSE_MODEL_COOP: f64 = 1e-3;
+
+/// The limit for `kernel`: `limit`, plus [`NMSE_COOP_F16_INPUTS`] for a
+/// cooperative-matrix kernel.
+fn coop_limit(kernel: &Kernel, limit: f64) -> f64 {
+    if kernel.wgsl.contains("coopMultiplyAdd") {
+        limit + NMSE_COOP_F16_INPUTS
+    } else {
+        limit
+    }
+}
 
 fn nmse_for(format: QuantFormat) -> f64 {
     match format {
@@ -62,7 +78,7 @@ const FORMATS: [QuantFormat; 6] = [
     QuantFormat::Int4 { group_size: 16, symmetric: true },
 ];
 
-/// Adapter features that give each variant of [`Target::all`].
+/// Adapter features that give each variant of [`Target::all_with_coop`].
 fn features_for(t: &Target) -> wgpu::Features {
     let mut f = wgpu::Features::empty();
     if t.shader_f16 {
@@ -71,29 +87,60 @@ fn features_for(t: &Target) -> wgpu::Features {
     if t.subgroups {
         f |= wgpu::Features::SUBGROUP;
     }
+    if t.cooperative_matrix {
+        f |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+    }
     f
 }
 
-/// One runner per target variant, opened once for the whole binary.
+/// One runner per target variant, opened once for the whole binary: the four
+/// of [`Target::all`], which every adapter must run, and the cooperative-matrix
+/// one where the adapter has them (where it has not, that is printed: those
+/// kernels were not checked).
 fn runners() -> &'static [KernelRunner] {
     static RUNNERS: OnceLock<Vec<KernelRunner>> = OnceLock::new();
     RUNNERS.get_or_init(|| {
-        Target::all()
+        let mut runners: Vec<KernelRunner> = Target::all()
             .iter()
             .map(|t| {
                 let r = KernelRunner::new(None, features_for(t))
                     .unwrap_or_else(|e| panic!("no GPU adapter for the {} kernels: {e}", t.name()));
                 assert_eq!(
-                    (r.target().shader_f16, r.target().subgroups),
-                    (t.shader_f16, t.subgroups),
+                    (r.target().shader_f16, r.target().subgroups, r.target().cooperative_matrix),
+                    (t.shader_f16, t.subgroups, false),
                     "adapter {} lacks what the {} kernels need",
                     r.adapter_name(),
                     t.name()
                 );
                 r
             })
-            .collect()
+            .collect();
+        let coop = Target::coop();
+        let r = KernelRunner::new(None, features_for(&coop))
+            .unwrap_or_else(|e| panic!("no GPU adapter for the {} kernels: {e}", coop.name()));
+        if r.target().cooperative_matrix {
+            assert_eq!(r.target().name(), coop.name());
+            runners.push(r);
+        } else {
+            // written past the test harness's capture, so it shows in every run
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "NOTE: the {} kernels (cooperative matrices) were NOT run: adapter {} does not offer them \
+                 (or {} is set); only {} variants were checked",
+                coop.name(),
+                r.adapter_name(),
+                llama5_runtime::gpu::NO_COOP_ENV,
+                runners.len()
+            );
+        }
+        runners
     })
+}
+
+/// The targets of [`runners`].
+fn targets() -> Vec<Target> {
+    runners().iter().map(|r| *r.target()).collect()
 }
 
 struct Rng(u64);
@@ -238,7 +285,7 @@ fn matvec_add_matches_cpu() {
                     }
                 }
                 for (kernel, result) in run_all(runner, &spec, &contents, tokens as u32, 0) {
-                    assert_close(&kernel.name, &to_f32(&result[3]), &want, nmse_for(format));
+                    assert_close(&kernel.name, &to_f32(&result[3]), &want, coop_limit(&kernel, nmse_for(format)));
                 }
             }
         }
@@ -275,7 +322,7 @@ fn rms_gate_up_matches_cpu() {
                 want.extend(gv.iter().zip(&uv).map(|(a, b)| cpu::silu(*a) * b));
             }
             for (kernel, result) in run_all(runner, &spec, &contents, tokens as u32, 0) {
-                assert_close(&kernel.name, &to_f32(&result[5]), &want, nmse_for(format));
+                assert_close(&kernel.name, &to_f32(&result[5]), &want, coop_limit(&kernel, nmse_for(format)));
             }
         }
     }
@@ -342,9 +389,24 @@ fn rms_qkv_rope_matches_cpu() {
                 let limit = nmse_for(format);
                 let kv_limit = if target.shader_f16 { NMSE_KV_F16 } else { limit };
                 for (kernel, result) in run_all(runner, &spec, &contents, tokens as u32, 0) {
-                    assert_close(&format!("{} q", kernel.name), &to_f32(&result[6]), &want_q, limit);
-                    assert_close(&format!("{} k", kernel.name), &kv_values(&result[7], &target), &want_k, kv_limit);
-                    assert_close(&format!("{} v", kernel.name), &kv_values(&result[8], &target), &want_v, kv_limit);
+                    assert_close(
+                        &format!("{} q", kernel.name),
+                        &to_f32(&result[6]),
+                        &want_q,
+                        coop_limit(&kernel, limit),
+                    );
+                    assert_close(
+                        &format!("{} k", kernel.name),
+                        &kv_values(&result[7], &target),
+                        &want_k,
+                        coop_limit(&kernel, kv_limit),
+                    );
+                    assert_close(
+                        &format!("{} v", kernel.name),
+                        &kv_values(&result[8], &target),
+                        &want_v,
+                        coop_limit(&kernel, kv_limit),
+                    );
                 }
             }
         }
@@ -410,9 +472,19 @@ fn rms_qkv_rope_with_mixed_formats_matches_cpu() {
         let limit = nmse_for(formats[0]);
         let kv_limit = if target.shader_f16 { NMSE_KV_F16 } else { limit };
         for (kernel, result) in run_all(runner, &spec, &contents, tokens as u32, 0) {
-            assert_close(&format!("{} q", kernel.name), &to_f32(&result[6]), &want_q, limit);
-            assert_close(&format!("{} k", kernel.name), &kv_values(&result[7], &target), &want_k, kv_limit);
-            assert_close(&format!("{} v", kernel.name), &kv_values(&result[8], &target), &want_v, kv_limit);
+            assert_close(&format!("{} q", kernel.name), &to_f32(&result[6]), &want_q, coop_limit(&kernel, limit));
+            assert_close(
+                &format!("{} k", kernel.name),
+                &kv_values(&result[7], &target),
+                &want_k,
+                coop_limit(&kernel, kv_limit),
+            );
+            assert_close(
+                &format!("{} v", kernel.name),
+                &kv_values(&result[8], &target),
+                &want_v,
+                coop_limit(&kernel, kv_limit),
+            );
         }
     }
 }
@@ -485,7 +557,7 @@ fn logits_part_matches_cpu() {
                 want[r * vocab + rows[0]..r * vocab + rows[1]].copy_from_slice(&y);
             }
             for (kernel, result) in run_all(runner, &spec, &contents, tokens as u32, 2) {
-                assert_close(&kernel.name, &to_f32(&result[4]), &want, nmse_for(format));
+                assert_close(&kernel.name, &to_f32(&result[4]), &want, coop_limit(&kernel, nmse_for(format)));
             }
         }
     }
@@ -621,13 +693,17 @@ fn argmax(row: &[f32]) -> u32 {
 }
 
 fn compare_model(model: &Model, ctx: usize, prompt: &[u32], decode_steps: usize) {
-    for target in Target::all() {
+    for target in targets() {
         let opts = GpuOptions { adapter: None, ctx, pipeline_cache_dir: None };
         let mut gpu = GpuBackend::with_features(model, &opts, features_for(&target))
             .unwrap_or_else(|e| panic!("{}: {e}", target.name()));
         assert_eq!(gpu.target().name(), target.name());
         let mut cpu = CpuBackend::new(model, ctx).unwrap();
-        let limit = if target.shader_f16 { NMSE_MODEL_F16_KV } else { NMSE_MODEL_F32 };
+        let limit = match (target.cooperative_matrix, target.shader_f16) {
+            (true, _) => NMSE_MODEL_COOP,
+            (false, true) => NMSE_MODEL_F16_KV,
+            (false, false) => NMSE_MODEL_F32,
+        };
         let what = format!("{} {:?} ctx {ctx}", target.name(), model.manifest.precision);
 
         let g = gpu.forward(prompt, 0, Logits::All).unwrap();
