@@ -36,7 +36,7 @@ const NMSE_MODEL_COOP: f64 = 1e-3;
 /// The limit for `kernel`: `limit`, plus [`NMSE_COOP_F16_INPUTS`] for a
 /// cooperative-matrix kernel.
 fn coop_limit(kernel: &Kernel, limit: f64) -> f64 {
-    if kernel.wgsl.contains("coopMultiplyAdd") {
+    if kernel.wgsl.contains("coopMultiplyAdd") || kernel.wgsl.contains("emu_mma_") {
         limit + NMSE_COOP_F16_INPUTS
     } else {
         limit
@@ -241,7 +241,84 @@ fn run_all(
         out.push((kernel, result));
     }
     assert_eq!(out.len(), 2, "{} has a batch variant", spec.name());
+    // the cooperative-matrix kernel's data layout, with its three operations
+    // done in scalar code: runs on the f16-sg runner of any adapter
+    let t = *runner.target();
+    if t.shader_f16 && t.subgroups && !t.cooperative_matrix {
+        let coop = generate_batch(&spec.with_target(Target { cooperative_matrix: true, ..t })).unwrap().unwrap();
+        assert!(coop.wgsl.contains("coopMultiplyAdd"), "{}", coop.name);
+        let kernel = emulated_coop(&coop);
+        let grid = kernel.dispatch_for(tokens, rows);
+        let result = runner.run(&kernel, contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
+        out.push((kernel, result));
+    }
     out
+}
+
+/// `kernel` (a cooperative-matrix kernel) with `coopLoadT`, `coopMultiplyAdd`
+/// and `coopStoreT` done by scalar code that follows their definition
+/// (row-major, element (r, c) at base + r * stride + c), subgroups of 32
+/// taken as consecutive invocations: checks the staging, the sub-tile
+/// ownership and the hand-back to the epilogues on adapters without
+/// cooperative matrices (it cannot check the driver's own operations).
+fn emulated_coop(kernel: &Kernel) -> Kernel {
+    let mut w = kernel.wgsl.replace("enable wgpu_cooperative_matrix;\n", "");
+    let sg = ",\n    @builtin(subgroup_id) sg_in: u32\n) {\n    lid = lid_in;\n";
+    assert!(w.contains(sg), "{}: entry point", kernel.name);
+    w = w.replace(sg, "\n) {\n    lid = lid_in;\n    let sg_in = lid_in / 32u;\n");
+    w = w.replace("coop_mat16x16<f32, C>()", "array<f32, 8>()");
+    // A: the base index of the sub-tile in xh
+    w = w.replace("coopLoadT<coop_mat16x16<f16, A>>(&xh[", "(").replace("], XS)", ")");
+    let mut tiles = Vec::new();
+    for line in kernel.wgsl.lines() {
+        if let Some(rest) = line.strip_prefix("var<workgroup> ") {
+            if let Some((name, ty)) = rest.split_once(": ") {
+                if ty.starts_with("array<f16") && name != "xh" {
+                    tiles.push(name.to_string());
+                }
+            }
+        }
+    }
+    assert!(!tiles.is_empty(), "{}: weight tiles", kernel.name);
+    w = w.replace("coopMultiplyAdd(a, coopLoadT<coop_mat16x16<f16, B>>(&", "emu_mma_");
+    for t in &tiles {
+        w = w.replace(&format!("emu_mma_{t}["), &format!("emu_mma_{t}(a, "));
+    }
+    w = w.replace("], WS), ", ", WS, ");
+    w = w.replace("coopStoreT(", "emu_store(").replace(", &cs[", ", ").replace("], CS);", ", CS);");
+    assert!(
+        ["coopLoad", "coopStore", "coopMultiplyAdd", "coop_mat"].iter().all(|op| !w.contains(op)),
+        "{}: left unemulated:\n{w}",
+        kernel.name
+    );
+    // each invocation holds elements lane + 32 e of a 16 x 16 accumulator
+    for t in &tiles {
+        w += &format!(
+            r#"
+fn emu_mma_{t}(a: u32, b: u32, stride: u32, c: array<f32, 8>) -> array<f32, 8> {{
+    var r = c;
+    for (var e = 0u; e < 8u; e++) {{
+        let i = lid % 32u + 32u * e;
+        var s = 0.0;
+        for (var k = 0u; k < 16u; k++) {{
+            s += f32(xh[a + (i / 16u) * XS + k]) * f32({t}[b + k * stride + i % 16u]);
+        }}
+        r[e] += s;
+    }}
+    return r;
+}}
+"#
+        );
+    }
+    w += r#"
+fn emu_store(c: array<f32, 8>, base: u32, stride: u32) {
+    for (var e = 0u; e < 8u; e++) {
+        let i = lid % 32u + 32u * e;
+        cs[base + (i / 16u) * stride + i % 16u] = c[e];
+    }
+}
+"#;
+    Kernel { name: format!("{} (emulated)", kernel.name), wgsl: w, ..kernel.clone() }
 }
 
 /// Input sizes suiting a format: a multiple of its pack and INT4 group, and odd otherwise.
