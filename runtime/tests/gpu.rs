@@ -127,7 +127,7 @@ fn runners() -> &'static [KernelRunner] {
             let _ = writeln!(
                 std::io::stderr(),
                 "NOTE: the {} kernels (cooperative matrices) were NOT run: adapter {} does not offer them \
-                 (or {} is set); only {} variants were checked",
+                 (or {} is set); only {} variants ran, the coop kernels' data layout only in scalar emulation",
                 coop.name(),
                 r.adapter_name(),
                 llama5_runtime::gpu::NO_COOP_ENV,
