@@ -5,6 +5,7 @@
 //! [`manifest::Manifest`] and a [`target::Target`] into validated WGSL text plus
 //! the binding and dispatch data the runtime needs.
 
+mod coop;
 pub mod error;
 pub mod format;
 pub mod manifest;

@@ -259,6 +259,23 @@ impl KernelSpec {
         }
     }
 
+    /// The same kernel for another target.
+    pub fn with_target(&self, other: Target) -> KernelSpec {
+        let mut spec = self.clone();
+        match &mut spec {
+            KernelSpec::Embed { target, .. }
+            | KernelSpec::RmsQkvRope { target, .. }
+            | KernelSpec::Attention { target, .. }
+            | KernelSpec::AttnOutput { target, .. }
+            | KernelSpec::MatvecAdd { target, .. }
+            | KernelSpec::RmsGateUp { target, .. }
+            | KernelSpec::RmsLogits { target, .. }
+            | KernelSpec::Argmax { target, .. }
+            | KernelSpec::Sample { target, .. } => *target = other,
+        }
+        spec
+    }
+
     /// A unique, file-name-safe name: op, dimensions, formats, target.
     pub fn name(&self) -> String {
         use crate::tcal::format_tag as f;

@@ -19,7 +19,21 @@ pub struct Target {
     pub max_workgroup_size: u32,
     /// Largest storage buffer binding, in bytes.
     pub max_storage_binding: u64,
+    /// Cooperative matrices (tensor cores) of 16 x 16 f16 inputs and f32
+    /// accumulators at subgroup scope, for the tiled prefill kernels
+    /// ([`crate::coop`]). Only used together with `shader_f16` and `subgroups`,
+    /// and with subgroups of exactly [`COOP_SUBGROUP_SIZE`] invocations.
+    #[serde(default)]
+    pub cooperative_matrix: bool,
 }
+
+/// The subgroup size the cooperative-matrix kernels are laid out for: a
+/// workgroup of 256 invocations is 8 subgroups, each owning its sub-tiles.
+pub const COOP_SUBGROUP_SIZE: u32 = 32;
+
+/// Workgroup memory the cooperative-matrix kernels use at most, in bytes (more
+/// than WebGPU's default 16 KiB: the runtime checks the adapter's limit).
+pub const COOP_WORKGROUP_BYTES: u32 = crate::coop::workgroup_bytes(2);
 
 impl Target {
     /// The WebGPU baseline: no f16, no subgroups, default limits.
@@ -30,6 +44,7 @@ impl Target {
             subgroup_size: MIN_SUBGROUP_SIZE,
             max_workgroup_size: 256,
             max_storage_binding: 128 << 20,
+            cooperative_matrix: false,
         }
     }
 
@@ -44,14 +59,42 @@ impl Target {
         ]
     }
 
-    /// `f32`, `f16`, `f32-sg` or `f16-sg`: the variant part of kernel names.
-    pub fn name(&self) -> &'static str {
-        match (self.shader_f16, self.subgroups) {
-            (false, false) => "f32",
-            (true, false) => "f16",
-            (false, true) => "f32-sg",
-            (true, true) => "f16-sg",
+    /// [`Target::all`] and the cooperative-matrix variant (native only, so
+    /// never written into a model directory: the runtime generates its kernels).
+    pub fn all_with_coop() -> [Target; 5] {
+        let [a, b, c, d] = Target::all();
+        [a, b, c, d, Target::coop()]
+    }
+
+    /// f16, subgroups and cooperative matrices.
+    pub fn coop() -> Target {
+        Target {
+            shader_f16: true,
+            subgroups: true,
+            subgroup_size: COOP_SUBGROUP_SIZE,
+            cooperative_matrix: true,
+            ..Target::portable()
         }
+    }
+
+    /// `f32`, `f16`, `f32-sg`, `f16-sg` or `f16-sg-coop`: the variant part of kernel names.
+    pub fn name(&self) -> &'static str {
+        match (self.shader_f16, self.subgroups, self.cooperative_matrix) {
+            (false, false, false) => "f32",
+            (true, false, false) => "f16",
+            (false, true, false) => "f32-sg",
+            (true, true, false) => "f16-sg",
+            (true, true, true) => "f16-sg-coop",
+            (false, false, true) => "f32-coop",
+            (true, false, true) => "f16-coop",
+            (false, true, true) => "f32-sg-coop",
+        }
+    }
+
+    /// Whether the tiled kernels use cooperative matrices: they need f16,
+    /// subgroups and a full workgroup of 256 invocations.
+    pub(crate) fn uses_coop(&self) -> bool {
+        self.cooperative_matrix && self.shader_f16 && self.subgroups && self.workgroup_limit() >= 256
     }
 
     /// Workgroup size limit the generator designs for (kernels use at most 256 invocations).
@@ -67,5 +110,6 @@ pub fn capabilities(target: &Target) -> Capabilities {
     let mut caps = Capabilities::SHADER_FLOAT16_IN_FLOAT32;
     caps.set(Capabilities::SHADER_FLOAT16, target.shader_f16);
     caps.set(Capabilities::SUBGROUP, target.subgroups);
+    caps.set(Capabilities::COOPERATIVE_MATRIX, target.cooperative_matrix);
     caps
 }

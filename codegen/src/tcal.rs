@@ -32,10 +32,11 @@ pub(crate) fn prev_power_of_two(n: u32) -> u32 {
 
 /// Lines that must open the module (`enable f16;`).
 pub(crate) fn enables(target: &Target) -> &'static str {
-    if target.shader_f16 {
-        "enable f16;\n\n"
-    } else {
-        ""
+    match (target.shader_f16, target.cooperative_matrix) {
+        (true, true) => "enable f16;\nenable wgpu_cooperative_matrix;\n\n",
+        (true, false) => "enable f16;\n\n",
+        (false, true) => "enable wgpu_cooperative_matrix;\n\n",
+        (false, false) => "",
     }
 }
 

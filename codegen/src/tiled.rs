@@ -13,6 +13,7 @@
 //! they are staged, their sums of squares are gathered on the way, and each
 //! token's outputs are scaled by 1/rms at the end (a dot product is linear).
 
+use crate::coop::{self, CoopTiling};
 use crate::target::Target;
 use crate::tcal::{fill, prev_power_of_two};
 
@@ -167,4 +168,79 @@ pub(crate) fn per_token(token: &str, body: &str) -> String {
             text.replace("$I", &i.to_string())
         })
         .collect()
+}
+
+/// The skeleton a tiled kernel is built on: [`Tiling`], or the cooperative-matrix
+/// one ([`crate::coop`]) where the target has them. The one place that picks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Skeleton {
+    Plain(Tiling),
+    Coop(CoopTiling),
+}
+
+impl Skeleton {
+    pub fn for_target(target: &Target) -> Skeleton {
+        if target.uses_coop() {
+            Skeleton::Coop(CoopTiling)
+        } else {
+            Skeleton::Plain(Tiling::for_target(target))
+        }
+    }
+
+    /// Invocations per workgroup.
+    pub fn wg(&self) -> u32 {
+        match self {
+            Skeleton::Plain(t) => t.wg,
+            Skeleton::Coop(c) => c.wg(),
+        }
+    }
+
+    /// Tokens per tile.
+    pub fn bt(&self) -> u32 {
+        match self {
+            Skeleton::Plain(t) => t.bt,
+            Skeleton::Coop(c) => c.bt(),
+        }
+    }
+
+    /// See [`Tiling::prelude`].
+    pub fn prelude(&self, x: &str, norm: bool) -> String {
+        match self {
+            Skeleton::Plain(t) => t.prelude(x, norm),
+            Skeleton::Coop(c) => c.prelude(x, norm),
+        }
+    }
+
+    /// See [`Tiling::entry`].
+    pub fn entry(&self, setup: &str, accs: &[(&str, &str)], stage: &str, epilogue: &str) -> String {
+        match self {
+            Skeleton::Plain(t) => t.entry(setup, accs, stage, epilogue),
+            Skeleton::Coop(c) => c.entry(setup, accs, stage, epilogue),
+        }
+    }
+
+    /// A weight tile named `name` in workgroup memory.
+    pub fn weight_tile(&self, name: &str) -> String {
+        match self {
+            Skeleton::Plain(_) => weight_tile(name),
+            Skeleton::Coop(_) => coop::weight_tile(name),
+        }
+    }
+
+    /// Stages step `k0` of matrix `w` (read by quads) into `tile`.
+    pub fn stage_weights(&self, w: &str, tile: &str) -> String {
+        match self {
+            Skeleton::Plain(_) => stage_weights(w, tile),
+            Skeleton::Coop(_) => coop::stage_weights(w, tile),
+        }
+    }
+
+    /// The statement storing `v` (a vec4<f32>) as outputs 4 q .. 4 q + 4 of input
+    /// `kk` of the step into `tile`.
+    pub fn store(&self, tile: &str, kk: &str, q: &str, v: &str) -> String {
+        match self {
+            Skeleton::Plain(_) => format!("{tile}[{kk} * (BO / 4u) + {q}] = {v};"),
+            Skeleton::Coop(_) => format!("store_{tile}({kk}, {q}, {v});"),
+        }
+    }
 }

@@ -18,7 +18,7 @@ fn real_model_shape_validates_for_every_precision_and_target() {
     let mut validated = BTreeSet::new();
     for format in common::all_formats(32) {
         let manifest = common::manifest(&cfg, format, 1);
-        for target in Target::all() {
+        for target in Target::all_with_coop() {
             let plan =
                 Plan::from_manifest(&manifest, &target).unwrap_or_else(|e| panic!("{format:?} {}: {e}", target.name()));
             for k in &plan.kernels {
@@ -49,7 +49,8 @@ fn real_model_shape_validates_for_every_precision_and_target() {
         }
     }
     // attention, argmax and the sampler do not depend on the weight format; five kernels have batch variants
-    assert_eq!(validated.len(), 4 * (6 * 6 + 5 * 6 + 3));
+    // (four variants and the cooperative-matrix one)
+    assert_eq!(validated.len(), 5 * (6 * 6 + 5 * 6 + 3));
     println!("validated {} kernel variants for the SmolLM2-135M shape", validated.len());
 }
 
@@ -72,7 +73,7 @@ fn large_model_shape_validates_for_every_target() {
     let mut validated = 0;
     for format in [QuantFormat::F16, QuantFormat::Int4 { group_size: 32, symmetric: false }] {
         let manifest = common::manifest(&cfg, format, 1);
-        for target in Target::all() {
+        for target in Target::all_with_coop() {
             let plan = Plan::from_manifest(&manifest, &target).unwrap();
             for k in &plan.kernels {
                 validate(k, &target).unwrap_or_else(|e| panic!("{}: {e}", k.name));
@@ -185,7 +186,7 @@ proptest! {
     #[test]
     fn odd_shapes_validate(
         format in format_strategy(),
-        target_index in 0usize..4,
+        target_index in 0usize..5,
         hidden_units in 1usize..40,
         ffn_units in 1usize..40,
         kv_heads in 1usize..4,
@@ -193,7 +194,7 @@ proptest! {
         half_dim in 1usize..40,
         vocab in 1usize..700,
     ) {
-        let target = Target::all()[target_index];
+        let target = Target::all_with_coop()[target_index];
         // inputs must be a multiple of the format's pack (and INT4 group)
         let multiple = match format {
             QuantFormat::Int4 { group_size, .. } => group_size as usize,
@@ -314,8 +315,16 @@ fn snapshot_tiled_prefill_kernels() {
 }
 
 #[test]
+fn snapshot_tiled_prefill_coop() {
+    let cfg = common::smollm2_config();
+    let formats = llama5_codegen::LayerFormats::uniform(QuantFormat::Int4 { group_size: 32, symmetric: true });
+    let specs = llama5_codegen::plan::layer_specs(&cfg, &formats, &Target::coop());
+    insta::assert_snapshot!("gate_up_int4_batch_f16_sg_coop", snapshot_batch(specs[3].clone()));
+}
+
+#[test]
 fn copy_kernel_validates_for_every_target() {
-    for target in Target::all() {
+    for target in Target::all_with_coop() {
         let k = llama5_codegen::copy_kernel(&target);
         validate(&k, &target).unwrap_or_else(|e| panic!("{}: {e}", k.name));
         assert_eq!(k.bindings.len(), 3);

@@ -29,6 +29,22 @@ const NMSE_KV_F16: f64 = 1e-5;
 const NMSE_MODEL_F32: f64 = 1e-7;
 /// Whole-model logits with the f16 KV cache.
 const NMSE_MODEL_F16_KV: f64 = 1e-4;
+/// Tiled kernels on cooperative matrices stage inputs and dequantised weights
+/// as f16 (2^-11 relative rounding of each, f32 accumulation): about 2e-7 on
+/// these random values, allowed with margin on top of the precision's own limit.
+const NMSE_COOP_F16_INPUTS: f64 = 1e-5;
+/// Whole-model logits when the prefill ran on cooperative matrices.
+const NMSE_MODEL_COOP: f64 = 1e-3;
+
+/// The limit for `kernel`: `limit`, plus [`NMSE_COOP_F16_INPUTS`] for a
+/// cooperative-matrix kernel.
+fn coop_limit(kernel: &Kernel, limit: f64) -> f64 {
+    if kernel.wgsl.contains("coopMultiplyAdd") || kernel.wgsl.contains("emu_mma_") {
+        limit + NMSE_COOP_F16_INPUTS
+    } else {
+        limit
+    }
+}
 
 fn nmse_for(format: QuantFormat) -> f64 {
     match format {
@@ -65,7 +81,7 @@ const FORMATS: [QuantFormat; 6] = [
     QuantFormat::Int4 { group_size: 16, symmetric: true },
 ];
 
-/// Adapter features that give each variant of [`Target::all`].
+/// Adapter features that give each variant of [`Target::all_with_coop`].
 fn features_for(t: &Target) -> wgpu::Features {
     let mut f = wgpu::Features::empty();
     if t.shader_f16 {
@@ -74,29 +90,60 @@ fn features_for(t: &Target) -> wgpu::Features {
     if t.subgroups {
         f |= wgpu::Features::SUBGROUP;
     }
+    if t.cooperative_matrix {
+        f |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+    }
     f
 }
 
-/// One runner per target variant, opened once for the whole binary.
+/// One runner per target variant, opened once for the whole binary: the four
+/// of [`Target::all`], which every adapter must run, and the cooperative-matrix
+/// one where the adapter has them (where it has not, that is printed: those
+/// kernels were not checked).
 fn runners() -> &'static [KernelRunner] {
     static RUNNERS: OnceLock<Vec<KernelRunner>> = OnceLock::new();
     RUNNERS.get_or_init(|| {
-        Target::all()
+        let mut runners: Vec<KernelRunner> = Target::all()
             .iter()
             .map(|t| {
                 let r = KernelRunner::new(None, features_for(t))
                     .unwrap_or_else(|e| panic!("no GPU adapter for the {} kernels: {e}", t.name()));
                 assert_eq!(
-                    (r.target().shader_f16, r.target().subgroups),
-                    (t.shader_f16, t.subgroups),
+                    (r.target().shader_f16, r.target().subgroups, r.target().cooperative_matrix),
+                    (t.shader_f16, t.subgroups, false),
                     "adapter {} lacks what the {} kernels need",
                     r.adapter_name(),
                     t.name()
                 );
                 r
             })
-            .collect()
+            .collect();
+        let coop = Target::coop();
+        let r = KernelRunner::new(None, features_for(&coop))
+            .unwrap_or_else(|e| panic!("no GPU adapter for the {} kernels: {e}", coop.name()));
+        if r.target().cooperative_matrix {
+            assert_eq!(r.target().name(), coop.name());
+            runners.push(r);
+        } else {
+            // written past the test harness's capture, so it shows in every run
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "NOTE: the {} kernels (cooperative matrices) were NOT run: adapter {} does not offer them \
+                 (or {} is set); only {} variants ran, the coop kernels' data layout only in scalar emulation",
+                coop.name(),
+                r.adapter_name(),
+                llama5_runtime::gpu::NO_COOP_ENV,
+                runners.len()
+            );
+        }
+        runners
     })
+}
+
+/// The targets of [`runners`].
+fn targets() -> Vec<Target> {
+    runners().iter().map(|r| *r.target()).collect()
 }
 
 struct Rng(u64);
@@ -191,7 +238,84 @@ fn run_all(runner: &KernelRunner, spec: &KernelSpec, contents: &[Vec<u8>], rows:
         out.push((kernel, result));
     }
     assert_eq!(out.len(), 2, "{} has a batch variant", spec.name());
+    // the cooperative-matrix kernel's data layout, with its three operations
+    // done in scalar code: runs on the f16-sg runner of any adapter
+    let t = *runner.target();
+    if t.shader_f16 && t.subgroups && !t.cooperative_matrix {
+        let coop = generate_batch(&spec.with_target(Target { cooperative_matrix: true, ..t })).unwrap().unwrap();
+        assert!(coop.wgsl.contains("coopMultiplyAdd"), "{}", coop.name);
+        let kernel = emulated_coop(&coop);
+        let grid = kernel.dispatch_for(&step_of(contents), rows);
+        let result = runner.run(&kernel, contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
+        out.push((kernel, result));
+    }
     out
+}
+
+/// `kernel` (a cooperative-matrix kernel) with `coopLoadT`, `coopMultiplyAdd`
+/// and `coopStoreT` done by scalar code that follows their definition
+/// (row-major, element (r, c) at base + r * stride + c), subgroups of 32
+/// taken as consecutive invocations: checks the staging, the sub-tile
+/// ownership and the hand-back to the epilogues on adapters without
+/// cooperative matrices (it cannot check the driver's own operations).
+fn emulated_coop(kernel: &Kernel) -> Kernel {
+    let mut w = kernel.wgsl.replace("enable wgpu_cooperative_matrix;\n", "");
+    let sg = ",\n    @builtin(subgroup_id) sg_in: u32\n) {\n    lid = lid_in;\n";
+    assert!(w.contains(sg), "{}: entry point", kernel.name);
+    w = w.replace(sg, "\n) {\n    lid = lid_in;\n    let sg_in = lid_in / 32u;\n");
+    w = w.replace("coop_mat16x16<f32, C>()", "array<f32, 8>()");
+    // A: the base index of the sub-tile in xh
+    w = w.replace("coopLoadT<coop_mat16x16<f16, A>>(&xh[", "(").replace("], XS)", ")");
+    let mut tiles = Vec::new();
+    for line in kernel.wgsl.lines() {
+        if let Some(rest) = line.strip_prefix("var<workgroup> ") {
+            if let Some((name, ty)) = rest.split_once(": ") {
+                if ty.starts_with("array<f16") && name != "xh" {
+                    tiles.push(name.to_string());
+                }
+            }
+        }
+    }
+    assert!(!tiles.is_empty(), "{}: weight tiles", kernel.name);
+    w = w.replace("coopMultiplyAdd(a, coopLoadT<coop_mat16x16<f16, B>>(&", "emu_mma_");
+    for t in &tiles {
+        w = w.replace(&format!("emu_mma_{t}["), &format!("emu_mma_{t}(a, "));
+    }
+    w = w.replace("], WS), ", ", WS, ");
+    w = w.replace("coopStoreT(", "emu_store(").replace(", &cs[", ", ").replace("], CS);", ", CS);");
+    assert!(
+        ["coopLoad", "coopStore", "coopMultiplyAdd", "coop_mat"].iter().all(|op| !w.contains(op)),
+        "{}: left unemulated:\n{w}",
+        kernel.name
+    );
+    // each invocation holds elements lane + 32 e of a 16 x 16 accumulator
+    for t in &tiles {
+        w += &format!(
+            r#"
+fn emu_mma_{t}(a: u32, b: u32, stride: u32, c: array<f32, 8>) -> array<f32, 8> {{
+    var r = c;
+    for (var e = 0u; e < 8u; e++) {{
+        let i = lid % 32u + 32u * e;
+        var s = 0.0;
+        for (var k = 0u; k < 16u; k++) {{
+            s += f32(xh[a + (i / 16u) * XS + k]) * f32({t}[b + k * stride + i % 16u]);
+        }}
+        r[e] += s;
+    }}
+    return r;
+}}
+"#
+        );
+    }
+    w += r#"
+fn emu_store(c: array<f32, 8>, base: u32, stride: u32) {
+    for (var e = 0u; e < 8u; e++) {
+        let i = lid % 32u + 32u * e;
+        cs[base + (i / 16u) * stride + i % 16u] = c[e];
+    }
+}
+"#;
+    Kernel { name: format!("{} (emulated)", kernel.name), wgsl: w, ..kernel.clone() }
 }
 
 /// Input sizes suiting a format: a multiple of its pack and INT4 group, and odd otherwise.
@@ -235,7 +359,7 @@ fn matvec_add_matches_cpu() {
                     }
                 }
                 for (kernel, result) in run_all(runner, &spec, &contents, 0) {
-                    assert_close(&kernel.name, &to_f32(&result[3]), &want, nmse_for(format));
+                    assert_close(&kernel.name, &to_f32(&result[3]), &want, coop_limit(&kernel, nmse_for(format)));
                 }
             }
         }
@@ -272,7 +396,7 @@ fn rms_gate_up_matches_cpu() {
                 want.extend(gv.iter().zip(&uv).map(|(a, b)| cpu::silu(*a) * b));
             }
             for (kernel, result) in run_all(runner, &spec, &contents, 0) {
-                assert_close(&kernel.name, &to_f32(&result[5]), &want, nmse_for(format));
+                assert_close(&kernel.name, &to_f32(&result[5]), &want, coop_limit(&kernel, nmse_for(format)));
             }
         }
     }
@@ -339,9 +463,24 @@ fn rms_qkv_rope_matches_cpu() {
                 let limit = nmse_for(format);
                 let kv_limit = if target.shader_f16 { NMSE_KV_F16 } else { limit };
                 for (kernel, result) in run_all(runner, &spec, &contents, 0) {
-                    assert_close(&format!("{} q", kernel.name), &to_f32(&result[6]), &want_q, limit);
-                    assert_close(&format!("{} k", kernel.name), &kv_values(&result[7], &target), &want_k, kv_limit);
-                    assert_close(&format!("{} v", kernel.name), &kv_values(&result[8], &target), &want_v, kv_limit);
+                    assert_close(
+                        &format!("{} q", kernel.name),
+                        &to_f32(&result[6]),
+                        &want_q,
+                        coop_limit(&kernel, limit),
+                    );
+                    assert_close(
+                        &format!("{} k", kernel.name),
+                        &kv_values(&result[7], &target),
+                        &want_k,
+                        coop_limit(&kernel, kv_limit),
+                    );
+                    assert_close(
+                        &format!("{} v", kernel.name),
+                        &kv_values(&result[8], &target),
+                        &want_v,
+                        coop_limit(&kernel, kv_limit),
+                    );
                 }
             }
         }
@@ -407,9 +546,19 @@ fn rms_qkv_rope_with_mixed_formats_matches_cpu() {
         let limit = nmse_for(formats[0]);
         let kv_limit = if target.shader_f16 { NMSE_KV_F16 } else { limit };
         for (kernel, result) in run_all(runner, &spec, &contents, 0) {
-            assert_close(&format!("{} q", kernel.name), &to_f32(&result[6]), &want_q, limit);
-            assert_close(&format!("{} k", kernel.name), &kv_values(&result[7], &target), &want_k, kv_limit);
-            assert_close(&format!("{} v", kernel.name), &kv_values(&result[8], &target), &want_v, kv_limit);
+            assert_close(&format!("{} q", kernel.name), &to_f32(&result[6]), &want_q, coop_limit(&kernel, limit));
+            assert_close(
+                &format!("{} k", kernel.name),
+                &kv_values(&result[7], &target),
+                &want_k,
+                coop_limit(&kernel, kv_limit),
+            );
+            assert_close(
+                &format!("{} v", kernel.name),
+                &kv_values(&result[8], &target),
+                &want_v,
+                coop_limit(&kernel, kv_limit),
+            );
         }
     }
 }
@@ -538,7 +687,7 @@ fn attn_output_combines_splits_then_matches_cpu() {
                     };
                     for (kernel, result) in results {
                         let what = format!("{} pos {pos}, {tokens} tokens, {splits} splits", kernel.name);
-                        assert_close(&what, &to_f32(&result[3]), &want, nmse_for(format));
+                        assert_close(&what, &to_f32(&result[3]), &want, coop_limit(&kernel, nmse_for(format)));
                     }
                 }
             }
@@ -572,7 +721,7 @@ fn logits_part_matches_cpu() {
                 want[r * vocab + rows[0]..r * vocab + rows[1]].copy_from_slice(&y);
             }
             for (kernel, result) in run_all(runner, &spec, &contents, 2) {
-                assert_close(&kernel.name, &to_f32(&result[4]), &want, nmse_for(format));
+                assert_close(&kernel.name, &to_f32(&result[4]), &want, coop_limit(&kernel, nmse_for(format)));
             }
         }
     }
@@ -708,13 +857,17 @@ fn argmax(row: &[f32]) -> u32 {
 }
 
 fn compare_model(model: &Model, ctx: usize, prompt: &[u32], decode_steps: usize) {
-    for target in Target::all() {
+    for target in targets() {
         let opts = GpuOptions { adapter: None, ctx, pipeline_cache_dir: None };
         let mut gpu = GpuBackend::with_features(model, &opts, features_for(&target))
             .unwrap_or_else(|e| panic!("{}: {e}", target.name()));
         assert_eq!(gpu.target().name(), target.name());
         let mut cpu = CpuBackend::new(model, ctx).unwrap();
-        let limit = if target.shader_f16 { NMSE_MODEL_F16_KV } else { NMSE_MODEL_F32 };
+        let limit = match (target.cooperative_matrix, target.shader_f16) {
+            (true, _) => NMSE_MODEL_COOP,
+            (false, true) => NMSE_MODEL_F16_KV,
+            (false, false) => NMSE_MODEL_F32,
+        };
         let what = format!("{} {:?} ctx {ctx}", target.name(), model.manifest.precision);
 
         let g = gpu.forward(prompt, 0, Logits::All).unwrap();

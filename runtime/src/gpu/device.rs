@@ -115,20 +115,66 @@ pub struct AdapterProbe {
 pub async fn probe(name: Option<&str>) -> Result<AdapterProbe, RuntimeError> {
     let adapter = pick_adapter(name).await?;
     let (info, features, limits) = (adapter.get_info(), adapter.features(), granted_limits(&adapter));
-    let target = target_for(features, &limits, &info);
+    let coop = coop_usable(&adapter, &limits, wgpu::Features::all());
+    let target = target_for(features, &limits, &info, coop);
     Ok(AdapterProbe { info, features, limits, target })
 }
 
-/// The kernel target a device with these features and limits supports.
-pub(crate) fn target_for(features: wgpu::Features, limits: &wgpu::Limits, info: &wgpu::AdapterInfo) -> Target {
+/// The kernel target a device with these features and limits supports;
+/// `coop`: whether it was opened with cooperative matrices ([`coop_usable`]).
+pub(crate) fn target_for(
+    features: wgpu::Features,
+    limits: &wgpu::Limits,
+    info: &wgpu::AdapterInfo,
+    coop: bool,
+) -> Target {
+    let shader_f16 = features.contains(wgpu::Features::SHADER_F16);
+    let subgroups = features.contains(wgpu::Features::SUBGROUP)
+        && info.subgroup_min_size >= llama5_codegen::target::MIN_SUBGROUP_SIZE;
     Target {
-        shader_f16: features.contains(wgpu::Features::SHADER_F16),
-        subgroups: features.contains(wgpu::Features::SUBGROUP)
-            && info.subgroup_min_size >= llama5_codegen::target::MIN_SUBGROUP_SIZE,
+        shader_f16,
+        subgroups,
         subgroup_size: info.subgroup_min_size,
         max_workgroup_size: limits.max_compute_invocations_per_workgroup.min(limits.max_compute_workgroup_size_x),
         max_storage_binding: limits.max_storage_buffer_binding_size,
+        cooperative_matrix: coop && shader_f16 && subgroups,
     }
+}
+
+/// Set to `1` to keep the tiled kernels off cooperative matrices (to compare
+/// them with the plain ones on the same adapter).
+pub const NO_COOP_ENV: &str = "LLAMA5_NO_COOP";
+
+/// Whether `configs` include the one the cooperative-matrix kernels use:
+/// 16 x 16 x 16, f16 inputs, f32 accumulators.
+pub fn has_coop_config(configs: &[wgpu::CooperativeMatrixProperties]) -> bool {
+    configs.iter().any(|c| {
+        (c.m_size, c.n_size, c.k_size) == (16, 16, 16)
+            && c.ab_type == wgpu::CooperativeScalarType::F16
+            && c.cr_type == wgpu::CooperativeScalarType::F32
+    })
+}
+
+/// Whether a device opened on `adapter` (with `limits`, restricted to
+/// `features_allowed`) runs the cooperative-matrix kernels: the feature, its
+/// 16 x 16 f16 -> f32 configuration, f16 and subgroups, subgroups of exactly
+/// [`llama5_codegen::target::COOP_SUBGROUP_SIZE`] (the kernels give each
+/// subgroup of a 256-invocation workgroup its own sub-tiles), enough
+/// workgroup memory, and [`NO_COOP_ENV`] unset.
+pub(crate) fn coop_usable(adapter: &wgpu::Adapter, limits: &wgpu::Limits, features_allowed: wgpu::Features) -> bool {
+    use llama5_codegen::target::{COOP_SUBGROUP_SIZE, COOP_WORKGROUP_BYTES};
+    let needed =
+        wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+    let info = adapter.get_info();
+    features_allowed.contains(needed)
+        && adapter.features().contains(needed)
+        && std::env::var(NO_COOP_ENV).map_or(true, |v| v.is_empty() || v == "0")
+        && info.subgroup_min_size == COOP_SUBGROUP_SIZE
+        && info.subgroup_max_size == COOP_SUBGROUP_SIZE
+        && limits.max_compute_workgroup_storage_size >= COOP_WORKGROUP_BYTES
+        && limits.max_compute_invocations_per_workgroup >= 256
+        && limits.max_compute_workgroup_size_x >= 256
+        && has_coop_config(&adapter.cooperative_matrix_properties())
 }
 
 /// Lowers the device's largest storage binding and buffer to this many bytes.
@@ -151,17 +197,29 @@ fn granted_limits(adapter: &wgpu::Adapter) -> wgpu::Limits {
 pub(crate) async fn open(adapter: wgpu::Adapter, features_allowed: wgpu::Features) -> Result<Gpu, RuntimeError> {
     let info = adapter.get_info();
     // The pipeline cache and timestamp queries change no kernel, so they are not subject to `features_allowed`.
-    let wanted = (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP) & features_allowed
+    let mut wanted = (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP) & features_allowed
         | wgpu::Features::PIPELINE_CACHE
         | wgpu::Features::TIMESTAMP_QUERY;
-    let features = adapter.features() & wanted;
     let limits = granted_limits(&adapter);
+    let coop = coop_usable(&adapter, &limits, features_allowed);
+    if coop {
+        wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+    }
+    let features = adapter.features() & wanted;
+    let experimental_features = if coop {
+        // SAFETY: wgpu asks callers of its experimental features to accept that
+        // they may still have bugs; the only one requested is cooperative
+        // matrices, used by the tiled kernels alone, and NO_COOP_ENV turns it off.
+        unsafe { wgpu::ExperimentalFeatures::enabled() }
+    } else {
+        wgpu::ExperimentalFeatures::disabled()
+    };
     let (device, queue) = adapter
         .request_device(&wgpu::DeviceDescriptor {
             label: Some("llama5"),
             required_features: features,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features,
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         })
@@ -183,7 +241,8 @@ pub(crate) async fn open(adapter: wgpu::Adapter, features_allowed: wgpu::Feature
     }));
     let granted = device.features();
     let limits = device.limits();
-    let target = target_for(granted, &limits, &info);
+    let coop = granted.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+    let target = target_for(granted, &limits, &info, coop);
     Ok(Gpu { device, queue, info, target, limits, errors })
 }
 
@@ -200,7 +259,8 @@ pub(crate) async fn report() -> String {
         let info = a.get_info();
         let f = a.features();
         let l = a.limits();
-        let t = target_for(f, &l, &info);
+        let t = target_for(f, &l, &info, coop_usable(&a, &l, wgpu::Features::all()));
+        let configs = a.cooperative_matrix_properties();
         s += &format!("{}\n", adapter_line(&info));
         s += &format!("  driver: {} {}\n", info.driver, info.driver_info);
         s += &format!(
@@ -219,6 +279,26 @@ pub(crate) async fn report() -> String {
             l.max_compute_invocations_per_workgroup,
             l.max_compute_workgroup_storage_size
         );
+        s += &format!(
+            "  cooperative matrices: {} ({} configs{}{})\n",
+            if t.cooperative_matrix { "in use" } else { "not used" },
+            configs.len(),
+            if configs.is_empty() { "" } else { ": " },
+            configs
+                .iter()
+                .map(|c| format!("{}x{}x{} {:?}->{:?}", c.m_size, c.n_size, c.k_size, c.ab_type, c.cr_type))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if !t.cooperative_matrix && has_coop_config(&configs) {
+            s += &format!(
+                "    (needs subgroups of exactly {} (adapter: {}..={}), {} B of workgroup memory, and {NO_COOP_ENV} unset)\n",
+                llama5_codegen::target::COOP_SUBGROUP_SIZE,
+                info.subgroup_min_size,
+                info.subgroup_max_size,
+                llama5_codegen::target::COOP_WORKGROUP_BYTES
+            );
+        }
         s += &format!("  kernel target: {}\n", t.name());
     }
     s

@@ -23,7 +23,7 @@ use crate::error::RuntimeError;
 use crate::model::Model;
 use crate::sampling::SamplingParams;
 use device::{convert_error, take_error, Gpu};
-pub use device::{probe, AdapterProbe};
+pub use device::{has_coop_config, probe, AdapterProbe, NO_COOP_ENV};
 pub use fit::check_fits;
 
 /// Tokens one submission processes at most (prompts are split into chunks of this many):
