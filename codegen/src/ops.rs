@@ -977,7 +977,7 @@ fn rms_qkv_rope_tiled(
     target: Target,
 ) -> Result<Kernel, CodegenError> {
     let (q_dim, kv_dim) = qkv_dims(&name, hidden, heads, kv_heads, head_dim)?;
-    let tiling = Skeleton::for_target(&target);
+    let tiling = Skeleton::for_kernel(&target, q_dim + 2 * kv_dim);
     let mut m = ModuleText::new(
         name,
         target,
@@ -1148,7 +1148,7 @@ fn matmul_add_tiled(
 ) -> Result<Kernel, CodegenError> {
     check(in_features > 0 && out_features > 0, || format!("{name}: empty matrix"))?;
     let x = input.activation().ident();
-    let tiling = Skeleton::for_target(&target);
+    let tiling = Skeleton::for_kernel(&target, out_features);
     let mut m = ModuleText::new(name, target, &["hidden += W x for a tile of tokens x outputs, and the residual add."]);
     m.bind(x, Access::ReadOnly, Resource::Activation(input.activation()), "f32", "[tokens, IN] input");
     m.tile_weight(
@@ -1203,7 +1203,7 @@ fn rms_gate_up_tiled(
     target: Target,
 ) -> Result<Kernel, CodegenError> {
     check(hidden > 0 && ffn > 0, || format!("{name}: empty matrix"))?;
-    let tiling = Skeleton::for_target(&target);
+    let tiling = Skeleton::for_kernel(&target, ffn);
     let mut m = ModuleText::new(
         name,
         target,
@@ -1267,7 +1267,7 @@ fn rms_logits_tiled(
     target: Target,
 ) -> Result<Kernel, CodegenError> {
     check(hidden > 0 && rows[1] > rows[0] && rows[1] <= vocab, || format!("{name}: bad vocabulary rows {rows:?}"))?;
-    let tiling = Skeleton::for_target(&target);
+    let tiling = Skeleton::for_kernel(&target, rows[1] - rows[0]);
     let mut m = ModuleText::new(
         name,
         target,
