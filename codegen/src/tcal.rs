@@ -754,8 +754,8 @@ fn ksplit_sum4(v: vec4<f32>, lo: u32, ks: u32) -> vec4<f32> {
     }
 }
 
-/// Bytes of workgroup memory the input vector may take before kernels read it
-/// from storage instead.
+/// Bytes of workgroup memory the attention output may take before the output
+/// projection reads it, combining its splits, from storage instead.
 pub(crate) const INPUT_CACHE_BYTES: usize = 8192;
 
 /// WGSL element type of the input and norm bindings of a kernel with
@@ -768,81 +768,66 @@ pub(crate) fn input_type(in_features: usize) -> &'static str {
     }
 }
 
+/// Whether the output projection caches its combined input row of
+/// `in_features` in workgroup memory (else it combines on every read).
+pub(crate) fn input_cached(in_features: usize) -> bool {
+    in_features * 4 <= INPUT_CACHE_BYTES
+}
+
 /// How a matrix-vector kernel reads its input vector `x` (one token's row of a
 /// storage array): `load_input(t)` prepares it, `xin(i)` returns element `i` and
 /// `xin4(j)` elements `4j .. 4j + 4`. With `norm`, the input is RMS-normalised
 /// and scaled by the `norm` weights. The input and norm bindings are declared
 /// with [`input_type`].
-/// Whether a matrix-vector kernel caches its input row of `in_features` in
-/// workgroup memory (else it reads it from storage).
-pub(crate) fn input_cached(in_features: usize) -> bool {
-    in_features * 4 <= INPUT_CACHE_BYTES
-}
-
+///
+/// The row is read from storage (the cache keeps it close), not first copied
+/// to workgroup memory: on the H100 that copy, made by every workgroup before
+/// its first weight load, cost Llama-3.2-1B F16 decode 5% (2.61 against 2.49
+/// ms/token) and SmolLM2 INT4 4%, and caching Llama-2-7B's 16 KiB rows made it
+/// 40% slower.
 pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: bool) -> String {
-    let cached = input_cached(in_features);
     let vars = [("X", x_ident)];
-    if !in_features.is_multiple_of(4) {
-        return scalar_input_functions(x_ident, cached, norm)
-            + "\nfn xin4(j: u32) -> vec4<f32> {\n    return vec4<f32>(xin(4u * j), xin(4u * j + 1u), xin(4u * j + 2u), xin(4u * j + 3u));\n}\n";
+    let vec = in_features.is_multiple_of(4);
+    let mut s = String::from("var<private> x_base: u32;\n");
+    if norm {
+        s += "var<private> x_scale: f32;\n";
     }
-    let mut s = String::from("const IN4: u32 = IN / 4u;\n");
-    if cached {
-        s += "\n// The input row, normalised, cached in workgroup memory.\nvar<workgroup> xs: array<vec4<f32>, IN4>;\n\nfn xin(i: u32) -> f32 {\n    return xs[i / 4u][i % 4u];\n}\n\nfn xin4(j: u32) -> vec4<f32> {\n    return xs[j];\n}\n\n";
-    } else {
-        s += "\n// The input row is too large for workgroup memory: read from storage.\nvar<private> x_base: u32;\nvar<private> x_scale: f32;\n\nfn xin4(j: u32) -> vec4<f32> {\n";
+    s.push('\n');
+    let (count, ssq) = if vec {
+        s += "const IN4: u32 = IN / 4u;\n\nfn xin4(j: u32) -> vec4<f32> {\n";
         s += if norm {
             "    return $X[x_base + j] * x_scale * norm[j];\n}\n\n"
         } else {
             "    return $X[x_base + j];\n}\n\n"
         };
         s += "fn xin(i: u32) -> f32 {\n    return xin4(i / 4u)[i % 4u];\n}\n\n";
-    }
-    let body = match (norm, cached) {
-        (true, true) => {
-            r#"fn load_input(t: u32) {
-    var ss = 0.0;
-    for (var j = lid; j < IN4; j += WG) {
-        let v = $X[t * IN4 + j];
-        ss += dot(v, v);
-    }
-    let inv_rms = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);
-    for (var j = lid; j < IN4; j += WG) {
-        xs[j] = $X[t * IN4 + j] * inv_rms * norm[j];
-    }
-    workgroupBarrier();
-}
-"#
-        }
-        (true, false) => {
-            r#"fn load_input(t: u32) {
-    var ss = 0.0;
-    for (var j = lid; j < IN4; j += WG) {
-        let v = $X[t * IN4 + j];
-        ss += dot(v, v);
-    }
-    x_scale = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);
-    x_base = t * IN4;
-}
-"#
-        }
-        (false, true) => {
-            r#"fn load_input(t: u32) {
-    for (var j = lid; j < IN4; j += WG) {
-        xs[j] = $X[t * IN4 + j];
-    }
-    workgroupBarrier();
-}
-"#
-        }
-        (false, false) => {
-            r#"fn load_input(t: u32) {
-    x_base = t * IN4;
-}
-"#
-        }
+        ("IN4", "dot(v, v)")
+    } else {
+        s += "fn xin(i: u32) -> f32 {\n";
+        s += if norm {
+            "    return $X[x_base + i] * x_scale * norm[i];\n}\n\n"
+        } else {
+            "    return $X[x_base + i];\n}\n\n"
+        };
+        s += "fn xin4(j: u32) -> vec4<f32> {\n    return vec4<f32>(xin(4u * j), xin(4u * j + 1u), xin(4u * j + 2u), xin(4u * j + 3u));\n}\n\n";
+        ("IN", "v * v")
     };
-    s += body;
+    if norm {
+        s += &format!(
+            r#"fn load_input(t: u32) {{
+    var ss = 0.0;
+    for (var j = lid; j < {count}; j += WG) {{
+        let v = $X[t * {count} + j];
+        ss += {ssq};
+    }}
+    x_scale = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);
+    x_base = t * {count};
+}}
+"#
+        );
+    } else {
+        s += &format!("fn load_input(t: u32) {{\n    x_base = t * {count};\n}}\n");
+    }
     fill(&s, &vars)
 }
 
@@ -968,69 +953,6 @@ fn load_input(t: u32) {{
             "fn xin(i: u32) -> f32 {\n    if (x_splits == 1u) {\n        return attn[x_base + i];\n    }\n    return combined(i, x_splits);\n}\n\nfn xin4(j: u32) -> vec4<f32> {\n    return vec4<f32>(xin(4u * j), xin(4u * j + 1u), xin(4u * j + 2u), xin(4u * j + 3u));\n}\n"
         };
     }
-    s
-}
-
-/// [`input_functions`] over scalar bindings (rows that do not split into vec4s).
-fn scalar_input_functions(x_ident: &str, cached: bool, norm: bool) -> String {
-    let vars = [("X", x_ident)];
-    let mut s = String::new();
-    if cached {
-        s += &fill("// The input row, normalised, cached in workgroup memory.\nvar<workgroup> xs: array<f32, IN>;\n\nfn xin(i: u32) -> f32 {\n    return xs[i];\n}\n\n", &vars);
-    } else {
-        s += "// The input row is too large for workgroup memory: read from storage.\nvar<private> x_base: u32;\nvar<private> x_scale: f32;\n\nfn xin(i: u32) -> f32 {\n";
-        s += if norm {
-            "    return $X[x_base + i] * x_scale * norm[i];\n}\n\n"
-        } else {
-            "    return $X[x_base + i];\n}\n\n"
-        };
-        s = fill(&s, &vars);
-    }
-    let body = match (norm, cached) {
-        (true, true) => {
-            r#"fn load_input(t: u32) {
-    var ss = 0.0;
-    for (var i = lid; i < IN; i += WG) {
-        let v = $X[t * IN + i];
-        ss += v * v;
-    }
-    let inv_rms = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);
-    for (var i = lid; i < IN; i += WG) {
-        xs[i] = $X[t * IN + i] * inv_rms * norm[i];
-    }
-    workgroupBarrier();
-}
-"#
-        }
-        (true, false) => {
-            r#"fn load_input(t: u32) {
-    var ss = 0.0;
-    for (var i = lid; i < IN; i += WG) {
-        let v = $X[t * IN + i];
-        ss += v * v;
-    }
-    x_scale = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);
-    x_base = t * IN;
-}
-"#
-        }
-        (false, true) => {
-            r#"fn load_input(t: u32) {
-    for (var i = lid; i < IN; i += WG) {
-        xs[i] = $X[t * IN + i];
-    }
-    workgroupBarrier();
-}
-"#
-        }
-        (false, false) => {
-            r#"fn load_input(t: u32) {
-    x_base = t * IN;
-}
-"#
-        }
-    };
-    s += &fill(body, &vars);
     s
 }
 

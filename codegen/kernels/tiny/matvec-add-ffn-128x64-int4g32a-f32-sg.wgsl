@@ -146,24 +146,20 @@ fn ksplit_sum(v: f32, lo: u32, ks: u32) -> f32 {
     return s;
 }
 
+var<private> x_base: u32;
+
 const IN4: u32 = IN / 4u;
 
-// The input row, normalised, cached in workgroup memory.
-var<workgroup> xs: array<vec4<f32>, IN4>;
-
-fn xin(i: u32) -> f32 {
-    return xs[i / 4u][i % 4u];
+fn xin4(j: u32) -> vec4<f32> {
+    return ffn[x_base + j];
 }
 
-fn xin4(j: u32) -> vec4<f32> {
-    return xs[j];
+fn xin(i: u32) -> f32 {
+    return xin4(i / 4u)[i % 4u];
 }
 
 fn load_input(t: u32) {
-    for (var j = lid; j < IN4; j += WG) {
-        xs[j] = ffn[t * IN4 + j];
-    }
-    workgroupBarrier();
+    x_base = t * IN4;
 }
 
 @compute @workgroup_size(WG)

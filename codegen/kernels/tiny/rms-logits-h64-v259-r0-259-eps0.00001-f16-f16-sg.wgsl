@@ -146,17 +146,17 @@ fn ksplit_sum(v: f32, lo: u32, ks: u32) -> f32 {
     return s;
 }
 
+var<private> x_base: u32;
+var<private> x_scale: f32;
+
 const IN4: u32 = IN / 4u;
 
-// The input row, normalised, cached in workgroup memory.
-var<workgroup> xs: array<vec4<f32>, IN4>;
-
-fn xin(i: u32) -> f32 {
-    return xs[i / 4u][i % 4u];
+fn xin4(j: u32) -> vec4<f32> {
+    return hidden[x_base + j] * x_scale * norm[j];
 }
 
-fn xin4(j: u32) -> vec4<f32> {
-    return xs[j];
+fn xin(i: u32) -> f32 {
+    return xin4(i / 4u)[i % 4u];
 }
 
 fn load_input(t: u32) {
@@ -165,11 +165,8 @@ fn load_input(t: u32) {
         let v = hidden[t * IN4 + j];
         ss += dot(v, v);
     }
-    let inv_rms = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);
-    for (var j = lid; j < IN4; j += WG) {
-        xs[j] = hidden[t * IN4 + j] * inv_rms * norm[j];
-    }
-    workgroupBarrier();
+    x_scale = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);
+    x_base = t * IN4;
 }
 
 @compute @workgroup_size(WG)
