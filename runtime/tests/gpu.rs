@@ -81,6 +81,16 @@ const FORMATS: [QuantFormat; 6] = [
     QuantFormat::Int4 { group_size: 16, symmetric: true },
 ];
 
+/// Tests take turns on the GPU: on the H100 the binary hung with tests on
+/// several threads at once while a device with cooperative matrices was open
+/// (each test passed alone, and all of them in turn), and the turns cost
+/// llvmpipe little (its own threads do the work).
+fn gpu_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // a failed test must not fail the ones after it
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Adapter features that give each variant of [`Target::all_with_coop`].
 fn features_for(t: &Target) -> wgpu::Features {
     let mut f = wgpu::Features::empty();
@@ -331,6 +341,7 @@ fn input_size(format: QuantFormat, base: usize) -> usize {
 
 #[test]
 fn adapter_report_lists_an_adapter() {
+    let _gpu = gpu_lock();
     let report = llama5_runtime::gpu::adapters_report();
     assert!(!report.starts_with("no adapters"), "{report}");
     assert!(report.contains("kernel target"), "{report}");
@@ -339,6 +350,7 @@ fn adapter_report_lists_an_adapter() {
 
 #[test]
 fn matvec_add_matches_cpu() {
+    let _gpu = gpu_lock();
     for runner in runners() {
         let target = *runner.target();
         for format in FORMATS {
@@ -370,6 +382,7 @@ fn matvec_add_matches_cpu() {
 
 #[test]
 fn rms_gate_up_matches_cpu() {
+    let _gpu = gpu_lock();
     let eps = 1e-5;
     for runner in runners() {
         let target = *runner.target();
@@ -406,6 +419,7 @@ fn rms_gate_up_matches_cpu() {
 
 #[test]
 fn rms_qkv_rope_matches_cpu() {
+    let _gpu = gpu_lock();
     let (heads, kv_heads, head_dim, theta, eps) = (6, 2, 10, 10000.0f32, 1e-5);
     let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
     let inv_freq = cpu::rope_inv_freq(head_dim, theta);
@@ -491,6 +505,7 @@ fn rms_qkv_rope_matches_cpu() {
 
 #[test]
 fn rms_qkv_rope_with_mixed_formats_matches_cpu() {
+    let _gpu = gpu_lock();
     // q, k and v of different packs share one tile in the batch kernel
     let (heads, kv_heads, head_dim, theta, eps) = (4, 2, 16, 10000.0f32, 1e-5);
     let (q_dim, kv_dim, hidden) = (heads * head_dim, kv_heads * head_dim, 96);
@@ -567,6 +582,7 @@ fn rms_qkv_rope_with_mixed_formats_matches_cpu() {
 
 #[test]
 fn attention_matches_cpu() {
+    let _gpu = gpu_lock();
     // heads of 10 dimensions are read one at a time, of 16 four at a time; 32 heads
     // of 80 split fewer ways (split_limit)
     for (runner, head_dim, heads, kv_heads) in
@@ -651,6 +667,7 @@ fn combine_splits(rows: &[f32], lse: &[f32], splits: usize, heads: usize, head_d
 
 #[test]
 fn attn_output_combines_splits_then_matches_cpu() {
+    let _gpu = gpu_lock();
     for runner in runners() {
         let target = *runner.target();
         for format in FORMATS {
@@ -699,6 +716,7 @@ fn attn_output_combines_splits_then_matches_cpu() {
 
 #[test]
 fn logits_part_matches_cpu() {
+    let _gpu = gpu_lock();
     let eps = 1e-5;
     for runner in runners() {
         let target = *runner.target();
@@ -731,6 +749,7 @@ fn logits_part_matches_cpu() {
 
 #[test]
 fn embed_part_matches_cpu() {
+    let _gpu = gpu_lock();
     for runner in runners() {
         let target = *runner.target();
         for format in FORMATS {
@@ -758,6 +777,7 @@ fn embed_part_matches_cpu() {
 
 #[test]
 fn argmax_picks_the_first_largest_logit() {
+    let _gpu = gpu_lock();
     for runner in runners() {
         let target = *runner.target();
         for vocab in [1000usize, 37, 49152] {
@@ -778,6 +798,7 @@ fn argmax_picks_the_first_largest_logit() {
 
 #[test]
 fn sampler_kernel_chooses_what_the_host_sampler_chooses() {
+    let _gpu = gpu_lock();
     use llama5_runtime::sampling::{Sampler, SamplingParams};
     let runner = &runners()[0];
     let target = *runner.target();
@@ -892,6 +913,7 @@ fn compare_model(model: &Model, ctx: usize, prompt: &[u32], decode_steps: usize)
 
 #[test]
 fn tiny_model_matches_cpu_backend_at_every_precision() {
+    let _gpu = gpu_lock();
     let prompt = llama5_fixtures::tiny::golden_input_ids();
     for (precision, symmetric, per_tensor) in [
         (Precision::F16, false, false),
@@ -908,6 +930,7 @@ fn tiny_model_matches_cpu_backend_at_every_precision() {
 
 #[test]
 fn sliding_window_and_chunked_prompt_match_cpu_backend() {
+    let _gpu = gpu_lock();
     let (_dir, model) = convert_tiny(Precision::F16, false, false);
     // 80 tokens through a ring of 24: chunks up to the wrap, then single tokens
     let prompt: Vec<u32> = (0..80u32).map(|i| (i * 37 + 11) % 256).collect();
@@ -919,6 +942,7 @@ fn sliding_window_and_chunked_prompt_match_cpu_backend() {
 
 #[test]
 fn attention_split_over_positions_matches_cpu_backend() {
+    let _gpu = gpu_lock();
     let (_dir, model) = convert_tiny(Precision::Int8, false, false);
     // single tokens past ATTENTION_SPLIT_LEN positions split their attention, up to the ring's wrap and past it
     let prompt: Vec<u32> = (0..300u32).map(|i| (i * 29 + 3) % 259).collect();
@@ -965,6 +989,7 @@ fn compare_greedy(model: &Model, ctx: usize, prompt: &[u32], k: usize, targets: 
 
 #[test]
 fn multi_step_greedy_matches_single_steps() {
+    let _gpu = gpu_lock();
     let (_dir, model) = convert_tiny(Precision::Int4, false, false);
     let prompt = llama5_fixtures::tiny::golden_input_ids();
     compare_greedy(&model, 64, &prompt, 12, &Target::all());
@@ -979,6 +1004,7 @@ fn multi_step_greedy_matches_single_steps() {
 
 #[test]
 fn logits_buffers_grow_only_when_a_step_wants_every_row() {
+    let _gpu = gpu_lock();
     let (_dir, model) = convert_tiny(Precision::F16, false, false);
     let vocab = model.manifest.model.vocab_size;
     let opts = GpuOptions { adapter: None, ctx: 64, pipeline_cache_dir: None };
@@ -1005,6 +1031,7 @@ fn logits_buffers_grow_only_when_a_step_wants_every_row() {
 
 #[test]
 fn bad_inputs_are_errors_not_panics() {
+    let _gpu = gpu_lock();
     let (_dir, model) = convert_tiny(Precision::Int8, false, false);
     let opts = GpuOptions { adapter: None, ctx: 16, pipeline_cache_dir: None };
     let mut gpu = GpuBackend::new(&model, &opts).unwrap();
@@ -1018,6 +1045,7 @@ fn bad_inputs_are_errors_not_panics() {
 
 #[test]
 fn pipeline_cache_is_written_then_read_back() {
+    let _gpu = gpu_lock();
     let (_dir, model) = convert_tiny(Precision::Int4, false, false);
     let cache = tempfile::tempdir().unwrap();
     let opts = GpuOptions { adapter: None, ctx: 16, pipeline_cache_dir: Some(cache.path().join("pipelines")) };
@@ -1034,6 +1062,7 @@ fn pipeline_cache_is_written_then_read_back() {
 
 #[test]
 fn generator_greedy_on_the_device_matches_the_cpu_backend() {
+    let _gpu = gpu_lock();
     use llama5_runtime::generate::{GenerateOptions, Generator, StopReason};
     use llama5_runtime::sampling::SamplingParams;
     use llama5_runtime::tokenizer::Tokenizer;
@@ -1065,6 +1094,7 @@ fn generator_greedy_on_the_device_matches_the_cpu_backend() {
 
 #[test]
 fn generator_sampling_on_the_device_matches_the_cpu_backend() {
+    let _gpu = gpu_lock();
     use llama5_runtime::generate::{GenerateOptions, Generator};
     use llama5_runtime::sampling::SamplingParams;
     use llama5_runtime::tokenizer::Tokenizer;
@@ -1087,6 +1117,7 @@ fn generator_sampling_on_the_device_matches_the_cpu_backend() {
 
 #[test]
 fn check_fits_names_what_exceeds_the_adapters_limits() {
+    let _gpu = gpu_lock();
     use llama5_runtime::gpu::{check_fits, probe};
     let (_dir, model) = convert_tiny(Precision::F16, false, false);
     let mut adapter = pollster::block_on(probe(None)).unwrap();
