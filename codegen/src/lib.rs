@@ -28,4 +28,4 @@ pub use spec::{
     ATTENTION_SPLIT_LEN, MAX_ATTENTION_SPLITS,
 };
 pub use target::{capabilities, Target};
-pub use validate::validate;
+pub use validate::{validate, workgroup_bytes};

@@ -56,13 +56,23 @@ pub const SPLIT_WORKGROUPS: u32 = 256;
 /// H100 at 4000 positions, capping Llama-2-7B's 32 x 128 at 8 splits took
 /// decode from 9.5 to 8.7 ms/token, while Llama-3.2-1B's 32 x 64, whose
 /// combine runs once per workgroup, went from 2.3 to 2.5 ms with the same cap.
+/// Either way the split weights the output projection keeps in workgroup
+/// memory stay within [`SPLIT_WEIGHT_BYTES`].
 pub fn split_limit(heads: usize, head_dim: usize) -> u32 {
-    if crate::tcal::input_cached(heads * head_dim) {
+    let heads = heads.max(1) as u32;
+    let by_memory = SPLIT_WEIGHT_BYTES / (4 * heads);
+    let limit = if crate::tcal::input_cached(heads as usize * head_dim) {
         MAX_ATTENTION_SPLITS
     } else {
-        (SPLIT_WORKGROUPS / heads.max(1) as u32).clamp(1, MAX_ATTENTION_SPLITS)
-    }
+        SPLIT_WORKGROUPS / heads
+    };
+    limit.min(by_memory).clamp(1, MAX_ATTENTION_SPLITS)
 }
+
+/// Workgroup memory the output projection may give the split weights (one
+/// f32 per split and head), beside its cached input row: the kernel stays
+/// within WebGPU's default 16 KiB.
+pub const SPLIT_WEIGHT_BYTES: u32 = 4096;
 
 /// Workgroups each head's attention is split over in `step`, at most `limit`
 /// ([`split_limit`]): one for a step of several tokens (its tokens spread the

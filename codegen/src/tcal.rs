@@ -837,14 +837,15 @@ pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: bool) -> 
 /// own softmax sum, and the log-sum-exp of each split's scores in `lse`
 /// (`[MAX_SPLITS, HEADS]`). Loading combines them: split `s` of head `h` weighs
 /// `exp(lse[s, h] - M) / sum_s' exp(lse[s', h] - M)`, `M` the largest. Needs the
-/// constants `IN`, `HEADS`, `HEAD_DIM`, `MAX_SPLITS`, `BIG` and `WG`.
+/// bindings `attn` and `lse`, the constants `IN`, `HEADS`, `HEAD_DIM`,
+/// `SPLIT_LIMIT`, `BIG` and `WG`, `lid` and `attention_splits()`.
 pub(crate) fn split_input_functions(in_features: usize, head_dim: usize) -> String {
     let cached = input_cached(in_features);
     let vec = in_features.is_multiple_of(4);
     let mut s = String::from(
         r#"// Weight of split s for head h: split_w[s * HEADS + h]; the largest
 // log-sum-exp of head h and its softmax sum: split_norm[h].
-var<workgroup> split_w: array<f32, MAX_SPLITS * HEADS>;
+var<workgroup> split_w: array<f32, SPLIT_LIMIT * HEADS>;
 var<workgroup> split_norm: array<vec2<f32>, HEADS>;
 
 // Every (split, head) pair is loaded at once: a loop per head over splits in

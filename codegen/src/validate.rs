@@ -16,3 +16,19 @@ pub fn validate(kernel: &Kernel, target: &Target) -> Result<naga::Module, Codege
     })?;
     Ok(module)
 }
+
+/// Bytes of workgroup memory `kernel` declares once validated into `module`
+/// (the sum of its `var<workgroup>` sizes): what the device's
+/// `max_compute_workgroup_storage_size` must cover.
+pub fn workgroup_bytes(kernel: &Kernel, module: &naga::Module) -> Result<u32, CodegenError> {
+    let mut layouter = naga::proc::Layouter::default();
+    layouter
+        .update(module.to_ctx())
+        .map_err(|e| CodegenError::Validation { kernel: kernel.name.clone(), message: format!("layout: {e}") })?;
+    Ok(module
+        .global_variables
+        .iter()
+        .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+        .map(|(_, g)| layouter[g.ty].size)
+        .sum())
+}

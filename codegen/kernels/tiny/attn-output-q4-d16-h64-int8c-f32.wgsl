@@ -146,7 +146,7 @@ fn attention_splits() -> u32 {
 
 // Weight of split s for head h: split_w[s * HEADS + h]; the largest
 // log-sum-exp of head h and its softmax sum: split_norm[h].
-var<workgroup> split_w: array<f32, MAX_SPLITS * HEADS>;
+var<workgroup> split_w: array<f32, SPLIT_LIMIT * HEADS>;
 var<workgroup> split_norm: array<vec2<f32>, HEADS>;
 
 // Every (split, head) pair is loaded at once: a loop per head over splits in
