@@ -36,7 +36,12 @@ pub const MAX_LOGIT_ROWS: usize = 64;
 
 /// Tokens (or logits rows) from which a step runs its batch kernel, where it has
 /// one: below it, the matrix-vector kernels' wider spread over the GPU wins.
+/// At least 2: the tiled output projection never sees a step split over
+/// positions, which only single tokens are.
 pub const BATCH_MIN_ROWS: u32 = 8;
+const _: () = assert!(BATCH_MIN_ROWS >= 2);
+// a single token's attention splits are rows of the attention activation
+const _: () = assert!(MAX_BATCH >= MAX_ATTENTION_SPLITS as usize);
 
 /// Decode steps one submission records at most when the device chooses the
 /// tokens (greedy or sampled; longer runs are split).
@@ -53,7 +58,7 @@ pub(crate) fn activation_bytes(cfg: &llama5_codegen::manifest::ModelConfig, a: A
     let (batch, logit_rows) = capacity(ctx);
     let (rows, per_row) = match a {
         Activation::Hidden => (batch, cfg.hidden_size),
-        // a step of one token split over positions holds a row per split: fewer than the batch
+        // a step of one token split over positions holds a row per split: no more than the batch
         Activation::Q | Activation::Attn => (batch, cfg.q_dim()),
         Activation::AttnLse => (MAX_ATTENTION_SPLITS as usize, cfg.num_heads),
         Activation::Ffn => (batch, cfg.intermediate_size),
@@ -306,8 +311,19 @@ impl GpuBackend {
         let mut layouts = Vec::new();
         let mut pipelines = Vec::new();
         for k in &plan.kernels {
-            llama5_codegen::validate(k, &gpu.target)
-                .map_err(|e| RuntimeError::Kernel { name: k.name.clone(), message: e.to_string() })?;
+            let kernel_error =
+                |e: llama5_codegen::CodegenError| RuntimeError::Kernel { name: k.name.clone(), message: e.to_string() };
+            let module = llama5_codegen::validate(k, &gpu.target).map_err(kernel_error)?;
+            let shared = llama5_codegen::workgroup_bytes(k, &module).map_err(kernel_error)?;
+            if shared > gpu.limits.max_compute_workgroup_storage_size {
+                return Err(RuntimeError::Kernel {
+                    name: k.name.clone(),
+                    message: format!(
+                        "needs {shared} bytes of workgroup memory; {} allows {}",
+                        gpu.info.name, gpu.limits.max_compute_workgroup_storage_size
+                    ),
+                });
+            }
             let (bgl, pipeline) = create_pipeline(device, k, disk_cache.as_ref().map(|c| &c.cache));
             layouts.push(bgl);
             pipelines.push(pipeline);
@@ -628,7 +644,7 @@ impl GpuBackend {
             return Err(RuntimeError::Other(format!("token id {bad} is outside the vocabulary of {}", self.vocab)));
         }
         if logits == Logits::All {
-            self.hold_logit_rows(tokens.len().min(self.logit_rows))?;
+            self.hold_logit_rows(tokens.len().min(self.logit_rows)).await?;
         }
         let mut out = Vec::new();
         let mut done = 0;
@@ -743,14 +759,19 @@ impl GpuBackend {
 
 impl GpuBackend {
     /// Grows the logits and readback buffers to hold `rows` rows (never shrinks
-    /// them) and rebinds the steps that bind the logits.
-    fn hold_logit_rows(&mut self, rows: usize) -> Result<(), RuntimeError> {
+    /// them) and rebinds the steps that bind the logits. A device out of
+    /// memory leaves the backend as it was.
+    async fn hold_logit_rows(&mut self, rows: usize) -> Result<(), RuntimeError> {
         if rows <= self.logit_rows_held {
             return Ok(());
         }
         let device = &self.gpu.device;
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let logits = storage_buffer(device, "Logits", logits_bytes(self.vocab, rows));
         let readback = readback_buffer(device, self.vocab, rows);
+        if let Some(e) = oom.pop().await {
+            return Err(convert_error(&format!("growing the logits to {rows} rows"), e));
+        }
         let old = self.buffers.activations.insert(Activation::Logits, logits).expect("allocated at load");
         self.memory.other = self.memory.other - old.size() - self.readback.size()
             + self.buffers.activations[&Activation::Logits].size()

@@ -44,7 +44,7 @@ impl GpuBackend {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
             return Err(RuntimeError::Other(format!("token id {bad} is outside the vocabulary of {}", self.vocab)));
         }
-        self.hold_logit_rows(rows)?;
+        super::wait::block_on(self.hold_logit_rows(rows))?;
         let step = self.write_step(tokens, pos, rows)?;
         let device = &self.gpu.device;
         let choice = if rows > 0 { super::Choice::Argmax } else { super::Choice::None };
