@@ -200,6 +200,7 @@ pub fn generate_batch(spec: &KernelSpec) -> Result<Option<Kernel>, CodegenError>
             matmul_add_tiled(name, input, heads * head_dim, hidden, format, target).map(Some)
         }
         KernelSpec::MatvecAdd { input, in_features, out_features, format, target } => {
+            check_plain_input(&name, input)?;
             matmul_add_tiled(name, AddInput::Plain(input), in_features, out_features, format, target).map(Some)
         }
         KernelSpec::RmsGateUp { hidden, ffn, eps, gate, up, target } => {
@@ -230,6 +231,7 @@ fn generate_shaped(spec: &KernelSpec) -> Result<Kernel, CodegenError> {
             matvec_add(name, AddInput::AttnSplits { heads, head_dim }, heads * head_dim, hidden, format, target)
         }
         KernelSpec::MatvecAdd { input, in_features, out_features, format, target } => {
+            check_plain_input(&name, input)?;
             matvec_add(name, AddInput::Plain(input), in_features, out_features, format, target)
         }
         KernelSpec::RmsGateUp { hidden, ffn, eps, gate, up, target } => {
@@ -630,6 +632,14 @@ fn shape_functions(shape: &MatvecShape, quads: bool) -> String {
 fn output_units(out: usize) -> (bool, usize) {
     let quads = out >= tcal::QUAD_MIN_OUTPUTS;
     (quads, if quads { out.div_ceil(4) } else { out })
+}
+
+/// A plain `hidden += W x` may not read the attention output: its splits
+/// would go uncombined (that is [`KernelSpec::AttnOutput`]).
+fn check_plain_input(name: &str, input: Activation) -> Result<(), CodegenError> {
+    check(!matches!(input, Activation::Attn | Activation::AttnLse), || {
+        format!("{name}: the attention output is read by attn_output, which combines its splits")
+    })
 }
 
 /// The input of a `hidden += W x` kernel.

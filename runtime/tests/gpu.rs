@@ -671,10 +671,15 @@ fn attn_output_combines_splits_then_matches_cpu() {
     for runner in runners() {
         let target = *runner.target();
         for format in FORMATS {
-            // the input cached in workgroup memory, read from storage, and rows of odd vec4s
+            // the input cached in workgroup memory or read from storage (combined on every
+            // read), each with heads of a multiple of 4 dimensions and not (a vec4 spans two
+            // heads); and scalar rows (18 inputs)
             let pairs = matches!(format, QuantFormat::F16 | QuantFormat::Bf16);
-            let shapes: &[(usize, usize)] =
-                if pairs { &[(6, 16), (6, 352), (32, 80), (3, 6)] } else { &[(6, 16), (6, 352), (32, 80)] };
+            let shapes: &[(usize, usize)] = if pairs {
+                &[(6, 16), (6, 352), (32, 80), (6, 10), (2, 1030), (3, 6)]
+            } else {
+                &[(6, 16), (6, 352), (32, 80)]
+            };
             for &(heads, head_dim) in shapes {
                 let in_features = heads * head_dim;
                 let hidden_size = input_size(format, 50);
@@ -944,13 +949,16 @@ fn sliding_window_and_chunked_prompt_match_cpu_backend() {
 fn attention_split_over_positions_matches_cpu_backend() {
     let _gpu = gpu_lock();
     let (_dir, model) = convert_tiny(Precision::Int8, false, false);
-    // single tokens past ATTENTION_SPLIT_LEN positions split their attention, up to the ring's wrap and past it
-    let prompt: Vec<u32> = (0..300u32).map(|i| (i * 29 + 3) % 259).collect();
-    let ctx = 320;
-    let decode = 30;
+    // single tokens past ATTENTION_SPLIT_LEN positions split their attention (one
+    // submission of greedy steps goes from one split to two), up to the ring's wrap and past it
+    let prompt: Vec<u32> = (0..250u32).map(|i| (i * 29 + 3) % 259).collect();
+    let ctx = 280;
+    let decode = 40;
     let last = StepUniform { pos: (prompt.len() + decode - 1) as u32, n_tokens: 1, ctx, ..StepUniform::default() };
+    let first = StepUniform { pos: prompt.len() as u32, ..last };
     let cfg = &model.manifest.model;
-    assert!(attention_splits(&last, split_limit(cfg.num_heads, cfg.head_dim)) > 1);
+    let limit = split_limit(cfg.num_heads, cfg.head_dim);
+    assert_eq!((attention_splits(&first, limit), attention_splits(&last, limit)), (1, 2));
     for target in Target::all() {
         let opts = GpuOptions { adapter: None, ctx: ctx as usize, pipeline_cache_dir: None };
         let mut gpu = GpuBackend::with_features(&model, &opts, features_for(&target)).unwrap();
