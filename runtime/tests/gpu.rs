@@ -417,6 +417,16 @@ fn rms_gate_up_matches_cpu() {
     }
 }
 
+/// The queries (binding 6) and the cache rows written (7, 8) of a QKV kernel
+/// against `want`; cache values within the KV cache's rounding.
+fn assert_qkv_close(kernel: &Kernel, result: &[Vec<u8>], want: [&[f32]; 3], limit: f64, target: &Target) {
+    let kv_limit = if target.shader_f16 { NMSE_KV_F16 } else { limit };
+    let name = &kernel.name;
+    assert_close(&format!("{name} q"), &to_f32(&result[6]), want[0], coop_limit(kernel, limit));
+    assert_close(&format!("{name} k"), &kv_values(&result[7], target), want[1], coop_limit(kernel, kv_limit));
+    assert_close(&format!("{name} v"), &kv_values(&result[8], target), want[2], coop_limit(kernel, kv_limit));
+}
+
 #[test]
 fn rms_qkv_rope_matches_cpu() {
     let _gpu = gpu_lock();
@@ -477,26 +487,8 @@ fn rms_qkv_rope_matches_cpu() {
                     want_v[slot * kv_dim..(slot + 1) * kv_dim].copy_from_slice(&v);
                 }
                 let limit = nmse_for(format);
-                let kv_limit = if target.shader_f16 { NMSE_KV_F16 } else { limit };
                 for (kernel, result) in run_all(runner, &spec, &contents, 0) {
-                    assert_close(
-                        &format!("{} q", kernel.name),
-                        &to_f32(&result[6]),
-                        &want_q,
-                        coop_limit(&kernel, limit),
-                    );
-                    assert_close(
-                        &format!("{} k", kernel.name),
-                        &kv_values(&result[7], &target),
-                        &want_k,
-                        coop_limit(&kernel, kv_limit),
-                    );
-                    assert_close(
-                        &format!("{} v", kernel.name),
-                        &kv_values(&result[8], &target),
-                        &want_v,
-                        coop_limit(&kernel, kv_limit),
-                    );
+                    assert_qkv_close(&kernel, &result, [&want_q, &want_k, &want_v], limit, &target);
                 }
             }
         }
@@ -561,21 +553,8 @@ fn rms_qkv_rope_with_mixed_formats_matches_cpu() {
             want_v.extend(matvec(&wv, &xn, kv_dim));
         }
         let limit = nmse_for(formats[0]);
-        let kv_limit = if target.shader_f16 { NMSE_KV_F16 } else { limit };
         for (kernel, result) in run_all(runner, &spec, &contents, 0) {
-            assert_close(&format!("{} q", kernel.name), &to_f32(&result[6]), &want_q, coop_limit(&kernel, limit));
-            assert_close(
-                &format!("{} k", kernel.name),
-                &kv_values(&result[7], &target),
-                &want_k,
-                coop_limit(&kernel, kv_limit),
-            );
-            assert_close(
-                &format!("{} v", kernel.name),
-                &kv_values(&result[8], &target),
-                &want_v,
-                coop_limit(&kernel, kv_limit),
-            );
+            assert_qkv_close(&kernel, &result, [&want_q, &want_k, &want_v], limit, &target);
         }
     }
 }
