@@ -34,7 +34,7 @@
 //! cooperative matrices only on such adapters.
 
 use crate::tcal::fill;
-use crate::tiled::BO;
+use crate::tiled::{inv_rms_function, BO, NORM_SUMS};
 
 /// Invocations per workgroup.
 const WG: u32 = 256;
@@ -103,7 +103,7 @@ var<workgroup> xt: array<vec4<f32>, WG>;
 "#
         );
         if norm {
-            s += "// Sums of squares of the inputs this invocation staged, for its 4 tokens.\nvar<private> ssq: vec4<f32>;\n";
+            s += NORM_SUMS;
         }
         let (square, scale) =
             if norm { ("\n        ssq += v * v;", "\n        v *= norm[min(k, IN - 1u)];") } else { ("", "") };
@@ -140,20 +140,7 @@ fn c_quad(r: u32, q: u32) -> vec4<f32> {{
             &[("X", x)],
         );
         if norm {
-            s += r#"
-// 1/rms of tokens 4 ty .. 4 ty + 4 of the tile, from the sums of squares
-// stage_x gathered. Reuses xt: call after the last step, from every invocation.
-fn inv_rms(ty: u32) -> vec4<f32> {
-    workgroupBarrier();
-    xt[(lid % KQ) * (BT / 4u) + lid / KQ] = ssq;
-    workgroupBarrier();
-    var ss = vec4<f32>(0.0);
-    for (var kk = 0u; kk < KQ; kk++) {
-        ss += xt[kk * (BT / 4u) + ty];
-    }
-    return inverseSqrt(ss / f32(IN) + EPS);
-}
-"#;
+            s += &inv_rms_function("KQ");
         }
         s
     }

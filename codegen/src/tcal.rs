@@ -768,6 +768,12 @@ pub(crate) fn input_type(in_features: usize) -> &'static str {
     }
 }
 
+/// `xin` over `xin4`, for inputs read four at a time.
+const XIN_FROM_XIN4: &str = "fn xin(i: u32) -> f32 {\n    return xin4(i / 4u)[i % 4u];\n}\n";
+/// `xin4` over `xin`, for scalar inputs.
+const XIN4_FROM_XIN: &str =
+    "fn xin4(j: u32) -> vec4<f32> {\n    return vec4<f32>(xin(4u * j), xin(4u * j + 1u), xin(4u * j + 2u), xin(4u * j + 3u));\n}\n";
+
 /// Whether the output projection caches its combined input row of
 /// `in_features` in workgroup memory (else it combines on every read).
 pub(crate) fn input_cached(in_features: usize) -> bool {
@@ -800,7 +806,8 @@ pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: bool) -> 
         } else {
             "    return $X[x_base + j];\n}\n\n"
         };
-        s += "fn xin(i: u32) -> f32 {\n    return xin4(i / 4u)[i % 4u];\n}\n\n";
+        s += XIN_FROM_XIN4;
+        s.push('\n');
         ("IN4", "dot(v, v)")
     } else {
         s += "fn xin(i: u32) -> f32 {\n";
@@ -809,7 +816,8 @@ pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: bool) -> 
         } else {
             "    return $X[x_base + i];\n}\n\n"
         };
-        s += "fn xin4(j: u32) -> vec4<f32> {\n    return vec4<f32>(xin(4u * j), xin(4u * j + 1u), xin(4u * j + 2u), xin(4u * j + 3u));\n}\n\n";
+        s += XIN4_FROM_XIN;
+        s.push('\n');
         ("IN", "v * v")
     };
     if norm {
@@ -925,11 +933,12 @@ fn split_weights(splits: u32) {
 
 "#
         );
-        s += if vec {
-            "fn xin(i: u32) -> f32 {\n    return xs[i / 4u][i % 4u];\n}\n\nfn xin4(j: u32) -> vec4<f32> {\n    return xs[j];\n}\n"
+        if vec {
+            s += "fn xin(i: u32) -> f32 {\n    return xs[i / 4u][i % 4u];\n}\n\nfn xin4(j: u32) -> vec4<f32> {\n    return xs[j];\n}\n";
         } else {
-            "fn xin(i: u32) -> f32 {\n    return xs[i];\n}\n\nfn xin4(j: u32) -> vec4<f32> {\n    return vec4<f32>(xin(4u * j), xin(4u * j + 1u), xin(4u * j + 2u), xin(4u * j + 3u));\n}\n"
-        };
+            s += "fn xin(i: u32) -> f32 {\n    return xs[i];\n}\n\n";
+            s += XIN4_FROM_XIN;
+        }
     } else {
         s += &format!(
             r#"// The input row is too large for workgroup memory: read from storage,
@@ -948,11 +957,13 @@ fn load_input(t: u32) {{
 
 "#
         );
-        s += if vec {
-            "fn xin4(j: u32) -> vec4<f32> {\n    if (x_splits == 1u) {\n        return attn[x_base + j];\n    }\n    return combined(j, x_splits);\n}\n\nfn xin(i: u32) -> f32 {\n    return xin4(i / 4u)[i % 4u];\n}\n"
+        if vec {
+            s += "fn xin4(j: u32) -> vec4<f32> {\n    if (x_splits == 1u) {\n        return attn[x_base + j];\n    }\n    return combined(j, x_splits);\n}\n\n";
+            s += XIN_FROM_XIN4;
         } else {
-            "fn xin(i: u32) -> f32 {\n    if (x_splits == 1u) {\n        return attn[x_base + i];\n    }\n    return combined(i, x_splits);\n}\n\nfn xin4(j: u32) -> vec4<f32> {\n    return vec4<f32>(xin(4u * j), xin(4u * j + 1u), xin(4u * j + 2u), xin(4u * j + 3u));\n}\n"
-        };
+            s += "fn xin(i: u32) -> f32 {\n    if (x_splits == 1u) {\n        return attn[x_base + i];\n    }\n    return combined(i, x_splits);\n}\n\n";
+            s += XIN4_FROM_XIN;
+        }
     }
     s
 }

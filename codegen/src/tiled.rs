@@ -60,7 +60,7 @@ var<workgroup> xt: array<vec4<f32>, BK * BT / 4u>;
             bt = self.bt,
         );
         if norm {
-            s += "// Sums of squares of the inputs this invocation staged, for its 4 tokens.\nvar<private> ssq: vec4<f32>;\n";
+            s += NORM_SUMS;
         }
         let (square, scale) =
             if norm { ("\n    ssq += v * v;", "\n    v *= norm[min(k, IN - 1u)];") } else { ("", "") };
@@ -86,20 +86,7 @@ fn stage_x(t0: u32, n: u32, k0: u32) {{
             &[("X", x)],
         );
         if norm {
-            s += r#"
-// 1/rms of tokens 4 ty .. 4 ty + 4 of the tile, from the sums of squares
-// stage_x gathered. Reuses xt: call after the last step, from every invocation.
-fn inv_rms(ty: u32) -> vec4<f32> {
-    workgroupBarrier();
-    xt[(lid % BK) * (BT / 4u) + lid / BK] = ssq;
-    workgroupBarrier();
-    var ss = vec4<f32>(0.0);
-    for (var kk = 0u; kk < BK; kk++) {
-        ss += xt[kk * (BT / 4u) + ty];
-    }
-    return inverseSqrt(ss / f32(IN) + EPS);
-}
-"#;
+            s += &inv_rms_function("BK");
         }
         s
     }
@@ -136,6 +123,32 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         s += "}\n";
         s
     }
+}
+
+/// The private sums of squares `stage_x` gathers for an RMSNorm on the input.
+pub(crate) const NORM_SUMS: &str =
+    "// Sums of squares of the inputs this invocation staged, for its 4 tokens.\nvar<private> ssq: vec4<f32>;\n";
+
+/// `inv_rms(ty)` of a skeleton whose `lanes` invocations (a WGSL constant)
+/// stage the inputs of each token quad and keep their sums in `ssq`.
+pub(crate) fn inv_rms_function(lanes: &str) -> String {
+    fill(
+        r#"
+// 1/rms of tokens 4 ty .. 4 ty + 4 of the tile, from the sums of squares
+// stage_x gathered. Reuses xt: call after the last step, from every invocation.
+fn inv_rms(ty: u32) -> vec4<f32> {
+    workgroupBarrier();
+    xt[(lid % $L) * (BT / 4u) + lid / $L] = ssq;
+    workgroupBarrier();
+    var ss = vec4<f32>(0.0);
+    for (var kk = 0u; kk < $L; kk++) {
+        ss += xt[kk * (BT / 4u) + ty];
+    }
+    return inverseSqrt(ss / f32(IN) + EPS);
+}
+"#,
+        &[("L", lanes)],
+    )
 }
 
 /// A weight tile in workgroup memory.
