@@ -92,9 +92,14 @@ impl Target {
     }
 
     /// Whether the tiled kernels use cooperative matrices: they need f16,
-    /// subgroups and a full workgroup of 256 invocations.
+    /// subgroups of exactly [`COOP_SUBGROUP_SIZE`] (each owns its sub-tiles)
+    /// and a full workgroup of 256 invocations.
     pub(crate) fn uses_coop(&self) -> bool {
-        self.cooperative_matrix && self.shader_f16 && self.subgroups && self.workgroup_limit() >= 256
+        self.cooperative_matrix
+            && self.shader_f16
+            && self.subgroups
+            && self.subgroup_size == COOP_SUBGROUP_SIZE
+            && self.workgroup_limit() >= 256
     }
 
     /// Workgroup size limit the generator designs for (kernels use at most 256 invocations).

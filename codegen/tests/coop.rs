@@ -139,4 +139,10 @@ fn coop_is_an_extra_variant_and_needs_its_capability() {
     let batch = plan.kernels.iter().find(|k| k.name.ends_with("-batch")).unwrap();
     let without = Target { cooperative_matrix: false, ..all[4] };
     assert!(validate(batch, &without).is_err());
+    // subgroups of another size would miss sub-tiles: those targets keep the plain kernels
+    assert!(batch.wgsl.contains("coopMultiplyAdd"), "{}", batch.name);
+    let other_size = Target { subgroup_size: 16, ..all[4] };
+    let plan = Plan::from_manifest(&common::manifest(&cfg, llama5_codegen::manifest::QuantFormat::F16, 1), &other_size)
+        .unwrap();
+    assert!(plan.kernels.iter().all(|k| !k.wgsl.contains("coopMultiplyAdd")));
 }

@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 use llama5_codegen::format;
 use llama5_codegen::manifest::{Precision, QuantFormat};
+use llama5_codegen::target::COOP_SUBGROUP_SIZE;
 use llama5_codegen::{
     attention_splits, generate, generate_batch, split_limit, Activation, Kernel, KernelSpec, StepUniform, Target,
     ATTENTION_SPLIT_LEN, MAX_ATTENTION_SPLITS,
@@ -252,7 +253,8 @@ fn run_all(runner: &KernelRunner, spec: &KernelSpec, contents: &[Vec<u8>], rows:
     // done in scalar code: runs on the f16-sg runner of any adapter
     let t = *runner.target();
     if t.shader_f16 && t.subgroups && !t.cooperative_matrix {
-        let coop = generate_batch(&spec.with_target(Target { cooperative_matrix: true, ..t })).unwrap().unwrap();
+        let coop_target = Target { cooperative_matrix: true, subgroup_size: COOP_SUBGROUP_SIZE, ..t };
+        let coop = generate_batch(&spec.with_target(coop_target)).unwrap().unwrap();
         // kernels of many outputs keep the plain skeleton (COOP_MAX_OUTPUTS), run above
         if coop.wgsl.contains("coopMultiplyAdd") {
             let kernel = emulated_coop(&coop);
