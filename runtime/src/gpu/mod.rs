@@ -546,7 +546,6 @@ impl GpuBackend {
         n: usize,
         sampling: Option<(&SamplingParams, &[f64])>,
     ) -> Result<Vec<u32>, RuntimeError> {
-        let mut records = Vec::with_capacity(n * StepUniform::SIZE);
         let mut steps = Vec::with_capacity(n);
         for i in 0..n {
             let p = pos + i;
@@ -562,9 +561,9 @@ impl GpuBackend {
                 step.top_p = params.top_p.unwrap_or(1.0);
                 step.sample_u = draws[i] as f32;
             }
-            records.extend_from_slice(&step.to_bytes());
             steps.push(step);
         }
+        let records: Vec<u8> = steps.iter().flat_map(|s| s.to_bytes()).collect();
         let choice = if sampling.is_some() { Choice::Sample } else { Choice::Argmax };
         let q = &self.gpu.queue;
         q.write_buffer(&self.step_records, 0, &records);
