@@ -281,7 +281,8 @@ pub(crate) async fn report() -> String {
         );
         s += &format!(
             "  cooperative matrices: {} ({} configs{}{})\n",
-            if t.cooperative_matrix { "in use" } else { "not used" },
+            // the f16 kernels, and with them coop, run with `--kv-cache f16` (the target printed above)
+            if t.cooperative_matrix { "usable (with --kv-cache f16)" } else { "not used" },
             configs.len(),
             if configs.is_empty() { "" } else { ": " },
             configs
