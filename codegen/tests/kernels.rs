@@ -271,6 +271,16 @@ fn snapshot_int4_qkv_f16_subgroups() {
     insta::assert_snapshot!("int4_qkv_f16_sg", snapshot_spec(spec));
 }
 
+/// Wide enough to read four outputs at a load, where INT4 products are f16.
+#[test]
+fn snapshot_int4_gate_up_quads_f16() {
+    let int4 = QuantFormat::Int4 { group_size: 32, symmetric: false };
+    let spec = KernelSpec::RmsGateUp { hidden: 4096, ffn: 11008, eps: 1e-5, gate: int4, up: int4, target: f16_sg() };
+    let text = snapshot_spec(spec);
+    assert!(text.contains("w_gate_qdot(w.x, xp)"), "f16 products in the four-output path");
+    insta::assert_snapshot!("int4_gate_up_quads_f16_sg", text);
+}
+
 #[test]
 fn snapshot_attention() {
     let spec = KernelSpec::Attention { heads: 9, kv_heads: 3, head_dim: 64, target: f16_sg() };

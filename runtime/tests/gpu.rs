@@ -36,15 +36,22 @@ const NMSE_MODEL_F16_KV: f64 = 1e-4;
 const NMSE_COOP_F16_INPUTS: f64 = 1e-5;
 /// Whole-model logits when the prefill ran on cooperative matrices.
 const NMSE_MODEL_COOP: f64 = 1e-3;
+/// INT4 matrix-vector products in f16 (targets with shader-f16): the input
+/// rounded to f16 and a word's eight products summed in f16, about 5e-7 on
+/// these random values.
+const NMSE_F16_PRODUCTS: f64 = 1e-5;
 
 /// The limit for `kernel`: `limit`, plus [`NMSE_COOP_F16_INPUTS`] for a
-/// cooperative-matrix kernel.
-fn coop_limit(kernel: &Kernel, limit: f64) -> f64 {
+/// cooperative-matrix kernel and [`NMSE_F16_PRODUCTS`] for f16 products.
+fn kernel_limit(kernel: &Kernel, limit: f64) -> f64 {
+    let mut limit = limit;
     if kernel.wgsl.contains("coopMultiplyAdd") || kernel.wgsl.contains("emu_mma_") {
-        limit + NMSE_COOP_F16_INPUTS
-    } else {
-        limit
+        limit += NMSE_COOP_F16_INPUTS;
     }
+    if kernel.wgsl.contains("_qdot(") {
+        limit += NMSE_F16_PRODUCTS;
+    }
+    limit
 }
 
 fn nmse_for(format: QuantFormat) -> f64 {
@@ -375,8 +382,44 @@ fn matvec_add_matches_cpu() {
                     }
                 }
                 for (kernel, result) in run_all(runner, &spec, &contents, 0) {
-                    assert_close(&kernel.name, &to_f32(&result[3]), &want, coop_limit(&kernel, nmse_for(format)));
+                    assert_close(&kernel.name, &to_f32(&result[3]), &want, kernel_limit(&kernel, nmse_for(format)));
                 }
+            }
+        }
+    }
+}
+
+/// Inputs as large as a 7B model's largest activations (a few thousand):
+/// INT4 products in f16 must neither overflow nor lose the small inputs beside them.
+#[test]
+fn int4_products_hold_large_inputs() {
+    let _gpu = gpu_lock();
+    let format = QuantFormat::Int4 { group_size: 32, symmetric: false };
+    for runner in runners() {
+        let target = *runner.target();
+        // one output at a time, and four at a load
+        for out in [77, 8200] {
+            let mut rng = Rng(out as u64);
+            let in_features = 256;
+            let (w_bytes, w) = packed(&mut rng, format, out, in_features);
+            let mut x = rng.vec(in_features, 1.0);
+            // a whole group of them, and single ones among small values
+            for v in &mut x[32..64] {
+                *v = 3000.0 * v.signum();
+            }
+            x[100] = -4000.0;
+            x[200] = 2500.0;
+            let hidden = rng.vec(out, 1.0);
+            let spec = KernelSpec::MatvecAdd { input: Activation::Ffn, in_features, out_features: out, format, target };
+            let contents = vec![step(0, 1, 1, 0, 0), f32_bytes(&x), w_bytes, f32_bytes(&hidden)];
+            let mut want = hidden.clone();
+            for (o, y) in matvec(&w, &x, out).into_iter().enumerate() {
+                want[o] += y;
+            }
+            for (kernel, result) in run_all(runner, &spec, &contents, 0) {
+                let got = to_f32(&result[3]);
+                assert!(got.iter().all(|v| v.is_finite()), "{}: non-finite output", kernel.name);
+                assert_close(&kernel.name, &got, &want, kernel_limit(&kernel, nmse_for(format)));
             }
         }
     }
@@ -413,7 +456,7 @@ fn rms_gate_up_matches_cpu() {
                 want.extend(gv.iter().zip(&uv).map(|(a, b)| cpu::silu(*a) * b));
             }
             for (kernel, result) in run_all(runner, &spec, &contents, 0) {
-                assert_close(&kernel.name, &to_f32(&result[5]), &want, coop_limit(&kernel, nmse_for(format)));
+                assert_close(&kernel.name, &to_f32(&result[5]), &want, kernel_limit(&kernel, nmse_for(format)));
             }
         }
     }
@@ -424,9 +467,9 @@ fn rms_gate_up_matches_cpu() {
 fn assert_qkv_close(kernel: &Kernel, result: &[Vec<u8>], want: [&[f32]; 3], limit: f64, target: &Target) {
     let kv_limit = if target.shader_f16 { NMSE_KV_F16 } else { limit };
     let name = &kernel.name;
-    assert_close(&format!("{name} q"), &to_f32(&result[6]), want[0], coop_limit(kernel, limit));
-    assert_close(&format!("{name} k"), &kv_values(&result[7], target), want[1], coop_limit(kernel, kv_limit));
-    assert_close(&format!("{name} v"), &kv_values(&result[8], target), want[2], coop_limit(kernel, kv_limit));
+    assert_close(&format!("{name} q"), &to_f32(&result[6]), want[0], kernel_limit(kernel, limit));
+    assert_close(&format!("{name} k"), &kv_values(&result[7], target), want[1], kernel_limit(kernel, kv_limit));
+    assert_close(&format!("{name} v"), &kv_values(&result[8], target), want[2], kernel_limit(kernel, kv_limit));
 }
 
 #[test]
@@ -692,7 +735,7 @@ fn attn_output_combines_splits_then_matches_cpu() {
                     };
                     for (kernel, result) in results {
                         let what = format!("{} pos {pos}, {tokens} tokens, {splits} splits", kernel.name);
-                        assert_close(&what, &to_f32(&result[3]), &want, coop_limit(&kernel, nmse_for(format)));
+                        assert_close(&what, &to_f32(&result[3]), &want, kernel_limit(&kernel, nmse_for(format)));
                     }
                 }
             }
@@ -727,7 +770,7 @@ fn logits_part_matches_cpu() {
                 want[r * vocab + rows[0]..r * vocab + rows[1]].copy_from_slice(&y);
             }
             for (kernel, result) in run_all(runner, &spec, &contents, 2) {
-                assert_close(&kernel.name, &to_f32(&result[4]), &want, coop_limit(&kernel, nmse_for(format)));
+                assert_close(&kernel.name, &to_f32(&result[4]), &want, kernel_limit(&kernel, nmse_for(format)));
             }
         }
     }
