@@ -815,6 +815,12 @@ fn argmax_picks_the_first_largest_logit() {
             let (a, b) = (vocab / 3, vocab - 1);
             logits[vocab + a] = 50.0;
             logits[vocab + b] = 50.0;
+            // ties an invocation meets later in its own stride (workgroups of up to 256)
+            for later in [a + 256, a + 2048] {
+                if later < vocab {
+                    logits[vocab + later] = 50.0;
+                }
+            }
             logits[vocab / 2] = 99.0; // row 0 must not be read
             let spec = KernelSpec::Argmax { vocab, target };
             let contents = vec![step(0, 1, 1, 0, 1), f32_bytes(&logits), vec![0xff; 4]];

@@ -92,11 +92,46 @@ fn main(
     let base = step.argmax_row * VOCAB;
     var best = -BIG;
     var best_i = 0xffffffffu;
-    for (var i = lid; i < VOCAB; i += WG) {
-        let v = logits[base + i];
-        if (v > best) {
-            best = v;
-            best_i = i;
+    for (var c = lid; c < VOCAB; c += 8u * WG) {
+        let v0 = logits[base + min(c + 0u * WG, VOCAB - 1u)];
+        let v1 = logits[base + min(c + 1u * WG, VOCAB - 1u)];
+        let v2 = logits[base + min(c + 2u * WG, VOCAB - 1u)];
+        let v3 = logits[base + min(c + 3u * WG, VOCAB - 1u)];
+        let v4 = logits[base + min(c + 4u * WG, VOCAB - 1u)];
+        let v5 = logits[base + min(c + 5u * WG, VOCAB - 1u)];
+        let v6 = logits[base + min(c + 6u * WG, VOCAB - 1u)];
+        let v7 = logits[base + min(c + 7u * WG, VOCAB - 1u)];
+        if (c + 0u * WG < VOCAB && v0 > best) {
+            best = v0;
+            best_i = c + 0u * WG;
+        }
+        if (c + 1u * WG < VOCAB && v1 > best) {
+            best = v1;
+            best_i = c + 1u * WG;
+        }
+        if (c + 2u * WG < VOCAB && v2 > best) {
+            best = v2;
+            best_i = c + 2u * WG;
+        }
+        if (c + 3u * WG < VOCAB && v3 > best) {
+            best = v3;
+            best_i = c + 3u * WG;
+        }
+        if (c + 4u * WG < VOCAB && v4 > best) {
+            best = v4;
+            best_i = c + 4u * WG;
+        }
+        if (c + 5u * WG < VOCAB && v5 > best) {
+            best = v5;
+            best_i = c + 5u * WG;
+        }
+        if (c + 6u * WG < VOCAB && v6 > best) {
+            best = v6;
+            best_i = c + 6u * WG;
+        }
+        if (c + 7u * WG < VOCAB && v7 > best) {
+            best = v7;
+            best_i = c + 7u * WG;
         }
     }
     let winner = wg_argmax(best, best_i);
