@@ -87,20 +87,31 @@ impl ModuleText {
         self.summary.push(format!("  {index}: {name} ({access}): {what}"));
     }
 
-    fn weight(&mut self, m: &WeightMatrix<'_>, what: &str, use_dot: bool) -> Result<(), CodegenError> {
+    /// Binds a weight matrix read one output at a time: `<ident>_dot` over at
+    /// most `dot_slice` blocks a call where given, else `<ident>_elem`.
+    fn weight(&mut self, m: &WeightMatrix<'_>, what: &str, dot_slice: Option<usize>) -> Result<(), CodegenError> {
         let what = format!("{what}; {}, {} x {}", tcal::describe(m.format), m.out, m.in_features);
         self.bind(m.ident, Access::ReadOnly, Resource::Tensor, "u32", &what);
-        let f = m.functions(use_dot).map_err(|e| CodegenError::Format { tensor: what.clone(), source: e })?;
+        let f = m
+            .functions(dot_slice.is_some(), dot_slice.unwrap_or(0))
+            .map_err(|e| CodegenError::Format { tensor: what.clone(), source: e })?;
         self.helpers += f.trim_end();
         self.helpers += "\n\n";
         Ok(())
     }
 
     /// Binds a weight matrix of a matrix-vector kernel: read four outputs at a
-    /// load (`<ident>_dot4`) with `quads`, else one (`<ident>_dot`).
-    fn matvec_weight(&mut self, m: &WeightMatrix<'_>, quads: bool, what: &str) -> Result<(), CodegenError> {
+    /// load (`<ident>_dot4`) with `quads`, else one (`<ident>_dot`), its input
+    /// split as `shape` says.
+    fn matvec_weight(
+        &mut self,
+        m: &WeightMatrix<'_>,
+        quads: bool,
+        shape: &MatvecShape,
+        what: &str,
+    ) -> Result<(), CodegenError> {
         if !quads {
-            return self.weight(m, what, true);
+            return self.weight(m, what, Some(shape.slice(m.blocks())));
         }
         let what = format!("{what}; {}, {} x {}", tcal::describe(m.format), m.out, m.in_features);
         self.bind(m.ident, Access::ReadOnly, Resource::Tensor, "vec4<u32>", &what);
@@ -265,7 +276,7 @@ fn embed(
     );
     m.bind("tokens", Access::ReadOnly, Resource::Tokens, "u32", "token ids of the step");
     let w = WeightMatrix { ident: "embed", format, out: rows[1] - rows[0], in_features: hidden };
-    m.weight(&w, "embedding part, [vocab rows, hidden]", false)?;
+    m.weight(&w, "embedding part, [vocab rows, hidden]", None)?;
     m.bind("hidden", Access::ReadWrite, Resource::Activation(Activation::Hidden), "f32", "[tokens, HIDDEN] output");
     m.konst("HIDDEN", "u32", hidden);
     m.konst("ROW0", "u32", rows[0]);
@@ -338,14 +349,14 @@ fn rms_qkv_rope(
     let wq = WeightMatrix { ident: "wq", format: formats[0], out: q_dim, in_features: hidden };
     let wk = WeightMatrix { ident: "wk", format: formats[1], out: kv_dim, in_features: hidden };
     let wv = WeightMatrix { ident: "wv", format: formats[2], out: kv_dim, in_features: hidden };
-    m.weight(&wq, "q_proj", true)?;
-    m.weight(&wk, "k_proj", true)?;
-    m.weight(&wv, "v_proj", true)?;
+    let shape = MatvecShape::choose((q_dim + 2 * kv_dim) / 2, wq.blocks(), &target);
+    m.weight(&wq, "q_proj", Some(shape.slice(wq.blocks())))?;
+    m.weight(&wk, "k_proj", Some(shape.slice(wk.blocks())))?;
+    m.weight(&wv, "v_proj", Some(shape.slice(wv.blocks())))?;
     let kv = tcal::kv_type(&target);
     m.bind("q", Access::ReadWrite, Resource::Activation(Activation::Q), "f32", "[tokens, Q_DIM] queries after RoPE");
     m.bind("k_cache", Access::ReadWrite, Resource::KeyCache, kv, "[ctx, KV_DIM] keys after RoPE");
     m.bind("v_cache", Access::ReadWrite, Resource::ValueCache, kv, "[ctx, KV_DIM] values");
-    let shape = MatvecShape::choose((q_dim + 2 * kv_dim) / 2, wq.blocks(), &target);
     m.konst("IN", "u32", hidden);
     m.konst("WG", "u32", shape.invocations());
     m.konst("HEAD_DIM", "u32", head_dim);
@@ -725,7 +736,8 @@ fn matvec_add(
     );
     let w = WeightMatrix { ident: "w", format, out: out_features, in_features };
     let (quads, units) = output_units(out_features);
-    m.matvec_weight(&w, quads, "the projection")?;
+    let shape = MatvecShape::choose(units, w.blocks(), &target);
+    m.matvec_weight(&w, quads, &shape, "the projection")?;
     m.bind(
         "hidden",
         Access::ReadWrite,
@@ -734,7 +746,6 @@ fn matvec_add(
         "[tokens, OUT] residual stream",
     );
     input.bind_extra(&mut m);
-    let shape = MatvecShape::choose(units, w.blocks(), &target);
     m.konst("IN", "u32", in_features);
     m.konst("OUT", "u32", out_features);
     if quads {
@@ -783,10 +794,10 @@ fn rms_gate_up(
     let wg_ = WeightMatrix { ident: "w_gate", format: gate, out: ffn, in_features: hidden };
     let wu = WeightMatrix { ident: "w_up", format: up, out: ffn, in_features: hidden };
     let (quads, units) = output_units(ffn);
-    m.matvec_weight(&wg_, quads, "gate_proj")?;
-    m.matvec_weight(&wu, quads, "up_proj")?;
-    m.bind("ffn", Access::ReadWrite, Resource::Activation(Activation::Ffn), "f32", "[tokens, OUT] SiLU(gate) * up");
     let shape = MatvecShape::choose(units, wg_.blocks(), &target);
+    m.matvec_weight(&wg_, quads, &shape, "gate_proj")?;
+    m.matvec_weight(&wu, quads, &shape, "up_proj")?;
+    m.bind("ffn", Access::ReadWrite, Resource::Activation(Activation::Ffn), "f32", "[tokens, OUT] SiLU(gate) * up");
     m.konst("IN", "u32", hidden);
     m.konst("OUT", "u32", ffn);
     if quads {
@@ -875,9 +886,9 @@ fn rms_logits(
     m.bind("norm", Access::ReadOnly, Resource::Tensor, x_type, "final RMSNorm weights, [IN]");
     let w = WeightMatrix { ident: "w", format, out: rows[1] - rows[0], in_features: hidden };
     let (quads, units) = output_units(rows[1] - rows[0]);
-    m.matvec_weight(&w, quads, "output projection part")?;
-    m.bind("logits", Access::ReadWrite, Resource::Activation(Activation::Logits), "f32", "[rows, VOCAB] logits");
     let shape = MatvecShape::choose(units, w.blocks(), &target);
+    m.matvec_weight(&w, quads, &shape, "output projection part")?;
+    m.bind("logits", Access::ReadWrite, Resource::Activation(Activation::Logits), "f32", "[rows, VOCAB] logits");
     m.konst("IN", "u32", hidden);
     m.konst("OUT", "u32", rows[1] - rows[0]);
     if quads {

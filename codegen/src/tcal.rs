@@ -297,7 +297,10 @@ impl WeightMatrix<'_> {
 
     /// Layout constants plus `<ident>_dot(o, b0, b1)` (the dot product of output
     /// `o` with inputs `xin(i)` over blocks `[b0, b1)`) and `<ident>_elem(o, i)`.
-    pub fn functions(&self, use_dot: bool) -> Result<String, FormatError> {
+    ///
+    /// `slice` is the most blocks one call covers (`b1 - b0`); where its words
+    /// are few ([`SHORT_SLICE_WORDS`]), `<ident>_dot` loads them all before using any.
+    pub fn functions(&self, use_dot: bool, slice: usize) -> Result<String, FormatError> {
         let sizes = part_sizes(self.format, self.out, self.in_features)?;
         let p = self.prefix();
         let mut s = format!(
@@ -453,10 +456,94 @@ fn $W_elem(o: u32, i: u32) -> f32 {
                 )
             }
         };
+        let body = match self.short_dot(slice) {
+            Some(short) => replace_function(&body, &format!("fn {}_dot(", self.ident), &fill(&short, &vars)),
+            None => body,
+        };
         s.push('\n');
         s += &select_functions(&body, &format!("fn {}_", self.ident), use_dot);
         Ok(s)
     }
+
+    /// Words of the weight buffer one block takes (data and scale).
+    fn words_per_block(&self) -> usize {
+        match self.format {
+            QuantFormat::Int4 { group_size, .. } => group_size as usize / 8 + 1,
+            QuantFormat::F32 | QuantFormat::F16 | QuantFormat::Bf16 | QuantFormat::Int8 { .. } => 1,
+        }
+    }
+
+    /// `$W_dot` over at most `slice` blocks as straight-line code: every word
+    /// loaded (indices clamped into the matrix) before the first product, so
+    /// that one invocation has all its loads in flight at once. `None` where the
+    /// slice takes more than [`SHORT_SLICE_WORDS`] words.
+    fn short_dot(&self, slice: usize) -> Option<String> {
+        let pairs = matches!(self.format, QuantFormat::F16 | QuantFormat::Bf16);
+        // rows of two inputs meet the input in pairs, so a slice must start at an even row
+        if slice == 0 || slice * self.words_per_block() > SHORT_SLICE_WORDS || (pairs && slice % 2 == 1) {
+            return None;
+        }
+        let mut loads = String::new();
+        let mut products = String::new();
+        for i in 0..slice {
+            loads += &format!("    let blk{i} = min(b0 + {i}u, $P_BLOCKS - 1u);\n");
+            let product = match self.format {
+                QuantFormat::F32 => return None,
+                QuantFormat::F16 | QuantFormat::Bf16 => {
+                    loads += &format!("    let w{i} = $W[blk{i} * $P_STRIDE + o];\n");
+                    if i % 2 == 1 {
+                        continue;
+                    }
+                    let decode = if self.format == QuantFormat::F16 { "unpack2x16float" } else { "$W_bf16" };
+                    let (a, b) = (i, i + 1);
+                    // a whole pair (then unclamped, blk{a} even) at one input load, else row {a} alone
+                    products += &format!(
+                        "    if (b0 + {b}u < b1) {{\n        let x = xin4(blk{a} / 2u);\n        let wa = {decode}(w{a});\n        let wb = {decode}(w{b});\n        acc += wa.x * x.x + wa.y * x.y + wb.x * x.z + wb.y * x.w;\n    }} else if (b0 + {a}u < b1) {{\n        let w = {decode}(w{a});\n        acc += w.x * xin(2u * blk{a}) + w.y * xin(2u * blk{a} + 1u);\n    }}\n"
+                    );
+                    continue;
+                }
+                QuantFormat::Int8 { .. } => {
+                    loads += &format!("    let w{i} = $W[blk{i} * $P_STRIDE + o];\n");
+                    format!("acc += dot(vec4<f32>(unpack4xI8(w{i})), xin4(blk{i}));")
+                }
+                QuantFormat::Int4 { group_size, .. } => {
+                    loads += &format!("    let s{i} = $W[$P_SCALES + blk{i} * $P_SCALE_STRIDE + o];\n");
+                    let mut p =
+                        format!("let sm = unpack2x16float(s{i});\n        var qx = 0.0;\n        var xsum = 0.0;\n");
+                    for k in 0..group_size / 8 {
+                        loads += &format!("    let w{i}_{k} = $W[(blk{i} * $P_GROUP_ROWS + {k}u) * $P_STRIDE + o];\n");
+                        p += &format!(
+                            "        {{\n            let r = blk{i} * $P_GROUP_ROWS + {k}u;\n            let q = $W_nibbles(w{i}_{k});\n            let x0 = xin4(2u * r);\n            let x1 = xin4(2u * r + 1u);\n            qx += dot(q[0], x0) + dot(q[1], x1);\n            xsum += dot(x0 + x1, vec4<f32>(1.0));\n        }}\n"
+                        );
+                    }
+                    p + "        acc += sm.x * qx + sm.y * xsum;"
+                }
+            };
+            products += &format!("    if (b0 + {i}u < b1) {{\n        {product}\n    }}\n");
+        }
+        let result = match self.format {
+            QuantFormat::Int8 { per_tensor: true } => "acc * bitcast<f32>($W[$P_SCALES])",
+            QuantFormat::Int8 { per_tensor: false } => "acc * bitcast<f32>($W[$P_SCALES + o])",
+            _ => "acc",
+        };
+        Some(format!(
+            "// At most {slice} blocks, every word loaded before the first product so that\n// their latencies overlap (on the H100, SmolLM2's gate/up kernel: 17 to 10 us).\nfn $W_dot(o: u32, b0: u32, b1: u32) -> f32 {{\n{loads}    var acc = 0.0;\n{products}    return {result};\n}}\n"
+        ))
+    }
+}
+
+/// Words of weights one invocation of a matrix-vector kernel loads all at once
+/// before its products, where its slice of the input is this short (see
+/// [`WeightMatrix::short_dot`]). Longer slices keep a loop: with more blocks per
+/// invocation, there is more work in flight anyway.
+pub(crate) const SHORT_SLICE_WORDS: usize = 16;
+
+/// `body` with the blank-line-separated chunk that defines `signature` replaced by `function`.
+fn replace_function(body: &str, signature: &str, function: &str) -> String {
+    body.split("\n\n")
+        .map(|chunk| if chunk.lines().any(|l| l.starts_with(signature)) { function.trim_end() } else { chunk })
+        .collect::<Vec<_>>()
+        .join("\n\n")
 }
 
 impl WeightMatrix<'_> {
@@ -764,6 +851,11 @@ impl MatvecShape {
 
     pub fn invocations(&self) -> u32 {
         self.tile * self.ksplit
+    }
+
+    /// The most of `blocks` input blocks one k-slice takes (`slice_end - slice_begin`).
+    pub fn slice(&self, blocks: usize) -> usize {
+        blocks.div_ceil(self.ksplit as usize)
     }
 
     /// Constants, scratch and `ksplit_sum(v, lo, ks)`: the sum of `v` over the

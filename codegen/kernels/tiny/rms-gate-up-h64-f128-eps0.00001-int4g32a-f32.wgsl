@@ -52,17 +52,47 @@ fn w_gate_nibbles(word: u32) -> array<vec4<f32>, 2> {
     return array<vec4<f32>, 2>(vec4<f32>(lo), vec4<f32>(hi));
 }
 
-// Blocks are groups: w = scale * q + min, so a group contributes
-// scale * dot(q, x) + min * sum(x).
+// At most 1 blocks, every word loaded before the first product so that
+// their latencies overlap (on the H100, SmolLM2's gate/up kernel: 17 to 10 us).
 fn w_gate_dot(o: u32, b0: u32, b1: u32) -> f32 {
+    let blk0 = min(b0 + 0u, W_GATE_BLOCKS - 1u);
+    let s0 = w_gate[W_GATE_SCALES + blk0 * W_GATE_SCALE_STRIDE + o];
+    let w0_0 = w_gate[(blk0 * W_GATE_GROUP_ROWS + 0u) * W_GATE_STRIDE + o];
+    let w0_1 = w_gate[(blk0 * W_GATE_GROUP_ROWS + 1u) * W_GATE_STRIDE + o];
+    let w0_2 = w_gate[(blk0 * W_GATE_GROUP_ROWS + 2u) * W_GATE_STRIDE + o];
+    let w0_3 = w_gate[(blk0 * W_GATE_GROUP_ROWS + 3u) * W_GATE_STRIDE + o];
     var acc = 0.0;
-    for (var g = b0; g < b1; g++) {
-        let sm = unpack2x16float(w_gate[W_GATE_SCALES + g * W_GATE_SCALE_STRIDE + o]);
+    if (b0 + 0u < b1) {
+        let sm = unpack2x16float(s0);
         var qx = 0.0;
         var xsum = 0.0;
-        for (var k = 0u; k < W_GATE_GROUP_ROWS; k++) {
-            let r = g * W_GATE_GROUP_ROWS + k;
-            let q = w_gate_nibbles(w_gate[r * W_GATE_STRIDE + o]);
+        {
+            let r = blk0 * W_GATE_GROUP_ROWS + 0u;
+            let q = w_gate_nibbles(w0_0);
+            let x0 = xin4(2u * r);
+            let x1 = xin4(2u * r + 1u);
+            qx += dot(q[0], x0) + dot(q[1], x1);
+            xsum += dot(x0 + x1, vec4<f32>(1.0));
+        }
+        {
+            let r = blk0 * W_GATE_GROUP_ROWS + 1u;
+            let q = w_gate_nibbles(w0_1);
+            let x0 = xin4(2u * r);
+            let x1 = xin4(2u * r + 1u);
+            qx += dot(q[0], x0) + dot(q[1], x1);
+            xsum += dot(x0 + x1, vec4<f32>(1.0));
+        }
+        {
+            let r = blk0 * W_GATE_GROUP_ROWS + 2u;
+            let q = w_gate_nibbles(w0_2);
+            let x0 = xin4(2u * r);
+            let x1 = xin4(2u * r + 1u);
+            qx += dot(q[0], x0) + dot(q[1], x1);
+            xsum += dot(x0 + x1, vec4<f32>(1.0));
+        }
+        {
+            let r = blk0 * W_GATE_GROUP_ROWS + 3u;
+            let q = w_gate_nibbles(w0_3);
             let x0 = xin4(2u * r);
             let x1 = xin4(2u * r + 1u);
             qx += dot(q[0], x0) + dot(q[1], x1);
@@ -87,17 +117,47 @@ fn w_up_nibbles(word: u32) -> array<vec4<f32>, 2> {
     return array<vec4<f32>, 2>(vec4<f32>(lo), vec4<f32>(hi));
 }
 
-// Blocks are groups: w = scale * q + min, so a group contributes
-// scale * dot(q, x) + min * sum(x).
+// At most 1 blocks, every word loaded before the first product so that
+// their latencies overlap (on the H100, SmolLM2's gate/up kernel: 17 to 10 us).
 fn w_up_dot(o: u32, b0: u32, b1: u32) -> f32 {
+    let blk0 = min(b0 + 0u, W_UP_BLOCKS - 1u);
+    let s0 = w_up[W_UP_SCALES + blk0 * W_UP_SCALE_STRIDE + o];
+    let w0_0 = w_up[(blk0 * W_UP_GROUP_ROWS + 0u) * W_UP_STRIDE + o];
+    let w0_1 = w_up[(blk0 * W_UP_GROUP_ROWS + 1u) * W_UP_STRIDE + o];
+    let w0_2 = w_up[(blk0 * W_UP_GROUP_ROWS + 2u) * W_UP_STRIDE + o];
+    let w0_3 = w_up[(blk0 * W_UP_GROUP_ROWS + 3u) * W_UP_STRIDE + o];
     var acc = 0.0;
-    for (var g = b0; g < b1; g++) {
-        let sm = unpack2x16float(w_up[W_UP_SCALES + g * W_UP_SCALE_STRIDE + o]);
+    if (b0 + 0u < b1) {
+        let sm = unpack2x16float(s0);
         var qx = 0.0;
         var xsum = 0.0;
-        for (var k = 0u; k < W_UP_GROUP_ROWS; k++) {
-            let r = g * W_UP_GROUP_ROWS + k;
-            let q = w_up_nibbles(w_up[r * W_UP_STRIDE + o]);
+        {
+            let r = blk0 * W_UP_GROUP_ROWS + 0u;
+            let q = w_up_nibbles(w0_0);
+            let x0 = xin4(2u * r);
+            let x1 = xin4(2u * r + 1u);
+            qx += dot(q[0], x0) + dot(q[1], x1);
+            xsum += dot(x0 + x1, vec4<f32>(1.0));
+        }
+        {
+            let r = blk0 * W_UP_GROUP_ROWS + 1u;
+            let q = w_up_nibbles(w0_1);
+            let x0 = xin4(2u * r);
+            let x1 = xin4(2u * r + 1u);
+            qx += dot(q[0], x0) + dot(q[1], x1);
+            xsum += dot(x0 + x1, vec4<f32>(1.0));
+        }
+        {
+            let r = blk0 * W_UP_GROUP_ROWS + 2u;
+            let q = w_up_nibbles(w0_2);
+            let x0 = xin4(2u * r);
+            let x1 = xin4(2u * r + 1u);
+            qx += dot(q[0], x0) + dot(q[1], x1);
+            xsum += dot(x0 + x1, vec4<f32>(1.0));
+        }
+        {
+            let r = blk0 * W_UP_GROUP_ROWS + 3u;
+            let q = w_up_nibbles(w0_3);
             let x0 = xin4(2u * r);
             let x1 = xin4(2u * r + 1u);
             qx += dot(q[0], x0) + dot(q[1], x1);
