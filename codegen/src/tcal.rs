@@ -813,7 +813,8 @@ pub(crate) fn format_tag(format: QuantFormat) -> String {
 /// Outputs from which a matrix-vector kernel reads four outputs at a load: below,
 /// a quarter as many workgroups leave a large GPU idle (on the H100, 4096-output
 /// INT4 projections slowed from 40 to 59 us while 11008-output F16 ones sped up
-/// from 93 to 79 us).
+/// from 93 to 79 us). With INT4 products in f16 the four-output path still lost
+/// at 4096 outputs: Llama-2-7B's down projection 40 to 46 us, INT8's 55 to 78.
 pub(crate) const QUAD_MIN_OUTPUTS: usize = 8192;
 
 /// How a matrix-vector kernel splits its work: `tile` outputs per workgroup,

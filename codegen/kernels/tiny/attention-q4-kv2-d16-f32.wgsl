@@ -171,9 +171,47 @@ fn main(
         for (var w = lid; w < SLICES * LANES; w += WG) {
             let d = w % LANES;
             var a = vec4<f32>(0.0);
-            for (var jj = w / LANES; jj < count; jj += SLICES) {
-                let row = ((first + base + jj) % step.ctx) * KV_LANES + kv_base;
-                a += probs[jj] * vec4<f32>(v_cache[row + d]);
+            for (var jt = w / LANES; jt < count; jt += 8u * SLICES) {
+                let j0 = min(jt + 0u * SLICES, count - 1u);
+                let v0 = vec4<f32>(v_cache[((first + base + j0) % step.ctx) * KV_LANES + kv_base + d]);
+                let j1 = min(jt + 1u * SLICES, count - 1u);
+                let v1 = vec4<f32>(v_cache[((first + base + j1) % step.ctx) * KV_LANES + kv_base + d]);
+                let j2 = min(jt + 2u * SLICES, count - 1u);
+                let v2 = vec4<f32>(v_cache[((first + base + j2) % step.ctx) * KV_LANES + kv_base + d]);
+                let j3 = min(jt + 3u * SLICES, count - 1u);
+                let v3 = vec4<f32>(v_cache[((first + base + j3) % step.ctx) * KV_LANES + kv_base + d]);
+                let j4 = min(jt + 4u * SLICES, count - 1u);
+                let v4 = vec4<f32>(v_cache[((first + base + j4) % step.ctx) * KV_LANES + kv_base + d]);
+                let j5 = min(jt + 5u * SLICES, count - 1u);
+                let v5 = vec4<f32>(v_cache[((first + base + j5) % step.ctx) * KV_LANES + kv_base + d]);
+                let j6 = min(jt + 6u * SLICES, count - 1u);
+                let v6 = vec4<f32>(v_cache[((first + base + j6) % step.ctx) * KV_LANES + kv_base + d]);
+                let j7 = min(jt + 7u * SLICES, count - 1u);
+                let v7 = vec4<f32>(v_cache[((first + base + j7) % step.ctx) * KV_LANES + kv_base + d]);
+                if (jt + 0u * SLICES < count) {
+                    a += probs[j0] * v0;
+                }
+                if (jt + 1u * SLICES < count) {
+                    a += probs[j1] * v1;
+                }
+                if (jt + 2u * SLICES < count) {
+                    a += probs[j2] * v2;
+                }
+                if (jt + 3u * SLICES < count) {
+                    a += probs[j3] * v3;
+                }
+                if (jt + 4u * SLICES < count) {
+                    a += probs[j4] * v4;
+                }
+                if (jt + 5u * SLICES < count) {
+                    a += probs[j5] * v5;
+                }
+                if (jt + 6u * SLICES < count) {
+                    a += probs[j6] * v6;
+                }
+                if (jt + 7u * SLICES < count) {
+                    a += probs[j7] * v7;
+                }
             }
             part[w] = a;
         }
