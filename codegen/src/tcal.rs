@@ -298,8 +298,8 @@ impl WeightMatrix<'_> {
     /// Layout constants plus `<ident>_dot(o, b0, b1)` (the dot product of output
     /// `o` with inputs `xin(i)` over blocks `[b0, b1)`) and `<ident>_elem(o, i)`.
     ///
-    /// `slice` is the most blocks one call covers (`b1 - b0`); where its words
-    /// are few ([`SHORT_SLICE_WORDS`]), `<ident>_dot` loads them all before using any.
+    /// `slice` is the most blocks one call covers (`b1 - b0`); `<ident>_dot`
+    /// loads runs of them before using any ([`WeightMatrix::loads_first_dot`]).
     pub fn functions(&self, use_dot: bool, slice: usize) -> Result<String, FormatError> {
         let sizes = part_sizes(self.format, self.out, self.in_features)?;
         let p = self.prefix();
@@ -456,8 +456,8 @@ fn $W_elem(o: u32, i: u32) -> f32 {
                 )
             }
         };
-        let body = match self.short_dot(slice) {
-            Some(short) => replace_function(&body, &format!("fn {}_dot(", self.ident), &fill(&short, &vars)),
+        let body = match self.loads_first_dot(slice) {
+            Some(dot) => replace_function(&body, &format!("fn {}_dot(", self.ident), &fill(&dot, &vars)),
             None => body,
         };
         s.push('\n');
@@ -473,24 +473,54 @@ fn $W_elem(o: u32, i: u32) -> f32 {
         }
     }
 
-    /// `$W_dot` over at most `slice` blocks as straight-line code: every word
-    /// loaded (indices clamped into the matrix) before the first product, so
-    /// that one invocation has all its loads in flight at once. `None` where the
-    /// slice takes more than [`SHORT_SLICE_WORDS`] words.
-    fn short_dot(&self, slice: usize) -> Option<String> {
+    /// `$W_dot` with every word of a run of blocks loaded (indices clamped into
+    /// the matrix) before the first product, so that an invocation has them all
+    /// in flight at once rather than one block's after another's: the whole
+    /// slice as straight-line code where it takes at most [`SHORT_SLICE_WORDS`]
+    /// words, else a loop over runs of [`RUN_WORDS`]. `None` for slices of F16
+    /// or BF16 rows of odd length, whose rows could not be taken in pairs.
+    fn loads_first_dot(&self, slice: usize) -> Option<String> {
         let pairs = matches!(self.format, QuantFormat::F16 | QuantFormat::Bf16);
-        // rows of two inputs meet the input in pairs, so a slice must start at an even row
-        if slice == 0 || slice * self.words_per_block() > SHORT_SLICE_WORDS || (pairs && slice % 2 == 1) {
+        // rows of two inputs meet the input in pairs, so every run must start at an even row
+        if slice == 0 || (pairs && slice % 2 == 1) || self.format == QuantFormat::F32 {
             return None;
         }
+        let per_block = self.words_per_block();
+        let (run, base, indent) = if slice * per_block <= SHORT_SLICE_WORDS {
+            (slice, "b0", "    ")
+        } else {
+            let run = (RUN_WORDS / per_block).max(1);
+            (if pairs { run.next_multiple_of(2) } else { run }, "bc", "        ")
+        };
+        let (loads, products) = self.run_code(run, base, indent);
+        let result = match self.format {
+            QuantFormat::Int8 { per_tensor: true } => "acc * bitcast<f32>($W[$P_SCALES])",
+            QuantFormat::Int8 { per_tensor: false } => "acc * bitcast<f32>($W[$P_SCALES + o])",
+            _ => "acc",
+        };
+        let body = if base == "b0" {
+            format!(
+                "// At most {slice} blocks, every word loaded before the first product (on the H100,\n// SmolLM2's gate/up kernel: 17 to 10 us).\nfn $W_dot(o: u32, b0: u32, b1: u32) -> f32 {{\n{loads}    var acc = 0.0;\n{products}"
+            )
+        } else {
+            format!(
+                "// Runs of {run} blocks, each run's words loaded before its first product (on the H100,\n// Llama-2-7B's INT4 down projection: 40 to 30 us).\nfn $W_dot(o: u32, b0: u32, b1: u32) -> f32 {{\n    var acc = 0.0;\n    for (var bc = b0; bc < b1; bc += {run}u) {{\n{loads}{products}    }}\n"
+            )
+        };
+        Some(body + &format!("    return {result};\n}}\n"))
+    }
+
+    /// Loads, then products, of blocks `base + 0 .. base + n` (clamped loads,
+    /// products only of blocks below `b1`).
+    fn run_code(&self, n: usize, base: &str, ind: &str) -> (String, String) {
         let mut loads = String::new();
         let mut products = String::new();
-        for i in 0..slice {
-            loads += &format!("    let blk{i} = min(b0 + {i}u, $P_BLOCKS - 1u);\n");
+        for i in 0..n {
+            loads += &format!("{ind}let blk{i} = min({base} + {i}u, $P_BLOCKS - 1u);\n");
             let product = match self.format {
-                QuantFormat::F32 => return None,
+                QuantFormat::F32 => unreachable!("no loads-first dot for F32"),
                 QuantFormat::F16 | QuantFormat::Bf16 => {
-                    loads += &format!("    let w{i} = $W[blk{i} * $P_STRIDE + o];\n");
+                    loads += &format!("{ind}let w{i} = $W[blk{i} * $P_STRIDE + o];\n");
                     if i % 2 == 1 {
                         continue;
                     }
@@ -498,45 +528,41 @@ fn $W_elem(o: u32, i: u32) -> f32 {
                     let (a, b) = (i, i + 1);
                     // a whole pair (then unclamped, blk{a} even) at one input load, else row {a} alone
                     products += &format!(
-                        "    if (b0 + {b}u < b1) {{\n        let x = xin4(blk{a} / 2u);\n        let wa = {decode}(w{a});\n        let wb = {decode}(w{b});\n        acc += wa.x * x.x + wa.y * x.y + wb.x * x.z + wb.y * x.w;\n    }} else if (b0 + {a}u < b1) {{\n        let w = {decode}(w{a});\n        acc += w.x * xin(2u * blk{a}) + w.y * xin(2u * blk{a} + 1u);\n    }}\n"
+                        "{ind}if ({base} + {b}u < b1) {{\n{ind}    let x = xin4(blk{a} / 2u);\n{ind}    let wa = {decode}(w{a});\n{ind}    let wb = {decode}(w{b});\n{ind}    acc += wa.x * x.x + wa.y * x.y + wb.x * x.z + wb.y * x.w;\n{ind}}} else if ({base} + {a}u < b1) {{\n{ind}    let w = {decode}(w{a});\n{ind}    acc += w.x * xin(2u * blk{a}) + w.y * xin(2u * blk{a} + 1u);\n{ind}}}\n"
                     );
                     continue;
                 }
                 QuantFormat::Int8 { .. } => {
-                    loads += &format!("    let w{i} = $W[blk{i} * $P_STRIDE + o];\n");
+                    loads += &format!("{ind}let w{i} = $W[blk{i} * $P_STRIDE + o];\n");
                     format!("acc += dot(vec4<f32>(unpack4xI8(w{i})), xin4(blk{i}));")
                 }
                 QuantFormat::Int4 { group_size, .. } => {
-                    loads += &format!("    let s{i} = $W[$P_SCALES + blk{i} * $P_SCALE_STRIDE + o];\n");
+                    loads += &format!("{ind}let s{i} = $W[$P_SCALES + blk{i} * $P_SCALE_STRIDE + o];\n");
                     let mut p =
-                        format!("let sm = unpack2x16float(s{i});\n        var qx = 0.0;\n        var xsum = 0.0;\n");
+                        format!("let sm = unpack2x16float(s{i});\n{ind}    var qx = 0.0;\n{ind}    var xsum = 0.0;\n");
                     for k in 0..group_size / 8 {
-                        loads += &format!("    let w{i}_{k} = $W[(blk{i} * $P_GROUP_ROWS + {k}u) * $P_STRIDE + o];\n");
+                        loads += &format!("{ind}let w{i}_{k} = $W[(blk{i} * $P_GROUP_ROWS + {k}u) * $P_STRIDE + o];\n");
                         p += &format!(
-                            "        {{\n            let r = blk{i} * $P_GROUP_ROWS + {k}u;\n            let q = $W_nibbles(w{i}_{k});\n            let x0 = xin4(2u * r);\n            let x1 = xin4(2u * r + 1u);\n            qx += dot(q[0], x0) + dot(q[1], x1);\n            xsum += dot(x0 + x1, vec4<f32>(1.0));\n        }}\n"
+                            "{ind}    {{\n{ind}        let r = blk{i} * $P_GROUP_ROWS + {k}u;\n{ind}        let q = $W_nibbles(w{i}_{k});\n{ind}        let x0 = xin4(2u * r);\n{ind}        let x1 = xin4(2u * r + 1u);\n{ind}        qx += dot(q[0], x0) + dot(q[1], x1);\n{ind}        xsum += dot(x0 + x1, vec4<f32>(1.0));\n{ind}    }}\n"
                         );
                     }
-                    p + "        acc += sm.x * qx + sm.y * xsum;"
+                    p + &format!("{ind}    acc += sm.x * qx + sm.y * xsum;")
                 }
             };
-            products += &format!("    if (b0 + {i}u < b1) {{\n        {product}\n    }}\n");
+            products += &format!("{ind}if ({base} + {i}u < b1) {{\n{ind}    {product}\n{ind}}}\n");
         }
-        let result = match self.format {
-            QuantFormat::Int8 { per_tensor: true } => "acc * bitcast<f32>($W[$P_SCALES])",
-            QuantFormat::Int8 { per_tensor: false } => "acc * bitcast<f32>($W[$P_SCALES + o])",
-            _ => "acc",
-        };
-        Some(format!(
-            "// At most {slice} blocks, every word loaded before the first product so that\n// their latencies overlap (on the H100, SmolLM2's gate/up kernel: 17 to 10 us).\nfn $W_dot(o: u32, b0: u32, b1: u32) -> f32 {{\n{loads}    var acc = 0.0;\n{products}    return {result};\n}}\n"
-        ))
+        (loads, products)
     }
 }
 
 /// Words of weights one invocation of a matrix-vector kernel loads all at once
-/// before its products, where its slice of the input is this short (see
-/// [`WeightMatrix::short_dot`]). Longer slices keep a loop: with more blocks per
-/// invocation, there is more work in flight anyway.
+/// before its products where its whole slice of the input is this short (see
+/// [`WeightMatrix::loads_first_dot`]).
 pub(crate) const SHORT_SLICE_WORDS: usize = 16;
+
+/// Words per run of a longer slice: two INT4 groups of 32. On the H100, runs of
+/// four groups made Llama-2-7B's output projection slower (22 to 31 us).
+pub(crate) const RUN_WORDS: usize = 10;
 
 /// `body` with the blank-line-separated chunk that defines `signature` replaced by `function`.
 fn replace_function(body: &str, signature: &str, function: &str) -> String {

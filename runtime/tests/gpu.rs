@@ -364,8 +364,9 @@ fn matvec_add_matches_cpu() {
         let target = *runner.target();
         for format in FORMATS {
             // a short input (cached in workgroup memory), a long one (read from storage),
-            // enough outputs for the widest tile, and more tokens than one batch tile
-            for (in_base, out, tokens) in [(90, 77, 3), (2300, 33, 2), (40, 40_000, 1), (90, 77, 70)] {
+            // one long enough for runs of blocks to end inside a slice, enough outputs
+            // for the widest tile, and more tokens than one batch tile
+            for (in_base, out, tokens) in [(90, 77, 3), (2300, 33, 2), (9000, 40, 1), (40, 40_000, 1), (90, 77, 70)] {
                 let mut rng = Rng(in_base as u64 * 31 + out as u64);
                 let in_features = input_size(format, in_base);
                 let (w_bytes, w) = packed(&mut rng, format, out, in_features);

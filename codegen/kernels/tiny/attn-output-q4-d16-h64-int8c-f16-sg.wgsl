@@ -50,8 +50,8 @@ const W_BLOCKS: u32 = 16u;
 const W_SCALES: u32 = 1024u;
 const W_SCALE_STRIDE: u32 = 64u;
 
-// At most 1 blocks, every word loaded before the first product so that
-// their latencies overlap (on the H100, SmolLM2's gate/up kernel: 17 to 10 us).
+// At most 1 blocks, every word loaded before the first product (on the H100,
+// SmolLM2's gate/up kernel: 17 to 10 us).
 fn w_dot(o: u32, b0: u32, b1: u32) -> f32 {
     let blk0 = min(b0 + 0u, W_BLOCKS - 1u);
     let w0 = w[blk0 * W_STRIDE + o];

@@ -66,8 +66,8 @@ fn wq_nibbles(word: u32) -> array<vec4<f32>, 2> {
     return array<vec4<f32>, 2>(vec4<f32>(lo), vec4<f32>(hi));
 }
 
-// At most 1 blocks, every word loaded before the first product so that
-// their latencies overlap (on the H100, SmolLM2's gate/up kernel: 17 to 10 us).
+// At most 1 blocks, every word loaded before the first product (on the H100,
+// SmolLM2's gate/up kernel: 17 to 10 us).
 fn wq_dot(o: u32, b0: u32, b1: u32) -> f32 {
     let blk0 = min(b0 + 0u, WQ_BLOCKS - 1u);
     let s0 = wq[WQ_SCALES + blk0 * WQ_SCALE_STRIDE + o];
@@ -131,8 +131,8 @@ fn wk_nibbles(word: u32) -> array<vec4<f32>, 2> {
     return array<vec4<f32>, 2>(vec4<f32>(lo), vec4<f32>(hi));
 }
 
-// At most 1 blocks, every word loaded before the first product so that
-// their latencies overlap (on the H100, SmolLM2's gate/up kernel: 17 to 10 us).
+// At most 1 blocks, every word loaded before the first product (on the H100,
+// SmolLM2's gate/up kernel: 17 to 10 us).
 fn wk_dot(o: u32, b0: u32, b1: u32) -> f32 {
     let blk0 = min(b0 + 0u, WK_BLOCKS - 1u);
     let s0 = wk[WK_SCALES + blk0 * WK_SCALE_STRIDE + o];
@@ -196,8 +196,8 @@ fn wv_nibbles(word: u32) -> array<vec4<f32>, 2> {
     return array<vec4<f32>, 2>(vec4<f32>(lo), vec4<f32>(hi));
 }
 
-// At most 1 blocks, every word loaded before the first product so that
-// their latencies overlap (on the H100, SmolLM2's gate/up kernel: 17 to 10 us).
+// At most 1 blocks, every word loaded before the first product (on the H100,
+// SmolLM2's gate/up kernel: 17 to 10 us).
 fn wv_dot(o: u32, b0: u32, b1: u32) -> f32 {
     let blk0 = min(b0 + 0u, WV_BLOCKS - 1u);
     let s0 = wv[WV_SCALES + blk0 * WV_SCALE_STRIDE + o];

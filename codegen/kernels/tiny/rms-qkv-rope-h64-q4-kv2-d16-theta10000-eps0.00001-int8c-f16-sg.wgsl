@@ -60,8 +60,8 @@ const WQ_BLOCKS: u32 = 16u;
 const WQ_SCALES: u32 = 1024u;
 const WQ_SCALE_STRIDE: u32 = 64u;
 
-// At most 1 blocks, every word loaded before the first product so that
-// their latencies overlap (on the H100, SmolLM2's gate/up kernel: 17 to 10 us).
+// At most 1 blocks, every word loaded before the first product (on the H100,
+// SmolLM2's gate/up kernel: 17 to 10 us).
 fn wq_dot(o: u32, b0: u32, b1: u32) -> f32 {
     let blk0 = min(b0 + 0u, WQ_BLOCKS - 1u);
     let w0 = wq[blk0 * WQ_STRIDE + o];
@@ -78,8 +78,8 @@ const WK_BLOCKS: u32 = 16u;
 const WK_SCALES: u32 = 512u;
 const WK_SCALE_STRIDE: u32 = 32u;
 
-// At most 1 blocks, every word loaded before the first product so that
-// their latencies overlap (on the H100, SmolLM2's gate/up kernel: 17 to 10 us).
+// At most 1 blocks, every word loaded before the first product (on the H100,
+// SmolLM2's gate/up kernel: 17 to 10 us).
 fn wk_dot(o: u32, b0: u32, b1: u32) -> f32 {
     let blk0 = min(b0 + 0u, WK_BLOCKS - 1u);
     let w0 = wk[blk0 * WK_STRIDE + o];
@@ -96,8 +96,8 @@ const WV_BLOCKS: u32 = 16u;
 const WV_SCALES: u32 = 512u;
 const WV_SCALE_STRIDE: u32 = 32u;
 
-// At most 1 blocks, every word loaded before the first product so that
-// their latencies overlap (on the H100, SmolLM2's gate/up kernel: 17 to 10 us).
+// At most 1 blocks, every word loaded before the first product (on the H100,
+// SmolLM2's gate/up kernel: 17 to 10 us).
 fn wv_dot(o: u32, b0: u32, b1: u32) -> f32 {
     let blk0 = min(b0 + 0u, WV_BLOCKS - 1u);
     let w0 = wv[blk0 * WV_STRIDE + o];
