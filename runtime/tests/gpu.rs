@@ -40,9 +40,13 @@ const NMSE_MODEL_COOP: f64 = 1e-3;
 /// rounded to f16 and a word's eight products summed in f16, about 5e-7 on
 /// these random values.
 const NMSE_F16_PRODUCTS: f64 = 1e-5;
+/// INT8 matrix-vector products through dot4I8Packed (targets with shader-f16):
+/// each row's four inputs quantised to int8, 2e-6 to 2e-5 on these values.
+const NMSE_INT8_INPUTS: f64 = 1e-4;
 
 /// The limit for `kernel`: `limit`, plus [`NMSE_COOP_F16_INPUTS`] for a
-/// cooperative-matrix kernel and [`NMSE_F16_PRODUCTS`] for f16 products.
+/// cooperative-matrix kernel, [`NMSE_F16_PRODUCTS`] for f16 products and
+/// [`NMSE_INT8_INPUTS`] for int8 inputs.
 fn kernel_limit(kernel: &Kernel, limit: f64) -> f64 {
     let mut limit = limit;
     if kernel.wgsl.contains("coopMultiplyAdd") || kernel.wgsl.contains("emu_mma_") {
@@ -50,6 +54,9 @@ fn kernel_limit(kernel: &Kernel, limit: f64) -> f64 {
     }
     if kernel.wgsl.contains("_qdot(") {
         limit += NMSE_F16_PRODUCTS;
+    }
+    if kernel.wgsl.contains("dot4I8Packed(") {
+        limit += NMSE_INT8_INPUTS;
     }
     limit
 }
@@ -390,37 +397,42 @@ fn matvec_add_matches_cpu() {
     }
 }
 
-/// Inputs as large as a 7B model's largest activations (a few thousand):
-/// INT4 products in f16 must neither overflow nor lose the small inputs beside them.
+/// Inputs as large as a 7B model's largest activations (a few thousand), and
+/// rows of zeros: packed products (INT4 in f16, INT8 through dot4I8Packed) must
+/// neither overflow nor lose the small inputs beside them.
 #[test]
-fn int4_products_hold_large_inputs() {
+fn packed_products_hold_large_and_zero_inputs() {
     let _gpu = gpu_lock();
-    let format = QuantFormat::Int4 { group_size: 32, symmetric: false };
     for runner in runners() {
         let target = *runner.target();
-        // one output at a time, and four at a load
-        for out in [77, 8200] {
-            let mut rng = Rng(out as u64);
-            let in_features = 256;
-            let (w_bytes, w) = packed(&mut rng, format, out, in_features);
-            let mut x = rng.vec(in_features, 1.0);
-            // a whole group of them, and single ones among small values
-            for v in &mut x[32..64] {
-                *v = 3000.0 * v.signum();
-            }
-            x[100] = -4000.0;
-            x[200] = 2500.0;
-            let hidden = rng.vec(out, 1.0);
-            let spec = KernelSpec::MatvecAdd { input: Activation::Ffn, in_features, out_features: out, format, target };
-            let contents = vec![step(0, 1, 1, 0, 0), f32_bytes(&x), w_bytes, f32_bytes(&hidden)];
-            let mut want = hidden.clone();
-            for (o, y) in matvec(&w, &x, out).into_iter().enumerate() {
-                want[o] += y;
-            }
-            for (kernel, result) in run_all(runner, &spec, &contents, 0) {
-                let got = to_f32(&result[3]);
-                assert!(got.iter().all(|v| v.is_finite()), "{}: non-finite output", kernel.name);
-                assert_close(&kernel.name, &got, &want, kernel_limit(&kernel, nmse_for(format)));
+        for format in [QuantFormat::Int4 { group_size: 32, symmetric: false }, QuantFormat::Int8 { per_tensor: false }]
+        {
+            // one output at a time, and four at a load
+            for out in [77, 8200] {
+                let mut rng = Rng(out as u64);
+                let in_features = 256;
+                let (w_bytes, w) = packed(&mut rng, format, out, in_features);
+                let mut x = rng.vec(in_features, 1.0);
+                // a whole group of them, and single ones among small values
+                for v in &mut x[32..64] {
+                    *v = 3000.0 * v.signum();
+                }
+                x[100] = -4000.0;
+                x[200] = 2500.0;
+                x[64..72].fill(0.0);
+                let hidden = rng.vec(out, 1.0);
+                let spec =
+                    KernelSpec::MatvecAdd { input: Activation::Ffn, in_features, out_features: out, format, target };
+                let contents = vec![step(0, 1, 1, 0, 0), f32_bytes(&x), w_bytes, f32_bytes(&hidden)];
+                let mut want = hidden.clone();
+                for (o, y) in matvec(&w, &x, out).into_iter().enumerate() {
+                    want[o] += y;
+                }
+                for (kernel, result) in run_all(runner, &spec, &contents, 0) {
+                    let got = to_f32(&result[3]);
+                    assert!(got.iter().all(|v| v.is_finite()), "{}: non-finite output", kernel.name);
+                    assert_close(&kernel.name, &got, &want, kernel_limit(&kernel, nmse_for(format)));
+                }
             }
         }
     }
