@@ -307,9 +307,9 @@ impl WeightMatrix<'_> {
     /// Layout constants plus `<ident>_dot(o, b0, b1)` (the dot product of output
     /// `o` with inputs `xin(i)` over blocks `[b0, b1)`) and `<ident>_elem(o, i)`.
     ///
-    /// `slice` is the most blocks one call covers (`b1 - b0`); `<ident>_dot`
-    /// loads runs of them before using any ([`WeightMatrix::loads_first_dot`]).
-    pub fn functions(&self, use_dot: bool, slice: usize) -> Result<String, FormatError> {
+    /// `dot` says which reads the kernel wants; a dot function loads runs of
+    /// blocks before using any ([`WeightMatrix::loads_first_dot`]).
+    pub fn functions(&self, dot: DotUse) -> Result<String, FormatError> {
         let sizes = part_sizes(self.format, self.out, self.in_features)?;
         let p = self.prefix();
         let mut s = format!(
@@ -465,12 +465,20 @@ fn $W_elem(o: u32, i: u32) -> f32 {
                 )
             }
         };
-        let body = match self.loads_first_dot(slice) {
-            Some(dot) => replace_function(&body, &format!("fn {}_dot(", self.ident), &fill(&dot, &vars)),
-            None => body,
+        let dot_signature = format!("fn {}_dot(", self.ident);
+        let body = match dot {
+            DotUse::Elem => body,
+            DotUse::One { slice } => match self.loads_first_dot(slice, Outputs::One) {
+                Some(f) => replace_function(&body, &dot_signature, &fill(&f, &vars)),
+                None => body,
+            },
+            DotUse::Pair { slice } => match self.loads_first_dot(slice, Outputs::Pair) {
+                Some(f) => replace_function(&body, &dot_signature, &fill(&f, &vars)),
+                None => body + "\n" + &fill(PAIR_FROM_ONE, &vars),
+            },
         };
         s.push('\n');
-        s += &select_functions(&body, &format!("fn {}_", self.ident), use_dot);
+        s += &select_functions(&body, &format!("fn {}_", self.ident), dot != DotUse::Elem);
         Ok(s)
     }
 
@@ -482,13 +490,14 @@ fn $W_elem(o: u32, i: u32) -> f32 {
         }
     }
 
-    /// `$W_dot` with every word of a run of blocks loaded (indices clamped into
-    /// the matrix) before the first product, so that an invocation has them all
-    /// in flight at once rather than one block's after another's: the whole
-    /// slice as straight-line code where it takes at most [`SHORT_SLICE_WORDS`]
-    /// words, else a loop over runs of [`RUN_WORDS`]. `None` for slices of F16
-    /// or BF16 rows of odd length, whose rows could not be taken in pairs.
-    fn loads_first_dot(&self, slice: usize) -> Option<String> {
+    /// `$W_dot` (or `$W_dot2` for a pair of outputs) with every word of a run
+    /// of blocks loaded (indices clamped into the matrix) before the first
+    /// product, so that an invocation has them all in flight at once rather than
+    /// one block's after another's: the whole slice as straight-line code where
+    /// it takes at most [`SHORT_SLICE_WORDS`] words, else a loop over runs of
+    /// [`RUN_WORDS`]. `None` for F32, and for slices of F16 or BF16 rows of odd
+    /// length, whose rows could not be taken in pairs.
+    fn loads_first_dot(&self, slice: usize, outs: Outputs) -> Option<String> {
         let pairs = matches!(self.format, QuantFormat::F16 | QuantFormat::Bf16);
         // rows of two inputs meet the input in pairs, so every run must start at an even row
         if slice == 0 || (pairs && slice % 2 == 1) || self.format == QuantFormat::F32 {
@@ -501,61 +510,83 @@ fn $W_elem(o: u32, i: u32) -> f32 {
             let run = (RUN_WORDS / per_block).max(1);
             (if pairs { run.next_multiple_of(2) } else { run }, "bc", "        ")
         };
-        let (loads, products) = self.run_code(run, base, indent);
+        let (loads, products) = self.run_code(run, base, indent, outs);
         let result = match self.format {
-            QuantFormat::Int8 { per_tensor: true } => "acc * bitcast<f32>($W[$P_SCALES])",
-            QuantFormat::Int8 { per_tensor: false } => "acc * bitcast<f32>($W[$P_SCALES + o])",
-            _ => "acc",
+            QuantFormat::Int8 { per_tensor: true } => "acc * bitcast<f32>($W[$P_SCALES])".to_string(),
+            QuantFormat::Int8 { per_tensor: false } => {
+                format!("acc * {}", outs.join(|o, _| format!("bitcast<f32>($W[$P_SCALES + {o}])")))
+            }
+            _ => "acc".to_string(),
         };
+        let signature = outs.signature();
+        let acc = outs.zero();
         let body = if base == "b0" {
             format!(
-                "// At most {slice} blocks, every word loaded before the first product (on the H100,\n// SmolLM2's gate/up kernel: 17 to 10 us).\nfn $W_dot(o: u32, b0: u32, b1: u32) -> f32 {{\n{loads}    var acc = 0.0;\n{products}"
+                "// At most {slice} blocks, every word loaded before the first product (on the H100,\n// SmolLM2's gate/up kernel: 17 to 10 us).\n{signature} {{\n{loads}    var acc = {acc};\n{products}"
             )
         } else {
             format!(
-                "// Runs of {run} blocks, each run's words loaded before its first product (on the H100,\n// Llama-2-7B's INT4 down projection: 40 to 30 us).\nfn $W_dot(o: u32, b0: u32, b1: u32) -> f32 {{\n    var acc = 0.0;\n    for (var bc = b0; bc < b1; bc += {run}u) {{\n{loads}{products}    }}\n"
+                "// Runs of {run} blocks, each run's words loaded before its first product (on the H100,\n// Llama-2-7B's INT4 down projection: 40 to 30 us).\n{signature} {{\n    var acc = {acc};\n    for (var bc = b0; bc < b1; bc += {run}u) {{\n{loads}{products}    }}\n"
             )
         };
         Some(body + &format!("    return {result};\n}}\n"))
     }
 
     /// Loads, then products, of blocks `base + 0 .. base + n` (clamped loads,
-    /// products only of blocks below `b1`).
-    fn run_code(&self, n: usize, base: &str, ind: &str) -> (String, String) {
+    /// products only of blocks below `b1`), for each output of `outs`; the
+    /// outputs share their input reads.
+    fn run_code(&self, n: usize, base: &str, ind: &str, outs: Outputs) -> (String, String) {
         let mut loads = String::new();
         let mut products = String::new();
+        let each = |f: &dyn Fn(&str, &str) -> String| outs.names().iter().map(|(o, s)| f(o, s)).collect::<String>();
         for i in 0..n {
             loads += &format!("{ind}let blk{i} = min({base} + {i}u, $P_BLOCKS - 1u);\n");
             let product = match self.format {
                 QuantFormat::F32 => unreachable!("no loads-first dot for F32"),
                 QuantFormat::F16 | QuantFormat::Bf16 => {
-                    loads += &format!("{ind}let w{i} = $W[blk{i} * $P_STRIDE + o];\n");
+                    loads += &each(&|o, s| format!("{ind}let w{i}{s} = $W[blk{i} * $P_STRIDE + {o}];\n"));
                     if i % 2 == 1 {
                         continue;
                     }
                     let decode = if self.format == QuantFormat::F16 { "unpack2x16float" } else { "$W_bf16" };
                     let (a, b) = (i, i + 1);
+                    let ind2 = format!("{ind}    ");
+                    let whole = each(&|_, s| {
+                        format!("{ind2}let wa{s} = {decode}(w{a}{s});\n{ind2}let wb{s} = {decode}(w{b}{s});\n")
+                    });
+                    let whole_sum =
+                        outs.join(|_, s| format!("wa{s}.x * x.x + wa{s}.y * x.y + wb{s}.x * x.z + wb{s}.y * x.w"));
+                    let single = each(&|_, s| format!("{ind2}let w{s} = {decode}(w{a}{s});\n"));
+                    let single_sum = outs.join(|_, s| format!("w{s}.x * xa + w{s}.y * xb"));
                     // a whole pair (then unclamped, blk{a} even) at one input load, else row {a} alone
                     products += &format!(
-                        "{ind}if ({base} + {b}u < b1) {{\n{ind}    let x = xin4(blk{a} / 2u);\n{ind}    let wa = {decode}(w{a});\n{ind}    let wb = {decode}(w{b});\n{ind}    acc += wa.x * x.x + wa.y * x.y + wb.x * x.z + wb.y * x.w;\n{ind}}} else if ({base} + {a}u < b1) {{\n{ind}    let w = {decode}(w{a});\n{ind}    acc += w.x * xin(2u * blk{a}) + w.y * xin(2u * blk{a} + 1u);\n{ind}}}\n"
+                        "{ind}if ({base} + {b}u < b1) {{\n{ind2}let x = xin4(blk{a} / 2u);\n{whole}{ind2}acc += {whole_sum};\n{ind}}} else if ({base} + {a}u < b1) {{\n{ind2}let xa = xin(2u * blk{a});\n{ind2}let xb = xin(2u * blk{a} + 1u);\n{single}{ind2}acc += {single_sum};\n{ind}}}\n"
                     );
                     continue;
                 }
                 QuantFormat::Int8 { .. } => {
-                    loads += &format!("{ind}let w{i} = $W[blk{i} * $P_STRIDE + o];\n");
-                    format!("acc += dot(vec4<f32>(unpack4xI8(w{i})), xin4(blk{i}));")
+                    loads += &each(&|o, s| format!("{ind}let w{i}{s} = $W[blk{i} * $P_STRIDE + {o}];\n"));
+                    let sum = outs.join(|_, s| format!("dot(vec4<f32>(unpack4xI8(w{i}{s})), x)"));
+                    format!("let x = xin4(blk{i});\n{ind}    acc += {sum};")
                 }
                 QuantFormat::Int4 { group_size, .. } => {
-                    loads += &format!("{ind}let s{i} = $W[$P_SCALES + blk{i} * $P_SCALE_STRIDE + o];\n");
-                    let mut p =
-                        format!("let sm = unpack2x16float(s{i});\n{ind}    var qx = 0.0;\n{ind}    var xsum = 0.0;\n");
+                    loads +=
+                        &each(&|o, s| format!("{ind}let s{i}{s} = $W[$P_SCALES + blk{i} * $P_SCALE_STRIDE + {o}];\n"));
+                    let mut p = each(&|_, s| format!("var qx{s} = 0.0;\n{ind}    "));
+                    p += "var xsum = 0.0;\n";
                     for k in 0..group_size / 8 {
-                        loads += &format!("{ind}let w{i}_{k} = $W[(blk{i} * $P_GROUP_ROWS + {k}u) * $P_STRIDE + o];\n");
+                        loads += &each(&|o, s| {
+                            format!("{ind}let w{i}_{k}{s} = $W[(blk{i} * $P_GROUP_ROWS + {k}u) * $P_STRIDE + {o}];\n")
+                        });
+                        let row = each(&|_, s| {
+                            format!("{ind}        let q{s} = $W_nibbles(w{i}_{k}{s});\n{ind}        qx{s} += dot(q{s}[0], x0) + dot(q{s}[1], x1);\n")
+                        });
                         p += &format!(
-                            "{ind}    {{\n{ind}        let r = blk{i} * $P_GROUP_ROWS + {k}u;\n{ind}        let q = $W_nibbles(w{i}_{k});\n{ind}        let x0 = xin4(2u * r);\n{ind}        let x1 = xin4(2u * r + 1u);\n{ind}        qx += dot(q[0], x0) + dot(q[1], x1);\n{ind}        xsum += dot(x0 + x1, vec4<f32>(1.0));\n{ind}    }}\n"
+                            "{ind}    {{\n{ind}        let r = blk{i} * $P_GROUP_ROWS + {k}u;\n{ind}        let x0 = xin4(2u * r);\n{ind}        let x1 = xin4(2u * r + 1u);\n{row}{ind}        xsum += dot(x0 + x1, vec4<f32>(1.0));\n{ind}    }}\n"
                         );
                     }
-                    p + &format!("{ind}    acc += sm.x * qx + sm.y * xsum;")
+                    p += &each(&|_, s| format!("{ind}    let sm{s} = unpack2x16float(s{i}{s});\n"));
+                    p + &format!("{ind}    acc += {};", outs.join(|_, s| format!("sm{s}.x * qx{s} + sm{s}.y * xsum")))
                 }
             };
             products += &format!("{ind}if ({base} + {i}u < b1) {{\n{ind}    {product}\n{ind}}}\n");
@@ -563,6 +594,62 @@ fn $W_elem(o: u32, i: u32) -> f32 {
         (loads, products)
     }
 }
+
+/// What one-output-at-a-time reads of a weight matrix a kernel wants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DotUse {
+    /// `<ident>_elem(o, i)` alone.
+    Elem,
+    /// `<ident>_dot(o, b0, b1)` over at most `slice` blocks a call.
+    One { slice: usize },
+    /// `<ident>_dot2(oa, ob, b0, b1)`: two outputs that share their input reads
+    /// (RoPE's rotation partners). On the H100, Llama-2-7B's INT4 QKV kernel
+    /// went from 42 to 35 us against two `_dot` calls.
+    Pair { slice: usize },
+}
+
+/// The outputs a dot function computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outputs {
+    One,
+    Pair,
+}
+
+impl Outputs {
+    /// (output index, suffix of its values) per output.
+    fn names(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Outputs::One => &[("o", "")],
+            Outputs::Pair => &[("oa", "a"), ("ob", "b")],
+        }
+    }
+
+    fn signature(self) -> &'static str {
+        match self {
+            Outputs::One => "fn $W_dot(o: u32, b0: u32, b1: u32) -> f32",
+            Outputs::Pair => "fn $W_dot2(oa: u32, ob: u32, b0: u32, b1: u32) -> vec2<f32>",
+        }
+    }
+
+    fn zero(self) -> &'static str {
+        match self {
+            Outputs::One => "0.0",
+            Outputs::Pair => "vec2<f32>(0.0)",
+        }
+    }
+
+    /// One expression per output, made one value (a vec2 for a pair).
+    fn join(self, f: impl Fn(&str, &str) -> String) -> String {
+        let parts: Vec<String> = self.names().iter().map(|(o, s)| f(o, s)).collect();
+        match self {
+            Outputs::One => parts[0].clone(),
+            Outputs::Pair => format!("vec2<f32>({}, {})", parts[0], parts[1]),
+        }
+    }
+}
+
+/// `$W_dot2` where `$W_dot` does not load first: two calls.
+const PAIR_FROM_ONE: &str = "fn $W_dot2(oa: u32, ob: u32, b0: u32, b1: u32) -> vec2<f32> {\n    return vec2<f32>($W_dot(oa, b0, b1), $W_dot(ob, b0, b1));\n}\n";
 
 /// Words of weights one invocation of a matrix-vector kernel loads all at once
 /// before its products where its whole slice of the input is this short (see

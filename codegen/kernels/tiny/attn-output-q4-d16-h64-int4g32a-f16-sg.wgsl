@@ -69,41 +69,41 @@ fn w_dot(o: u32, b0: u32, b1: u32) -> f32 {
     let w0_3 = w[(blk0 * W_GROUP_ROWS + 3u) * W_STRIDE + o];
     var acc = 0.0;
     if (b0 + 0u < b1) {
-        let sm = unpack2x16float(s0);
         var qx = 0.0;
         var xsum = 0.0;
         {
             let r = blk0 * W_GROUP_ROWS + 0u;
-            let q = w_nibbles(w0_0);
             let x0 = xin4(2u * r);
             let x1 = xin4(2u * r + 1u);
+            let q = w_nibbles(w0_0);
             qx += dot(q[0], x0) + dot(q[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
         {
             let r = blk0 * W_GROUP_ROWS + 1u;
-            let q = w_nibbles(w0_1);
             let x0 = xin4(2u * r);
             let x1 = xin4(2u * r + 1u);
+            let q = w_nibbles(w0_1);
             qx += dot(q[0], x0) + dot(q[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
         {
             let r = blk0 * W_GROUP_ROWS + 2u;
-            let q = w_nibbles(w0_2);
             let x0 = xin4(2u * r);
             let x1 = xin4(2u * r + 1u);
+            let q = w_nibbles(w0_2);
             qx += dot(q[0], x0) + dot(q[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
         {
             let r = blk0 * W_GROUP_ROWS + 3u;
-            let q = w_nibbles(w0_3);
             let x0 = xin4(2u * r);
             let x1 = xin4(2u * r + 1u);
+            let q = w_nibbles(w0_3);
             qx += dot(q[0], x0) + dot(q[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
+        let sm = unpack2x16float(s0);
         acc += sm.x * qx + sm.y * xsum;
     }
     return acc;

@@ -46,7 +46,8 @@ fn w_dot(o: u32, b0: u32, b1: u32) -> f32 {
     let w0 = w[blk0 * W_STRIDE + o];
     var acc = 0.0;
     if (b0 + 0u < b1) {
-        acc += dot(vec4<f32>(unpack4xI8(w0)), xin4(blk0));
+        let x = xin4(blk0);
+        acc += dot(vec4<f32>(unpack4xI8(w0)), x);
     }
     return acc * bitcast<f32>(w[W_SCALES + o]);
 }

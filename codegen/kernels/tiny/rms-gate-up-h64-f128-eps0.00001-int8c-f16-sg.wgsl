@@ -53,7 +53,8 @@ fn w_gate_dot(o: u32, b0: u32, b1: u32) -> f32 {
     let w0 = w_gate[blk0 * W_GATE_STRIDE + o];
     var acc = 0.0;
     if (b0 + 0u < b1) {
-        acc += dot(vec4<f32>(unpack4xI8(w0)), xin4(blk0));
+        let x = xin4(blk0);
+        acc += dot(vec4<f32>(unpack4xI8(w0)), x);
     }
     return acc * bitcast<f32>(w_gate[W_GATE_SCALES + o]);
 }
@@ -71,7 +72,8 @@ fn w_up_dot(o: u32, b0: u32, b1: u32) -> f32 {
     let w0 = w_up[blk0 * W_UP_STRIDE + o];
     var acc = 0.0;
     if (b0 + 0u < b1) {
-        acc += dot(vec4<f32>(unpack4xI8(w0)), xin4(blk0));
+        let x = xin4(blk0);
+        acc += dot(vec4<f32>(unpack4xI8(w0)), x);
     }
     return acc * bitcast<f32>(w_up[W_UP_SCALES + o]);
 }

@@ -68,51 +68,66 @@ fn wq_nibbles(word: u32) -> array<vec4<f32>, 2> {
 
 // At most 1 blocks, every word loaded before the first product (on the H100,
 // SmolLM2's gate/up kernel: 17 to 10 us).
-fn wq_dot(o: u32, b0: u32, b1: u32) -> f32 {
+fn wq_dot2(oa: u32, ob: u32, b0: u32, b1: u32) -> vec2<f32> {
     let blk0 = min(b0 + 0u, WQ_BLOCKS - 1u);
-    let s0 = wq[WQ_SCALES + blk0 * WQ_SCALE_STRIDE + o];
-    let w0_0 = wq[(blk0 * WQ_GROUP_ROWS + 0u) * WQ_STRIDE + o];
-    let w0_1 = wq[(blk0 * WQ_GROUP_ROWS + 1u) * WQ_STRIDE + o];
-    let w0_2 = wq[(blk0 * WQ_GROUP_ROWS + 2u) * WQ_STRIDE + o];
-    let w0_3 = wq[(blk0 * WQ_GROUP_ROWS + 3u) * WQ_STRIDE + o];
-    var acc = 0.0;
+    let s0a = wq[WQ_SCALES + blk0 * WQ_SCALE_STRIDE + oa];
+    let s0b = wq[WQ_SCALES + blk0 * WQ_SCALE_STRIDE + ob];
+    let w0_0a = wq[(blk0 * WQ_GROUP_ROWS + 0u) * WQ_STRIDE + oa];
+    let w0_0b = wq[(blk0 * WQ_GROUP_ROWS + 0u) * WQ_STRIDE + ob];
+    let w0_1a = wq[(blk0 * WQ_GROUP_ROWS + 1u) * WQ_STRIDE + oa];
+    let w0_1b = wq[(blk0 * WQ_GROUP_ROWS + 1u) * WQ_STRIDE + ob];
+    let w0_2a = wq[(blk0 * WQ_GROUP_ROWS + 2u) * WQ_STRIDE + oa];
+    let w0_2b = wq[(blk0 * WQ_GROUP_ROWS + 2u) * WQ_STRIDE + ob];
+    let w0_3a = wq[(blk0 * WQ_GROUP_ROWS + 3u) * WQ_STRIDE + oa];
+    let w0_3b = wq[(blk0 * WQ_GROUP_ROWS + 3u) * WQ_STRIDE + ob];
+    var acc = vec2<f32>(0.0);
     if (b0 + 0u < b1) {
-        let sm = unpack2x16float(s0);
-        var qx = 0.0;
+        var qxa = 0.0;
+        var qxb = 0.0;
         var xsum = 0.0;
         {
             let r = blk0 * WQ_GROUP_ROWS + 0u;
-            let q = wq_nibbles(w0_0);
             let x0 = xin4(2u * r);
             let x1 = xin4(2u * r + 1u);
-            qx += dot(q[0], x0) + dot(q[1], x1);
+            let qa = wq_nibbles(w0_0a);
+            qxa += dot(qa[0], x0) + dot(qa[1], x1);
+            let qb = wq_nibbles(w0_0b);
+            qxb += dot(qb[0], x0) + dot(qb[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
         {
             let r = blk0 * WQ_GROUP_ROWS + 1u;
-            let q = wq_nibbles(w0_1);
             let x0 = xin4(2u * r);
             let x1 = xin4(2u * r + 1u);
-            qx += dot(q[0], x0) + dot(q[1], x1);
+            let qa = wq_nibbles(w0_1a);
+            qxa += dot(qa[0], x0) + dot(qa[1], x1);
+            let qb = wq_nibbles(w0_1b);
+            qxb += dot(qb[0], x0) + dot(qb[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
         {
             let r = blk0 * WQ_GROUP_ROWS + 2u;
-            let q = wq_nibbles(w0_2);
             let x0 = xin4(2u * r);
             let x1 = xin4(2u * r + 1u);
-            qx += dot(q[0], x0) + dot(q[1], x1);
+            let qa = wq_nibbles(w0_2a);
+            qxa += dot(qa[0], x0) + dot(qa[1], x1);
+            let qb = wq_nibbles(w0_2b);
+            qxb += dot(qb[0], x0) + dot(qb[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
         {
             let r = blk0 * WQ_GROUP_ROWS + 3u;
-            let q = wq_nibbles(w0_3);
             let x0 = xin4(2u * r);
             let x1 = xin4(2u * r + 1u);
-            qx += dot(q[0], x0) + dot(q[1], x1);
+            let qa = wq_nibbles(w0_3a);
+            qxa += dot(qa[0], x0) + dot(qa[1], x1);
+            let qb = wq_nibbles(w0_3b);
+            qxb += dot(qb[0], x0) + dot(qb[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
-        acc += sm.x * qx + sm.y * xsum;
+        let sma = unpack2x16float(s0a);
+        let smb = unpack2x16float(s0b);
+        acc += vec2<f32>(sma.x * qxa + sma.y * xsum, smb.x * qxb + smb.y * xsum);
     }
     return acc;
 }
@@ -133,51 +148,66 @@ fn wk_nibbles(word: u32) -> array<vec4<f32>, 2> {
 
 // At most 1 blocks, every word loaded before the first product (on the H100,
 // SmolLM2's gate/up kernel: 17 to 10 us).
-fn wk_dot(o: u32, b0: u32, b1: u32) -> f32 {
+fn wk_dot2(oa: u32, ob: u32, b0: u32, b1: u32) -> vec2<f32> {
     let blk0 = min(b0 + 0u, WK_BLOCKS - 1u);
-    let s0 = wk[WK_SCALES + blk0 * WK_SCALE_STRIDE + o];
-    let w0_0 = wk[(blk0 * WK_GROUP_ROWS + 0u) * WK_STRIDE + o];
-    let w0_1 = wk[(blk0 * WK_GROUP_ROWS + 1u) * WK_STRIDE + o];
-    let w0_2 = wk[(blk0 * WK_GROUP_ROWS + 2u) * WK_STRIDE + o];
-    let w0_3 = wk[(blk0 * WK_GROUP_ROWS + 3u) * WK_STRIDE + o];
-    var acc = 0.0;
+    let s0a = wk[WK_SCALES + blk0 * WK_SCALE_STRIDE + oa];
+    let s0b = wk[WK_SCALES + blk0 * WK_SCALE_STRIDE + ob];
+    let w0_0a = wk[(blk0 * WK_GROUP_ROWS + 0u) * WK_STRIDE + oa];
+    let w0_0b = wk[(blk0 * WK_GROUP_ROWS + 0u) * WK_STRIDE + ob];
+    let w0_1a = wk[(blk0 * WK_GROUP_ROWS + 1u) * WK_STRIDE + oa];
+    let w0_1b = wk[(blk0 * WK_GROUP_ROWS + 1u) * WK_STRIDE + ob];
+    let w0_2a = wk[(blk0 * WK_GROUP_ROWS + 2u) * WK_STRIDE + oa];
+    let w0_2b = wk[(blk0 * WK_GROUP_ROWS + 2u) * WK_STRIDE + ob];
+    let w0_3a = wk[(blk0 * WK_GROUP_ROWS + 3u) * WK_STRIDE + oa];
+    let w0_3b = wk[(blk0 * WK_GROUP_ROWS + 3u) * WK_STRIDE + ob];
+    var acc = vec2<f32>(0.0);
     if (b0 + 0u < b1) {
-        let sm = unpack2x16float(s0);
-        var qx = 0.0;
+        var qxa = 0.0;
+        var qxb = 0.0;
         var xsum = 0.0;
         {
             let r = blk0 * WK_GROUP_ROWS + 0u;
-            let q = wk_nibbles(w0_0);
             let x0 = xin4(2u * r);
             let x1 = xin4(2u * r + 1u);
-            qx += dot(q[0], x0) + dot(q[1], x1);
+            let qa = wk_nibbles(w0_0a);
+            qxa += dot(qa[0], x0) + dot(qa[1], x1);
+            let qb = wk_nibbles(w0_0b);
+            qxb += dot(qb[0], x0) + dot(qb[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
         {
             let r = blk0 * WK_GROUP_ROWS + 1u;
-            let q = wk_nibbles(w0_1);
             let x0 = xin4(2u * r);
             let x1 = xin4(2u * r + 1u);
-            qx += dot(q[0], x0) + dot(q[1], x1);
+            let qa = wk_nibbles(w0_1a);
+            qxa += dot(qa[0], x0) + dot(qa[1], x1);
+            let qb = wk_nibbles(w0_1b);
+            qxb += dot(qb[0], x0) + dot(qb[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
         {
             let r = blk0 * WK_GROUP_ROWS + 2u;
-            let q = wk_nibbles(w0_2);
             let x0 = xin4(2u * r);
             let x1 = xin4(2u * r + 1u);
-            qx += dot(q[0], x0) + dot(q[1], x1);
+            let qa = wk_nibbles(w0_2a);
+            qxa += dot(qa[0], x0) + dot(qa[1], x1);
+            let qb = wk_nibbles(w0_2b);
+            qxb += dot(qb[0], x0) + dot(qb[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
         {
             let r = blk0 * WK_GROUP_ROWS + 3u;
-            let q = wk_nibbles(w0_3);
             let x0 = xin4(2u * r);
             let x1 = xin4(2u * r + 1u);
-            qx += dot(q[0], x0) + dot(q[1], x1);
+            let qa = wk_nibbles(w0_3a);
+            qxa += dot(qa[0], x0) + dot(qa[1], x1);
+            let qb = wk_nibbles(w0_3b);
+            qxb += dot(qb[0], x0) + dot(qb[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
-        acc += sm.x * qx + sm.y * xsum;
+        let sma = unpack2x16float(s0a);
+        let smb = unpack2x16float(s0b);
+        acc += vec2<f32>(sma.x * qxa + sma.y * xsum, smb.x * qxb + smb.y * xsum);
     }
     return acc;
 }
@@ -198,51 +228,66 @@ fn wv_nibbles(word: u32) -> array<vec4<f32>, 2> {
 
 // At most 1 blocks, every word loaded before the first product (on the H100,
 // SmolLM2's gate/up kernel: 17 to 10 us).
-fn wv_dot(o: u32, b0: u32, b1: u32) -> f32 {
+fn wv_dot2(oa: u32, ob: u32, b0: u32, b1: u32) -> vec2<f32> {
     let blk0 = min(b0 + 0u, WV_BLOCKS - 1u);
-    let s0 = wv[WV_SCALES + blk0 * WV_SCALE_STRIDE + o];
-    let w0_0 = wv[(blk0 * WV_GROUP_ROWS + 0u) * WV_STRIDE + o];
-    let w0_1 = wv[(blk0 * WV_GROUP_ROWS + 1u) * WV_STRIDE + o];
-    let w0_2 = wv[(blk0 * WV_GROUP_ROWS + 2u) * WV_STRIDE + o];
-    let w0_3 = wv[(blk0 * WV_GROUP_ROWS + 3u) * WV_STRIDE + o];
-    var acc = 0.0;
+    let s0a = wv[WV_SCALES + blk0 * WV_SCALE_STRIDE + oa];
+    let s0b = wv[WV_SCALES + blk0 * WV_SCALE_STRIDE + ob];
+    let w0_0a = wv[(blk0 * WV_GROUP_ROWS + 0u) * WV_STRIDE + oa];
+    let w0_0b = wv[(blk0 * WV_GROUP_ROWS + 0u) * WV_STRIDE + ob];
+    let w0_1a = wv[(blk0 * WV_GROUP_ROWS + 1u) * WV_STRIDE + oa];
+    let w0_1b = wv[(blk0 * WV_GROUP_ROWS + 1u) * WV_STRIDE + ob];
+    let w0_2a = wv[(blk0 * WV_GROUP_ROWS + 2u) * WV_STRIDE + oa];
+    let w0_2b = wv[(blk0 * WV_GROUP_ROWS + 2u) * WV_STRIDE + ob];
+    let w0_3a = wv[(blk0 * WV_GROUP_ROWS + 3u) * WV_STRIDE + oa];
+    let w0_3b = wv[(blk0 * WV_GROUP_ROWS + 3u) * WV_STRIDE + ob];
+    var acc = vec2<f32>(0.0);
     if (b0 + 0u < b1) {
-        let sm = unpack2x16float(s0);
-        var qx = 0.0;
+        var qxa = 0.0;
+        var qxb = 0.0;
         var xsum = 0.0;
         {
             let r = blk0 * WV_GROUP_ROWS + 0u;
-            let q = wv_nibbles(w0_0);
             let x0 = xin4(2u * r);
             let x1 = xin4(2u * r + 1u);
-            qx += dot(q[0], x0) + dot(q[1], x1);
+            let qa = wv_nibbles(w0_0a);
+            qxa += dot(qa[0], x0) + dot(qa[1], x1);
+            let qb = wv_nibbles(w0_0b);
+            qxb += dot(qb[0], x0) + dot(qb[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
         {
             let r = blk0 * WV_GROUP_ROWS + 1u;
-            let q = wv_nibbles(w0_1);
             let x0 = xin4(2u * r);
             let x1 = xin4(2u * r + 1u);
-            qx += dot(q[0], x0) + dot(q[1], x1);
+            let qa = wv_nibbles(w0_1a);
+            qxa += dot(qa[0], x0) + dot(qa[1], x1);
+            let qb = wv_nibbles(w0_1b);
+            qxb += dot(qb[0], x0) + dot(qb[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
         {
             let r = blk0 * WV_GROUP_ROWS + 2u;
-            let q = wv_nibbles(w0_2);
             let x0 = xin4(2u * r);
             let x1 = xin4(2u * r + 1u);
-            qx += dot(q[0], x0) + dot(q[1], x1);
+            let qa = wv_nibbles(w0_2a);
+            qxa += dot(qa[0], x0) + dot(qa[1], x1);
+            let qb = wv_nibbles(w0_2b);
+            qxb += dot(qb[0], x0) + dot(qb[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
         {
             let r = blk0 * WV_GROUP_ROWS + 3u;
-            let q = wv_nibbles(w0_3);
             let x0 = xin4(2u * r);
             let x1 = xin4(2u * r + 1u);
-            qx += dot(q[0], x0) + dot(q[1], x1);
+            let qa = wv_nibbles(w0_3a);
+            qxa += dot(qa[0], x0) + dot(qa[1], x1);
+            let qb = wv_nibbles(w0_3b);
+            qxb += dot(qb[0], x0) + dot(qb[1], x1);
             xsum += dot(x0 + x1, vec4<f32>(1.0));
         }
-        acc += sm.x * qx + sm.y * xsum;
+        let sma = unpack2x16float(s0a);
+        let smb = unpack2x16float(s0b);
+        acc += vec2<f32>(sma.x * qxa + sma.y * xsum, smb.x * qxb + smb.y * xsum);
     }
     return acc;
 }
@@ -425,26 +470,22 @@ fn main(
     let u = unit_output(min(unit, UNITS - 1u));
     let o1 = u.y;
     let o2 = o1 + HALF;
-    var a = 0.0;
-    var b = 0.0;
+    var ab = vec2<f32>(0.0);
     if (u.x == 0u) {
         let b0 = slice_begin(WQ_BLOCKS, ks);
         let b1 = slice_end(WQ_BLOCKS, ks);
-        a = wq_dot(o1, b0, b1);
-        b = wq_dot(o2, b0, b1);
+        ab = wq_dot2(o1, o2, b0, b1);
     } else if (u.x == 1u) {
         let b0 = slice_begin(WK_BLOCKS, ks);
         let b1 = slice_end(WK_BLOCKS, ks);
-        a = wk_dot(o1, b0, b1);
-        b = wk_dot(o2, b0, b1);
+        ab = wk_dot2(o1, o2, b0, b1);
     } else {
         let b0 = slice_begin(WV_BLOCKS, ks);
         let b1 = slice_end(WV_BLOCKS, ks);
-        a = wv_dot(o1, b0, b1);
-        b = wv_dot(o2, b0, b1);
+        ab = wv_dot2(o1, o2, b0, b1);
     }
-    let x1 = ksplit_sum(a, lo, ks);
-    let x2 = ksplit_sum(b, lo, ks);
+    let x1 = ksplit_sum(ab.x, lo, ks);
+    let x2 = ksplit_sum(ab.y, lo, ks);
     if (ks == 0u) {
         rope_store(t, step.pos + t, unit, x1, x2);
     }

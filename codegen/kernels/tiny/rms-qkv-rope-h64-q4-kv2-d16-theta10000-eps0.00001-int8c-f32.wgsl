@@ -60,14 +60,16 @@ const WQ_SCALE_STRIDE: u32 = 64u;
 
 // At most 1 blocks, every word loaded before the first product (on the H100,
 // SmolLM2's gate/up kernel: 17 to 10 us).
-fn wq_dot(o: u32, b0: u32, b1: u32) -> f32 {
+fn wq_dot2(oa: u32, ob: u32, b0: u32, b1: u32) -> vec2<f32> {
     let blk0 = min(b0 + 0u, WQ_BLOCKS - 1u);
-    let w0 = wq[blk0 * WQ_STRIDE + o];
-    var acc = 0.0;
+    let w0a = wq[blk0 * WQ_STRIDE + oa];
+    let w0b = wq[blk0 * WQ_STRIDE + ob];
+    var acc = vec2<f32>(0.0);
     if (b0 + 0u < b1) {
-        acc += dot(vec4<f32>(unpack4xI8(w0)), xin4(blk0));
+        let x = xin4(blk0);
+        acc += vec2<f32>(dot(vec4<f32>(unpack4xI8(w0a)), x), dot(vec4<f32>(unpack4xI8(w0b)), x));
     }
-    return acc * bitcast<f32>(wq[WQ_SCALES + o]);
+    return acc * vec2<f32>(bitcast<f32>(wq[WQ_SCALES + oa]), bitcast<f32>(wq[WQ_SCALES + ob]));
 }
 
 // wk: int8 x4 with an f32 scale per output, 32 outputs x 64 inputs, column-major packed.
@@ -78,14 +80,16 @@ const WK_SCALE_STRIDE: u32 = 32u;
 
 // At most 1 blocks, every word loaded before the first product (on the H100,
 // SmolLM2's gate/up kernel: 17 to 10 us).
-fn wk_dot(o: u32, b0: u32, b1: u32) -> f32 {
+fn wk_dot2(oa: u32, ob: u32, b0: u32, b1: u32) -> vec2<f32> {
     let blk0 = min(b0 + 0u, WK_BLOCKS - 1u);
-    let w0 = wk[blk0 * WK_STRIDE + o];
-    var acc = 0.0;
+    let w0a = wk[blk0 * WK_STRIDE + oa];
+    let w0b = wk[blk0 * WK_STRIDE + ob];
+    var acc = vec2<f32>(0.0);
     if (b0 + 0u < b1) {
-        acc += dot(vec4<f32>(unpack4xI8(w0)), xin4(blk0));
+        let x = xin4(blk0);
+        acc += vec2<f32>(dot(vec4<f32>(unpack4xI8(w0a)), x), dot(vec4<f32>(unpack4xI8(w0b)), x));
     }
-    return acc * bitcast<f32>(wk[WK_SCALES + o]);
+    return acc * vec2<f32>(bitcast<f32>(wk[WK_SCALES + oa]), bitcast<f32>(wk[WK_SCALES + ob]));
 }
 
 // wv: int8 x4 with an f32 scale per output, 32 outputs x 64 inputs, column-major packed.
@@ -96,14 +100,16 @@ const WV_SCALE_STRIDE: u32 = 32u;
 
 // At most 1 blocks, every word loaded before the first product (on the H100,
 // SmolLM2's gate/up kernel: 17 to 10 us).
-fn wv_dot(o: u32, b0: u32, b1: u32) -> f32 {
+fn wv_dot2(oa: u32, ob: u32, b0: u32, b1: u32) -> vec2<f32> {
     let blk0 = min(b0 + 0u, WV_BLOCKS - 1u);
-    let w0 = wv[blk0 * WV_STRIDE + o];
-    var acc = 0.0;
+    let w0a = wv[blk0 * WV_STRIDE + oa];
+    let w0b = wv[blk0 * WV_STRIDE + ob];
+    var acc = vec2<f32>(0.0);
     if (b0 + 0u < b1) {
-        acc += dot(vec4<f32>(unpack4xI8(w0)), xin4(blk0));
+        let x = xin4(blk0);
+        acc += vec2<f32>(dot(vec4<f32>(unpack4xI8(w0a)), x), dot(vec4<f32>(unpack4xI8(w0b)), x));
     }
-    return acc * bitcast<f32>(wv[WV_SCALES + o]);
+    return acc * vec2<f32>(bitcast<f32>(wv[WV_SCALES + oa]), bitcast<f32>(wv[WV_SCALES + ob]));
 }
 
 // RoPE inverse frequencies theta^(-2j / HEAD_DIM).
@@ -277,26 +283,22 @@ fn main(
     let u = unit_output(min(unit, UNITS - 1u));
     let o1 = u.y;
     let o2 = o1 + HALF;
-    var a = 0.0;
-    var b = 0.0;
+    var ab = vec2<f32>(0.0);
     if (u.x == 0u) {
         let b0 = slice_begin(WQ_BLOCKS, ks);
         let b1 = slice_end(WQ_BLOCKS, ks);
-        a = wq_dot(o1, b0, b1);
-        b = wq_dot(o2, b0, b1);
+        ab = wq_dot2(o1, o2, b0, b1);
     } else if (u.x == 1u) {
         let b0 = slice_begin(WK_BLOCKS, ks);
         let b1 = slice_end(WK_BLOCKS, ks);
-        a = wk_dot(o1, b0, b1);
-        b = wk_dot(o2, b0, b1);
+        ab = wk_dot2(o1, o2, b0, b1);
     } else {
         let b0 = slice_begin(WV_BLOCKS, ks);
         let b1 = slice_end(WV_BLOCKS, ks);
-        a = wv_dot(o1, b0, b1);
-        b = wv_dot(o2, b0, b1);
+        ab = wv_dot2(o1, o2, b0, b1);
     }
-    let x1 = ksplit_sum(a, lo, ks);
-    let x2 = ksplit_sum(b, lo, ks);
+    let x1 = ksplit_sum(ab.x, lo, ks);
+    let x2 = ksplit_sum(ab.y, lo, ks);
     if (ks == 0u) {
         rope_store(t, step.pos + t, unit, x1, x2);
     }
