@@ -815,6 +815,10 @@ fn rms_gate_up(
     m.helpers.push('\n');
     m.helpers += &tcal::input_functions("hidden", hidden, true);
     m.helpers.push('\n');
+    if quads {
+        m.helpers += &tcal::gate_up_dot4(&wg_, &wu, Products::for_target(&target));
+        m.helpers.push('\n');
+    }
     let entry = if quads {
         entry_signature(&target, "WG")
             + r#"    let t = wid.y;
@@ -823,10 +827,9 @@ fn rms_gate_up(
     let ks = lid / TILE;
     let o4 = wid.x * TILE + lo;
     let oc = min(o4, OUT4 - 1u);
-    let g_part = w_gate_dot4(oc, slice_begin(W_GATE_BLOCKS, ks), slice_end(W_GATE_BLOCKS, ks));
-    let u_part = w_up_dot4(oc, slice_begin(W_UP_BLOCKS, ks), slice_end(W_UP_BLOCKS, ks));
-    let g = ksplit_sum4(g_part, lo, ks);
-    let u = ksplit_sum4(u_part, lo, ks);
+    let parts = gate_up_dot4(oc, ks);
+    let g = ksplit_sum4(parts[0], lo, ks);
+    let u = ksplit_sum4(parts[1], lo, ks);
     if (ks == 0u) {
         let y = g / (1.0 + exp(-g)) * u;
         for (var j = 0u; j < 4u; j++) {

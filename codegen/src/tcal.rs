@@ -269,6 +269,116 @@ fn $W_qdot(word: u32, x: array<vec2<f16>, 4>) -> f32 {{
     )
 }
 
+/// `gate_up_dot4(o4, ks)`: outputs `4 o4 ..` of two matrices over k-slice `ks`,
+/// for the fused gate/up kernel. Where both are INT4 or both INT8 of one format,
+/// one loop reads each input once for both and loads both words of a row before
+/// their products (on the H100, 7B's gate/up kernel: INT4 52.5 to 47.8 us, INT8
+/// 54.5 to 47.5); else
+/// the two `_dot4` calls.
+pub(crate) fn gate_up_dot4(gate: &WeightMatrix<'_>, up: &WeightMatrix<'_>, products: Products) -> String {
+    let (g, u) = (gate.ident, up.ident);
+    let (gp, up_) = (gate.prefix(), up.prefix());
+    let fused = gate.format == up.format && gate.in_features == up.in_features;
+    let head = "fn gate_up_dot4(o4: u32, ks: u32) -> array<vec4<f32>, 2> {\n".to_string();
+    match gate.format {
+        QuantFormat::Int4 { .. } if fused => {
+            let shared = indent(&quad_shared_input(gate.format, products, g), 4);
+            let gq = indent(&quad_product(gate.format, products, g, "gw", "gq"), 4);
+            let uq = indent(&quad_product(up.format, products, u, "uw", "uq"), 4);
+            let unscale = if products == Products::Packed { format!(" * {X16_UNSCALE}") } else { String::new() };
+            head + &format!(
+                r#"    let b0 = slice_begin({gp}_BLOCKS, ks);
+    let b1 = slice_end({gp}_BLOCKS, ks);
+    var ga = vec4<f32>(0.0);
+    var ua = vec4<f32>(0.0);
+    for (var g = b0; g < b1; g++) {{
+        let gsm = {g}[{gp}_SCALES4 + g * {gp}_SCALE_STRIDE4 + o4];
+        let usm = {u}[{up_}_SCALES4 + g * {up_}_SCALE_STRIDE4 + o4];
+        var gq = vec4<f32>(0.0);
+        var uq = vec4<f32>(0.0);
+        var xsum = 0.0;
+        for (var k = 0u; k < {gp}_GROUP_ROWS; k++) {{
+            let r = g * {gp}_GROUP_ROWS + k;
+            let gw = {g}[r * {gp}_STRIDE4 + o4];
+            let uw = {u}[r * {up_}_STRIDE4 + o4];
+            let x0 = xin4(2u * r);
+            let x1 = xin4(2u * r + 1u);
+{shared}{gq}{uq}            xsum += dot(x0 + x1, vec4<f32>(1.0));
+        }}
+        ga += half_lo(gsm) * gq{unscale} + half_hi(gsm) * xsum;
+        ua += half_lo(usm) * uq{unscale} + half_hi(usm) * xsum;
+    }}
+    return array<vec4<f32>, 2>(ga, ua);
+}}
+"#
+            )
+        }
+        QuantFormat::Int8 { per_tensor } if fused => {
+            let scale = |w: &str, p: &str| {
+                if per_tensor { format!("bitcast<f32>({w}[{p}_SCALES4].x)") } else { format!("bitcast<vec4<f32>>({w}[{p}_SCALES4 + o4])") }
+            };
+            let shared = quad_shared_input(gate.format, products, g);
+            let ga = quad_product(gate.format, products, g, "gw", "ga");
+            let ua = quad_product(up.format, products, u, "uw", "ua");
+            let (gs, us) = (scale(g, &gp), scale(u, &up_));
+            head + &format!(
+                r#"    let b0 = slice_begin({gp}_BLOCKS, ks);
+    let b1 = slice_end({gp}_BLOCKS, ks);
+    var ga = vec4<f32>(0.0);
+    var ua = vec4<f32>(0.0);
+    for (var r = b0; r < b1; r++) {{
+        let gw = {g}[r * {gp}_STRIDE4 + o4];
+        let uw = {u}[r * {up_}_STRIDE4 + o4];
+        let x = xin4(r);
+{shared}{ga}{ua}    }}
+    return array<vec4<f32>, 2>(ga * {gs}, ua * {us});
+}}
+"#
+            )
+        }
+        _ => head + &format!(
+            "    let gate = {g}_dot4(o4, slice_begin({gp}_BLOCKS, ks), slice_end({gp}_BLOCKS, ks));\n    let up = {u}_dot4(o4, slice_begin({up_}_BLOCKS, ks), slice_end({up_}_BLOCKS, ks));\n    return array<vec4<f32>, 2>(gate, up);\n}}\n"
+        ),
+    }
+}
+
+/// Per row of a four-output dot product, what all its matrices share: the
+/// input made f16 pairs (INT4) or int8 (INT8) for packed products. `first` is
+/// the matrix whose helper functions it calls. Indented for a loop body.
+fn quad_shared_input(format: QuantFormat, products: Products, first: &str) -> String {
+    match (format, products) {
+        (QuantFormat::Int4 { .. }, Products::Packed) => format!("        let xp = {first}_xpairs(x0, x1);\n"),
+        (QuantFormat::Int8 { .. }, Products::Packed) => "        // the row's four inputs as int8 at a scale of their own, then one\n        // dot4I8Packed per output\n        let m = max(max(abs(x.x), abs(x.y)), max(abs(x.z), abs(x.w)));\n        let xq = pack4xI8Clamp(vec4<i32>(round(x * (127.0 / max(m, 1e-30)))));\n        let xd = m / 127.0;\n".to_string(),
+        _ => String::new(),
+    }
+}
+
+/// Per row of a four-output dot product, matrix `ident`'s products of its word
+/// `w` with the input, added to `acc` (INT4: x0, x1; INT8: x).
+fn quad_product(format: QuantFormat, products: Products, ident: &str, w: &str, acc: &str) -> String {
+    match (format, products) {
+        (QuantFormat::Int4 { .. }, Products::Exact) => format!(
+            "        for (var e = 0u; e < 4u; e++) {{\n            {acc} += vec4<f32>(({w} >> vec4<u32>(4u * e)) & vec4<u32>(15u)) * x0[e];\n            {acc} += vec4<f32>(({w} >> vec4<u32>(4u * e + 16u)) & vec4<u32>(15u)) * x1[e];\n        }}\n"
+        ),
+        (QuantFormat::Int4 { .. }, Products::Packed) => format!(
+            "        {acc} += vec4<f32>({ident}_qdot({w}.x, xp), {ident}_qdot({w}.y, xp), {ident}_qdot({w}.z, xp), {ident}_qdot({w}.w, xp));\n"
+        ),
+        (QuantFormat::Int8 { .. }, Products::Exact) => format!(
+            "        for (var e = 0u; e < 4u; e++) {{\n            {acc} += vec4<f32>(bitcast<vec4<i32>>({w} << vec4<u32>(24u - 8u * e)) >> vec4<u32>(24u)) * x[e];\n        }}\n"
+        ),
+        (QuantFormat::Int8 { .. }, Products::Packed) => format!(
+            "        {acc} += vec4<f32>(vec4<i32>(dot4I8Packed({w}.x, xq), dot4I8Packed({w}.y, xq), dot4I8Packed({w}.z, xq), dot4I8Packed({w}.w, xq))) * xd;\n"
+        ),
+        _ => unreachable!("four-output rows of {format:?} are written in dot4_functions"),
+    }
+}
+
+/// `text` with every non-empty line indented by `n` more spaces.
+fn indent(text: &str, n: usize) -> String {
+    let pad = " ".repeat(n);
+    text.lines().map(|l| if l.is_empty() { "\n".to_string() } else { format!("{pad}{l}\n") }).collect()
+}
+
 /// A packed weight matrix bound as `array<u32>`: its data region followed by
 /// its scale region (see [`weight_buffer_words`]).
 #[derive(Clone, Copy, Debug)]
@@ -729,29 +839,15 @@ impl WeightMatrix<'_> {
             }
             QuantFormat::Int8 { per_tensor } => {
                 let scale = if per_tensor { "bitcast<f32>($W[$P_SCALES4].x)" } else { "bitcast<vec4<f32>>($W[$P_SCALES4 + o4])" };
-                let product = match products {
-                    Products::Exact => {
-                        r#"for (var e = 0u; e < 4u; e++) {
-            acc += vec4<f32>(bitcast<vec4<i32>>(w << vec4<u32>(24u - 8u * e)) >> vec4<u32>(24u)) * x[e];
-        }"#
-                    }
-                    Products::Packed => {
-                        r#"// the row's four inputs as int8 at a scale of their own, then one
-        // dot4I8Packed per output
-        let m = max(max(abs(x.x), abs(x.y)), max(abs(x.z), abs(x.w)));
-        let xq = pack4xI8Clamp(vec4<i32>(round(x * (127.0 / max(m, 1e-30)))));
-        let q = vec4<i32>(dot4I8Packed(w.x, xq), dot4I8Packed(w.y, xq), dot4I8Packed(w.z, xq), dot4I8Packed(w.w, xq));
-        acc += vec4<f32>(q) * (m / 127.0);"#
-                    }
-                };
+                let shared = quad_shared_input(self.format, products, "$W");
+                let product = quad_product(self.format, products, "$W", "w", "acc");
                 format!(
                     r#"fn $W_dot4(o4: u32, b0: u32, b1: u32) -> vec4<f32> {{
     var acc = vec4<f32>(0.0);
     for (var r = b0; r < b1; r++) {{
         let w = $W[r * $P_STRIDE4 + o4];
         let x = xin4(r);
-        {product}
-    }}
+{shared}{product}    }}
     return acc * {scale};
 }}
 "#
@@ -759,22 +855,12 @@ impl WeightMatrix<'_> {
             }
             QuantFormat::Int4 { group_size, .. } => {
                 s += &format!("const {p}_GROUP_ROWS: u32 = {}u;\n", group_size / 8);
-                let (helpers, word_dot, qx) = match products {
-                    Products::Exact => (
-                        String::new(),
-                        r#"for (var e = 0u; e < 4u; e++) {
-                qx += vec4<f32>((w >> vec4<u32>(4u * e)) & vec4<u32>(15u)) * x0[e];
-                qx += vec4<f32>((w >> vec4<u32>(4u * e + 16u)) & vec4<u32>(15u)) * x1[e];
-            }"#,
-                        "qx".to_string(),
-                    ),
-                    Products::Packed => (
-                        int4_f16_helpers(),
-                        r#"let xp = $W_xpairs(x0, x1);
-            qx += vec4<f32>($W_qdot(w.x, xp), $W_qdot(w.y, xp), $W_qdot(w.z, xp), $W_qdot(w.w, xp));"#,
-                        format!("qx * {X16_UNSCALE}"),
-                    ),
+                let (helpers, qx) = match products {
+                    Products::Exact => (String::new(), "qx".to_string()),
+                    Products::Packed => (int4_f16_helpers(), format!("qx * {X16_UNSCALE}")),
                 };
+                let shared = indent(&quad_shared_input(self.format, products, "$W"), 4);
+                let word_dot = indent(&quad_product(self.format, products, "$W", "w", "qx"), 4);
                 helpers
                     + &format!(
                         r#"// Blocks are groups: w = scale * q + min, so a group contributes
@@ -790,8 +876,7 @@ fn $W_dot4(o4: u32, b0: u32, b1: u32) -> vec4<f32> {{
             let w = $W[r * $P_STRIDE4 + o4];
             let x0 = xin4(2u * r);
             let x1 = xin4(2u * r + 1u);
-            {word_dot}
-            xsum += dot(x0 + x1, vec4<f32>(1.0));
+{shared}{word_dot}            xsum += dot(x0 + x1, vec4<f32>(1.0));
         }}
         acc += half_lo(sm) * {qx} + half_hi(sm) * xsum;
     }}
