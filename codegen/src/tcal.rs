@@ -273,8 +273,7 @@ fn $W_qdot(word: u32, x: array<vec2<f16>, 4>) -> f32 {{
 /// for the fused gate/up kernel. Where both are INT4 or both INT8 of one format,
 /// one loop reads each input once for both and loads both words of a row before
 /// their products (on the H100, 7B's gate/up kernel: INT4 52.5 to 47.8 us, INT8
-/// 54.5 to 47.5); else
-/// the two `_dot4` calls.
+/// 54.5 to 47.5); else the two `_dot4` calls.
 pub(crate) fn gate_up_dot4(gate: &WeightMatrix<'_>, up: &WeightMatrix<'_>, products: Products) -> String {
     let (g, u) = (gate.ident, up.ident);
     let (gp, up_) = (gate.prefix(), up.prefix());
