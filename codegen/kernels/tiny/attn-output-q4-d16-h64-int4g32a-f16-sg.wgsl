@@ -59,7 +59,7 @@ fn w_nibbles(word: u32) -> array<vec4<f32>, 2> {
 }
 
 // At most 1 blocks, every word loaded before the first product (on the H100,
-// SmolLM2's gate/up kernel: 17 to 10 us).
+// SmolLM2's gate/up kernel: 17.7 to 14.1 us in the bench).
 fn w_dot(o: u32, b0: u32, b1: u32) -> f32 {
     let blk0 = min(b0 + 0u, W_BLOCKS - 1u);
     let s0 = w[W_SCALES + blk0 * W_SCALE_STRIDE + o];
