@@ -211,9 +211,12 @@ pub(crate) enum Products {
     Exact,
     /// Where the device opens with `shader-f16`, the targets that already trade
     /// exactness for speed (an f16 KV cache):
-    /// - INT4: nibble pairs made f16 through the exponent (no conversion
-    ///   instruction), multiplied with f16 input pairs and summed in f16 over
-    ///   one word. On the H100 the 7B gate/up kernel went from 67 to 53 us.
+    /// - INT4: nibble pairs made f16 through the exponent of 1024 (one
+    ///   f16 -> f32 -> f16 round trip per pair instead of a conversion per
+    ///   nibble), multiplied with f16 input pairs; each f16 lane sums a word's
+    ///   four products of its pair, the two lanes are added in f32. On the
+    ///   H100 the 7B gate/up kernel went from 67 to 53 us. Inputs must stay
+    ///   below about 17000 in magnitude ([`X16_SCALE`]).
     ///   Through `dot4I8Packed` like INT8 (each row's eight inputs quantised)
     ///   it took 47 us, but with 250 times the error (normalised squared error
     ///   1.3e-4 against 5e-7 on the GPU test's values), so INT4 stays in f16.
@@ -233,9 +236,10 @@ impl Products {
     }
 }
 
-/// The input is scaled by this before it becomes f16, so that a word's eight
-/// products (nibbles up to 15) stay finite for inputs up to about 17000 (the
-/// largest activations of 7B models reach a few thousand); `X16_UNSCALE` undoes it.
+/// The input is scaled by this before it becomes f16, so that the four products
+/// an f16 lane sums (nibbles up to 15) stay finite for inputs up to about 17000
+/// (the largest activations of 7B models reach a few thousand); `X16_UNSCALE`
+/// undoes it. No guard checks larger inputs: they would give infinities.
 const X16_SCALE: &str = "0.0625";
 const X16_UNSCALE: &str = "16.0";
 
@@ -413,11 +417,13 @@ impl WeightMatrix<'_> {
         }
     }
 
-    /// Layout constants plus `<ident>_dot(o, b0, b1)` (the dot product of output
-    /// `o` with inputs `xin(i)` over blocks `[b0, b1)`) and `<ident>_elem(o, i)`.
-    ///
-    /// `dot` says which reads the kernel wants; a dot function loads runs of
-    /// blocks before using any ([`WeightMatrix::loads_first_dot`]).
+    /// Layout constants plus the reads `dot` asks for: `<ident>_elem(o, i)`, or
+    /// `<ident>_dot(o, b0, b1)` (the dot product of output `o` with inputs
+    /// `xin(i)` over blocks `[b0, b1)`), or `<ident>_dot2(oa, ob, b0, b1)` for
+    /// two outputs. The dot functions load runs of blocks before using any
+    /// ([`WeightMatrix::loads_first_dot`]), and so assume what the k-slices of
+    /// [`MatvecShape`] give: at most `slice` blocks a call, starting at a
+    /// multiple of `slice`.
     pub fn functions(&self, dot: DotUse) -> Result<String, FormatError> {
         let sizes = part_sizes(self.format, self.out, self.in_features)?;
         let p = self.prefix();
@@ -704,7 +710,8 @@ fn $W_elem(o: u32, i: u32) -> f32 {
     }
 }
 
-/// What one-output-at-a-time reads of a weight matrix a kernel wants.
+/// What reads of a weight matrix bound as `array<u32>` (outputs read one at a
+/// time) a kernel wants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum DotUse {
     /// `<ident>_elem(o, i)` alone.
@@ -760,9 +767,9 @@ impl Outputs {
 /// `$W_dot2` where `$W_dot` does not load first: two calls.
 const PAIR_FROM_ONE: &str = "fn $W_dot2(oa: u32, ob: u32, b0: u32, b1: u32) -> vec2<f32> {\n    return vec2<f32>($W_dot(oa, b0, b1), $W_dot(ob, b0, b1));\n}\n";
 
-/// Words of weights one invocation of a matrix-vector kernel loads all at once
-/// before its products where its whole slice of the input is this short (see
-/// [`WeightMatrix::loads_first_dot`]).
+/// Words of weights per output one invocation of a matrix-vector kernel loads
+/// all at once before its products where its whole slice of the input is this
+/// short (see [`WeightMatrix::loads_first_dot`]); a `_dot2` loads twice as many.
 pub(crate) const SHORT_SLICE_WORDS: usize = 16;
 
 /// Words per run of a longer slice: two INT4 groups of 32. On the H100, runs of
@@ -771,8 +778,10 @@ pub(crate) const RUN_WORDS: usize = 10;
 
 /// `body` with the blank-line-separated chunk that defines `signature` replaced by `function`.
 fn replace_function(body: &str, signature: &str, function: &str) -> String {
+    let defines = |chunk: &str| chunk.lines().any(|l| l.starts_with(signature));
+    debug_assert_eq!(body.split("\n\n").filter(|c| defines(c)).count(), 1, "one definition of {signature}");
     body.split("\n\n")
-        .map(|chunk| if chunk.lines().any(|l| l.starts_with(signature)) { function.trim_end() } else { chunk })
+        .map(|chunk| if defines(chunk) { function.trim_end() } else { chunk })
         .collect::<Vec<_>>()
         .join("\n\n")
 }
