@@ -98,12 +98,14 @@ impl ModuleText {
     }
 
     /// Binds a weight matrix of a matrix-vector kernel: read four outputs at a
-    /// load (`<ident>_dot4`) with `quads`, else one (`<ident>_dot`), its input
+    /// load (`<ident>_dot4`, unless `fused`: the kernel reads it through
+    /// `tcal::gate_up_dot4`) with `quads`, else one (`<ident>_dot`), its input
     /// split as `shape` says.
     fn matvec_weight(
         &mut self,
         m: &WeightMatrix<'_>,
         quads: bool,
+        fused: bool,
         shape: &MatvecShape,
         what: &str,
     ) -> Result<(), CodegenError> {
@@ -113,7 +115,7 @@ impl ModuleText {
         let what = format!("{what}; {}, {} x {}", tcal::describe(m.format), m.out, m.in_features);
         self.bind(m.ident, Access::ReadOnly, Resource::Tensor, "vec4<u32>", &what);
         let f = m
-            .dot4_functions(Products::for_target(&self.target))
+            .dot4_functions(Products::for_target(&self.target), !fused)
             .map_err(|e| CodegenError::Format { tensor: what.clone(), source: e })?;
         self.helpers += f.trim_end();
         self.helpers += "\n\n";
@@ -741,7 +743,7 @@ fn matvec_add(
     let w = WeightMatrix { ident: "w", format, out: out_features, in_features };
     let (quads, units) = output_units(out_features);
     let shape = MatvecShape::choose(units, w.blocks(), &target);
-    m.matvec_weight(&w, quads, &shape, "the projection")?;
+    m.matvec_weight(&w, quads, false, &shape, "the projection")?;
     m.bind(
         "hidden",
         Access::ReadWrite,
@@ -799,8 +801,9 @@ fn rms_gate_up(
     let wu = WeightMatrix { ident: "w_up", format: up, out: ffn, in_features: hidden };
     let (quads, units) = output_units(ffn);
     let shape = MatvecShape::choose(units, wg_.blocks(), &target);
-    m.matvec_weight(&wg_, quads, &shape, "gate_proj")?;
-    m.matvec_weight(&wu, quads, &shape, "up_proj")?;
+    let fused = tcal::fuses_gate_up(&wg_, &wu);
+    m.matvec_weight(&wg_, quads, fused, &shape, "gate_proj")?;
+    m.matvec_weight(&wu, quads, fused, &shape, "up_proj")?;
     m.bind("ffn", Access::ReadWrite, Resource::Activation(Activation::Ffn), "f32", "[tokens, OUT] SiLU(gate) * up");
     m.konst("IN", "u32", hidden);
     m.konst("OUT", "u32", ffn);
@@ -894,7 +897,7 @@ fn rms_logits(
     let w = WeightMatrix { ident: "w", format, out: rows[1] - rows[0], in_features: hidden };
     let (quads, units) = output_units(rows[1] - rows[0]);
     let shape = MatvecShape::choose(units, w.blocks(), &target);
-    m.matvec_weight(&w, quads, &shape, "output projection part")?;
+    m.matvec_weight(&w, quads, false, &shape, "output projection part")?;
     m.bind("logits", Access::ReadWrite, Resource::Activation(Activation::Logits), "f32", "[rows, VOCAB] logits");
     m.konst("IN", "u32", hidden);
     m.konst("OUT", "u32", rows[1] - rows[0]);

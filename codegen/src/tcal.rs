@@ -281,7 +281,7 @@ fn $W_qdot(word: u32, x: array<vec2<f16>, 4>) -> f32 {{
 pub(crate) fn gate_up_dot4(gate: &WeightMatrix<'_>, up: &WeightMatrix<'_>, products: Products) -> String {
     let (g, u) = (gate.ident, up.ident);
     let (gp, up_) = (gate.prefix(), up.prefix());
-    let fused = gate.format == up.format && gate.in_features == up.in_features;
+    let fused = fuses_gate_up(gate, up);
     let head = "fn gate_up_dot4(o4: u32, ks: u32) -> array<vec4<f32>, 2> {\n".to_string();
     match gate.format {
         QuantFormat::Int4 { .. } if fused => {
@@ -776,6 +776,19 @@ pub(crate) const SHORT_SLICE_WORDS: usize = 16;
 /// four groups made Llama-2-7B's output projection slower (22 to 31 us).
 pub(crate) const RUN_WORDS: usize = 10;
 
+/// Whether [`gate_up_dot4`] reads both matrices in one loop (it calls their
+/// `_dot4` functions otherwise).
+pub(crate) fn fuses_gate_up(gate: &WeightMatrix<'_>, up: &WeightMatrix<'_>) -> bool {
+    gate.format == up.format
+        && gate.in_features == up.in_features
+        && matches!(gate.format, QuantFormat::Int4 { .. } | QuantFormat::Int8 { .. })
+}
+
+/// `body` without the blank-line-separated chunk that defines `signature`.
+fn without_function(body: &str, signature: &str) -> String {
+    body.split("\n\n").filter(|chunk| !chunk.lines().any(|l| l.starts_with(signature))).collect::<Vec<_>>().join("\n\n")
+}
+
 /// `body` with the blank-line-separated chunk that defines `signature` replaced by `function`.
 fn replace_function(body: &str, signature: &str, function: &str) -> String {
     let defines = |chunk: &str| chunk.lines().any(|l| l.starts_with(signature));
@@ -793,7 +806,10 @@ impl WeightMatrix<'_> {
     /// with the input over blocks `[b0, b1)` (the blocks of [`WeightMatrix::blocks`]).
     /// Each input is read once for four outputs. Needs `half_lo` / `half_hi`
     /// ([`TileRead::Quad`]) for F16 and INT4.
-    pub fn dot4_functions(&self, products: Products) -> Result<String, FormatError> {
+    ///
+    /// Without `with_dot`, the constants and helpers alone (for a kernel that
+    /// reads the matrix through [`gate_up_dot4`]).
+    pub fn dot4_functions(&self, products: Products, with_dot: bool) -> Result<String, FormatError> {
         let sizes = part_sizes(self.format, self.out, self.in_features)?;
         let p = self.prefix();
         let mut s = format!(
@@ -895,6 +911,7 @@ fn $W_dot4(o4: u32, b0: u32, b1: u32) -> vec4<f32> {{
             }
         };
         s.push('\n');
+        let body = if with_dot { body } else { without_function(&body, "fn $W_dot4(") };
         s += &fill(&body, &[("W", self.ident), ("P", p.as_str())]);
         Ok(s)
     }

@@ -277,7 +277,8 @@ fn snapshot_int4_gate_up_quads_f16() {
     let int4 = QuantFormat::Int4 { group_size: 32, symmetric: false };
     let spec = KernelSpec::RmsGateUp { hidden: 4096, ffn: 11008, eps: 1e-5, gate: int4, up: int4, target: f16_sg() };
     let text = snapshot_spec(spec);
-    assert!(text.contains("w_gate_qdot(w.x, xp)"), "f16 products in the four-output path");
+    assert!(text.contains("w_gate_qdot(gw.x, xp)"), "f16 products in the fused four-output path");
+    assert!(!text.contains("fn w_gate_dot4("), "no per-matrix dot4 beside the fused one");
     insta::assert_snapshot!("int4_gate_up_quads_f16_sg", text);
 }
 
