@@ -121,6 +121,14 @@ fn features_for(t: &Target) -> wgpu::Features {
     f
 }
 
+/// The adapter the kernel tests open (a substring of its name; default: the first).
+const TEST_ADAPTER_ENV: &str = "LLAMA5_TEST_ADAPTER";
+/// The subgroup size the adapter must run the subgroup variants with, where set:
+/// `cargo xtask test` runs the kernel families again on llvmpipe with 16-wide
+/// subgroups, where two k-slices of a tile of 8 share a subgroup (its default
+/// 8-wide subgroups never take the shuffle path of `ksplit_sum`).
+const TEST_SUBGROUP_SIZE_ENV: &str = "LLAMA5_TEST_SUBGROUP_SIZE";
+
 /// One runner per target variant, opened once for the whole binary: the four
 /// of [`Target::all`], which every adapter must run, and the cooperative-matrix
 /// one where the adapter has them (where it has not, that is printed: those
@@ -128,10 +136,14 @@ fn features_for(t: &Target) -> wgpu::Features {
 fn runners() -> &'static [KernelRunner] {
     static RUNNERS: OnceLock<Vec<KernelRunner>> = OnceLock::new();
     RUNNERS.get_or_init(|| {
+        let adapter = std::env::var(TEST_ADAPTER_ENV).ok();
+        let subgroup_size: Option<u32> = std::env::var(TEST_SUBGROUP_SIZE_ENV)
+            .ok()
+            .map(|v| v.parse().unwrap_or_else(|_| panic!("{TEST_SUBGROUP_SIZE_ENV}={v}: not a number")));
         let mut runners: Vec<KernelRunner> = Target::all()
             .iter()
             .map(|t| {
-                let r = KernelRunner::new(None, features_for(t))
+                let r = KernelRunner::new(adapter.as_deref(), features_for(t))
                     .unwrap_or_else(|e| panic!("no GPU adapter for the {} kernels: {e}", t.name()));
                 assert_eq!(
                     (r.target().shader_f16, r.target().subgroups, r.target().cooperative_matrix),
@@ -140,11 +152,14 @@ fn runners() -> &'static [KernelRunner] {
                     r.adapter_name(),
                     t.name()
                 );
+                if let (Some(n), true) = (subgroup_size, t.subgroups) {
+                    assert_eq!(r.target().subgroup_size, n, "adapter {}: subgroup size", r.adapter_name());
+                }
                 r
             })
             .collect();
         let coop = Target::coop();
-        let r = KernelRunner::new(None, features_for(&coop))
+        let r = KernelRunner::new(adapter.as_deref(), features_for(&coop))
             .unwrap_or_else(|e| panic!("no GPU adapter for the {} kernels: {e}", coop.name()));
         if r.target().cooperative_matrix {
             assert_eq!(r.target().name(), coop.name());

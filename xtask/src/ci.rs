@@ -57,25 +57,52 @@ pub fn run() -> anyhow::Result<ExitCode> {
         let mut cmd = util::cargo();
         // Every test binary runs even after one fails, so CI shows all failures.
         cmd.args(["test", "--workspace", "--no-fail-fast"]);
-        // Mesa's Vulkan loader complains on every device open without one.
-        if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
-            let dir = std::env::temp_dir().join("llama5-xdg-runtime");
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-                    .with_context(|| format!("setting the permissions of {}", dir.display()))?;
-            }
-            cmd.env("XDG_RUNTIME_DIR", dir);
-        }
+        set_runtime_dir(&mut cmd)?;
         if let Some(path) = &model {
             cmd.env("LLAMA5_MODEL_GGUF", path);
         }
         run_tests(&mut cmd, &mut totals, "")
     });
+    step(&mut steps, "gpu kernels, 16-wide subgroups", || {
+        let mut cmd = util::cargo();
+        cmd.args(["test", "-p", "llama5-runtime", "--test", "gpu", "--"]).args(WIDE_SUBGROUP_TESTS);
+        set_runtime_dir(&mut cmd)?;
+        // llvmpipe's subgroups are as wide as its vectors: 16 at 512 bits
+        cmd.env("LP_NATIVE_VECTOR_WIDTH", "512")
+            .env("LLAMA5_TEST_ADAPTER", "llvmpipe")
+            .env("LLAMA5_TEST_SUBGROUP_SIZE", "16");
+        run_tests(&mut cmd, &mut totals, "sg16")
+    });
     browser_steps(&mut steps, &mut totals, model.as_deref());
     Ok(summary(&steps, &totals))
+}
+
+/// The kernel families whose k-slice sums take the shuffle path once two
+/// k-slices of a tile share a subgroup, which llvmpipe's default 8-wide
+/// subgroups never do (the tiles are 8 outputs or wider).
+const WIDE_SUBGROUP_TESTS: [&str; 6] = [
+    "matvec_add_matches_cpu",
+    "rms_gate_up_matches_cpu",
+    "rms_qkv_rope",
+    "logits_part_matches_cpu",
+    "attn_output_combines_splits_then_matches_cpu",
+    "packed_products_hold_large_and_zero_inputs",
+];
+
+/// Mesa's Vulkan loader complains on every device open without `XDG_RUNTIME_DIR`.
+fn set_runtime_dir(cmd: &mut Command) -> anyhow::Result<()> {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        let dir = std::env::temp_dir().join("llama5-xdg-runtime");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("setting the permissions of {}", dir.display()))?;
+        }
+        cmd.env("XDG_RUNTIME_DIR", dir);
+    }
+    Ok(())
 }
 
 /// `cargo xtask test-browser`: only the browser steps.

@@ -74,6 +74,7 @@ var<workgroup> red_f32: array<f32, RED_SLOTS>;
 var<workgroup> red_u32: array<u32, RED_SLOTS>;
 var<private> lid: u32;
 var<private> sg_lane: u32;
+var<private> sg_size: u32;
 var<private> sg_index: u32;
 var<private> sg_count: u32;
 
@@ -131,10 +132,12 @@ fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid_in: u32,
     @builtin(subgroup_invocation_id) sg_lane_in: u32,
+    @builtin(subgroup_size) sg_size_in: u32,
     @builtin(subgroup_id) sg_index_in: u32,
     @builtin(num_subgroups) sg_count_in: u32
 ) {
     sg_lane = sg_lane_in;
+    sg_size = sg_size_in;
     sg_index = sg_index_in;
     sg_count = sg_count_in;
     lid = lid_in;

@@ -129,11 +129,16 @@ fn slice_end(n: u32, ks: u32) -> u32 {
     return min((ks + 1u) * ((n + KSPLIT - 1u) / KSPLIT), n);
 }
 
+// An invocation's place in the tile: output lo, k-slice ks.
+fn tile_place() -> vec2<u32> {
+    return vec2<u32>(lid % TILE, lid / TILE);
+}
+
 fn ksplit_sum(v: f32, lo: u32, ks: u32) -> f32 {
     workgroupBarrier();
     ksplit_buf[ks * TILE + lo] = v;
     workgroupBarrier();
-    var s = 0.0;
+    var s = f32(0.0);
     for (var k = 0u; k < KSPLIT; k++) {
         s += ksplit_buf[k * TILE + lo];
     }
@@ -232,8 +237,9 @@ fn main(
     lid = lid_in;
     let t = wid.y;
     load_input(t);
-    let lo = lid % TILE;
-    let ks = lid / TILE;
+    let place = tile_place();
+    let lo = place.x;
+    let ks = place.y;
     let o = wid.x * TILE + lo;
     let part = w_dot(min(o, OUT - 1u), slice_begin(W_BLOCKS, ks), slice_end(W_BLOCKS, ks));
     let y = ksplit_sum(part, lo, ks);

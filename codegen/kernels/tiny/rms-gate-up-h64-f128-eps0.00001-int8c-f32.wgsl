@@ -131,7 +131,7 @@ fn wg_argmax(v: f32, i: u32) -> u32 {
 // Each workgroup owns TILE outputs; its invocations split the input blocks KSPLIT ways.
 const TILE: u32 = 8u;
 const KSPLIT: u32 = 16u;
-var<workgroup> ksplit_buf: array<f32, TILE * KSPLIT>;
+var<workgroup> ksplit_buf: array<vec2<f32>, TILE * KSPLIT>;
 
 // Blocks [b0, b1) of slice ks out of n blocks.
 fn slice_begin(n: u32, ks: u32) -> u32 {
@@ -142,11 +142,16 @@ fn slice_end(n: u32, ks: u32) -> u32 {
     return min((ks + 1u) * ((n + KSPLIT - 1u) / KSPLIT), n);
 }
 
-fn ksplit_sum(v: f32, lo: u32, ks: u32) -> f32 {
+// An invocation's place in the tile: output lo, k-slice ks.
+fn tile_place() -> vec2<u32> {
+    return vec2<u32>(lid % TILE, lid / TILE);
+}
+
+fn ksplit_sum(v: vec2<f32>, lo: u32, ks: u32) -> vec2<f32> {
     workgroupBarrier();
     ksplit_buf[ks * TILE + lo] = v;
     workgroupBarrier();
-    var s = 0.0;
+    var s = vec2<f32>(0.0);
     for (var k = 0u; k < KSPLIT; k++) {
         s += ksplit_buf[k * TILE + lo];
     }
@@ -184,15 +189,15 @@ fn main(
     lid = lid_in;
     let t = wid.y;
     load_input(t);
-    let lo = lid % TILE;
-    let ks = lid / TILE;
+    let place = tile_place();
+    let lo = place.x;
+    let ks = place.y;
     let o = wid.x * TILE + lo;
     let oc = min(o, OUT - 1u);
     let g_part = w_gate_dot(oc, slice_begin(W_GATE_BLOCKS, ks), slice_end(W_GATE_BLOCKS, ks));
     let u_part = w_up_dot(oc, slice_begin(W_UP_BLOCKS, ks), slice_end(W_UP_BLOCKS, ks));
-    let g = ksplit_sum(g_part, lo, ks);
-    let u = ksplit_sum(u_part, lo, ks);
+    let gu = ksplit_sum(vec2<f32>(g_part, u_part), lo, ks);
     if (ks == 0u && o < OUT) {
-        ffn[t * OUT + o] = g / (1.0 + exp(-g)) * u;
+        ffn[t * OUT + o] = gu.x / (1.0 + exp(-gu.x)) * gu.y;
     }
 }

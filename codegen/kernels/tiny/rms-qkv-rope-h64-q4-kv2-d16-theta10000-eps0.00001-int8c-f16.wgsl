@@ -226,7 +226,7 @@ fn wg_argmax(v: f32, i: u32) -> u32 {
 // Each workgroup owns TILE outputs; its invocations split the input blocks KSPLIT ways.
 const TILE: u32 = 8u;
 const KSPLIT: u32 = 16u;
-var<workgroup> ksplit_buf: array<f32, TILE * KSPLIT>;
+var<workgroup> ksplit_buf: array<vec2<f32>, TILE * KSPLIT>;
 
 // Blocks [b0, b1) of slice ks out of n blocks.
 fn slice_begin(n: u32, ks: u32) -> u32 {
@@ -237,11 +237,16 @@ fn slice_end(n: u32, ks: u32) -> u32 {
     return min((ks + 1u) * ((n + KSPLIT - 1u) / KSPLIT), n);
 }
 
-fn ksplit_sum(v: f32, lo: u32, ks: u32) -> f32 {
+// An invocation's place in the tile: output lo, k-slice ks.
+fn tile_place() -> vec2<u32> {
+    return vec2<u32>(lid % TILE, lid / TILE);
+}
+
+fn ksplit_sum(v: vec2<f32>, lo: u32, ks: u32) -> vec2<f32> {
     workgroupBarrier();
     ksplit_buf[ks * TILE + lo] = v;
     workgroupBarrier();
-    var s = 0.0;
+    var s = vec2<f32>(0.0);
     for (var k = 0u; k < KSPLIT; k++) {
         s += ksplit_buf[k * TILE + lo];
     }
@@ -279,8 +284,9 @@ fn main(
     lid = lid_in;
     let t = wid.y;
     load_input(t);
-    let lo = lid % TILE;
-    let ks = lid / TILE;
+    let place = tile_place();
+    let lo = place.x;
+    let ks = place.y;
     let unit = wid.x * TILE + lo;
     let u = unit_output(min(unit, UNITS - 1u));
     let o1 = u.y;
@@ -299,9 +305,8 @@ fn main(
         let b1 = slice_end(WV_BLOCKS, ks);
         ab = wv_dot2(o1, o2, b0, b1);
     }
-    let x1 = ksplit_sum(ab.x, lo, ks);
-    let x2 = ksplit_sum(ab.y, lo, ks);
+    let x = ksplit_sum(ab, lo, ks);
     if (ks == 0u) {
-        rope_store(t, step.pos + t, unit, x1, x2);
+        rope_store(t, step.pos + t, unit, x.x, x.y);
     }
 }
