@@ -716,7 +716,7 @@ impl AddInput {
                 m.konst("HEAD_DIM", "u32", head_dim);
                 m.consts += BIG;
                 splits_function(m, heads, head_dim);
-                tcal::split_input_functions(in_features, head_dim)
+                tcal::split_input_functions(in_features, head_dim, &m.target)
             }
         }
     }
