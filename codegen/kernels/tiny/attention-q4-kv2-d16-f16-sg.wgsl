@@ -168,8 +168,15 @@ fn main(
         if (j < hi) {
             let row = ((first + j) % step.ctx) * KV_LANES + kv_base;
             s = 0.0;
-            for (var d = 0u; d < LANES; d++) {
-                s += dot(qs[d], vec4<f32>(k_cache[row + d]));
+            for (var d0 = 0u; d0 < 4u; d0 += 4u) {
+                let k0 = k_cache[row + d0 + 0u];
+                let k1 = k_cache[row + d0 + 1u];
+                let k2 = k_cache[row + d0 + 2u];
+                let k3 = k_cache[row + d0 + 3u];
+                s += dot(qs[d0 + 0u], vec4<f32>(k0));
+                s += dot(qs[d0 + 1u], vec4<f32>(k1));
+                s += dot(qs[d0 + 2u], vec4<f32>(k2));
+                s += dot(qs[d0 + 3u], vec4<f32>(k3));
             }
         }
         let m_new = max(m, wg_max(s));
