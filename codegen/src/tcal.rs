@@ -1247,61 +1247,80 @@ fn input_cache(in_features: usize, target: &Target) -> Option<&'static str> {
     }
 }
 
+/// Where a matrix-vector kernel applies an RMSNorm of its input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Norm {
+    /// No norm.
+    None,
+    /// `load_input` computes the 1/rms scale first and every input read is
+    /// scaled by it (and by the `norm` weights).
+    Inputs,
+    /// Input reads are scaled by the `norm` weights only; the kernel calls
+    /// `norm_scale(t)` after its dot products and scales their sums, as the
+    /// tiled kernels do, so the first weight loads do not wait on the norm's
+    /// reduction.
+    Outputs,
+}
+
 /// How a matrix-vector kernel reads its input vector `x` (one token's row of a
 /// storage array): `load_input(t)` prepares it, `xin(i)` returns element `i` and
-/// `xin4(j)` elements `4j .. 4j + 4`. With `norm`, the input is RMS-normalised
-/// and scaled by the `norm` weights. The input and norm bindings are declared
-/// with [`input_type`].
+/// `xin4(j)` elements `4j .. 4j + 4`, RMS-normalised as `norm` says. The input
+/// and norm bindings are declared with [`input_type`].
 ///
 /// The row is read from storage (the cache keeps it close), not first copied
 /// to workgroup memory: on the H100 that copy, made by every workgroup before
 /// its first weight load, cost Llama-3.2-1B F16 decode 5% (2.61 against 2.49
 /// ms/token) and SmolLM2 INT4 4%, and caching Llama-2-7B's 16 KiB rows made it
 /// 40% slower.
-pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: bool) -> String {
+pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: Norm) -> String {
     let vars = [("X", x_ident)];
     let vec = in_features.is_multiple_of(4);
     let mut s = String::from("var<private> x_base: u32;\n");
-    if norm {
+    if norm == Norm::Inputs {
         s += "var<private> x_scale: f32;\n";
     }
     s.push('\n');
+    let scaled = match norm {
+        Norm::None => "",
+        Norm::Inputs => " * x_scale * norm[$I]",
+        Norm::Outputs => " * norm[$I]",
+    };
     let (count, ssq) = if vec {
-        s += "const IN4: u32 = IN / 4u;\n\nfn xin4(j: u32) -> vec4<f32> {\n";
-        s += if norm {
-            "    return $X[x_base + j] * x_scale * norm[j];\n}\n\n"
-        } else {
-            "    return $X[x_base + j];\n}\n\n"
-        };
+        s += &format!(
+            "const IN4: u32 = IN / 4u;\n\nfn xin4(j: u32) -> vec4<f32> {{\n    return $X[x_base + j]{};\n}}\n\n",
+            scaled.replace("$I", "j")
+        );
         s += XIN_FROM_XIN4;
         s.push('\n');
         ("IN4", "dot(v, v)")
     } else {
-        s += "fn xin(i: u32) -> f32 {\n";
-        s += if norm {
-            "    return $X[x_base + i] * x_scale * norm[i];\n}\n\n"
-        } else {
-            "    return $X[x_base + i];\n}\n\n"
-        };
+        s += &format!("fn xin(i: u32) -> f32 {{\n    return $X[x_base + i]{};\n}}\n\n", scaled.replace("$I", "i"));
         s += XIN4_FROM_XIN;
         s.push('\n');
         ("IN", "v * v")
     };
-    if norm {
-        s += &format!(
-            r#"fn load_input(t: u32) {{
-    var ss = 0.0;
+    let sum_of_squares = format!(
+        r#"    var ss = 0.0;
     for (var j = lid; j < {count}; j += WG) {{
         let v = $X[t * {count} + j];
         ss += {ssq};
     }}
-    x_scale = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);
-    x_base = t * {count};
-}}
 "#
-        );
-    } else {
-        s += &format!("fn load_input(t: u32) {{\n    x_base = t * {count};\n}}\n");
+    );
+    match norm {
+        Norm::None => s += &format!("fn load_input(t: u32) {{\n    x_base = t * {count};\n}}\n"),
+        Norm::Inputs => {
+            s += &format!(
+                "fn load_input(t: u32) {{\n{sum_of_squares}    x_scale = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);\n    x_base = t * {count};\n}}\n"
+            )
+        }
+        Norm::Outputs => {
+            s += &format!("fn load_input(t: u32) {{\n    x_base = t * {count};\n}}\n\n");
+            s += "// The RMSNorm's 1/rms of row t; every invocation must call it (it holds barriers).\n";
+            s += &format!(
+                "fn norm_scale(t: u32) -> f32 {{\n{sum_of_squares}    return inverseSqrt(wg_sum(ss) / f32(IN) + EPS);\n}}\n"
+            );
+        }
     }
     fill(&s, &vars)
 }

@@ -253,12 +253,11 @@ fn ksplit_sum(v: vec2<f32>, lo: u32, ks: u32) -> vec2<f32> {
 }
 
 var<private> x_base: u32;
-var<private> x_scale: f32;
 
 const IN4: u32 = IN / 4u;
 
 fn xin4(j: u32) -> vec4<f32> {
-    return hidden[x_base + j] * x_scale * norm[j];
+    return hidden[x_base + j] * norm[j];
 }
 
 fn xin(i: u32) -> f32 {
@@ -266,13 +265,17 @@ fn xin(i: u32) -> f32 {
 }
 
 fn load_input(t: u32) {
+    x_base = t * IN4;
+}
+
+// The RMSNorm's 1/rms of row t; every invocation must call it (it holds barriers).
+fn norm_scale(t: u32) -> f32 {
     var ss = 0.0;
     for (var j = lid; j < IN4; j += WG) {
         let v = hidden[t * IN4 + j];
         ss += dot(v, v);
     }
-    x_scale = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);
-    x_base = t * IN4;
+    return inverseSqrt(wg_sum(ss) / f32(IN) + EPS);
 }
 
 @compute @workgroup_size(WG)
@@ -290,7 +293,8 @@ fn main(
     let oc = min(o, OUT - 1u);
     let g_part = w_gate_dot(oc, slice_begin(W_GATE_BLOCKS, ks), slice_end(W_GATE_BLOCKS, ks));
     let u_part = w_up_dot(oc, slice_begin(W_UP_BLOCKS, ks), slice_end(W_UP_BLOCKS, ks));
-    let gu = ksplit_sum(vec2<f32>(g_part, u_part), lo, ks);
+    let scale = norm_scale(t);
+    let gu = ksplit_sum(vec2<f32>(g_part, u_part), lo, ks) * scale;
     if (ks == 0u && o < OUT) {
         ffn[t * OUT + o] = gu.x / (1.0 + exp(-gu.x)) * gu.y;
     }
