@@ -106,6 +106,7 @@ impl ModuleText {
         m: &WeightMatrix<'_>,
         quads: bool,
         fused: bool,
+        products: Products,
         shape: &MatvecShape,
         what: &str,
     ) -> Result<(), CodegenError> {
@@ -114,9 +115,8 @@ impl ModuleText {
         }
         let what = format!("{what}; {}, {} x {}", tcal::describe(m.format), m.out, m.in_features);
         self.bind(m.ident, Access::ReadOnly, Resource::Tensor, "vec4<u32>", &what);
-        let f = m
-            .dot4_functions(Products::for_target(&self.target), !fused)
-            .map_err(|e| CodegenError::Format { tensor: what.clone(), source: e })?;
+        let f =
+            m.dot4_functions(products, !fused).map_err(|e| CodegenError::Format { tensor: what.clone(), source: e })?;
         self.helpers += f.trim_end();
         self.helpers += "\n\n";
         Ok(())
@@ -775,7 +775,10 @@ fn matvec_add(
     let w = WeightMatrix { ident: "w", format, out: out_features, in_features };
     let (quads, units) = output_units(out_features);
     let shape = MatvecShape::choose(units, w.blocks(), &target);
-    m.matvec_weight(&w, quads, false, &shape, "the projection")?;
+    // Exact products: the input is not normalised, and the f16 inputs of packed
+    // ones would overflow past about 17000 (X16_SCALE), which the residual
+    // branches of large models can reach.
+    m.matvec_weight(&w, quads, false, Products::Exact, &shape, "the projection")?;
     m.bind(
         "hidden",
         Access::ReadWrite,
@@ -851,8 +854,9 @@ fn rms_gate_up(
     let (quads, units) = output_units(ffn);
     let shape = MatvecShape::choose(units, wg_.blocks(), &target);
     let fused = tcal::fuses_gate_up(&wg_, &wu);
-    m.matvec_weight(&wg_, quads, fused, &shape, "gate_proj")?;
-    m.matvec_weight(&wu, quads, fused, &shape, "up_proj")?;
+    let products = Products::for_target(&target);
+    m.matvec_weight(&wg_, quads, fused, products, &shape, "gate_proj")?;
+    m.matvec_weight(&wu, quads, fused, products, &shape, "up_proj")?;
     m.bind("ffn", Access::ReadWrite, Resource::Activation(Activation::Ffn), "f32", "[tokens, OUT] SiLU(gate) * up");
     m.konst("IN", "u32", hidden);
     m.konst("OUT", "u32", ffn);
@@ -959,7 +963,7 @@ fn rms_logits(
     let w = WeightMatrix { ident: "w", format, out: rows[1] - rows[0], in_features: hidden };
     let (quads, units) = output_units(rows[1] - rows[0]);
     let shape = MatvecShape::choose(units, w.blocks(), &target);
-    m.matvec_weight(&w, quads, false, &shape, "output projection part")?;
+    m.matvec_weight(&w, quads, false, Products::for_target(&target), &shape, "output projection part")?;
     m.bind("logits", Access::ReadWrite, Resource::Activation(Activation::Logits), "f32", "[rows, VOCAB] logits");
     m.konst("IN", "u32", hidden);
     m.konst("OUT", "u32", rows[1] - rows[0]);

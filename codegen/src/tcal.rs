@@ -203,7 +203,9 @@ fn wg_argmax(v: f32, i: u32) -> u32 {
 /// INT4 and INT8 weights with its input.
 ///
 /// Only the four-output path packs its products: there the input, converted
-/// once, serves four outputs. Reading one output at a time, converting the
+/// once, serves four outputs. And only kernels whose input is RMS-normalised
+/// (gate/up, logits): `hidden += W x` reads raw activations, which the residual
+/// branches of large models take past what f16 inputs hold ([`X16_SCALE`]). Reading one output at a time, converting the
 /// input costs as much as the products save (the H100's 7B INT4 QKV kernel went
 /// from 45 to 51 us).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -239,8 +241,9 @@ impl Products {
 
 /// The input is scaled by this before it becomes f16, so that the four products
 /// an f16 lane sums (nibbles up to 15) stay finite for inputs up to about 17000
-/// (the largest activations of 7B models reach a few thousand); `X16_UNSCALE`
-/// undoes it. No guard checks larger inputs: they would give infinities.
+/// (normalised inputs times the norm weights stay within a few thousand);
+/// `X16_UNSCALE` undoes it. No guard checks larger inputs: they would give
+/// infinities, which is why only normalised inputs are packed.
 const X16_SCALE: &str = "0.0625";
 const X16_UNSCALE: &str = "16.0";
 

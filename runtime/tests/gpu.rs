@@ -426,36 +426,71 @@ fn matvec_add_matches_cpu() {
 #[test]
 fn packed_products_hold_large_and_zero_inputs() {
     let _gpu = gpu_lock();
+    let eps = 1e-5;
     for runner in runners() {
         let target = *runner.target();
         for format in [QuantFormat::Int4 { group_size: 32, symmetric: false }, QuantFormat::Int8 { per_tensor: false }]
         {
-            // one output at a time, and four at a load
+            // the logits kernel packs its products where the target has shader-f16,
+            // reading four outputs at a load (8200 outputs); one output at a time (77)
             for out in [77, 8200] {
                 let mut rng = Rng(out as u64);
-                let in_features = 256;
-                let (w_bytes, w) = packed(&mut rng, format, out, in_features);
-                let mut x = rng.vec(in_features, 1.0);
-                // a whole group of them, and single ones among small values
-                for v in &mut x[32..64] {
+                let hidden = 256;
+                let (w_bytes, w) = packed(&mut rng, format, out, hidden);
+                let x = rng.vec(hidden, 1.0);
+                // norm weights that make normalised inputs of thousands: a whole
+                // group of them, and single ones among small values; and zeros
+                let mut norm = rng.vec(hidden, 1.0);
+                for v in &mut norm[32..64] {
                     *v = 3000.0 * v.signum();
                 }
-                x[100] = -4000.0;
-                x[200] = 2500.0;
-                x[64..72].fill(0.0);
-                let hidden = rng.vec(out, 1.0);
-                let spec =
-                    KernelSpec::MatvecAdd { input: Activation::Ffn, in_features, out_features: out, format, target };
-                let contents = vec![step(0, 1, 1, 0, 0), f32_bytes(&x), w_bytes, f32_bytes(&hidden)];
-                let mut want = hidden.clone();
-                for (o, y) in matvec(&w, &x, out).into_iter().enumerate() {
-                    want[o] += y;
-                }
-                for (kernel, result) in run_all(runner, &spec, &contents, 0) {
-                    let got = to_f32(&result[3]);
+                norm[100] = -4000.0;
+                norm[200] = 2500.0;
+                norm[64..72].fill(0.0);
+                let spec = KernelSpec::RmsLogits { hidden, vocab: out, rows: [0, out], eps, format, target };
+                let contents =
+                    vec![step(0, 1, 1, 0, 0), f32_bytes(&x), f32_bytes(&norm), w_bytes, f32_bytes(&vec![0.0; out])];
+                let mut xn = vec![0.0; hidden];
+                cpu::rmsnorm(&mut xn, &x, &norm, eps);
+                assert!(xn.iter().any(|v| v.abs() > 2000.0), "the inputs are large");
+                let want = matvec(&w, &xn, out);
+                for (kernel, result) in run_all(runner, &spec, &contents, 1) {
+                    let got = to_f32(&result[4]);
                     assert!(got.iter().all(|v| v.is_finite()), "{}: non-finite output", kernel.name);
                     assert_close(&kernel.name, &got, &want, kernel_limit(&kernel, nmse_for(format)));
                 }
+            }
+        }
+    }
+}
+
+#[test]
+fn residual_projections_keep_exact_products_for_unnormalised_inputs() {
+    let _gpu = gpu_lock();
+    for runner in runners() {
+        let target = *runner.target();
+        for format in [QuantFormat::Int4 { group_size: 32, symmetric: false }, QuantFormat::Int8 { per_tensor: false }]
+        {
+            // wide enough to read four outputs at a load, with inputs past what
+            // packed f16 products hold (about 17000)
+            let (in_features, out) = (256, 8200);
+            let mut rng = Rng(5);
+            let (w_bytes, w) = packed(&mut rng, format, out, in_features);
+            let mut x = rng.vec(in_features, 1.0);
+            for v in &mut x[32..64] {
+                *v = 60000.0 * v.signum();
+            }
+            let hidden = rng.vec(out, 1.0);
+            let spec = KernelSpec::MatvecAdd { input: Activation::Ffn, in_features, out_features: out, format, target };
+            let contents = vec![step(0, 1, 1, 0, 0), f32_bytes(&x), w_bytes, f32_bytes(&hidden)];
+            let mut want = hidden.clone();
+            for (o, y) in matvec(&w, &x, out).into_iter().enumerate() {
+                want[o] += y;
+            }
+            for (kernel, result) in run_all(runner, &spec, &contents, 0) {
+                let got = to_f32(&result[3]);
+                assert!(got.iter().all(|v| v.is_finite()), "{}: non-finite output", kernel.name);
+                assert_close(&kernel.name, &got, &want, kernel_limit(&kernel, nmse_for(format)));
             }
         }
     }
