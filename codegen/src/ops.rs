@@ -873,7 +873,7 @@ fn rms_gate_up(
     m.helpers += &tcal::input_functions("hidden", hidden, norm);
     m.helpers.push('\n');
     if quads {
-        m.helpers += &tcal::gate_up_dot4(&wg_, &wu, Products::for_target(&target));
+        m.helpers += &tcal::gate_up_dot4(&wg_, &wu, products);
         m.helpers.push('\n');
     }
     let (scale, times) = match norm {

@@ -203,11 +203,11 @@ fn wg_argmax(v: f32, i: u32) -> u32 {
 /// INT4 and INT8 weights with its input.
 ///
 /// Only the four-output path packs its products: there the input, converted
-/// once, serves four outputs. And only kernels whose input is RMS-normalised
-/// (gate/up, logits): `hidden += W x` reads raw activations, which the residual
-/// branches of large models take past what f16 inputs hold ([`X16_SCALE`]). Reading one output at a time, converting the
+/// once, serves four outputs. Reading one output at a time, converting the
 /// input costs as much as the products save (the H100's 7B INT4 QKV kernel went
-/// from 45 to 51 us).
+/// from 45 to 51 us). And only kernels whose input is RMS-normalised pack them
+/// (gate/up, logits): `hidden += W x` reads raw activations, which the residual
+/// branches of large models can take past what f16 inputs hold ([`X16_SCALE`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Products {
     /// Weights converted to f32 one at a time: exact products.
