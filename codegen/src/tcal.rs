@@ -291,7 +291,8 @@ pub(crate) fn gate_up_dot4(gate: &WeightMatrix<'_>, up: &WeightMatrix<'_>, produ
         QuantFormat::Int4 { .. } if fused => {
             let shared = indent(&quad_shared_input(gate.format, products, g), 4);
             let gq = indent(&quad_product(gate.format, products, g, "gw", "gq"), 4);
-            let uq = indent(&quad_product(up.format, products, u, "uw", "uq"), 4);
+            // the up matrix shares the gate matrix's helpers (Dot4Use::Layout)
+            let uq = indent(&quad_product(up.format, products, g, "uw", "uq"), 4);
             let unscale = if products == Products::Packed { format!(" * {X16_UNSCALE}") } else { String::new() };
             head + &format!(
                 r#"    let b0 = slice_begin({gp}_BLOCKS, ks);
@@ -326,7 +327,7 @@ pub(crate) fn gate_up_dot4(gate: &WeightMatrix<'_>, up: &WeightMatrix<'_>, produ
             };
             let shared = quad_shared_input(gate.format, products, g);
             let ga = quad_product(gate.format, products, g, "gw", "ga");
-            let ua = quad_product(up.format, products, u, "uw", "ua");
+            let ua = quad_product(up.format, products, g, "uw", "ua");
             let (gs, us) = (scale(g, &gp), scale(u, &up_));
             head + &format!(
                 r#"    let b0 = slice_begin({gp}_BLOCKS, ks);
@@ -788,17 +789,21 @@ pub(crate) fn fuses_gate_up(gate: &WeightMatrix<'_>, up: &WeightMatrix<'_>) -> b
         && matches!(gate.format, QuantFormat::Int4 { .. } | QuantFormat::Int8 { .. })
 }
 
+/// Whether a blank-line-separated chunk of WGSL defines the function `signature` starts.
+fn defines(chunk: &str, signature: &str) -> bool {
+    chunk.lines().any(|l| l.starts_with(signature))
+}
+
 /// `body` without the blank-line-separated chunk that defines `signature`.
 fn without_function(body: &str, signature: &str) -> String {
-    body.split("\n\n").filter(|chunk| !chunk.lines().any(|l| l.starts_with(signature))).collect::<Vec<_>>().join("\n\n")
+    body.split("\n\n").filter(|chunk| !defines(chunk, signature)).collect::<Vec<_>>().join("\n\n")
 }
 
 /// `body` with the blank-line-separated chunk that defines `signature` replaced by `function`.
 fn replace_function(body: &str, signature: &str, function: &str) -> String {
-    let defines = |chunk: &str| chunk.lines().any(|l| l.starts_with(signature));
-    debug_assert_eq!(body.split("\n\n").filter(|c| defines(c)).count(), 1, "one definition of {signature}");
+    debug_assert_eq!(body.split("\n\n").filter(|c| defines(c, signature)).count(), 1, "one definition of {signature}");
     body.split("\n\n")
-        .map(|chunk| if defines(chunk) { function.trim_end() } else { chunk })
+        .map(|chunk| if defines(chunk, signature) { function.trim_end() } else { chunk })
         .collect::<Vec<_>>()
         .join("\n\n")
 }
@@ -811,9 +816,8 @@ impl WeightMatrix<'_> {
     /// Each input is read once for four outputs. Needs `half_lo` / `half_hi`
     /// ([`TileRead::Quad`]) for F16 and INT4.
     ///
-    /// Without `with_dot`, the constants and helpers alone (for a kernel that
-    /// reads the matrix through [`gate_up_dot4`]).
-    pub fn dot4_functions(&self, products: Products, with_dot: bool) -> Result<String, FormatError> {
+    /// `reads` may leave `<ident>_dot4` out, or its helpers too: see [`Dot4Use`].
+    pub fn dot4_functions(&self, products: Products, reads: Dot4Use) -> Result<String, FormatError> {
         let sizes = part_sizes(self.format, self.out, self.in_features)?;
         let p = self.prefix();
         let mut s = format!(
@@ -914,11 +918,29 @@ fn $W_dot4(o4: u32, b0: u32, b1: u32) -> vec4<f32> {{
                     )
             }
         };
+        let body = match reads {
+            Dot4Use::Own => body,
+            Dot4Use::Helpers => without_function(&body, "fn $W_dot4("),
+            Dot4Use::Layout => return Ok(s),
+        };
         s.push('\n');
-        let body = if with_dot { body } else { without_function(&body, "fn $W_dot4(") };
         s += &fill(&body, &[("W", self.ident), ("P", p.as_str())]);
         Ok(s)
     }
+}
+
+/// What a kernel reading a matrix four outputs at a load takes of
+/// [`WeightMatrix::dot4_functions`] besides the layout constants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dot4Use {
+    /// `<ident>_dot4` and its helpers.
+    Own,
+    /// The helpers alone: [`gate_up_dot4`] reads the matrix, calling them for
+    /// both of its matrices (they share one format).
+    Helpers,
+    /// The constants alone: [`gate_up_dot4`] reads the matrix with the other
+    /// one's helpers.
+    Layout,
 }
 
 /// How a tiled kernel reads a weight matrix: one output at a time (`array<u32>`

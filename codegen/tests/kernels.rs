@@ -279,6 +279,7 @@ fn snapshot_int4_gate_up_quads_f16() {
     let text = snapshot_spec(spec);
     assert!(text.contains("w_gate_qdot(gw.x, xp)"), "f16 products in the fused four-output path");
     assert!(!text.contains("fn w_gate_dot4("), "no per-matrix dot4 beside the fused one");
+    assert!(!text.contains("fn w_up_qdot("), "the up matrix uses the gate matrix's helpers");
     insta::assert_snapshot!("int4_gate_up_quads_f16_sg", text);
 }
 
