@@ -418,8 +418,8 @@ fn matvec_add_matches_cpu() {
     }
 }
 
-/// Inputs as large as a 7B model's largest activations (a few thousand), and
-/// rows of zeros: packed products (INT4 in f16, INT8 through dot4I8Packed) must
+/// Normalised inputs of a few thousand (norm weights that large), and rows of
+/// zeros: packed products (INT4 in f16, INT8 through dot4I8Packed) must
 /// stay finite and within their tolerance. (INT8's per-row scale rounds the
 /// small inputs of a row beside a large one away; the error measure, dominated
 /// by the large inputs, does not see that.)
