@@ -22,27 +22,35 @@
 //! `x * norm` before normalisation, the sums of squares are gathered in f32
 //! from the unrounded inputs, and the outputs are scaled by 1/rms at the end.
 //!
-//! Measured on the H100 (prefill of 512 tokens), these kernels reach 11 to 19
-//! TFLOP/s: staging, not the products, bounds them. Tiles of 128 tokens x 128
-//! outputs (each subgroup a 2 x 4 block of sub-tiles) with weights staged a
-//! packed word at a time were tried and were slower: Llama-2-7B F16 14.6
-//! TFLOP/s against 16.7 for the plain kernels, and the word staging took
-//! SmolLM2's 64-wide coop prefill from 27.5k to 23.4k tokens/s.
+//! The input loop is [`crate::tiled::pipelined_steps`]: each step's loads
+//! from device memory wait in registers (separate variables, loops unrolled
+//! here) while the subgroups multiply the step before, with one buffer of
+//! each tile in workgroup memory. Measured on the H100 (prefill of 512
+//! tokens, Llama-2-7B F16): 13.8 TFLOP/s with the loads exposed, 36.8 with
+//! them pipelined; two buffers per tile (one barrier a step, 41 KB of
+//! workgroup memory) reached only 21.6, and 64 inputs a step 22.4, both with
+//! fewer workgroups resident; 16 inputs a step 33.8.
 //!
 //! The sub-tile ownership assumes subgroups of exactly
 //! [`crate::target::COOP_SUBGROUP_SIZE`] invocations: the runtime enables
 //! cooperative matrices only on such adapters.
 
 use crate::tcal::fill;
-use crate::tiled::{inv_rms_function, BO, NORM_SUMS};
+use crate::tiled::{pipelined_steps, registers, stage_quads, BO};
 
 /// Invocations per workgroup.
 const WG: u32 = 256;
 /// Tokens per tile.
 const BT: u32 = 64;
-/// Inputs staged per step: two 16-deep products per barrier pair, and a
-/// multiple of every format's inputs per word.
+/// Inputs staged per step: two 16-deep products per barrier, and a multiple
+/// of every format's inputs per word. `load_x` gives invocation `lid` input
+/// `lid % BK` of tokens `lid / BK + (WG / BK) j`, so a subgroup's loads of a
+/// token row are one contiguous run.
 const BK: u32 = 32;
+/// Token rows of the input tile each invocation stages.
+const XJ: u32 = BT * BK / WG;
+/// Weight quads each invocation stages per tile.
+pub(crate) const STAGE_ITERS: u32 = (BO / 4) * BK / WG;
 /// Row strides (in elements) of the staged tiles, padded by 16 bytes so the
 /// rows of a sub-tile fall in different banks; each a multiple of 16 bytes,
 /// as cooperative loads and stores require.
@@ -51,8 +59,8 @@ const WS: u32 = BO + 8;
 const CS: u32 = BO + 4;
 
 /// Workgroup memory of a coop kernel with `tiles` weight tiles, in bytes: the
-/// f16 input tile, the f16 weight tiles, the f32 store of half the
-/// accumulators, and `xt` (the vec4 scratch of the epilogues and `inv_rms`).
+/// f16 input tile and weight tiles, the f32 store of half the accumulators,
+/// and `xt` (the vec4 scratch of the epilogues).
 pub(crate) const fn workgroup_bytes(tiles: u32) -> u32 {
     BT * XS * 2 + tiles * BK * WS * 2 + (BT / 2) * CS * 4 + WG * 16
 }
@@ -71,15 +79,18 @@ impl CoopTiling {
         BT
     }
 
-    /// Constants, the input tile, `stage_x(t0, n, k0)`, the accumulator store
-    /// and, with `norm`, `inv_rms(ty)`; `x` is the input binding (`array<f32>`, rows of `IN`).
+    /// Constants, the input tile, `load_x(t0, n, k0)` and `store_x()`, the
+    /// accumulator store and, with `norm`, `inv_rms(ty)`; `x` is the input
+    /// binding (`array<f32>`, rows of `IN`).
     pub fn prelude(&self, x: &str, norm: bool) -> String {
         let mut s = format!(
             r#"// Tiles of BT tokens x BO outputs, inputs staged BK at a time as f16 and
 // multiplied on 16 x 16 cooperative matrices (f32 accumulators). Subgroup g
 // owns token block g / 2 and output blocks 2 (g % 2) .. + 2 of the tile;
 // invocation (tx, ty) then takes tokens 4 ty .. 4 ty + 4 and outputs
-// 4 tx .. 4 tx + 4 of its tile out of the accumulators.
+// 4 tx .. 4 tx + 4 of its tile out of the accumulators. Each step's loads
+// from device memory are issued before the products of the step before and
+// stored after them.
 const WG: u32 = {WG}u;
 const BT: u32 = {BT}u;
 const BO: u32 = {BO}u;
@@ -89,46 +100,59 @@ const TX: u32 = BO / 4u;
 const XS: u32 = {XS}u;
 const WS: u32 = {WS}u;
 const CS: u32 = {CS}u;
-// Invocations staging each token quad: 2 inputs each per step.
-const KQ: u32 = WG / (BT / 4u);
-
 var<private> lid: u32;
 
 // Staged inputs, row-major by token: element (t, k) is xh[t * XS + k].
 var<workgroup> xh: array<f16, BT * XS>;
 // Half the tile's accumulators (32 tokens x BO outputs, row-major by token).
 var<workgroup> cs: array<f32, (BT / 2u) * CS>;
-// Scratch of vec4s, one per invocation: the epilogues' exchanges and inv_rms.
+// Scratch of vec4s, one per invocation: the epilogues' exchanges.
 var<workgroup> xt: array<vec4<f32>, WG>;
 "#
         );
-        if norm {
-            s += NORM_SUMS;
+        // Registers are separate variables and loops over them are unrolled
+        // here: an indexed private array may live in slow local memory.
+        let rows: Vec<u32> = (0..XJ).collect();
+        let row = |j: u32| format!("lid / BK + {}u", j * (WG / BK));
+        s += "// The next step's inputs in flight: px_j holds token lid / BK + (WG / BK) j.\n";
+        for j in &rows {
+            s += &format!("var<private> px_{j}: f32;\n");
         }
-        let (square, scale) =
-            if norm { ("\n        ssq += v * v;", "\n        v *= norm[min(k, IN - 1u)];") } else { ("", "") };
+        if norm {
+            s += "// Sums of squares of the inputs this invocation staged, per token row,\n// and the norm weight of its input in flight.\n";
+            for j in &rows {
+                s += &format!("var<private> ssq_{j}: f32;\n");
+            }
+            s += "var<private> nk: f32;\n";
+        }
+        let mut load = String::new();
+        let mut store = String::new();
+        for &j in &rows {
+            load += &format!(
+                "    px_{j} = 0.0;\n    if (t0 + {r} < n && k < IN) {{\n        px_{j} = $X[(t0 + {r}) * IN + k];\n    }}\n",
+                r = row(j)
+            );
+            if norm {
+                store += &format!("    ssq_{j} += px_{j} * px_{j};\n");
+            }
+            let v = if norm { format!("px_{j} * nk") } else { format!("px_{j}") };
+            store += &format!("    xh[({}) * XS + lid % BK] = f16({v});\n", row(j));
+        }
+        if norm {
+            load += "    nk = norm[min(k, IN - 1u)];\n";
+        }
         s += &fill(
             &format!(
                 r#"
-// Stages inputs k0 + 2 (lid % KQ) .. + 2 of tokens t0 + 4 (lid / KQ) .. + 4
-// as f16; zeros past n tokens or IN inputs.
-fn stage_x(t0: u32, n: u32, k0: u32) {{
-    let tq = lid / KQ;
-    for (var e = 0u; e < 2u; e++) {{
-        let kl = 2u * (lid % KQ) + e;
-        let k = k0 + kl;
-        var v = vec4<f32>(0.0);
-        for (var j = 0u; j < 4u; j++) {{
-            let t = t0 + 4u * tq + j;
-            if (t < n && k < IN) {{
-                v[j] = $X[t * IN + k];
-            }}
-        }}{square}{scale}
-        for (var j = 0u; j < 4u; j++) {{
-            xh[(4u * tq + j) * XS + kl] = f16(v[j]);
-        }}
-    }}
-}}
+// Loads input k0 + lid % BK of the tile's tokens lid / BK + (WG / BK) j into
+// px_j; zeros past n tokens or IN inputs.
+fn load_x(t0: u32, n: u32, k0: u32) {{
+    let k = k0 + lid % BK;
+{load}}}
+
+// Stores the px_j into the input tile as f16 (the loads' first use).
+fn store_x() {{
+{store}}}
 
 // Outputs 4 q .. 4 q + 4 of row r of the accumulator store.
 fn c_quad(r: u32, q: u32) -> vec4<f32> {{
@@ -140,14 +164,31 @@ fn c_quad(r: u32, q: u32) -> vec4<f32> {{
             &[("X", x)],
         );
         if norm {
-            s += &inv_rms_function("KQ");
+            let ssq: String = (0..XJ).map(|j| format!("    cs[(lid % BK) * BT + {}] = ssq_{j};\n", row(j))).collect();
+            s += &r#"
+// 1/rms of tokens 4 ty .. 4 ty + 4 of the tile, from the sums of squares
+// store_x gathered. Reuses cs: call after the accumulators are handed back,
+// from every invocation.
+fn inv_rms(ty: u32) -> vec4<f32> {
+    workgroupBarrier();
+$SSQ    workgroupBarrier();
+    var ss = vec4<f32>(0.0);
+    for (var l = 0u; l < BK; l++) {
+        let i = l * BT + 4u * ty;
+        ss += vec4<f32>(cs[i], cs[i + 1u], cs[i + 2u], cs[i + 3u]);
+    }
+    return inverseSqrt(ss / f32(IN) + EPS);
+}
+"#
+            .replace("$SSQ", &ssq);
         }
         s
     }
 
     /// The entry point, as [`crate::tiled::Tiling::entry`]: `setup` defines `t0`,
-    /// `accs` are (name, weight tile) pairs, `stage` stages the weights of
-    /// step `k0`, and `epilogue` reads `acc_<name>[i][j]`.
+    /// `accs` are (name, weight tile) pairs, `stage` loads the weights of
+    /// step `k0` (into the tiles' `pre_` registers), and `epilogue` reads
+    /// `acc_<name>[i][j]`.
     pub fn entry(&self, setup: &str, accs: &[(&str, &str)], stage: &str, epilogue: &str) -> String {
         let mut s = String::from(
             r#"@compute @workgroup_size(WG)
@@ -167,25 +208,28 @@ fn main(
         );
         s += setup;
         for (acc, _) in accs {
-            s += &format!("    var acc_{acc}: array<vec4<f32>, 4>;\n");
             for h in 0..2 {
                 s += &format!("    var c_{acc}{h} = coop_mat16x16<f32, C>();\n");
             }
         }
-        s += "    for (var k0 = 0u; k0 < IN; k0 += BK) {\n        stage_x(t0, n, k0);\n";
-        s += stage;
-        s += "        workgroupBarrier();\n        for (var kk = 0u; kk < BK; kk += 16u) {\n";
-        s += "            let a = coopLoadT<coop_mat16x16<f16, A>>(&xh[16u * tb * XS + kk], XS);\n";
+        let flush: String = accs
+            .iter()
+            .map(|(_, tile)| stage_quads(STAGE_ITERS, &format!("            store_{tile}(kk, q, pre_{tile}_$IT);\n")))
+            .collect();
+        let mut products = String::from("        for (var kk = 0u; kk < BK; kk += 16u) {\n");
+        products += "            let a = coopLoadT<coop_mat16x16<f16, A>>(&xh[16u * tb * XS + kk], XS);\n";
         for (acc, tile) in accs {
             for h in 0..2 {
-                s += &format!(
+                products += &format!(
                     "            c_{acc}{h} = coopMultiplyAdd(a, coopLoadT<coop_mat16x16<f16, B>>(&{tile}[kk * WS + 16u * (ob + {h}u)], WS), c_{acc}{h});\n"
                 );
             }
         }
-        s += "        }\n        workgroupBarrier();\n    }\n";
+        products += "        }\n";
+        s += &pipelined_steps(stage, &flush, &products);
         s += "    // the accumulators to (tx, ty) order, through workgroup memory half a tile at a time\n";
         for (acc, _) in accs {
+            s += &format!("    var acc_{acc}: array<vec4<f32>, 4>;\n");
             for half in 0..2 {
                 s += &format!("    if (tb / 2u == {half}u) {{\n");
                 for h in 0..2 {
@@ -207,14 +251,16 @@ fn main(
     }
 }
 
-/// A weight tile in workgroup memory, f16, and `store_<name>(kk, q, v)`, which
-/// writes outputs 4 q .. 4 q + 4 of input kk.
+/// A weight tile in workgroup memory (f16), the registers
+/// `pre_<name>_<it>` its next step's quads wait in, and
+/// `store_<name>(kk, q, v)`, which writes outputs 4 q .. 4 q + 4 of input kk.
 pub(crate) fn weight_tile(name: &str) -> String {
+    let pre = registers(name, STAGE_ITERS);
     fill(
         r#"
 // A weight tile, row-major by input: element (k, c) is $T[k * WS + c].
 var<workgroup> $T: array<f16, BK * WS>;
-
+$PRE
 fn store_$T(kk: u32, q: u32, v: vec4<f32>) {
     let i = kk * WS + 4u * q;
     $T[i] = f16(v.x);
@@ -223,21 +269,7 @@ fn store_$T(kk: u32, q: u32, v: vec4<f32>) {
     $T[i + 3u] = f16(v.w);
 }
 "#,
-        &[("T", name)],
-    )
-}
-
-/// Stages step `k0` of matrix `w` (read by quads) into `tile`: column `c`
-/// holds output `o0 + c`.
-pub(crate) fn stage_weights(w: &str, tile: &str) -> String {
-    fill(
-        r#"        for (var i = lid; i < (BO / 4u) * BK; i += WG) {
-            let q = i % (BO / 4u);
-            let kk = i / (BO / 4u);
-            store_$T(kk, q, $W_at(o0 + 4u * q, k0 + kk));
-        }
-"#,
-        &[("W", w), ("T", tile)],
+        &[("T", name), ("PRE", &pre)],
     )
 }
 
@@ -255,8 +287,13 @@ mod tests {
         assert_eq!(BK % 16, 0);
         // 8 subgroups of 32 cover the 16 sub-tiles, two each
         assert_eq!(WG / crate::target::COOP_SUBGROUP_SIZE * 2, (BT / 16) * (BO / 16));
-        // stage_x: KQ invocations per token quad, 2 inputs each
-        assert_eq!(WG / (BT / 4) * 2, BK);
+        // load_x: whole token rows of BK inputs, XJ per invocation
+        assert_eq!(WG % BK, 0);
+        assert_eq!(BT % (WG / BK), 0);
+        // stage_quads: whole quads of the tile per invocation
+        assert_eq!((BO / 4) * BK % WG, 0);
+        // inv_rms gathers BK sums per token in the accumulator store
+        const { assert!(BK * BT <= (BT / 2) * CS) };
         assert_eq!(workgroup_bytes(2), crate::target::COOP_WORKGROUP_BYTES);
     }
 }

@@ -9,6 +9,11 @@
 //! Workgroup memory is written and read in whole vec4s only: an invocation
 //! stages one input of four tokens, and four outputs of one input.
 //!
+//! Both skeletons run the same pipelined input loop ([`pipelined_steps`]):
+//! each step's loads from device memory go into registers before the
+//! products of the step before, and into workgroup memory after them, so the
+//! loads' latency is spent on products instead of waiting.
+//!
 //! An RMSNorm on the input is folded in: the norm weights scale the inputs as
 //! they are staged, their sums of squares are gathered on the way, and each
 //! token's outputs are scaled by 1/rms at the end (a dot product is linear).
@@ -37,10 +42,15 @@ impl Tiling {
         Tiling { wg, bt: wg * 4 / (BO / 4) }
     }
 
-    /// Constants, the input tile, `stage_x(t0, n, k0)` and, with `norm`,
+    /// Weight quads each invocation stages per tile.
+    pub fn stage_iters(&self) -> u32 {
+        (BO / 4) * BK / self.wg
+    }
+
+    /// Constants, the input tile, `load_x(t0, n, k0)`, `store_x()` and, with `norm`,
     /// `inv_rms(ty)`; `x` is the input binding (`array<f32>`, rows of `IN`).
     pub fn prelude(&self, x: &str, norm: bool) -> String {
-        // stage_x gives each invocation one (input, token quad) of the tile
+        // load_x gives each invocation one (input, token quad) of the tile
         debug_assert_eq!(BK * self.bt / 4, self.wg);
         let mut s = format!(
             r#"// Tiles of BT tokens x BO outputs, inputs staged BK at a time. Invocation
@@ -50,7 +60,6 @@ const BT: u32 = {bt}u;
 const BO: u32 = {BO}u;
 const BK: u32 = {BK}u;
 const TX: u32 = BO / 4u;
-
 var<private> lid: u32;
 
 // Staged inputs: element (t, k) is xt[k * BT / 4 + t / 4][t % 4].
@@ -62,24 +71,35 @@ var<workgroup> xt: array<vec4<f32>, BK * BT / 4u>;
         if norm {
             s += NORM_SUMS;
         }
-        let (square, scale) =
-            if norm { ("\n    ssq += v * v;", "\n    v *= norm[min(k, IN - 1u)];") } else { ("", "") };
+        let (square, scale_load, scale) =
+            if norm { ("\n    ssq += px * px;", "    nk = norm[min(k, IN - 1u)];\n", " * nk") } else { ("", "", "") };
+        if norm {
+            s += "// The norm weight of the input in flight.\nvar<private> nk: f32;\n";
+        }
+        // unrolled: a runtime index into px would move it out of registers
+        let loads: String = ["x", "y", "z", "w"]
+            .iter()
+            .enumerate()
+            .map(|(j, c)| {
+                format!("    if (t0 + 4u * tq + {j}u < n && k < IN) {{\n        px.{c} = $X[(t0 + 4u * tq + {j}u) * IN + k];\n    }}\n")
+            })
+            .collect();
         s += &fill(
             &format!(
-                r#"
-// Stages input k0 + lid % BK of tokens t0 + 4 (lid / BK) .. + 4; zeros past n
-// tokens or IN inputs.
-fn stage_x(t0: u32, n: u32, k0: u32) {{
+                r#"// The next step's inputs in flight: input lid % BK of 4 tokens.
+var<private> px: vec4<f32>;
+
+// Loads input k0 + lid % BK of tokens t0 + 4 (lid / BK) .. + 4 into px; zeros
+// past n tokens or IN inputs.
+fn load_x(t0: u32, n: u32, k0: u32) {{
     let k = k0 + lid % BK;
     let tq = lid / BK;
-    var v = vec4<f32>(0.0);
-    for (var j = 0u; j < 4u; j++) {{
-        let t = t0 + 4u * tq + j;
-        if (t < n && k < IN) {{
-            v[j] = $X[t * IN + k];
-        }}
-    }}{square}{scale}
-    xt[(lid % BK) * (BT / 4u) + tq] = v;
+    px = vec4<f32>(0.0);
+{loads}{scale_load}}}
+
+// Stores px into the input tile (the loads' first use).
+fn store_x() {{{square}
+    xt[(lid % BK) * (BT / 4u) + lid / BK] = px{scale};
 }}
 "#
             ),
@@ -108,24 +128,64 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (acc, _) in accs {
             s += &format!("    var acc_{acc}: array<vec4<f32>, 4>;\n");
         }
-        s += "    for (var k0 = 0u; k0 < IN; k0 += BK) {\n        stage_x(t0, n, k0);\n";
-        s += stage;
-        s += "        workgroupBarrier();\n        for (var kk = 0u; kk < BK; kk++) {\n";
-        s += "            let a = xt[kk * (BT / 4u) + ty];\n";
+        let flush: String = accs
+            .iter()
+            .map(|(_, tile)| {
+                stage_quads(self.stage_iters(), &format!("            {tile}[kk * (BO / 4u) + q] = pre_{tile}_$IT;\n"))
+            })
+            .collect();
+        let mut products = String::from("        for (var kk = 0u; kk < BK; kk++) {\n");
+        products += "            let a = xt[kk * (BT / 4u) + ty];\n";
         for (acc, tile) in accs {
-            s += &format!("            let b_{acc} = {tile}[kk * (BO / 4u) + tx];\n");
+            products += &format!("            let b_{acc} = {tile}[kk * (BO / 4u) + tx];\n");
             for (i, c) in ["x", "y", "z", "w"].iter().enumerate() {
-                s += &format!("            acc_{acc}[{i}] += a.{c} * b_{acc};\n");
+                products += &format!("            acc_{acc}[{i}] += a.{c} * b_{acc};\n");
             }
         }
-        s += "        }\n        workgroupBarrier();\n    }\n";
+        products += "        }\n";
+        s += &pipelined_steps(stage, &flush, &products);
         s += epilogue;
         s += "}\n";
         s
     }
 }
 
-/// The private sums of squares `stage_x` gathers for an RMSNorm on the input.
+/// The input loop of a tiled kernel: step 0 staged, then for each step the
+/// next step's loads (`load_x` and `stage`, into registers) issued before
+/// this step's `products`, and stored (`store_x` and `flush`) into workgroup
+/// memory between two barriers after them.
+pub(crate) fn pipelined_steps(stage: &str, flush: &str, products: &str) -> String {
+    let mut s = String::from("    // step 0\n    {\n        let k0 = 0u;\n        load_x(t0, n, k0);\n");
+    s += stage;
+    s += "        store_x();\n";
+    s += flush;
+    s += "    }\n    workgroupBarrier();\n";
+    s += "    for (var ks = 0u; ks < IN; ks += BK) {\n";
+    s += "        let more = ks + BK < IN;\n";
+    s += "        // the next step's loads, in flight during this step's products\n";
+    s += "        if (more) {\n            let k0 = ks + BK;\n            load_x(t0, n, k0);\n";
+    s += &indent(stage);
+    s += "        }\n";
+    s += products;
+    s += "        workgroupBarrier();\n        if (more) {\n            store_x();\n";
+    s += &indent(flush);
+    s += "        }\n        workgroupBarrier();\n    }\n";
+    s
+}
+
+/// `text` indented by four more spaces, line by line.
+fn indent(text: &str) -> String {
+    text.lines().map(|l| if l.is_empty() { "\n".to_string() } else { format!("    {l}\n") }).collect()
+}
+
+/// The statement keeping `v` (a vec4<f32>, outputs 4 q .. 4 q + 4 of input kk
+/// of the next step) in the registers of `tile` until it is stored; inside a
+/// [`stage_quads`] body.
+pub(crate) fn keep(tile: &str, v: &str) -> String {
+    format!("pre_{tile}_$IT = {v};")
+}
+
+/// The private sums of squares `store_x` gathers for an RMSNorm on the input.
 pub(crate) const NORM_SUMS: &str =
     "// Sums of squares of the inputs this invocation staged, for its 4 tokens.\nvar<private> ssq: vec4<f32>;\n";
 
@@ -135,7 +195,7 @@ pub(crate) fn inv_rms_function(lanes: &str) -> String {
     fill(
         r#"
 // 1/rms of tokens 4 ty .. 4 ty + 4 of the tile, from the sums of squares
-// stage_x gathered. Reuses xt: call after the last step, from every invocation.
+// store_x gathered. Reuses xt: call after the last step, from every invocation.
 fn inv_rms(ty: u32) -> vec4<f32> {
     workgroupBarrier();
     xt[(lid % $L) * (BT / 4u) + lid / $L] = ssq;
@@ -151,23 +211,35 @@ fn inv_rms(ty: u32) -> vec4<f32> {
     )
 }
 
-/// A weight tile in workgroup memory.
-pub(crate) fn weight_tile(name: &str) -> String {
-    format!("\n// A weight tile: element (k, c) is {name}[k * BO / 4 + c / 4][c % 4].\nvar<workgroup> {name}: array<vec4<f32>, BK * BO / 4u>;\n")
+/// A weight tile in workgroup memory, and the registers `pre_<name>_<it>`
+/// the next step's `iters` quads wait in.
+pub(crate) fn weight_tile(name: &str, iters: u32) -> String {
+    format!(
+        "\n// A weight tile: element (k, c) is {name}[k * BO / 4 + c / 4][c % 4].\nvar<workgroup> {name}: array<vec4<f32>, BK * BO / 4u>;\n{}",
+        registers(name, iters)
+    )
 }
 
-/// Stages step `k0` of matrix `w` (read by quads, [`crate::tcal::TileRead::Quad`])
-/// into `tile`: column `c` holds output `o0 + c`.
-pub(crate) fn stage_weights(w: &str, tile: &str) -> String {
-    fill(
-        r#"        for (var i = lid; i < (BO / 4u) * BK; i += WG) {
-            let q = i % (BO / 4u);
-            let kk = i / (BO / 4u);
-            $T[kk * (BO / 4u) + q] = $W_at(o0 + 4u * q, k0 + kk);
-        }
-"#,
-        &[("W", w), ("T", tile)],
-    )
+/// The registers `pre_<tile>_<it>` the next step's `iters` quads of a weight
+/// tile wait in (separate variables: an indexed private array may live in
+/// slow local memory).
+pub(crate) fn registers(tile: &str, iters: u32) -> String {
+    (0..iters).map(|it| format!("var<private> pre_{tile}_{it}: vec4<f32>;\n")).collect()
+}
+
+/// The `iters` weight quads an invocation stages per tile, unrolled: each a
+/// block defining `i`, the quad `q` and the input `kk` of the step around
+/// `body`, where `$IT` is the iteration (so registers named by it stay
+/// registers).
+pub(crate) fn stage_quads(iters: u32, body: &str) -> String {
+    (0..iters)
+        .map(|it| {
+            format!(
+                "        {{\n            let i = lid + {it}u * WG;\n            let q = i % (BO / 4u);\n            let kk = i / (BO / 4u);\n{}        }}\n",
+                body.replace("$IT", &it.to_string())
+            )
+        })
+        .collect()
 }
 
 /// The epilogue run for each of the invocation's 4 tokens `t` (skipping tokens
@@ -191,18 +263,13 @@ pub(crate) enum Skeleton {
     Coop(CoopTiling),
 }
 
-/// Outputs from which a tiled kernel keeps the plain skeleton on a target with
-/// cooperative matrices. Measured on the H100 (prefill of 512 tokens): with
-/// few output tiles the plain kernel leaves SMs idle and the coop one is faster
-/// (SmolLM2, at most 1536 outputs: 22k to 27k tokens/s); with many, the plain
-/// kernel's register tiles beat the coop kernel, whose f16 staging outweighs
-/// its products (Llama-2-7B F16: 16.6 TFLOP/s plain, 13.7 coop).
-pub(crate) const COOP_MAX_OUTPUTS: usize = 2048;
-
 impl Skeleton {
-    /// The skeleton of a tiled kernel of `outputs` outputs on `target`.
-    pub fn for_kernel(target: &Target, outputs: usize) -> Skeleton {
-        if target.uses_coop() && outputs < COOP_MAX_OUTPUTS {
+    /// The skeleton of a tiled kernel on `target`. Measured on the H100
+    /// (prefill of 512 tokens), the coop kernels beat the plain ones at every
+    /// model size: Llama-2-7B F16 36 TFLOP/s against 19, SmolLM2 44k tokens/s
+    /// against the plain kernels' 27k.
+    pub fn for_target(target: &Target) -> Skeleton {
+        if target.uses_coop() {
             Skeleton::Coop(CoopTiling)
         } else {
             Skeleton::Plain(Tiling::for_target(target))
@@ -241,28 +308,30 @@ impl Skeleton {
         }
     }
 
-    /// A weight tile named `name` in workgroup memory.
+    /// Weight quads each invocation stages per tile.
+    pub fn stage_iters(&self) -> u32 {
+        match self {
+            Skeleton::Plain(t) => t.stage_iters(),
+            Skeleton::Coop(_) => coop::STAGE_ITERS,
+        }
+    }
+
+    /// A weight tile named `name` in workgroup memory, with its registers.
     pub fn weight_tile(&self, name: &str) -> String {
         match self {
-            Skeleton::Plain(_) => weight_tile(name),
+            Skeleton::Plain(t) => weight_tile(name, t.stage_iters()),
             Skeleton::Coop(_) => coop::weight_tile(name),
         }
     }
 
-    /// Stages step `k0` of matrix `w` (read by quads) into `tile`.
+    /// Loads step `k0` of matrix `w` (read by quads, [`crate::tcal::TileRead::Quad`])
+    /// into the registers of `tile`: column `c` holds output `o0 + c`.
     pub fn stage_weights(&self, w: &str, tile: &str) -> String {
-        match self {
-            Skeleton::Plain(_) => stage_weights(w, tile),
-            Skeleton::Coop(_) => coop::stage_weights(w, tile),
-        }
+        self.stage_quads(&format!("            {}\n", keep(tile, &format!("{w}_at(o0 + 4u * q, k0 + kk)"))))
     }
 
-    /// The statement storing `v` (a vec4<f32>) as outputs 4 q .. 4 q + 4 of input
-    /// `kk` of the step into `tile`.
-    pub fn store(&self, tile: &str, kk: &str, q: &str, v: &str) -> String {
-        match self {
-            Skeleton::Plain(_) => format!("{tile}[{kk} * (BO / 4u) + {q}] = {v};"),
-            Skeleton::Coop(_) => format!("store_{tile}({kk}, {q}, {v});"),
-        }
+    /// The weight quads an invocation stages per tile around `body`: see [`stage_quads`].
+    pub fn stage_quads(&self, body: &str) -> String {
+        stage_quads(self.stage_iters(), body)
     }
 }

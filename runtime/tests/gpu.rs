@@ -290,13 +290,11 @@ fn run_all(runner: &KernelRunner, spec: &KernelSpec, contents: &[Vec<u8>], rows:
     if t.shader_f16 && t.subgroups && !t.cooperative_matrix {
         let coop_target = Target { cooperative_matrix: true, subgroup_size: COOP_SUBGROUP_SIZE, ..t };
         let coop = generate_batch(&spec.with_target(coop_target)).unwrap().unwrap();
-        // kernels of many outputs keep the plain skeleton (COOP_MAX_OUTPUTS), run above
-        if coop.wgsl.contains("coopMultiplyAdd") {
-            let kernel = emulated_coop(&coop);
-            let grid = kernel.dispatch_for(&step_of(contents), rows);
-            let result = runner.run(&kernel, contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
-            out.push((kernel, result));
-        }
+        assert!(coop.wgsl.contains("coopMultiplyAdd"), "{}: a tiled kernel on cooperative matrices", coop.name);
+        let kernel = emulated_coop(&coop);
+        let grid = kernel.dispatch_for(&step_of(contents), rows);
+        let result = runner.run(&kernel, contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
+        out.push((kernel, result));
     }
     out
 }

@@ -84,33 +84,46 @@ const BT: u32 = 64u;
 const BO: u32 = 64u;
 const BK: u32 = 16u;
 const TX: u32 = BO / 4u;
-
 var<private> lid: u32;
 
 // Staged inputs: element (t, k) is xt[k * BT / 4 + t / 4][t % 4].
 var<workgroup> xt: array<vec4<f32>, BK * BT / 4u>;
 // Sums of squares of the inputs this invocation staged, for its 4 tokens.
 var<private> ssq: vec4<f32>;
+// The norm weight of the input in flight.
+var<private> nk: f32;
+// The next step's inputs in flight: input lid % BK of 4 tokens.
+var<private> px: vec4<f32>;
 
-// Stages input k0 + lid % BK of tokens t0 + 4 (lid / BK) .. + 4; zeros past n
-// tokens or IN inputs.
-fn stage_x(t0: u32, n: u32, k0: u32) {
+// Loads input k0 + lid % BK of tokens t0 + 4 (lid / BK) .. + 4 into px; zeros
+// past n tokens or IN inputs.
+fn load_x(t0: u32, n: u32, k0: u32) {
     let k = k0 + lid % BK;
     let tq = lid / BK;
-    var v = vec4<f32>(0.0);
-    for (var j = 0u; j < 4u; j++) {
-        let t = t0 + 4u * tq + j;
-        if (t < n && k < IN) {
-            v[j] = hidden[t * IN + k];
-        }
+    px = vec4<f32>(0.0);
+    if (t0 + 4u * tq + 0u < n && k < IN) {
+        px.x = hidden[(t0 + 4u * tq + 0u) * IN + k];
     }
-    ssq += v * v;
-    v *= norm[min(k, IN - 1u)];
-    xt[(lid % BK) * (BT / 4u) + tq] = v;
+    if (t0 + 4u * tq + 1u < n && k < IN) {
+        px.y = hidden[(t0 + 4u * tq + 1u) * IN + k];
+    }
+    if (t0 + 4u * tq + 2u < n && k < IN) {
+        px.z = hidden[(t0 + 4u * tq + 2u) * IN + k];
+    }
+    if (t0 + 4u * tq + 3u < n && k < IN) {
+        px.w = hidden[(t0 + 4u * tq + 3u) * IN + k];
+    }
+    nk = norm[min(k, IN - 1u)];
+}
+
+// Stores px into the input tile (the loads' first use).
+fn store_x() {
+    ssq += px * px;
+    xt[(lid % BK) * (BT / 4u) + lid / BK] = px * nk;
 }
 
 // 1/rms of tokens 4 ty .. 4 ty + 4 of the tile, from the sums of squares
-// stage_x gathered. Reuses xt: call after the last step, from every invocation.
+// store_x gathered. Reuses xt: call after the last step, from every invocation.
 fn inv_rms(ty: u32) -> vec4<f32> {
     workgroupBarrier();
     xt[(lid % BK) * (BT / 4u) + lid / BK] = ssq;
@@ -124,9 +137,11 @@ fn inv_rms(ty: u32) -> vec4<f32> {
 
 // A weight tile: element (k, c) is wt_gate[k * BO / 4 + c / 4][c % 4].
 var<workgroup> wt_gate: array<vec4<f32>, BK * BO / 4u>;
+var<private> pre_wt_gate_0: vec4<f32>;
 
 // A weight tile: element (k, c) is wt_up[k * BO / 4 + c / 4][c % 4].
 var<workgroup> wt_up: array<vec4<f32>, BK * BO / 4u>;
+var<private> pre_wt_up_0: vec4<f32>;
 
 fn half_lo(x: vec4<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(x.x).x, unpack2x16float(x.y).x, unpack2x16float(x.z).x, unpack2x16float(x.w).x);
@@ -146,19 +161,56 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let o0 = wid.x * BO;
     var acc_g: array<vec4<f32>, 4>;
     var acc_u: array<vec4<f32>, 4>;
-    for (var k0 = 0u; k0 < IN; k0 += BK) {
-        stage_x(t0, n, k0);
-        for (var i = lid; i < (BO / 4u) * BK; i += WG) {
+    // step 0
+    {
+        let k0 = 0u;
+        load_x(t0, n, k0);
+        {
+            let i = lid + 0u * WG;
             let q = i % (BO / 4u);
             let kk = i / (BO / 4u);
-            wt_gate[kk * (BO / 4u) + q] = w_gate_at(o0 + 4u * q, k0 + kk);
+            pre_wt_gate_0 = w_gate_at(o0 + 4u * q, k0 + kk);
         }
-        for (var i = lid; i < (BO / 4u) * BK; i += WG) {
+        {
+            let i = lid + 0u * WG;
             let q = i % (BO / 4u);
             let kk = i / (BO / 4u);
-            wt_up[kk * (BO / 4u) + q] = w_up_at(o0 + 4u * q, k0 + kk);
+            pre_wt_up_0 = w_up_at(o0 + 4u * q, k0 + kk);
         }
-        workgroupBarrier();
+        store_x();
+        {
+            let i = lid + 0u * WG;
+            let q = i % (BO / 4u);
+            let kk = i / (BO / 4u);
+            wt_gate[kk * (BO / 4u) + q] = pre_wt_gate_0;
+        }
+        {
+            let i = lid + 0u * WG;
+            let q = i % (BO / 4u);
+            let kk = i / (BO / 4u);
+            wt_up[kk * (BO / 4u) + q] = pre_wt_up_0;
+        }
+    }
+    workgroupBarrier();
+    for (var ks = 0u; ks < IN; ks += BK) {
+        let more = ks + BK < IN;
+        // the next step's loads, in flight during this step's products
+        if (more) {
+            let k0 = ks + BK;
+            load_x(t0, n, k0);
+            {
+                let i = lid + 0u * WG;
+                let q = i % (BO / 4u);
+                let kk = i / (BO / 4u);
+                pre_wt_gate_0 = w_gate_at(o0 + 4u * q, k0 + kk);
+            }
+            {
+                let i = lid + 0u * WG;
+                let q = i % (BO / 4u);
+                let kk = i / (BO / 4u);
+                pre_wt_up_0 = w_up_at(o0 + 4u * q, k0 + kk);
+            }
+        }
         for (var kk = 0u; kk < BK; kk++) {
             let a = xt[kk * (BT / 4u) + ty];
             let b_g = wt_gate[kk * (BO / 4u) + tx];
@@ -171,6 +223,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             acc_u[1] += a.y * b_u;
             acc_u[2] += a.z * b_u;
             acc_u[3] += a.w * b_u;
+        }
+        workgroupBarrier();
+        if (more) {
+            store_x();
+            {
+                let i = lid + 0u * WG;
+                let q = i % (BO / 4u);
+                let kk = i / (BO / 4u);
+                wt_gate[kk * (BO / 4u) + q] = pre_wt_gate_0;
+            }
+            {
+                let i = lid + 0u * WG;
+                let q = i % (BO / 4u);
+                let kk = i / (BO / 4u);
+                wt_up[kk * (BO / 4u) + q] = pre_wt_up_0;
+            }
         }
         workgroupBarrier();
     }
