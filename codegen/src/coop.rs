@@ -2,19 +2,21 @@
 //! skeleton of [`crate::tiled`] with the inner product done by
 //! `coopMultiplyAdd` over 16 x 16 sub-tiles.
 //!
-//! A workgroup of 256 invocations (8 subgroups of 32) computes the same tile
-//! as the plain skeleton, 64 tokens x 64 outputs. The tile is a 4 x 4 grid
-//! of 16 x 16 sub-tiles; subgroup `g` owns token block `g / 2` and output
+//! A workgroup of 512 invocations (16 subgroups of 32) computes a tile of 128
+//! tokens x 64 outputs, twice the plain skeleton's tokens, so each staged
+//! weight serves twice as many products. The tile is an 8 x 4 grid of
+//! 16 x 16 sub-tiles; subgroup `g` owns token block `g / 2` and output
 //! blocks `2 (g % 2)` and `2 (g % 2) + 1` (one A sub-tile shared by two
 //! products). It walks the inputs `BK` = 32 at a time: the input rows and the
 //! dequantised weights (through [`crate::tcal`], every weight format) are
 //! staged in workgroup memory as f16, and each subgroup accumulates its two
 //! sub-tiles per matrix in f32 cooperative matrices.
 //!
-//! At the end the accumulators are stored to workgroup memory, half the tile
-//! (32 tokens) at a time, and each invocation (tx, ty) loads its 4 tokens x 4
-//! outputs into `acc_<name>: array<vec4<f32>, 4>`, the layout the plain
-//! skeleton leaves, so the epilogues of [`crate::ops`] are shared.
+//! At the end the accumulators are stored to workgroup memory, 32 tokens at a
+//! time, and each invocation (tx, ty) loads its 4 tokens x 4 outputs into
+//! `acc_<name>: array<vec4<f32>, 4>`, the layout the plain skeleton leaves
+//! (with `ty` over 32 token quads instead of 16), so the epilogues of
+//! [`crate::ops`] are shared.
 //!
 //! Precision: inputs and weights are rounded to f16 when staged (11-bit
 //! significands; values past 65504 overflow), products are accumulated in f32.
@@ -26,10 +28,14 @@
 //! from device memory wait in registers (separate variables, loops unrolled
 //! here) while the subgroups multiply the step before, with one buffer of
 //! each tile in workgroup memory. Measured on the H100 (prefill of 512
-//! tokens, Llama-2-7B F16): 13.8 TFLOP/s with the loads exposed, 36.8 with
-//! them pipelined; two buffers per tile (one barrier a step, 41 KB of
-//! workgroup memory) reached only 21.6, and 64 inputs a step 22.4, both with
-//! fewer workgroups resident; 16 inputs a step 33.8.
+//! tokens, Llama-2-7B F16), with tiles of 64 tokens and 256 invocations:
+//! 13.8 TFLOP/s with the loads exposed, 36.8 with them pipelined; two
+//! buffers per tile (one barrier a step, 41 KB of workgroup memory) reached
+//! only 21.6, and 64 inputs a step 22.4, both with fewer workgroups
+//! resident; 16 inputs a step 33.8. Tiles of 128 tokens on 256 invocations
+//! (four sub-tiles a subgroup) sped up the one-matrix kernels of Llama-2-7B
+//! (down 42.6 to 69.2 TFLOP/s) but slowed gate/up (45.6 to 40.9) and every
+//! kernel of Llama-3.2-1B.
 //!
 //! The sub-tile ownership assumes subgroups of exactly
 //! [`crate::target::COOP_SUBGROUP_SIZE`] invocations: the runtime enables
@@ -38,10 +44,10 @@
 use crate::tcal::fill;
 use crate::tiled::{pipelined_steps, registers, stage_quads, BO};
 
-/// Invocations per workgroup.
-const WG: u32 = 256;
+/// Invocations per workgroup: two subgroups per 16 tokens.
+pub(crate) const WG: u32 = 4 * BT;
 /// Tokens per tile.
-const BT: u32 = 64;
+const BT: u32 = 128;
 /// Inputs staged per step: two 16-deep products per barrier, and a multiple
 /// of every format's inputs per word. `load_x` gives invocation `lid` input
 /// `lid % BK` of tokens `lid / BK + (WG / BK) j`, so a subgroup's loads of a
@@ -62,7 +68,7 @@ const CS: u32 = BO + 4;
 /// f16 input tile and weight tiles, the f32 store of half the accumulators,
 /// and `xt` (the vec4 scratch of the epilogues).
 pub(crate) const fn workgroup_bytes(tiles: u32) -> u32 {
-    BT * XS * 2 + tiles * BK * WS * 2 + (BT / 2) * CS * 4 + WG * 16
+    BT * XS * 2 + tiles * BK * WS * 2 + 32 * CS * 4 + WG * 16
 }
 
 /// How a tiled kernel is laid out with cooperative matrices; the same
@@ -104,8 +110,8 @@ var<private> lid: u32;
 
 // Staged inputs, row-major by token: element (t, k) is xh[t * XS + k].
 var<workgroup> xh: array<f16, BT * XS>;
-// Half the tile's accumulators (32 tokens x BO outputs, row-major by token).
-var<workgroup> cs: array<f32, (BT / 2u) * CS>;
+// 32 tokens of the tile's accumulators (x BO outputs, row-major by token).
+var<workgroup> cs: array<f32, 32u * CS>;
 // Scratch of vec4s, one per invocation: the epilogues' exchanges.
 var<workgroup> xt: array<vec4<f32>, WG>;
 "#
@@ -164,23 +170,30 @@ fn c_quad(r: u32, q: u32) -> vec4<f32> {{
             &[("X", x)],
         );
         if norm {
-            let ssq: String = (0..XJ).map(|j| format!("    cs[(lid % BK) * BT + {}] = ssq_{j};\n", row(j))).collect();
-            s += &r#"
+            // the per-lane sums of 64 tokens at a time fit cs
+            let per_pass = XJ * 64 / BT;
+            let mut passes = String::new();
+            for pass in 0..BT / 64 {
+                passes += "    workgroupBarrier();\n";
+                for j in pass * per_pass..(pass + 1) * per_pass {
+                    passes +=
+                        &format!("    cs[(lid % BK) * 64u + lid / BK + {}u] = ssq_{j};\n", j * (WG / BK) - 64 * pass);
+                }
+                passes += &format!(
+                    "    workgroupBarrier();\n    if (ty / 16u == {pass}u) {{\n        for (var l = 0u; l < BK; l++) {{\n            let i = l * 64u + 4u * (ty % 16u);\n            ss += vec4<f32>(cs[i], cs[i + 1u], cs[i + 2u], cs[i + 3u]);\n        }}\n    }}\n"
+                );
+            }
+            s += &format!(
+                r#"
 // 1/rms of tokens 4 ty .. 4 ty + 4 of the tile, from the sums of squares
 // store_x gathered. Reuses cs: call after the accumulators are handed back,
 // from every invocation.
-fn inv_rms(ty: u32) -> vec4<f32> {
-    workgroupBarrier();
-$SSQ    workgroupBarrier();
+fn inv_rms(ty: u32) -> vec4<f32> {{
     var ss = vec4<f32>(0.0);
-    for (var l = 0u; l < BK; l++) {
-        let i = l * BT + 4u * ty;
-        ss += vec4<f32>(cs[i], cs[i + 1u], cs[i + 2u], cs[i + 3u]);
-    }
-    return inverseSqrt(ss / f32(IN) + EPS);
-}
+{passes}    return inverseSqrt(ss / f32(IN) + EPS);
+}}
 "#
-            .replace("$SSQ", &ssq);
+            );
         }
         s
     }
@@ -227,18 +240,18 @@ fn main(
         }
         products += "        }\n";
         s += &pipelined_steps(stage, &flush, &products);
-        s += "    // the accumulators to (tx, ty) order, through workgroup memory half a tile at a time\n";
+        s += "    // the accumulators to (tx, ty) order, through workgroup memory 32 tokens at a time\n";
         for (acc, _) in accs {
             s += &format!("    var acc_{acc}: array<vec4<f32>, 4>;\n");
-            for half in 0..2 {
-                s += &format!("    if (tb / 2u == {half}u) {{\n");
+            for quarter in 0..BT / 32 {
+                s += &format!("    if (tb / 2u == {quarter}u) {{\n");
                 for h in 0..2 {
                     s += &format!(
                         "        coopStoreT(c_{acc}{h}, &cs[16u * (tb % 2u) * CS + 16u * (ob + {h}u)], CS);\n"
                     );
                 }
                 s += "    }\n    workgroupBarrier();\n";
-                s += &format!("    if (ty / 8u == {half}u) {{\n");
+                s += &format!("    if (ty / 8u == {quarter}u) {{\n");
                 for i in 0..4 {
                     s += &format!("        acc_{acc}[{i}] = c_quad(4u * (ty % 8u) + {i}u, tx);\n");
                 }
@@ -293,7 +306,8 @@ mod tests {
         // stage_quads: whole quads of the tile per invocation
         assert_eq!((BO / 4) * BK % WG, 0);
         // inv_rms gathers BK sums per token in the accumulator store
-        const { assert!(BK * BT <= (BT / 2) * CS) };
+        const { assert!(BK * 64 <= 32 * CS) };
+        assert_eq!(BT % 64, 0);
         assert_eq!(workgroup_bytes(2), crate::target::COOP_WORKGROUP_BYTES);
     }
 }

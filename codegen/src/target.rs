@@ -28,8 +28,13 @@ pub struct Target {
 }
 
 /// The subgroup size the cooperative-matrix kernels are laid out for: a
-/// workgroup of 256 invocations is 8 subgroups, each owning its sub-tiles.
+/// workgroup of [`COOP_WORKGROUP_SIZE`] invocations is 16 subgroups, each
+/// owning its sub-tiles.
 pub const COOP_SUBGROUP_SIZE: u32 = 32;
+
+/// Invocations per workgroup of the cooperative-matrix kernels (above
+/// WebGPU's default 256: the runtime checks the adapter's limit).
+pub const COOP_WORKGROUP_SIZE: u32 = crate::coop::WG;
 
 /// Workgroup memory the cooperative-matrix kernels use at most, in bytes (more
 /// than WebGPU's default 16 KiB: the runtime checks the adapter's limit).

@@ -9,6 +9,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::Command;
 
+use llama5_codegen::target::COOP_WORKGROUP_SIZE;
 use llama5_codegen::{capabilities, validate, Kernel, Plan, Target};
 use naga::back::spv;
 use naga::valid::{ValidationFlags, Validator};
@@ -106,7 +107,7 @@ fn coop_kernels_translate_to_spirv() {
             if !coop {
                 continue;
             }
-            assert_eq!(k.workgroup_size, [256, 1, 1], "{}", k.name);
+            assert_eq!(k.workgroup_size, [COOP_WORKGROUP_SIZE, 1, 1], "{}", k.name);
             let words = spirv(k, &target);
             spirv_val_ran |= spirv_val(&k.name, &words);
             checked += 1;

@@ -159,10 +159,11 @@ pub fn has_coop_config(configs: &[wgpu::CooperativeMatrixProperties]) -> bool {
 /// `features_allowed`) runs the cooperative-matrix kernels: the feature, its
 /// 16 x 16 f16 -> f32 configuration, f16 and subgroups, subgroups of exactly
 /// [`llama5_codegen::target::COOP_SUBGROUP_SIZE`] (the kernels give each
-/// subgroup of a 256-invocation workgroup its own sub-tiles), enough
+/// subgroup of their workgroup its own sub-tiles), workgroups of
+/// [`llama5_codegen::target::COOP_WORKGROUP_SIZE`] invocations, enough
 /// workgroup memory, and [`NO_COOP_ENV`] unset.
 pub(crate) fn coop_usable(adapter: &wgpu::Adapter, limits: &wgpu::Limits, features_allowed: wgpu::Features) -> bool {
-    use llama5_codegen::target::{COOP_SUBGROUP_SIZE, COOP_WORKGROUP_BYTES};
+    use llama5_codegen::target::{COOP_SUBGROUP_SIZE, COOP_WORKGROUP_BYTES, COOP_WORKGROUP_SIZE};
     let needed =
         wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
     let info = adapter.get_info();
@@ -172,8 +173,8 @@ pub(crate) fn coop_usable(adapter: &wgpu::Adapter, limits: &wgpu::Limits, featur
         && info.subgroup_min_size == COOP_SUBGROUP_SIZE
         && info.subgroup_max_size == COOP_SUBGROUP_SIZE
         && limits.max_compute_workgroup_storage_size >= COOP_WORKGROUP_BYTES
-        && limits.max_compute_invocations_per_workgroup >= 256
-        && limits.max_compute_workgroup_size_x >= 256
+        && limits.max_compute_invocations_per_workgroup >= COOP_WORKGROUP_SIZE
+        && limits.max_compute_workgroup_size_x >= COOP_WORKGROUP_SIZE
         && has_coop_config(&adapter.cooperative_matrix_properties())
 }
 
