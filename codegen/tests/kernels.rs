@@ -36,8 +36,8 @@ fn real_model_shape_validates_for_every_precision_and_target() {
                 validated.insert(k.name.clone());
             }
             // one pipeline per distinct spec: 5 layer kernels + embed + logits + argmax + sampler,
-            // plus batch variants of the 4 layer matrix kernels and the logits
-            assert_eq!(plan.kernels.len(), 9 + 5, "{format:?} {}", target.name());
+            // plus batch variants of the 5 layer kernels and the logits
+            assert_eq!(plan.kernels.len(), 9 + 6, "{format:?} {}", target.name());
             for step in &plan.steps {
                 let Some(batch) = step.batch_kernel else {
                     assert!(matches!(step.stage, Stage::Embed | Stage::Argmax | Stage::Sample) || step.layer.is_some());
@@ -47,19 +47,19 @@ fn real_model_shape_validates_for_every_precision_and_target() {
                 assert_eq!(batch.name, format!("{}-batch", decode.name));
                 assert_eq!(batch.bindings, decode.bindings, "{}", batch.name);
                 let tiled = match decode.rows {
-                    Rows::Tokens => matches!(batch.rows, Rows::TokenTiles(t) if t > 1),
+                    Rows::Tokens | Rows::TokensSplits { .. } => matches!(batch.rows, Rows::TokenTiles(t) if t > 1),
                     Rows::LogitRows => matches!(batch.rows, Rows::LogitRowTiles(t) if t > 1),
-                    Rows::One | Rows::TokensSplits { .. } | Rows::TokenTiles(_) | Rows::LogitRowTiles(_) => false,
+                    Rows::One | Rows::TokenTiles(_) | Rows::LogitRowTiles(_) => false,
                 };
                 assert!(tiled, "{}: {:?} for {:?}", batch.name, batch.rows, decode.rows);
             }
             let batched = plan.steps.iter().filter(|s| s.batch_kernel.is_some()).count();
-            assert_eq!(batched, 4 * cfg.num_layers + 1, "{format:?} {}", target.name());
+            assert_eq!(batched, 5 * cfg.num_layers + 1, "{format:?} {}", target.name());
         }
     }
-    // attention, argmax and the sampler do not depend on the weight format; five kernels have batch variants
-    // (four variants and the cooperative-matrix one)
-    assert_eq!(validated.len(), 5 * (6 * 6 + 5 * 6 + 3));
+    // attention (and its batch variant), argmax and the sampler do not depend on the weight format;
+    // five matrix kernels have batch variants (four variants and the cooperative-matrix one)
+    assert_eq!(validated.len(), 5 * (6 * 6 + 5 * 6 + 4));
     println!("validated {} kernel variants for the SmolLM2-135M shape", validated.len());
 }
 
@@ -339,6 +339,8 @@ fn snapshot_tiled_prefill_kernels() {
     let specs = llama5_codegen::plan::layer_specs(&cfg, &mixed, &Target::portable());
     insta::assert_snapshot!("qkv_mixed_batch_f32", snapshot_batch(specs[0].clone()));
     insta::assert_snapshot!("gate_up_int4_batch_f32", snapshot_batch(specs[3].clone()));
+    assert!(matches!(specs[1], KernelSpec::Attention { .. }));
+    insta::assert_snapshot!("attention_batch_f32", snapshot_batch(specs[1].clone()));
 }
 
 #[test]

@@ -685,7 +685,8 @@ fn attention_matches_cpu() {
         let (q_dim, kv_dim, group) = (heads * head_dim, kv_heads * head_dim, heads / kv_heads);
         let target = *runner.target();
         // short, wrapped (sliding window), longer than one tile of positions; single
-        // tokens split over positions (wrapped, and more splits than allowed)
+        // tokens split over positions (wrapped, and more splits than allowed); blocks
+        // of many tokens for the batch kernel (from position 0, and in a sliding window)
         for (pos, tokens, ctx) in [
             (3, 2, 8),
             (20, 1, 8),
@@ -695,6 +696,8 @@ fn attention_matches_cpu() {
             (600, 1, 700),
             (1000, 1, 300),
             (9000, 1, 9001),
+            (0, 37, 64),
+            (100, 21, 48),
         ] {
             let mut rng = Rng(pos as u64 * 7 + ctx as u64);
             let q = rng.vec(tokens * q_dim, 2.0);
@@ -733,6 +736,13 @@ fn attention_matches_cpu() {
             }
             let what = format!("{} pos {pos} ctx {ctx}, {splits} splits", kernel.name);
             assert_close(&what, &got[..tokens * q_dim], &want, NMSE_F16);
+            if tokens > 1 {
+                let batch = generate_batch(&spec).unwrap().expect("attention has a batch variant");
+                let grid = batch.dispatch_for(&step_of(&contents), 0);
+                let result = runner.run(&batch, &contents, grid).unwrap_or_else(|e| panic!("{}: {e}", batch.name));
+                let what = format!("{} pos {pos} ctx {ctx}", batch.name);
+                assert_close(&what, &to_f32(&result[4])[..tokens * q_dim], &want, NMSE_F16);
+            }
         }
     }
 }
