@@ -1632,12 +1632,44 @@ const ATTENTION_VALUE_LOADS: u32 = 8;
 /// Lanes of a key row each attention invocation loads before its first product.
 const ATTENTION_KEY_LOADS: usize = 16;
 
-/// Logits each argmax invocation loads before comparing any.
-const ARGMAX_LOADS: u32 = 8;
+/// Logits each invocation of the argmax and the sampler loads before using
+/// any: one load at a time left the H100 waiting on each (the argmax took 160
+/// us for 128256 logits, 26 with eight in flight).
+const ROW_LOADS: u32 = 16;
+
+/// Invocations of the argmax and the sampler, one workgroup walking a whole
+/// row: as many as the device allows, up to 1024, since more keep more loads in
+/// flight (on the H100, 256 to 1024 took sampled decoding of Llama-3.2-1B
+/// from 2.56 to 1.94 ms a token, the sampler's binary searches walking the
+/// row some 35 times).
+fn row_workgroup(target: &Target) -> u32 {
+    tcal::prev_power_of_two(target.max_workgroup_size.clamp(64, 1024))
+}
+
+/// A pass of an invocation over row `base` of the logits: indices lid, lid +
+/// WG, ... in increasing order, [`ROW_LOADS`] loaded before `body` (which reads
+/// the index `i` and the logit `v`) runs for each.
+fn row_pass(body: &str) -> String {
+    let mut s = format!("    for (var c = lid; c < VOCAB; c += {ROW_LOADS}u * WG) {{\n");
+    for k in 0..ROW_LOADS {
+        s += &format!("        let v{k} = logits[base + min(c + {k}u * WG, VOCAB - 1u)];\n");
+    }
+    for k in 0..ROW_LOADS {
+        s += &format!(
+            "        if (c + {k}u * WG < VOCAB) {{\n            let i = c + {k}u * WG;\n            let v = v{k};\n"
+        );
+        for line in body.lines() {
+            s += &format!("            {line}\n");
+        }
+        s += "        }\n";
+    }
+    s += "    }\n";
+    s
+}
 
 fn argmax(name: String, vocab: usize, target: Target) -> Result<Kernel, CodegenError> {
     check(vocab > 0, || format!("{name}: empty vocabulary"))?;
-    let wg = tcal::prev_power_of_two(target.workgroup_limit());
+    let wg = row_workgroup(&target);
     let mut m = ModuleText::new(name, target, &["Greedy sampling: the index of the largest logit of row argmax_row."]);
     m.bind("logits", Access::ReadOnly, Resource::Activation(Activation::Logits), "f32", "[rows, VOCAB] logits");
     m.bind("result", Access::ReadWrite, Resource::Argmax, "u32", "[1] the chosen token id");
@@ -1646,23 +1678,13 @@ fn argmax(name: String, vocab: usize, target: Target) -> Result<Kernel, CodegenE
     m.consts += BIG;
     m.helpers += &tcal::reductions(&target, wg);
     m.helpers.push('\n');
-    // ARGMAX_LOADS loads in flight per invocation before any comparison: one
-    // load at a time left the H100 waiting on each (160 us for 128256 logits).
-    // Each invocation still visits its indices in increasing order.
-    let loads: String = (0..ARGMAX_LOADS)
-        .map(|k| format!("        let v{k} = logits[base + min(c + {k}u * WG, VOCAB - 1u)];\n"))
-        .collect();
-    let compares: String = (0..ARGMAX_LOADS)
-        .map(|k| format!("        if (c + {k}u * WG < VOCAB && v{k} > best) {{\n            best = v{k};\n            best_i = c + {k}u * WG;\n        }}\n"))
-        .collect();
+    let pass = row_pass("if (v > best) {\n    best = v;\n    best_i = i;\n}");
     let entry = entry_signature(&target, "WG")
         + &format!(
             r#"    let base = step.argmax_row * VOCAB;
     var best = -BIG;
     var best_i = 0xffffffffu;
-    for (var c = lid; c < VOCAB; c += {ARGMAX_LOADS}u * WG) {{
-{loads}{compares}    }}
-    let winner = wg_argmax(best, best_i);
+{pass}    let winner = wg_argmax(best, best_i);
     if (lid == 0u) {{
         result[0] = winner;
     }}
@@ -1681,7 +1703,7 @@ fn argmax(name: String, vocab: usize, target: Target) -> Result<Kernel, CodegenE
 /// the row per probe.
 fn sample(name: String, vocab: usize, target: Target) -> Result<Kernel, CodegenError> {
     check(vocab > 0, || format!("{name}: empty vocabulary"))?;
-    let wg = tcal::prev_power_of_two(target.workgroup_limit());
+    let wg = row_workgroup(&target);
     let mut m = ModuleText::new(
         name,
         target,
@@ -1703,7 +1725,7 @@ fn sample(name: String, vocab: usize, target: Target) -> Result<Kernel, CodegenE
     m.consts += BIG;
     m.consts += "// Bits of the largest weight, exp(0) = 1.\nconst ONE_BITS: u32 = 0x3f800000u;\n";
     m.helpers += &tcal::reductions(&target, wg);
-    m.helpers += r#"
+    m.helpers += &r#"
 var<workgroup> shared_total: f32;
 var<private> base: u32;
 
@@ -1727,14 +1749,7 @@ fn in_prefix(bits: u32, i: u32, pk: u32, pc: u32) -> bool {
 // least k and, where equal to tie_k, whose index is below tie_c.
 fn mass(k: u32, tie_k: u32, tie_c: u32, pk: u32, pc: u32, counting: bool) -> f32 {
     var s = 0.0;
-    for (var i = lid; i < VOCAB; i += WG) {
-        let w = logits[base + i];
-        let b = bitcast<u32>(w);
-        if (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {
-            s += select(w, 1.0, counting);
-        }
-    }
-    return uniform_sum(s);
+$MASS_PASS    return uniform_sum(s);
 }
 
 fn passes(x: f32, goal: f32, reach: bool) -> bool {
@@ -1760,14 +1775,7 @@ fn cut(goal: f32, reach: bool, pk: u32, pc: u32, counting: bool) -> vec2<u32> {
     // only one, and its index ends the prefix
     var ties = 0.0;
     var last = 0.0;
-    for (var i = lid; i < VOCAB; i += WG) {
-        let b = bitcast<u32>(logits[base + i]);
-        if (b == k && in_prefix(b, i, pk, pc)) {
-            ties += 1.0;
-            last = max(last, f32(i));
-        }
-    }
-    let tie_count = uniform_sum(ties);
+$TIES_PASS    let tie_count = uniform_sum(ties);
     let tie_last = u32(wg_max(last));
     if (tie_count == 1.0) {
         return vec2<u32>(k, tie_last + 1u);
@@ -1785,23 +1793,23 @@ fn cut(goal: f32, reach: bool, pk: u32, pc: u32, counting: bool) -> vec2<u32> {
     return vec2<u32>(k, clo);
 }
 
-"#;
+"#
+    .replace(
+        "$MASS_PASS",
+        &row_pass(
+            "let b = bitcast<u32>(v);\nif (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {\n    s += select(v, 1.0, counting);\n}",
+        ),
+    )
+    .replace(
+        "$TIES_PASS",
+        &row_pass("let b = bitcast<u32>(v);\nif (b == k && in_prefix(b, i, pk, pc)) {\n    ties += 1.0;\n    last = max(last, f32(i));\n}"),
+    );
     let entry = entry_signature(&target, "WG")
-        + r#"    base = step.argmax_row * VOCAB;
+        + &r#"    base = step.argmax_row * VOCAB;
     var local_max = -BIG;
-    for (var i = lid; i < VOCAB; i += WG) {
-        let v = logits[base + i];
-        if (v == v) {
-            local_max = max(local_max, v);
-        }
-    }
-    let top = wg_max(local_max);
+$MAX_PASS    let top = wg_max(local_max);
     // weights in place; NaN logits weigh nothing
-    for (var i = lid; i < VOCAB; i += WG) {
-        let v = logits[base + i];
-        logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);
-    }
-    storageBarrier();
+$WEIGHT_PASS    storageBarrier();
     var p = vec2<u32>(0u, VOCAB);
     if (step.top_k > 0u && step.top_k < VOCAB) {
         p = cut(f32(step.top_k), true, p.x, p.y, true);
@@ -1816,6 +1824,11 @@ fn cut(goal: f32, reach: bool, pk: u32, pc: u32, counting: bool) -> vec2<u32> {
         result[0] = chosen.y - 1u;
     }
 }
-"#;
+"#
+        .replace("$MAX_PASS", &row_pass("if (v == v) {\n    local_max = max(local_max, v);\n}"))
+        .replace(
+            "$WEIGHT_PASS",
+            &row_pass("logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);"),
+        );
     Ok(m.finish(&entry, [wg, 1, 1], [1, 1, 1], Rows::One))
 }

@@ -908,21 +908,39 @@ fn argmax_picks_the_first_largest_logit() {
             let got = u32::from_le_bytes(result[2][..4].try_into().unwrap());
             assert_eq!(got as usize, a, "{}", kernel.name);
         }
+        // a single largest logit in each of the loads an invocation has in flight, and
+        // past them (workgroups of up to 1024 invocations, 16 loads each)
+        let vocab = 49152;
+        for at in [0, 1023, 15 * 1024 + 7, 16 * 1024 - 1, 2 * 16 * 1024 + 9 * 1024 + 3, vocab - 1] {
+            let mut logits = Rng(at as u64).vec(2 * vocab, 10.0);
+            logits[vocab + at] = 50.0;
+            let spec = KernelSpec::Argmax { vocab, target };
+            let contents = vec![step(0, 1, 1, 0, 1), f32_bytes(&logits), vec![0xff; 4]];
+            let (kernel, result) = run(runner, &spec, &contents, 1);
+            let got = u32::from_le_bytes(result[2][..4].try_into().unwrap());
+            assert_eq!(got as usize, at, "{}", kernel.name);
+        }
     }
 }
 
 #[test]
 fn sampler_kernel_chooses_what_the_host_sampler_chooses() {
     let _gpu = gpu_lock();
-    use llama5_runtime::sampling::{Sampler, SamplingParams};
     let runner = &runners()[0];
     let target = *runner.target();
-    let vocab = 1000;
+    // a short row, and one longer than a workgroup's loads in flight (16 of up to 1024 invocations)
+    for (vocab, grid) in [(1000, 4.0), (40000, 64.0)] {
+        sampler_matches_host(runner, target, vocab, grid);
+    }
+}
+
+fn sampler_matches_host(runner: &KernelRunner, target: Target, vocab: usize, grid: f32) {
+    use llama5_runtime::sampling::{Sampler, SamplingParams};
     let mut rng = Rng(5);
-    // a spread of logits with ties (values on a coarse grid) and a NaN; the top-p
+    // a spread of logits with ties (values on a grid) and a NaN; the top-p
     // values keep off exact sums of tied weights, where the device's f32 and the
     // host's f64 may round a cut differently
-    let mut logits: Vec<f32> = rng.vec(vocab, 6.0).iter().map(|v| (v * 4.0).round() / 4.0).collect();
+    let mut logits: Vec<f32> = rng.vec(vocab, 6.0).iter().map(|v| (v * grid).round() / grid).collect();
     logits[17] = f32::NAN;
     let params = [
         (1.0, None, None),
@@ -961,7 +979,7 @@ fn sampler_kernel_chooses_what_the_host_sampler_chooses() {
             checked += 1;
         }
     }
-    println!("{checked} device choices match the host sampler on {}", runner.adapter_name());
+    println!("{checked} device choices match the host sampler on {} ({vocab} logits)", runner.adapter_name());
 }
 
 // ----------------------------------------------------------------------------

@@ -92,7 +92,7 @@ fn main(
     let base = step.argmax_row * VOCAB;
     var best = -BIG;
     var best_i = 0xffffffffu;
-    for (var c = lid; c < VOCAB; c += 8u * WG) {
+    for (var c = lid; c < VOCAB; c += 16u * WG) {
         let v0 = logits[base + min(c + 0u * WG, VOCAB - 1u)];
         let v1 = logits[base + min(c + 1u * WG, VOCAB - 1u)];
         let v2 = logits[base + min(c + 2u * WG, VOCAB - 1u)];
@@ -101,37 +101,141 @@ fn main(
         let v5 = logits[base + min(c + 5u * WG, VOCAB - 1u)];
         let v6 = logits[base + min(c + 6u * WG, VOCAB - 1u)];
         let v7 = logits[base + min(c + 7u * WG, VOCAB - 1u)];
-        if (c + 0u * WG < VOCAB && v0 > best) {
-            best = v0;
-            best_i = c + 0u * WG;
+        let v8 = logits[base + min(c + 8u * WG, VOCAB - 1u)];
+        let v9 = logits[base + min(c + 9u * WG, VOCAB - 1u)];
+        let v10 = logits[base + min(c + 10u * WG, VOCAB - 1u)];
+        let v11 = logits[base + min(c + 11u * WG, VOCAB - 1u)];
+        let v12 = logits[base + min(c + 12u * WG, VOCAB - 1u)];
+        let v13 = logits[base + min(c + 13u * WG, VOCAB - 1u)];
+        let v14 = logits[base + min(c + 14u * WG, VOCAB - 1u)];
+        let v15 = logits[base + min(c + 15u * WG, VOCAB - 1u)];
+        if (c + 0u * WG < VOCAB) {
+            let i = c + 0u * WG;
+            let v = v0;
+            if (v > best) {
+                best = v;
+                best_i = i;
+            }
         }
-        if (c + 1u * WG < VOCAB && v1 > best) {
-            best = v1;
-            best_i = c + 1u * WG;
+        if (c + 1u * WG < VOCAB) {
+            let i = c + 1u * WG;
+            let v = v1;
+            if (v > best) {
+                best = v;
+                best_i = i;
+            }
         }
-        if (c + 2u * WG < VOCAB && v2 > best) {
-            best = v2;
-            best_i = c + 2u * WG;
+        if (c + 2u * WG < VOCAB) {
+            let i = c + 2u * WG;
+            let v = v2;
+            if (v > best) {
+                best = v;
+                best_i = i;
+            }
         }
-        if (c + 3u * WG < VOCAB && v3 > best) {
-            best = v3;
-            best_i = c + 3u * WG;
+        if (c + 3u * WG < VOCAB) {
+            let i = c + 3u * WG;
+            let v = v3;
+            if (v > best) {
+                best = v;
+                best_i = i;
+            }
         }
-        if (c + 4u * WG < VOCAB && v4 > best) {
-            best = v4;
-            best_i = c + 4u * WG;
+        if (c + 4u * WG < VOCAB) {
+            let i = c + 4u * WG;
+            let v = v4;
+            if (v > best) {
+                best = v;
+                best_i = i;
+            }
         }
-        if (c + 5u * WG < VOCAB && v5 > best) {
-            best = v5;
-            best_i = c + 5u * WG;
+        if (c + 5u * WG < VOCAB) {
+            let i = c + 5u * WG;
+            let v = v5;
+            if (v > best) {
+                best = v;
+                best_i = i;
+            }
         }
-        if (c + 6u * WG < VOCAB && v6 > best) {
-            best = v6;
-            best_i = c + 6u * WG;
+        if (c + 6u * WG < VOCAB) {
+            let i = c + 6u * WG;
+            let v = v6;
+            if (v > best) {
+                best = v;
+                best_i = i;
+            }
         }
-        if (c + 7u * WG < VOCAB && v7 > best) {
-            best = v7;
-            best_i = c + 7u * WG;
+        if (c + 7u * WG < VOCAB) {
+            let i = c + 7u * WG;
+            let v = v7;
+            if (v > best) {
+                best = v;
+                best_i = i;
+            }
+        }
+        if (c + 8u * WG < VOCAB) {
+            let i = c + 8u * WG;
+            let v = v8;
+            if (v > best) {
+                best = v;
+                best_i = i;
+            }
+        }
+        if (c + 9u * WG < VOCAB) {
+            let i = c + 9u * WG;
+            let v = v9;
+            if (v > best) {
+                best = v;
+                best_i = i;
+            }
+        }
+        if (c + 10u * WG < VOCAB) {
+            let i = c + 10u * WG;
+            let v = v10;
+            if (v > best) {
+                best = v;
+                best_i = i;
+            }
+        }
+        if (c + 11u * WG < VOCAB) {
+            let i = c + 11u * WG;
+            let v = v11;
+            if (v > best) {
+                best = v;
+                best_i = i;
+            }
+        }
+        if (c + 12u * WG < VOCAB) {
+            let i = c + 12u * WG;
+            let v = v12;
+            if (v > best) {
+                best = v;
+                best_i = i;
+            }
+        }
+        if (c + 13u * WG < VOCAB) {
+            let i = c + 13u * WG;
+            let v = v13;
+            if (v > best) {
+                best = v;
+                best_i = i;
+            }
+        }
+        if (c + 14u * WG < VOCAB) {
+            let i = c + 14u * WG;
+            let v = v14;
+            if (v > best) {
+                best = v;
+                best_i = i;
+            }
+        }
+        if (c + 15u * WG < VOCAB) {
+            let i = c + 15u * WG;
+            let v = v15;
+            if (v > best) {
+                best = v;
+                best_i = i;
+            }
         }
     }
     let winner = wg_argmax(best, best_i);

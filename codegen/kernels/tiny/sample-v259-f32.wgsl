@@ -109,11 +109,150 @@ fn in_prefix(bits: u32, i: u32, pk: u32, pc: u32) -> bool {
 // least k and, where equal to tie_k, whose index is below tie_c.
 fn mass(k: u32, tie_k: u32, tie_c: u32, pk: u32, pc: u32, counting: bool) -> f32 {
     var s = 0.0;
-    for (var i = lid; i < VOCAB; i += WG) {
-        let w = logits[base + i];
-        let b = bitcast<u32>(w);
-        if (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {
-            s += select(w, 1.0, counting);
+    for (var c = lid; c < VOCAB; c += 16u * WG) {
+        let v0 = logits[base + min(c + 0u * WG, VOCAB - 1u)];
+        let v1 = logits[base + min(c + 1u * WG, VOCAB - 1u)];
+        let v2 = logits[base + min(c + 2u * WG, VOCAB - 1u)];
+        let v3 = logits[base + min(c + 3u * WG, VOCAB - 1u)];
+        let v4 = logits[base + min(c + 4u * WG, VOCAB - 1u)];
+        let v5 = logits[base + min(c + 5u * WG, VOCAB - 1u)];
+        let v6 = logits[base + min(c + 6u * WG, VOCAB - 1u)];
+        let v7 = logits[base + min(c + 7u * WG, VOCAB - 1u)];
+        let v8 = logits[base + min(c + 8u * WG, VOCAB - 1u)];
+        let v9 = logits[base + min(c + 9u * WG, VOCAB - 1u)];
+        let v10 = logits[base + min(c + 10u * WG, VOCAB - 1u)];
+        let v11 = logits[base + min(c + 11u * WG, VOCAB - 1u)];
+        let v12 = logits[base + min(c + 12u * WG, VOCAB - 1u)];
+        let v13 = logits[base + min(c + 13u * WG, VOCAB - 1u)];
+        let v14 = logits[base + min(c + 14u * WG, VOCAB - 1u)];
+        let v15 = logits[base + min(c + 15u * WG, VOCAB - 1u)];
+        if (c + 0u * WG < VOCAB) {
+            let i = c + 0u * WG;
+            let v = v0;
+            let b = bitcast<u32>(v);
+            if (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {
+                s += select(v, 1.0, counting);
+            }
+        }
+        if (c + 1u * WG < VOCAB) {
+            let i = c + 1u * WG;
+            let v = v1;
+            let b = bitcast<u32>(v);
+            if (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {
+                s += select(v, 1.0, counting);
+            }
+        }
+        if (c + 2u * WG < VOCAB) {
+            let i = c + 2u * WG;
+            let v = v2;
+            let b = bitcast<u32>(v);
+            if (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {
+                s += select(v, 1.0, counting);
+            }
+        }
+        if (c + 3u * WG < VOCAB) {
+            let i = c + 3u * WG;
+            let v = v3;
+            let b = bitcast<u32>(v);
+            if (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {
+                s += select(v, 1.0, counting);
+            }
+        }
+        if (c + 4u * WG < VOCAB) {
+            let i = c + 4u * WG;
+            let v = v4;
+            let b = bitcast<u32>(v);
+            if (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {
+                s += select(v, 1.0, counting);
+            }
+        }
+        if (c + 5u * WG < VOCAB) {
+            let i = c + 5u * WG;
+            let v = v5;
+            let b = bitcast<u32>(v);
+            if (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {
+                s += select(v, 1.0, counting);
+            }
+        }
+        if (c + 6u * WG < VOCAB) {
+            let i = c + 6u * WG;
+            let v = v6;
+            let b = bitcast<u32>(v);
+            if (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {
+                s += select(v, 1.0, counting);
+            }
+        }
+        if (c + 7u * WG < VOCAB) {
+            let i = c + 7u * WG;
+            let v = v7;
+            let b = bitcast<u32>(v);
+            if (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {
+                s += select(v, 1.0, counting);
+            }
+        }
+        if (c + 8u * WG < VOCAB) {
+            let i = c + 8u * WG;
+            let v = v8;
+            let b = bitcast<u32>(v);
+            if (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {
+                s += select(v, 1.0, counting);
+            }
+        }
+        if (c + 9u * WG < VOCAB) {
+            let i = c + 9u * WG;
+            let v = v9;
+            let b = bitcast<u32>(v);
+            if (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {
+                s += select(v, 1.0, counting);
+            }
+        }
+        if (c + 10u * WG < VOCAB) {
+            let i = c + 10u * WG;
+            let v = v10;
+            let b = bitcast<u32>(v);
+            if (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {
+                s += select(v, 1.0, counting);
+            }
+        }
+        if (c + 11u * WG < VOCAB) {
+            let i = c + 11u * WG;
+            let v = v11;
+            let b = bitcast<u32>(v);
+            if (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {
+                s += select(v, 1.0, counting);
+            }
+        }
+        if (c + 12u * WG < VOCAB) {
+            let i = c + 12u * WG;
+            let v = v12;
+            let b = bitcast<u32>(v);
+            if (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {
+                s += select(v, 1.0, counting);
+            }
+        }
+        if (c + 13u * WG < VOCAB) {
+            let i = c + 13u * WG;
+            let v = v13;
+            let b = bitcast<u32>(v);
+            if (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {
+                s += select(v, 1.0, counting);
+            }
+        }
+        if (c + 14u * WG < VOCAB) {
+            let i = c + 14u * WG;
+            let v = v14;
+            let b = bitcast<u32>(v);
+            if (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {
+                s += select(v, 1.0, counting);
+            }
+        }
+        if (c + 15u * WG < VOCAB) {
+            let i = c + 15u * WG;
+            let v = v15;
+            let b = bitcast<u32>(v);
+            if (b >= k && in_prefix(b, i, pk, pc) && (b != tie_k || i < tie_c)) {
+                s += select(v, 1.0, counting);
+            }
         }
     }
     return uniform_sum(s);
@@ -142,11 +281,166 @@ fn cut(goal: f32, reach: bool, pk: u32, pc: u32, counting: bool) -> vec2<u32> {
     // only one, and its index ends the prefix
     var ties = 0.0;
     var last = 0.0;
-    for (var i = lid; i < VOCAB; i += WG) {
-        let b = bitcast<u32>(logits[base + i]);
-        if (b == k && in_prefix(b, i, pk, pc)) {
-            ties += 1.0;
-            last = max(last, f32(i));
+    for (var c = lid; c < VOCAB; c += 16u * WG) {
+        let v0 = logits[base + min(c + 0u * WG, VOCAB - 1u)];
+        let v1 = logits[base + min(c + 1u * WG, VOCAB - 1u)];
+        let v2 = logits[base + min(c + 2u * WG, VOCAB - 1u)];
+        let v3 = logits[base + min(c + 3u * WG, VOCAB - 1u)];
+        let v4 = logits[base + min(c + 4u * WG, VOCAB - 1u)];
+        let v5 = logits[base + min(c + 5u * WG, VOCAB - 1u)];
+        let v6 = logits[base + min(c + 6u * WG, VOCAB - 1u)];
+        let v7 = logits[base + min(c + 7u * WG, VOCAB - 1u)];
+        let v8 = logits[base + min(c + 8u * WG, VOCAB - 1u)];
+        let v9 = logits[base + min(c + 9u * WG, VOCAB - 1u)];
+        let v10 = logits[base + min(c + 10u * WG, VOCAB - 1u)];
+        let v11 = logits[base + min(c + 11u * WG, VOCAB - 1u)];
+        let v12 = logits[base + min(c + 12u * WG, VOCAB - 1u)];
+        let v13 = logits[base + min(c + 13u * WG, VOCAB - 1u)];
+        let v14 = logits[base + min(c + 14u * WG, VOCAB - 1u)];
+        let v15 = logits[base + min(c + 15u * WG, VOCAB - 1u)];
+        if (c + 0u * WG < VOCAB) {
+            let i = c + 0u * WG;
+            let v = v0;
+            let b = bitcast<u32>(v);
+            if (b == k && in_prefix(b, i, pk, pc)) {
+                ties += 1.0;
+                last = max(last, f32(i));
+            }
+        }
+        if (c + 1u * WG < VOCAB) {
+            let i = c + 1u * WG;
+            let v = v1;
+            let b = bitcast<u32>(v);
+            if (b == k && in_prefix(b, i, pk, pc)) {
+                ties += 1.0;
+                last = max(last, f32(i));
+            }
+        }
+        if (c + 2u * WG < VOCAB) {
+            let i = c + 2u * WG;
+            let v = v2;
+            let b = bitcast<u32>(v);
+            if (b == k && in_prefix(b, i, pk, pc)) {
+                ties += 1.0;
+                last = max(last, f32(i));
+            }
+        }
+        if (c + 3u * WG < VOCAB) {
+            let i = c + 3u * WG;
+            let v = v3;
+            let b = bitcast<u32>(v);
+            if (b == k && in_prefix(b, i, pk, pc)) {
+                ties += 1.0;
+                last = max(last, f32(i));
+            }
+        }
+        if (c + 4u * WG < VOCAB) {
+            let i = c + 4u * WG;
+            let v = v4;
+            let b = bitcast<u32>(v);
+            if (b == k && in_prefix(b, i, pk, pc)) {
+                ties += 1.0;
+                last = max(last, f32(i));
+            }
+        }
+        if (c + 5u * WG < VOCAB) {
+            let i = c + 5u * WG;
+            let v = v5;
+            let b = bitcast<u32>(v);
+            if (b == k && in_prefix(b, i, pk, pc)) {
+                ties += 1.0;
+                last = max(last, f32(i));
+            }
+        }
+        if (c + 6u * WG < VOCAB) {
+            let i = c + 6u * WG;
+            let v = v6;
+            let b = bitcast<u32>(v);
+            if (b == k && in_prefix(b, i, pk, pc)) {
+                ties += 1.0;
+                last = max(last, f32(i));
+            }
+        }
+        if (c + 7u * WG < VOCAB) {
+            let i = c + 7u * WG;
+            let v = v7;
+            let b = bitcast<u32>(v);
+            if (b == k && in_prefix(b, i, pk, pc)) {
+                ties += 1.0;
+                last = max(last, f32(i));
+            }
+        }
+        if (c + 8u * WG < VOCAB) {
+            let i = c + 8u * WG;
+            let v = v8;
+            let b = bitcast<u32>(v);
+            if (b == k && in_prefix(b, i, pk, pc)) {
+                ties += 1.0;
+                last = max(last, f32(i));
+            }
+        }
+        if (c + 9u * WG < VOCAB) {
+            let i = c + 9u * WG;
+            let v = v9;
+            let b = bitcast<u32>(v);
+            if (b == k && in_prefix(b, i, pk, pc)) {
+                ties += 1.0;
+                last = max(last, f32(i));
+            }
+        }
+        if (c + 10u * WG < VOCAB) {
+            let i = c + 10u * WG;
+            let v = v10;
+            let b = bitcast<u32>(v);
+            if (b == k && in_prefix(b, i, pk, pc)) {
+                ties += 1.0;
+                last = max(last, f32(i));
+            }
+        }
+        if (c + 11u * WG < VOCAB) {
+            let i = c + 11u * WG;
+            let v = v11;
+            let b = bitcast<u32>(v);
+            if (b == k && in_prefix(b, i, pk, pc)) {
+                ties += 1.0;
+                last = max(last, f32(i));
+            }
+        }
+        if (c + 12u * WG < VOCAB) {
+            let i = c + 12u * WG;
+            let v = v12;
+            let b = bitcast<u32>(v);
+            if (b == k && in_prefix(b, i, pk, pc)) {
+                ties += 1.0;
+                last = max(last, f32(i));
+            }
+        }
+        if (c + 13u * WG < VOCAB) {
+            let i = c + 13u * WG;
+            let v = v13;
+            let b = bitcast<u32>(v);
+            if (b == k && in_prefix(b, i, pk, pc)) {
+                ties += 1.0;
+                last = max(last, f32(i));
+            }
+        }
+        if (c + 14u * WG < VOCAB) {
+            let i = c + 14u * WG;
+            let v = v14;
+            let b = bitcast<u32>(v);
+            if (b == k && in_prefix(b, i, pk, pc)) {
+                ties += 1.0;
+                last = max(last, f32(i));
+            }
+        }
+        if (c + 15u * WG < VOCAB) {
+            let i = c + 15u * WG;
+            let v = v15;
+            let b = bitcast<u32>(v);
+            if (b == k && in_prefix(b, i, pk, pc)) {
+                ties += 1.0;
+                last = max(last, f32(i));
+            }
         }
     }
     let tie_count = uniform_sum(ties);
@@ -175,17 +469,235 @@ fn main(
     lid = lid_in;
     base = step.argmax_row * VOCAB;
     var local_max = -BIG;
-    for (var i = lid; i < VOCAB; i += WG) {
-        let v = logits[base + i];
-        if (v == v) {
-            local_max = max(local_max, v);
+    for (var c = lid; c < VOCAB; c += 16u * WG) {
+        let v0 = logits[base + min(c + 0u * WG, VOCAB - 1u)];
+        let v1 = logits[base + min(c + 1u * WG, VOCAB - 1u)];
+        let v2 = logits[base + min(c + 2u * WG, VOCAB - 1u)];
+        let v3 = logits[base + min(c + 3u * WG, VOCAB - 1u)];
+        let v4 = logits[base + min(c + 4u * WG, VOCAB - 1u)];
+        let v5 = logits[base + min(c + 5u * WG, VOCAB - 1u)];
+        let v6 = logits[base + min(c + 6u * WG, VOCAB - 1u)];
+        let v7 = logits[base + min(c + 7u * WG, VOCAB - 1u)];
+        let v8 = logits[base + min(c + 8u * WG, VOCAB - 1u)];
+        let v9 = logits[base + min(c + 9u * WG, VOCAB - 1u)];
+        let v10 = logits[base + min(c + 10u * WG, VOCAB - 1u)];
+        let v11 = logits[base + min(c + 11u * WG, VOCAB - 1u)];
+        let v12 = logits[base + min(c + 12u * WG, VOCAB - 1u)];
+        let v13 = logits[base + min(c + 13u * WG, VOCAB - 1u)];
+        let v14 = logits[base + min(c + 14u * WG, VOCAB - 1u)];
+        let v15 = logits[base + min(c + 15u * WG, VOCAB - 1u)];
+        if (c + 0u * WG < VOCAB) {
+            let i = c + 0u * WG;
+            let v = v0;
+            if (v == v) {
+                local_max = max(local_max, v);
+            }
+        }
+        if (c + 1u * WG < VOCAB) {
+            let i = c + 1u * WG;
+            let v = v1;
+            if (v == v) {
+                local_max = max(local_max, v);
+            }
+        }
+        if (c + 2u * WG < VOCAB) {
+            let i = c + 2u * WG;
+            let v = v2;
+            if (v == v) {
+                local_max = max(local_max, v);
+            }
+        }
+        if (c + 3u * WG < VOCAB) {
+            let i = c + 3u * WG;
+            let v = v3;
+            if (v == v) {
+                local_max = max(local_max, v);
+            }
+        }
+        if (c + 4u * WG < VOCAB) {
+            let i = c + 4u * WG;
+            let v = v4;
+            if (v == v) {
+                local_max = max(local_max, v);
+            }
+        }
+        if (c + 5u * WG < VOCAB) {
+            let i = c + 5u * WG;
+            let v = v5;
+            if (v == v) {
+                local_max = max(local_max, v);
+            }
+        }
+        if (c + 6u * WG < VOCAB) {
+            let i = c + 6u * WG;
+            let v = v6;
+            if (v == v) {
+                local_max = max(local_max, v);
+            }
+        }
+        if (c + 7u * WG < VOCAB) {
+            let i = c + 7u * WG;
+            let v = v7;
+            if (v == v) {
+                local_max = max(local_max, v);
+            }
+        }
+        if (c + 8u * WG < VOCAB) {
+            let i = c + 8u * WG;
+            let v = v8;
+            if (v == v) {
+                local_max = max(local_max, v);
+            }
+        }
+        if (c + 9u * WG < VOCAB) {
+            let i = c + 9u * WG;
+            let v = v9;
+            if (v == v) {
+                local_max = max(local_max, v);
+            }
+        }
+        if (c + 10u * WG < VOCAB) {
+            let i = c + 10u * WG;
+            let v = v10;
+            if (v == v) {
+                local_max = max(local_max, v);
+            }
+        }
+        if (c + 11u * WG < VOCAB) {
+            let i = c + 11u * WG;
+            let v = v11;
+            if (v == v) {
+                local_max = max(local_max, v);
+            }
+        }
+        if (c + 12u * WG < VOCAB) {
+            let i = c + 12u * WG;
+            let v = v12;
+            if (v == v) {
+                local_max = max(local_max, v);
+            }
+        }
+        if (c + 13u * WG < VOCAB) {
+            let i = c + 13u * WG;
+            let v = v13;
+            if (v == v) {
+                local_max = max(local_max, v);
+            }
+        }
+        if (c + 14u * WG < VOCAB) {
+            let i = c + 14u * WG;
+            let v = v14;
+            if (v == v) {
+                local_max = max(local_max, v);
+            }
+        }
+        if (c + 15u * WG < VOCAB) {
+            let i = c + 15u * WG;
+            let v = v15;
+            if (v == v) {
+                local_max = max(local_max, v);
+            }
         }
     }
     let top = wg_max(local_max);
     // weights in place; NaN logits weigh nothing
-    for (var i = lid; i < VOCAB; i += WG) {
-        let v = logits[base + i];
-        logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);
+    for (var c = lid; c < VOCAB; c += 16u * WG) {
+        let v0 = logits[base + min(c + 0u * WG, VOCAB - 1u)];
+        let v1 = logits[base + min(c + 1u * WG, VOCAB - 1u)];
+        let v2 = logits[base + min(c + 2u * WG, VOCAB - 1u)];
+        let v3 = logits[base + min(c + 3u * WG, VOCAB - 1u)];
+        let v4 = logits[base + min(c + 4u * WG, VOCAB - 1u)];
+        let v5 = logits[base + min(c + 5u * WG, VOCAB - 1u)];
+        let v6 = logits[base + min(c + 6u * WG, VOCAB - 1u)];
+        let v7 = logits[base + min(c + 7u * WG, VOCAB - 1u)];
+        let v8 = logits[base + min(c + 8u * WG, VOCAB - 1u)];
+        let v9 = logits[base + min(c + 9u * WG, VOCAB - 1u)];
+        let v10 = logits[base + min(c + 10u * WG, VOCAB - 1u)];
+        let v11 = logits[base + min(c + 11u * WG, VOCAB - 1u)];
+        let v12 = logits[base + min(c + 12u * WG, VOCAB - 1u)];
+        let v13 = logits[base + min(c + 13u * WG, VOCAB - 1u)];
+        let v14 = logits[base + min(c + 14u * WG, VOCAB - 1u)];
+        let v15 = logits[base + min(c + 15u * WG, VOCAB - 1u)];
+        if (c + 0u * WG < VOCAB) {
+            let i = c + 0u * WG;
+            let v = v0;
+            logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);
+        }
+        if (c + 1u * WG < VOCAB) {
+            let i = c + 1u * WG;
+            let v = v1;
+            logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);
+        }
+        if (c + 2u * WG < VOCAB) {
+            let i = c + 2u * WG;
+            let v = v2;
+            logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);
+        }
+        if (c + 3u * WG < VOCAB) {
+            let i = c + 3u * WG;
+            let v = v3;
+            logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);
+        }
+        if (c + 4u * WG < VOCAB) {
+            let i = c + 4u * WG;
+            let v = v4;
+            logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);
+        }
+        if (c + 5u * WG < VOCAB) {
+            let i = c + 5u * WG;
+            let v = v5;
+            logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);
+        }
+        if (c + 6u * WG < VOCAB) {
+            let i = c + 6u * WG;
+            let v = v6;
+            logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);
+        }
+        if (c + 7u * WG < VOCAB) {
+            let i = c + 7u * WG;
+            let v = v7;
+            logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);
+        }
+        if (c + 8u * WG < VOCAB) {
+            let i = c + 8u * WG;
+            let v = v8;
+            logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);
+        }
+        if (c + 9u * WG < VOCAB) {
+            let i = c + 9u * WG;
+            let v = v9;
+            logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);
+        }
+        if (c + 10u * WG < VOCAB) {
+            let i = c + 10u * WG;
+            let v = v10;
+            logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);
+        }
+        if (c + 11u * WG < VOCAB) {
+            let i = c + 11u * WG;
+            let v = v11;
+            logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);
+        }
+        if (c + 12u * WG < VOCAB) {
+            let i = c + 12u * WG;
+            let v = v12;
+            logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);
+        }
+        if (c + 13u * WG < VOCAB) {
+            let i = c + 13u * WG;
+            let v = v13;
+            logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);
+        }
+        if (c + 14u * WG < VOCAB) {
+            let i = c + 14u * WG;
+            let v = v14;
+            logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);
+        }
+        if (c + 15u * WG < VOCAB) {
+            let i = c + 15u * WG;
+            let v = v15;
+            logits[base + i] = select(0.0, exp((v - top) / step.temperature), v == v);
+        }
     }
     storageBarrier();
     var p = vec2<u32>(0u, VOCAB);
