@@ -1382,16 +1382,18 @@ fn rope_store_half(t: u32, p: u32, unit: u32, half: u32, own: f32, other: f32) {
 "#,
         &[("KV", store)],
     );
+    // an invocation's quads are one column quad q = lid % (BO / 4) in every
+    // step (the workgroup is a multiple of BO / 4), so their matrix and output are
+    // found once, outside the input loop
+    let setup = "    let t0 = wid.y * BT;\n    let u0 = wid.x * (BO / 2u);\n    let stage_u = unit_output(u0 + 4u * ((lid % (BO / 4u)) % (BO / 8u)));\n    let stage_o = stage_u.y + ((lid % (BO / 4u)) / (BO / 8u)) * HALF;\n";
     let stage = tiling.stage_quads(&fill(
-        r#"            let u = unit_output(u0 + 4u * (q % (BO / 8u)));
-            let o = u.y + (q / (BO / 8u)) * HALF;
-            var v = vec4<f32>(0.0);
-            if (u.x == 0u) {
-                v = wq_at(o, k0 + kk);
-            } else if (u.x == 1u) {
-                v = wk_at(o, k0 + kk);
-            } else if (u.x == 2u) {
-                v = wv_at(o, k0 + kk);
+        r#"            var v = vec4<f32>(0.0);
+            if (stage_u.x == 0u) {
+                v = wq_at(stage_o, k0 + kk);
+            } else if (stage_u.x == 1u) {
+                v = wk_at(stage_o, k0 + kk);
+            } else if (stage_u.x == 2u) {
+                v = wv_at(stage_o, k0 + kk);
             }
             $STORE
 "#,
@@ -1415,8 +1417,7 @@ fn rope_store_half(t: u32, p: u32, unit: u32, half: u32, own: f32, other: f32) {
         })
         .collect();
     epilogue += &per_token("t0", &stores);
-    let entry =
-        tiling.entry("    let t0 = wid.y * BT;\n    let u0 = wid.x * (BO / 2u);\n", &[("y", "wt")], &stage, &epilogue);
+    let entry = tiling.entry(setup, &[("y", "wt")], &stage, &epilogue);
     let dispatch = [(units as u32).div_ceil(BO / 2), 1, 1];
     Ok(m.finish(&entry, [tiling.wg(), 1, 1], dispatch, Rows::TokenTiles(tiling.bt())))
 }

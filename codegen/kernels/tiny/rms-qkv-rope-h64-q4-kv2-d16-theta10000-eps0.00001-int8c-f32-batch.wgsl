@@ -267,6 +267,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let ty = lid / TX;
     let t0 = wid.y * BT;
     let u0 = wid.x * (BO / 2u);
+    let stage_u = unit_output(u0 + 4u * ((lid % (BO / 4u)) % (BO / 8u)));
+    let stage_o = stage_u.y + ((lid % (BO / 4u)) / (BO / 8u)) * HALF;
     var acc_y: array<vec4<f32>, 4>;
     // step 0
     {
@@ -276,15 +278,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let i = lid + 0u * WG;
             let q = i % (BO / 4u);
             let kk = i / (BO / 4u);
-            let u = unit_output(u0 + 4u * (q % (BO / 8u)));
-            let o = u.y + (q / (BO / 8u)) * HALF;
             var v = vec4<f32>(0.0);
-            if (u.x == 0u) {
-                v = wq_at(o, k0 + kk);
-            } else if (u.x == 1u) {
-                v = wk_at(o, k0 + kk);
-            } else if (u.x == 2u) {
-                v = wv_at(o, k0 + kk);
+            if (stage_u.x == 0u) {
+                v = wq_at(stage_o, k0 + kk);
+            } else if (stage_u.x == 1u) {
+                v = wk_at(stage_o, k0 + kk);
+            } else if (stage_u.x == 2u) {
+                v = wv_at(stage_o, k0 + kk);
             }
             pre_wt_0 = v;
         }
@@ -307,15 +307,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 let i = lid + 0u * WG;
                 let q = i % (BO / 4u);
                 let kk = i / (BO / 4u);
-                let u = unit_output(u0 + 4u * (q % (BO / 8u)));
-                let o = u.y + (q / (BO / 8u)) * HALF;
                 var v = vec4<f32>(0.0);
-                if (u.x == 0u) {
-                    v = wq_at(o, k0 + kk);
-                } else if (u.x == 1u) {
-                    v = wk_at(o, k0 + kk);
-                } else if (u.x == 2u) {
-                    v = wv_at(o, k0 + kk);
+                if (stage_u.x == 0u) {
+                    v = wq_at(stage_o, k0 + kk);
+                } else if (stage_u.x == 1u) {
+                    v = wk_at(stage_o, k0 + kk);
+                } else if (stage_u.x == 2u) {
+                    v = wv_at(stage_o, k0 + kk);
                 }
                 pre_wt_0 = v;
             }
