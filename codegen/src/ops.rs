@@ -440,18 +440,11 @@ fn attention(
             "values in parallel. Rows are read LANE_WIDTH dimensions at a time.",
         ],
     );
-    let vf = attention_bindings(&mut m, &target, width);
+    let (vf, _) = attention_frame(&mut m, &target, [heads, kv_heads, head_dim], width);
     m.konst("WG", "u32", wg);
-    m.konst("HEADS", "u32", heads);
     m.konst("HEAD_DIM", "u32", head_dim);
     m.konst("LANE_WIDTH", "u32", width);
-    m.konst("LANES", "u32", lanes);
     m.konst("SLICES", "u32", slices);
-    m.konst("GROUP", "u32", heads / kv_heads);
-    m.konst("Q_LANES", "u32", heads * lanes);
-    m.konst("KV_LANES", "u32", kv_heads * lanes);
-    m.konst_f32("SCALE", 1.0 / (head_dim as f32).sqrt());
-    m.consts += BIG;
     splits_function(&mut m, heads, head_dim);
     m.helpers += &tcal::reductions(&target, wg);
     let keys = key_loads(lanes, width);
@@ -548,9 +541,13 @@ $VALUES            part[w] = a;
     Ok(m.finish(&entry, [wg, 1, 1], [heads as u32, 1, 1], Rows::TokensSplits { limit: split_limit(heads, head_dim) }))
 }
 
-/// Binds the attention kernels' buffers, rows read `width` dimensions at a
-/// time; returns the f32 type of a lane (`f32` or `vec4<f32>`).
-fn attention_bindings(m: &mut ModuleText, target: &Target, width: usize) -> String {
+/// What both attention kernels share: the bindings (rows read `width`
+/// dimensions at a time) and the constants of the heads' shape
+/// (`[heads, kv_heads, head_dim]`). Returns the f32 type of a lane (`f32` or
+/// `vec4<f32>`) and the cache's.
+fn attention_frame(m: &mut ModuleText, target: &Target, shape: [usize; 3], width: usize) -> (String, String) {
+    let [heads, kv_heads, head_dim] = shape;
+    let lanes = head_dim / width;
     let kv = tcal::kv_type(target);
     let (vf, kv_vec) =
         if width == 4 { ("vec4<f32>".to_string(), format!("vec4<{kv}>")) } else { ("f32".to_string(), kv.to_string()) };
@@ -571,7 +568,14 @@ fn attention_bindings(m: &mut ModuleText, target: &Target, width: usize) -> Stri
         "f32",
         "[MAX_SPLITS, HEADS] log-sum-exp of each split's scores",
     );
-    vf
+    m.konst("HEADS", "u32", heads);
+    m.konst("LANES", "u32", lanes);
+    m.konst("GROUP", "u32", heads / kv_heads);
+    m.konst("Q_LANES", "u32", heads * lanes);
+    m.konst("KV_LANES", "u32", kv_heads * lanes);
+    m.konst_f32("SCALE", 1.0 / (head_dim as f32).sqrt());
+    m.consts += BIG;
+    (vf, kv_vec)
 }
 
 /// Invocations per query row of [`attention_tiled`].
@@ -622,20 +626,11 @@ fn attention_tiled(
             "lanes c, c + ROW_LANES, ... of the values.",
         ],
     );
-    let vf = attention_bindings(&mut m, &target, width);
-    let kv = tcal::kv_type(&target);
-    let kv_vec = if width == 4 { format!("vec4<{kv}>") } else { kv.to_string() };
+    let (vf, kv_vec) = attention_frame(&mut m, &target, [heads, kv_heads, head_dim], width);
     m.konst("WG", "u32", wg);
     m.konst("BQ", "u32", bq);
     m.konst("BKV", "u32", bkv);
     m.konst("ROW_LANES", "u32", ATTENTION_ROW_LANES);
-    m.konst("HEADS", "u32", heads);
-    m.konst("LANES", "u32", lanes);
-    m.konst("GROUP", "u32", heads / kv_heads);
-    m.konst("Q_LANES", "u32", heads * lanes);
-    m.konst("KV_LANES", "u32", kv_heads * lanes);
-    m.konst_f32("SCALE", 1.0 / (head_dim as f32).sqrt());
-    m.consts += BIG;
     // rows of the key tile one lane apart: the invocations of a token score
     // different keys at the same lane, which a stride of LANES would put in one bank
     m.konst("KS", "u32", lanes + 1);

@@ -43,17 +43,17 @@ struct Step {
 @group(0) @binding(4) var<storage, read_write> attn: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
 
-const WG: u32 = 256u;
 const HEADS: u32 = 4u;
-const HEAD_DIM: u32 = 16u;
-const LANE_WIDTH: u32 = 4u;
 const LANES: u32 = 4u;
-const SLICES: u32 = 64u;
 const GROUP: u32 = 2u;
 const Q_LANES: u32 = 16u;
 const KV_LANES: u32 = 8u;
 const SCALE: f32 = 0.25;
 const BIG: f32 = 0x1.fffffep+127f;
+const WG: u32 = 256u;
+const HEAD_DIM: u32 = 16u;
+const LANE_WIDTH: u32 = 4u;
+const SLICES: u32 = 64u;
 const SPLIT_LEN: u32 = 256u;
 const MAX_SPLITS: u32 = 32u;
 const SPLIT_LIMIT: u32 = 32u;

@@ -39,10 +39,6 @@ struct Step {
 @group(0) @binding(4) var<storage, read_write> attn: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
 
-const WG: u32 = 256u;
-const BQ: u32 = 16u;
-const BKV: u32 = 32u;
-const ROW_LANES: u32 = 16u;
 const HEADS: u32 = 4u;
 const LANES: u32 = 4u;
 const GROUP: u32 = 2u;
@@ -50,6 +46,10 @@ const Q_LANES: u32 = 16u;
 const KV_LANES: u32 = 8u;
 const SCALE: f32 = 0.25;
 const BIG: f32 = 0x1.fffffep+127f;
+const WG: u32 = 256u;
+const BQ: u32 = 16u;
+const BKV: u32 = 32u;
+const ROW_LANES: u32 = 16u;
 const KS: u32 = 5u;
 
 
