@@ -48,7 +48,7 @@ use crate::tiled::{pipelined_steps, registers, stage_quads, BO};
 pub(crate) const WG: u32 = 4 * BT;
 /// Tokens per tile.
 const BT: u32 = 128;
-/// Inputs staged per step: two 16-deep products per barrier, and a multiple
+/// Inputs staged per step: two 16-deep products per step, and a multiple
 /// of every format's inputs per word. `load_x` gives invocation `lid` input
 /// `lid % BK` of tokens `lid / BK + (WG / BK) j`, so a subgroup's loads of a
 /// token row are one contiguous run.
@@ -65,8 +65,8 @@ const WS: u32 = BO + 8;
 const CS: u32 = BO + 4;
 
 /// Workgroup memory of a coop kernel with `tiles` weight tiles, in bytes: the
-/// f16 input tile and weight tiles, the f32 store of half the accumulators,
-/// and `xt` (the vec4 scratch of the epilogues).
+/// f16 input tile and weight tiles, the f32 store of 32 tokens of the
+/// accumulators, and `xt` (the vec4 scratch of the epilogues).
 pub(crate) const fn workgroup_bytes(tiles: u32) -> u32 {
     BT * XS * 2 + tiles * BK * WS * 2 + 32 * CS * 4 + WG * 16
 }
@@ -298,7 +298,7 @@ mod tests {
         // every sub-tile origin: 16 rows and 16 columns apart
         assert_eq!(16 * 2 % 16, 0);
         assert_eq!(BK % 16, 0);
-        // 8 subgroups of 32 cover the 16 sub-tiles, two each
+        // the subgroups of 32 cover the sub-tiles, two each
         assert_eq!(WG / crate::target::COOP_SUBGROUP_SIZE * 2, (BT / 16) * (BO / 16));
         // load_x: whole token rows of BK inputs, XJ per invocation
         assert_eq!(WG % BK, 0);
