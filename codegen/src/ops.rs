@@ -348,7 +348,7 @@ fn rms_qkv_rope(
     let wq = WeightMatrix { ident: "wq", format: formats[0], out: q_dim, in_features: hidden };
     let wk = WeightMatrix { ident: "wk", format: formats[1], out: kv_dim, in_features: hidden };
     let wv = WeightMatrix { ident: "wv", format: formats[2], out: kv_dim, in_features: hidden };
-    let shape = MatvecShape::choose((q_dim + 2 * kv_dim) / 2, wq.blocks(), &target);
+    let shape = MatvecShape::choose_one_output((q_dim + 2 * kv_dim) / 2, wq.blocks(), &target);
     // each invocation computes a rotation pair of outputs, sharing their input reads
     m.weight(&wq, "q_proj", DotUse::Pair { slice: shape.slice(wq.blocks()) })?;
     m.weight(&wk, "k_proj", DotUse::Pair { slice: shape.slice(wk.blocks()) })?;
@@ -961,7 +961,11 @@ fn matvec_add(
     );
     let w = WeightMatrix { ident: "w", format, out: out_features, in_features };
     let (quads, units) = output_units(out_features);
-    let shape = MatvecShape::choose(units, w.blocks(), &target);
+    let shape = if quads {
+        MatvecShape::choose(units, w.blocks(), &target)
+    } else {
+        MatvecShape::choose_one_output(units, w.blocks(), &target)
+    };
     // Exact products: the input is not normalised, and the f16 inputs of packed
     // ones would overflow past about 17000 (X16_SCALE), which the residual
     // branches of large models can reach.
