@@ -416,9 +416,7 @@ fn attention(
     head_dim: usize,
     target: Target,
 ) -> Result<Kernel, CodegenError> {
-    check(heads > 0 && kv_heads > 0 && heads.is_multiple_of(kv_heads) && head_dim > 0, || {
-        format!("{name}: num_heads must be a positive multiple of num_kv_heads")
-    })?;
+    check_heads(&name, heads, kv_heads, head_dim)?;
     let wg = tcal::prev_power_of_two(target.workgroup_limit());
     // heads of a multiple of 4 dimensions are read 4 at a time
     let width = if head_dim.is_multiple_of(4) { 4 } else { 1 };
@@ -541,6 +539,13 @@ $VALUES            part[w] = a;
     Ok(m.finish(&entry, [wg, 1, 1], [heads as u32, 1, 1], Rows::TokensSplits { limit: split_limit(heads, head_dim) }))
 }
 
+/// The head shape both attention kernels need.
+fn check_heads(name: &str, heads: usize, kv_heads: usize, head_dim: usize) -> Result<(), CodegenError> {
+    check(heads > 0 && kv_heads > 0 && heads.is_multiple_of(kv_heads) && head_dim > 0, || {
+        format!("{name}: num_heads must be a positive multiple of num_kv_heads")
+    })
+}
+
 /// What both attention kernels share: the bindings (rows read `width`
 /// dimensions at a time) and the constants of the heads' shape
 /// (`[heads, kv_heads, head_dim]`). Returns the f32 type of a lane (`f32` or
@@ -596,9 +601,7 @@ fn attention_tiled(
     head_dim: usize,
     target: Target,
 ) -> Result<Kernel, CodegenError> {
-    check(heads > 0 && kv_heads > 0 && heads.is_multiple_of(kv_heads) && head_dim > 0, || {
-        format!("{name}: num_heads must be a positive multiple of num_kv_heads")
-    })?;
+    check_heads(&name, heads, kv_heads, head_dim)?;
     let wg = tcal::prev_power_of_two(target.workgroup_limit());
     let bq = wg / ATTENTION_ROW_LANES;
     let width = if head_dim.is_multiple_of(4) { 4 } else { 1 };
@@ -641,7 +644,8 @@ var<workgroup> qs: array<{vf}, BQ * LANES>;
 var<workgroup> kv: array<{kv_vec}, BKV * KS>;
 var<workgroup> scores: array<f32, BQ * BKV>;
 
-// Stages rows kb .. kb + BKV of `cache` (clamped to position last) into kv.
+// Stages the key (keys) or value rows of positions kb .. kb + BKV (clamped to
+// position last) into kv.
 fn stage_rows(kb: u32, last: u32, kv_base: u32, lid: u32, keys: bool) {{
     for (var e = lid; e < BKV * LANES; e += WG) {{
         let row = (min(kb + e / LANES, last) % step.ctx) * KV_LANES + kv_base + e % LANES;

@@ -106,7 +106,7 @@ fn store_x() {{{square}
             &[("X", x)],
         );
         if norm {
-            s += &inv_rms_function("BK");
+            s += INV_RMS;
         }
         s
     }
@@ -186,30 +186,25 @@ pub(crate) fn keep(tile: &str, v: &str) -> String {
 }
 
 /// The private sums of squares `store_x` gathers for an RMSNorm on the input.
-pub(crate) const NORM_SUMS: &str =
+const NORM_SUMS: &str =
     "// Sums of squares of the inputs this invocation staged, for its 4 tokens.\nvar<private> ssq: vec4<f32>;\n";
 
-/// `inv_rms(ty)` of a skeleton whose `lanes` invocations (a WGSL constant)
-/// stage the inputs of each token quad and keep their sums in `ssq`.
-pub(crate) fn inv_rms_function(lanes: &str) -> String {
-    fill(
-        r#"
+/// `inv_rms(ty)` of the plain skeleton: the BK invocations staging each token
+/// quad keep their sums in `ssq`.
+const INV_RMS: &str = r#"
 // 1/rms of tokens 4 ty .. 4 ty + 4 of the tile, from the sums of squares
 // store_x gathered. Reuses xt: call after the last step, from every invocation.
 fn inv_rms(ty: u32) -> vec4<f32> {
     workgroupBarrier();
-    xt[(lid % $L) * (BT / 4u) + lid / $L] = ssq;
+    xt[(lid % BK) * (BT / 4u) + lid / BK] = ssq;
     workgroupBarrier();
     var ss = vec4<f32>(0.0);
-    for (var kk = 0u; kk < $L; kk++) {
+    for (var kk = 0u; kk < BK; kk++) {
         ss += xt[kk * (BT / 4u) + ty];
     }
     return inverseSqrt(ss / f32(IN) + EPS);
 }
-"#,
-        &[("L", lanes)],
-    )
-}
+"#;
 
 /// A weight tile in workgroup memory, and the registers `pre_<name>_<it>`
 /// the next step's `iters` quads wait in.

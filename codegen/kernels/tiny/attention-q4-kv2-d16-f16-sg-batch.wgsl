@@ -60,7 +60,8 @@ var<workgroup> qs: array<vec4<f32>, BQ * LANES>;
 var<workgroup> kv: array<vec4<f16>, BKV * KS>;
 var<workgroup> scores: array<f32, BQ * BKV>;
 
-// Stages rows kb .. kb + BKV of `cache` (clamped to position last) into kv.
+// Stages the key (keys) or value rows of positions kb .. kb + BKV (clamped to
+// position last) into kv.
 fn stage_rows(kb: u32, last: u32, kv_base: u32, lid: u32, keys: bool) {
     for (var e = lid; e < BKV * LANES; e += WG) {
         let row = (min(kb + e / LANES, last) % step.ctx) * KV_LANES + kv_base + e % LANES;
