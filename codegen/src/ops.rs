@@ -1159,7 +1159,15 @@ fn rms_logits(
     let w = WeightMatrix { ident: "w", format, out: rows[1] - rows[0], in_features: hidden };
     let (quads, units) = output_units(rows[1] - rows[0]);
     let shape = MatvecShape::choose(units, w.blocks(), &target);
-    m.matvec_weight(&w, quads, Dot4Use::Own, Products::for_target(&target), &shape, "output projection part")?;
+    let mut products = Products::for_target(&target);
+    let cache_rows = quads
+        && products == Products::Packed
+        && matches!(format, QuantFormat::Int8 { .. })
+        && tcal::int8_row_cache_fits(hidden);
+    if cache_rows {
+        products = Products::PackedRows;
+    }
+    m.matvec_weight(&w, quads, Dot4Use::Own, products, &shape, "output projection part")?;
     m.bind("logits", Access::ReadWrite, Resource::Activation(Activation::Logits), "f32", "[rows, VOCAB] logits");
     m.konst("IN", "u32", hidden);
     m.konst("OUT", "u32", rows[1] - rows[0]);
@@ -1177,10 +1185,18 @@ fn rms_logits(
     m.helpers += &tcal::input_functions("hidden", hidden, Norm::Inputs);
     m.helpers.push('\n');
     let store = "logits[t * VOCAB + ROW0 + o] = y;";
-    let entry = fill(
+    let mut entry = fill(
         &if quads { matvec_entry4(&target, store) } else { matvec_entry(&target, store) },
         &[("TOKEN", "step.logits_from + t")],
     );
+    if cache_rows {
+        m.helpers += &tcal::int8_row_cache();
+        m.helpers.push('\n');
+        entry = entry.replace(
+            "    load_input(step.logits_from + t);\n",
+            "    load_input(step.logits_from + t);\n    cache_input_rows();\n",
+        );
+    }
     let dispatch = [(units as u32).div_ceil(shape.tile), 1, 1];
     Ok(m.finish(&entry, [shape.invocations(), 1, 1], dispatch, Rows::LogitRows))
 }
