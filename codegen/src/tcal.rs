@@ -674,8 +674,11 @@ fn $W_elem(o: u32, i: u32) -> f32 {
         let (run, base, indent) = if slice * per_block <= SHORT_SLICE_WORDS {
             (slice, "b0", "    ")
         } else {
-            let run = (RUN_WORDS / per_block).max(1);
-            (if pairs { run.next_multiple_of(2) } else { run }, "bc", "        ")
+            if pairs {
+                (PAIR_RUN_WORDS, "bc", "        ")
+            } else {
+                ((RUN_WORDS / per_block).max(1), "bc", "        ")
+            }
         };
         let (loads, products) = self.run_code(run, base, indent, outs);
         let result = match self.format {
@@ -827,6 +830,12 @@ pub(crate) const SHORT_SLICE_WORDS: usize = 16;
 /// Words per run of a longer slice: two INT4 groups of 32. On the H100, runs of
 /// four groups made Llama-2-7B's output projection slower (22 to 31 us).
 pub(crate) const RUN_WORDS: usize = 10;
+
+/// Words per run for F16 and BF16 (an even count: rows meet the input in
+/// pairs). Runs of ten made the H100's Llama-2-7B F16 one-output kernels
+/// slower: QKV 48.9 against 50.2 us, down projection 56.5 against 57.4,
+/// output projection 23.9 against 25.3 (runs of 20 and 30 slower still).
+pub(crate) const PAIR_RUN_WORDS: usize = 6;
 
 /// Whether [`gate_up_dot4`] reads both matrices in one loop (it calls their
 /// `_dot4` functions otherwise).
