@@ -673,12 +673,10 @@ fn $W_elem(o: u32, i: u32) -> f32 {
         let per_block = self.words_per_block();
         let (run, base, indent) = if slice * per_block <= SHORT_SLICE_WORDS {
             (slice, "b0", "    ")
+        } else if pairs {
+            (PAIR_RUN_WORDS, "bc", "        ")
         } else {
-            if pairs {
-                (PAIR_RUN_WORDS, "bc", "        ")
-            } else {
-                ((RUN_WORDS / per_block).max(1), "bc", "        ")
-            }
+            ((RUN_WORDS / per_block).max(1), "bc", "        ")
         };
         let (loads, products) = self.run_code(run, base, indent, outs);
         let result = match self.format {

