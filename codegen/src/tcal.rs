@@ -429,7 +429,7 @@ fn quad_product(format: QuantFormat, products: Products, ident: &str, w: &str, a
 }
 
 /// `text` with every non-empty line indented by `n` more spaces.
-fn indent(text: &str, n: usize) -> String {
+pub(crate) fn indent(text: &str, n: usize) -> String {
     let pad = " ".repeat(n);
     text.lines().map(|l| if l.is_empty() { "\n".to_string() } else { format!("{pad}{l}\n") }).collect()
 }

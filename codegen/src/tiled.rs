@@ -20,7 +20,7 @@
 
 use crate::coop::{self, CoopTiling};
 use crate::target::Target;
-use crate::tcal::{fill, prev_power_of_two};
+use crate::tcal::{fill, indent, prev_power_of_two};
 
 /// Outputs per tile.
 pub(crate) const BO: u32 = 64;
@@ -164,18 +164,13 @@ pub(crate) fn pipelined_steps(stage: &str, flush: &str, products: &str) -> Strin
     s += "        let more = ks + BK < IN;\n";
     s += "        // the next step's loads, in flight during this step's products\n";
     s += "        if (more) {\n            let k0 = ks + BK;\n            load_x(t0, n, k0);\n";
-    s += &indent(stage);
+    s += &indent(stage, 4);
     s += "        }\n";
     s += products;
     s += "        workgroupBarrier();\n        if (more) {\n            store_x();\n";
-    s += &indent(flush);
+    s += &indent(flush, 4);
     s += "        }\n        workgroupBarrier();\n    }\n";
     s
-}
-
-/// `text` indented by four more spaces, line by line.
-fn indent(text: &str) -> String {
-    text.lines().map(|l| if l.is_empty() { "\n".to_string() } else { format!("    {l}\n") }).collect()
 }
 
 /// The statement keeping `v` (a vec4<f32>, outputs 4 q .. 4 q + 4 of input kk
