@@ -967,11 +967,17 @@ fn matvec_add(
         },
     );
     let w = WeightMatrix { ident: "w", format, out: out_features, in_features };
-    let (quads, units) = output_units(out_features);
-    let shape = if quads {
-        MatvecShape::choose(units, w.blocks(), &target)
-    } else {
-        MatvecShape::choose_one_output(units, w.blocks(), &target)
+    let (quads, units, shape) = match MatvecShape::wide_quads(format, out_features, w.blocks(), &target) {
+        Some(shape) => (true, out_features.div_ceil(4), shape),
+        None => {
+            let (quads, units) = output_units(out_features);
+            let shape = if quads {
+                MatvecShape::choose(units, w.blocks(), &target)
+            } else {
+                MatvecShape::choose_one_output(units, w.blocks(), &target)
+            };
+            (quads, units, shape)
+        }
     };
     // Exact products: the input is not normalised, and the f16 inputs of packed
     // ones would overflow past about 17000 (X16_SCALE), which the residual

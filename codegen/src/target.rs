@@ -13,7 +13,9 @@ pub struct Target {
     pub shader_f16: bool,
     /// Subgroup operations (reductions use `subgroupAdd` / `subgroupMax`).
     pub subgroups: bool,
-    /// Smallest subgroup size the adapter may run (informational; kernels only assume [`MIN_SUBGROUP_SIZE`]).
+    /// Smallest subgroup size the adapter may run: the k-slice sums of the
+    /// matrix-vector kernels size their workgroup memory by it (the variants
+    /// written into model directories assume [`MIN_SUBGROUP_SIZE`]).
     pub subgroup_size: u32,
     /// Largest number of invocations in one workgroup.
     pub max_workgroup_size: u32,

@@ -330,6 +330,21 @@ fn snapshot_bf16_down_and_argmax() {
     );
 }
 
+/// A large model's down projection on a device of wide workgroups and 32-wide
+/// subgroups: four outputs at a load, 128 k-slices.
+#[test]
+fn snapshot_int8_down_wide_quads() {
+    let target = Target { subgroups: true, subgroup_size: 32, max_workgroup_size: 1024, ..Target::portable() };
+    let spec = KernelSpec::MatvecAdd {
+        input: Activation::Ffn,
+        in_features: 11008,
+        out_features: 4096,
+        format: QuantFormat::Int8 { per_tensor: false },
+        target,
+    };
+    insta::assert_snapshot!("down_int8_wide_quads_f32_sg", snapshot_spec(spec));
+}
+
 #[test]
 fn snapshot_tiled_prefill_kernels() {
     let cfg = common::smollm2_config();

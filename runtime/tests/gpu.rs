@@ -391,8 +391,11 @@ fn matvec_add_matches_cpu() {
         for format in FORMATS {
             // a short input (cached in workgroup memory), a long one (read from storage),
             // one long enough for runs of blocks to end inside a slice, enough outputs
-            // for the widest tile, and more tokens than one batch tile
-            for (in_base, out, tokens) in [(90, 77, 3), (2300, 33, 2), (9000, 40, 1), (40, 40_000, 1), (90, 77, 70)] {
+            // for the widest tile, more tokens than one batch tile, and enough outputs for
+            // four at a load in wide workgroups (the last quad part padding)
+            for (in_base, out, tokens) in
+                [(90, 77, 3), (2300, 33, 2), (9000, 40, 1), (40, 40_000, 1), (90, 77, 70), (300, 4098, 2)]
+            {
                 let mut rng = Rng(in_base as u64 * 31 + out as u64);
                 let in_features = input_size(format, in_base);
                 let (w_bytes, w) = packed(&mut rng, format, out, in_features);
@@ -777,16 +780,17 @@ fn attn_output_combines_splits_then_matches_cpu() {
         for format in FORMATS {
             // the input cached in workgroup memory or read from storage (combined on every
             // read), each with heads of a multiple of 4 dimensions and not (a vec4 spans two
-            // heads); and scalar rows (18 inputs)
+            // heads); scalar rows (18 inputs); and enough outputs for four at a load in
+            // wide workgroups
             let pairs = matches!(format, QuantFormat::F16 | QuantFormat::Bf16);
-            let shapes: &[(usize, usize)] = if pairs {
-                &[(6, 16), (6, 352), (32, 80), (6, 10), (2, 1030), (3, 6)]
+            let shapes: &[(usize, usize, usize)] = if pairs {
+                &[(6, 16, 50), (6, 352, 50), (32, 80, 50), (6, 10, 50), (2, 1030, 50), (3, 6, 50), (32, 80, 2050)]
             } else {
-                &[(6, 16), (6, 352), (32, 80)]
+                &[(6, 16, 50), (6, 352, 50), (32, 80, 50), (32, 80, 2050)]
             };
-            for &(heads, head_dim) in shapes {
+            for &(heads, head_dim, hidden_base) in shapes {
                 let in_features = heads * head_dim;
-                let hidden_size = input_size(format, 50);
+                let hidden_size = input_size(format, hidden_base);
                 // steps of several tokens (never split), of one short token, and split 2 and 32 ways
                 for (pos, tokens, ctx) in [(0, 3, 64), (5, 1, 64), (300, 1, 400), (9000, 1, 9001)] {
                     let st = step(pos, tokens, ctx, 0, 0);

@@ -131,7 +131,9 @@ fn wg_argmax(v: f32, i: u32) -> u32 {
 // Each workgroup owns TILE outputs; its invocations split the input blocks KSPLIT ways.
 const TILE: u32 = 8u;
 const KSPLIT: u32 = 16u;
-var<workgroup> ksplit_buf: array<vec2<f32>, TILE * KSPLIT>;
+const KSPLIT_SLOTS: u32 = 16u;
+// One slot per output and subgroup (or k-slice, without subgroups).
+var<workgroup> ksplit_buf: array<vec2<f32>, TILE * KSPLIT_SLOTS>;
 
 // Blocks [b0, b1) of slice ks out of n blocks.
 fn slice_begin(n: u32, ks: u32) -> u32 {
