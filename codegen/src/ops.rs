@@ -375,7 +375,8 @@ fn rms_qkv_rope(
     // the RMSNorm's 1/rms scales the projections' sums (RoPE is linear), so the
     // first weight loads need not wait for the norm's reduction (on the H100:
     // SmolLM2 INT4 11.6 to 11.0 us, Llama-2-7B INT4 26.6 to 25.4)
-    m.helpers += &tcal::input_functions("hidden", hidden, Norm::Outputs);
+    m.helpers +=
+        &tcal::input_functions("hidden", hidden, Norm::Outputs, tcal::stages_input(&formats, hidden, Norm::Outputs));
     m.helpers.push('\n');
     let entry = entry_signature(&target, "WG")
         + r#"    let t = wid.y;
@@ -940,10 +941,15 @@ impl AddInput {
         }
     }
 
-    /// `load_input`, `xin` and `xin4` of a matrix-vector kernel, with the constants they need.
-    fn functions(self, m: &mut ModuleText, in_features: usize) -> String {
+    /// `load_input`, `xin` and `xin4` of a matrix-vector kernel, with the
+    /// constants they need; a plain input is staged in workgroup memory where
+    /// [`tcal::stages_input`] says for `format`.
+    fn functions(self, m: &mut ModuleText, in_features: usize, format: QuantFormat) -> String {
         match self {
-            AddInput::Plain(a) => tcal::input_functions(a.ident(), in_features, Norm::None),
+            AddInput::Plain(a) => {
+                let staged = tcal::stages_input(&[format], in_features, Norm::None);
+                tcal::input_functions(a.ident(), in_features, Norm::None, staged)
+            }
             AddInput::AttnSplits { heads, head_dim } => {
                 m.konst("HEADS", "u32", heads);
                 m.konst("HEAD_DIM", "u32", head_dim);
@@ -1011,7 +1017,7 @@ fn matvec_add(
     m.helpers.push('\n');
     m.helpers += &shape_functions(&shape, &target, quads, SliceSum::One);
     m.helpers.push('\n');
-    let input_functions = input.functions(&mut m, in_features);
+    let input_functions = input.functions(&mut m, in_features, format);
     m.helpers += &input_functions;
     m.helpers.push('\n');
     let store = "hidden[t * OUT + o] += y;";
@@ -1085,7 +1091,7 @@ fn rms_gate_up(
     m.helpers += &shape_functions(&shape, &target, quads, SliceSum::Pair);
     m.helpers.push('\n');
     let norm = gate_up_norm(&[gate, up], quads, &target);
-    m.helpers += &tcal::input_functions("hidden", hidden, norm);
+    m.helpers += &tcal::input_functions("hidden", hidden, norm, tcal::stages_input(&[gate, up], hidden, norm));
     m.helpers.push('\n');
     if quads {
         m.helpers += &tcal::gate_up_dot4(&wg_, &wu, products);
@@ -1201,7 +1207,7 @@ fn rms_logits(
     m.helpers.push('\n');
     m.helpers += &shape_functions(&shape, &target, quads, SliceSum::One);
     m.helpers.push('\n');
-    m.helpers += &tcal::input_functions("hidden", hidden, Norm::Inputs);
+    m.helpers += &tcal::input_functions("hidden", hidden, Norm::Inputs, false);
     m.helpers.push('\n');
     let store = "logits[t * VOCAB + ROW0 + o] = y;";
     let mut entry = fill(

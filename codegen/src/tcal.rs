@@ -1425,19 +1425,34 @@ pub(crate) enum Norm {
     Outputs,
 }
 
+/// Whether a matrix-vector kernel over matrices of `formats` stages its input
+/// row in workgroup memory ([`input_functions`]): INT4 weights only, rows of a
+/// multiple of 4 inputs up to [`INPUT_CACHE_BYTES`], and a norm that does not
+/// wait on a reduction (`Norm::None`, `Norm::Outputs`). An INT4 word meets
+/// eight inputs, so the kernel waits on input reads more than on weights: on
+/// the H100, SmolLM2 INT4's gate/up kernel went from 13.4 to 8.9 us, QKV from
+/// 11.0 to 10.0, the down projection from 8.5 to 7.5. F16 and INT8 kernels got
+/// slower (SmolLM2 F16 gate/up 12.1 to 12.6 us, QKV 10.7 to 11.5; Llama-3.2-1B
+/// INT8 QKV 12.4 to 12.7), as did staging Llama-2-7B's 16 KiB rows (INT4 QKV
+/// 25.4 to 30.2 us).
+pub(crate) fn stages_input(formats: &[QuantFormat], in_features: usize, norm: Norm) -> bool {
+    formats.iter().all(|f| matches!(f, QuantFormat::Int4 { .. }))
+        && norm != Norm::Inputs
+        && in_features.is_multiple_of(4)
+        && input_cached(in_features)
+}
+
 /// How a matrix-vector kernel reads its input vector `x` (one token's row of a
 /// storage array): `load_input(t)` prepares it, `xin(i)` returns element `i` and
 /// `xin4(j)` elements `4j .. 4j + 4`, RMS-normalised as `norm` says. The input
 /// and norm bindings are declared with [`input_type`].
 ///
-/// The row is read from storage (the cache keeps it close), not first copied
-/// to workgroup memory: on the H100 that copy, made by every workgroup before
-/// its first weight load, cost Llama-3.2-1B F16 decode 5% (2.61 against 2.49
-/// ms/token) and SmolLM2 INT4 4%, and caching Llama-2-7B's 16 KiB rows made it
-/// 40% slower.
-pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: Norm) -> String {
+/// With `staged` ([`stages_input`]), `load_input` copies the row to workgroup
+/// memory first, the norm weights applied, and every read comes from there.
+pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: Norm, staged: bool) -> String {
     let vars = [("X", x_ident)];
     let vec = in_features.is_multiple_of(4);
+    let staged = staged && stages_input(&[], in_features, norm);
     let mut s = String::from("var<private> x_base: u32;\n");
     if norm == Norm::Inputs {
         s += "var<private> x_scale: f32;\n";
@@ -1448,7 +1463,15 @@ pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: Norm) -> 
         Norm::Inputs => " * x_scale * norm[$I]",
         Norm::Outputs => " * norm[$I]",
     };
-    let (count, ssq) = if vec {
+    let (count, ssq) = if staged && vec {
+        s += &format!(
+            "const IN4: u32 = IN / 4u;\n\n// The input row, staged by load_input (norm weights applied).\nvar<workgroup> xs: array<vec4<f32>, IN4>;\n\nfn xin4(j: u32) -> vec4<f32> {{\n    return xs[j];\n}}\n\nfn stage_input() {{\n    for (var j = lid; j < IN4; j += WG) {{\n        xs[j] = $X[x_base + j]{};\n    }}\n    workgroupBarrier();\n}}\n\n",
+            scaled.replace("$I", "j")
+        );
+        s += XIN_FROM_XIN4;
+        s.push('\n');
+        ("IN4", "dot(v, v)")
+    } else if vec {
         s += &format!(
             "const IN4: u32 = IN / 4u;\n\nfn xin4(j: u32) -> vec4<f32> {{\n    return $X[x_base + j]{};\n}}\n\n",
             scaled.replace("$I", "j")
@@ -1470,15 +1493,16 @@ pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: Norm) -> 
     }}
 "#
     );
+    let stage = if staged { "    stage_input();\n" } else { "" };
     match norm {
-        Norm::None => s += &format!("fn load_input(t: u32) {{\n    x_base = t * {count};\n}}\n"),
+        Norm::None => s += &format!("fn load_input(t: u32) {{\n    x_base = t * {count};\n{stage}}}\n"),
         Norm::Inputs => {
             s += &format!(
                 "fn load_input(t: u32) {{\n{sum_of_squares}    x_scale = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);\n    x_base = t * {count};\n}}\n"
             )
         }
         Norm::Outputs => {
-            s += &format!("fn load_input(t: u32) {{\n    x_base = t * {count};\n}}\n\n");
+            s += &format!("fn load_input(t: u32) {{\n    x_base = t * {count};\n{stage}}}\n\n");
             s += "// The RMSNorm's 1/rms of row t; every invocation must call it (it holds barriers).\n";
             s += &format!(
                 "fn norm_scale(t: u32) -> f32 {{\n{sum_of_squares}    return inverseSqrt(wg_sum(ss) / f32(IN) + EPS);\n}}\n"
@@ -1710,6 +1734,24 @@ mod tests {
         }
         // Llama-2-7B's down projection: 16 outputs a workgroup, 32 k-slices
         assert_eq!(MatvecShape::choose_one_output(4096, 1376, &large), MatvecShape { tile: 16, ksplit: 32 });
+    }
+
+    #[test]
+    fn int4_kernels_stage_short_input_rows() {
+        let int4 = QuantFormat::Int4 { group_size: 32, symmetric: false };
+        let int8 = QuantFormat::Int8 { per_tensor: false };
+        // SmolLM2's QKV and gate/up (norm on the sums) and its down projection
+        assert!(stages_input(&[int4, int4, int4], 576, Norm::Outputs));
+        assert!(stages_input(&[int4], 1536, Norm::None));
+        // other formats, a norm applied to every read, rows too wide or not of quads
+        assert!(!stages_input(&[int4, int8], 576, Norm::Outputs));
+        assert!(!stages_input(&[QuantFormat::F16], 576, Norm::None));
+        assert!(!stages_input(&[int4], 576, Norm::Inputs));
+        assert!(!stages_input(&[int4], 4096, Norm::Outputs));
+        assert!(!stages_input(&[int4], 578, Norm::None));
+        let staged = input_functions("hidden", 576, Norm::Outputs, true);
+        assert!(staged.contains("var<workgroup> xs") && staged.contains("stage_input();"));
+        assert!(!input_functions("hidden", 576, Norm::Inputs, true).contains("var<workgroup> xs"));
     }
 
     #[test]

@@ -270,8 +270,18 @@ var<private> x_base: u32;
 
 const IN4: u32 = IN / 4u;
 
+// The input row, staged by load_input (norm weights applied).
+var<workgroup> xs: array<vec4<f32>, IN4>;
+
 fn xin4(j: u32) -> vec4<f32> {
-    return hidden[x_base + j] * norm[j];
+    return xs[j];
+}
+
+fn stage_input() {
+    for (var j = lid; j < IN4; j += WG) {
+        xs[j] = hidden[x_base + j] * norm[j];
+    }
+    workgroupBarrier();
 }
 
 fn xin(i: u32) -> f32 {
@@ -280,6 +290,7 @@ fn xin(i: u32) -> f32 {
 
 fn load_input(t: u32) {
     x_base = t * IN4;
+    stage_input();
 }
 
 // The RMSNorm's 1/rms of row t; every invocation must call it (it holds barriers).
