@@ -1463,19 +1463,18 @@ pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: Norm, sta
         Norm::Inputs => " * x_scale * norm[$I]",
         Norm::Outputs => " * norm[$I]",
     };
-    let (count, ssq) = if staged && vec {
-        s += &format!(
-            "const IN4: u32 = IN / 4u;\n\n// The input row, staged by load_input (norm weights applied).\nvar<workgroup> xs: array<vec4<f32>, IN4>;\n\nfn xin4(j: u32) -> vec4<f32> {{\n    return xs[j];\n}}\n\nfn stage_input() {{\n    for (var j = lid; j < IN4; j += WG) {{\n        xs[j] = $X[x_base + j]{};\n    }}\n    workgroupBarrier();\n}}\n\n",
-            scaled.replace("$I", "j")
-        );
-        s += XIN_FROM_XIN4;
-        s.push('\n');
-        ("IN4", "dot(v, v)")
-    } else if vec {
-        s += &format!(
-            "const IN4: u32 = IN / 4u;\n\nfn xin4(j: u32) -> vec4<f32> {{\n    return $X[x_base + j]{};\n}}\n\n",
-            scaled.replace("$I", "j")
-        );
+    let (count, ssq) = if vec {
+        let read = format!("$X[x_base + j]{}", scaled.replace("$I", "j"));
+        s += "const IN4: u32 = IN / 4u;\n\n";
+        if staged {
+            s += "// The input row, staged by load_input (norm weights applied).\nvar<workgroup> xs: array<vec4<f32>, IN4>;\n\n";
+        }
+        s += &format!("fn xin4(j: u32) -> vec4<f32> {{\n    return {};\n}}\n\n", if staged { "xs[j]" } else { &read });
+        if staged {
+            s += &format!(
+                "fn stage_input() {{\n    for (var j = lid; j < IN4; j += WG) {{\n        xs[j] = {read};\n    }}\n    workgroupBarrier();\n}}\n\n"
+            );
+        }
         s += XIN_FROM_XIN4;
         s.push('\n');
         ("IN4", "dot(v, v)")
