@@ -1174,9 +1174,9 @@ pub(crate) const WIDE_TARGET_WORKGROUPS: usize = 256;
 /// Outputs from which a residual projection (`hidden += W x`: the down and
 /// attention output projections) of F16, BF16 or INT8 weights reads four
 /// outputs at a load in workgroups of [`WIDE_INVOCATIONS`] where the device
-/// allows them and has subgroups of 8 or more: tiles of [`WIDE_QUAD_TILE`] quads, the rest of the workgroup
-/// splitting the input. Each invocation then loads 16 bytes at a time instead
-/// of 4. On the H100, us per call (down, output projection): Llama-2-7B F16
+/// allows them and has subgroups of 8 or more: tiles of [`WIDE_QUAD_TILE`]
+/// quads, the rest of the workgroup splitting the input. Each invocation then
+/// loads 16 bytes at a time instead of 4. On the H100, us per call (down, output projection): Llama-2-7B F16
 /// 56.4 -> 42.5 and 23.8 -> 22.6, INT8 47.4 -> 29.1 and 23.2 -> 16.8;
 /// Llama-3.2-1B F16 27.3 -> 21.9 and 12.4 -> 11.9, INT8 22.5 -> 17.6 and 11.2
 /// -> 10.0. Tiles of 2 or 8 quads were slower (1B F16 down 31.3 and 27.0).
