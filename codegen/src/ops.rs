@@ -375,8 +375,7 @@ fn rms_qkv_rope(
     // the RMSNorm's 1/rms scales the projections' sums (RoPE is linear), so the
     // first weight loads need not wait for the norm's reduction (on the H100:
     // SmolLM2 INT4 11.6 to 11.0 us, Llama-2-7B INT4 26.6 to 25.4)
-    m.helpers +=
-        &tcal::input_functions("hidden", hidden, Norm::Outputs, tcal::stages_input(&formats, hidden, Norm::Outputs));
+    m.helpers += &tcal::input_functions("hidden", hidden, Norm::Outputs, tcal::stages_input(&formats, hidden));
     m.helpers.push('\n');
     let entry = entry_signature(&target, "WG")
         + r#"    let t = wid.y;
@@ -947,7 +946,7 @@ impl AddInput {
     fn functions(self, m: &mut ModuleText, in_features: usize, format: QuantFormat) -> String {
         match self {
             AddInput::Plain(a) => {
-                let staged = tcal::stages_input(&[format], in_features, Norm::None);
+                let staged = tcal::stages_input(&[format], in_features);
                 tcal::input_functions(a.ident(), in_features, Norm::None, staged)
             }
             AddInput::AttnSplits { heads, head_dim } => {
@@ -1091,7 +1090,7 @@ fn rms_gate_up(
     m.helpers += &shape_functions(&shape, &target, quads, SliceSum::Pair);
     m.helpers.push('\n');
     let norm = gate_up_norm(&[gate, up], quads, &target);
-    m.helpers += &tcal::input_functions("hidden", hidden, norm, tcal::stages_input(&[gate, up], hidden, norm));
+    m.helpers += &tcal::input_functions("hidden", hidden, norm, tcal::stages_input(&[gate, up], hidden));
     m.helpers.push('\n');
     if quads {
         m.helpers += &tcal::gate_up_dot4(&wg_, &wu, products);

@@ -1427,17 +1427,16 @@ pub(crate) enum Norm {
 
 /// Whether a matrix-vector kernel over matrices of `formats` stages its input
 /// row in workgroup memory ([`input_functions`]): INT4 weights only, rows of a
-/// multiple of 4 inputs up to [`INPUT_CACHE_BYTES`], and a norm that does not
-/// wait on a reduction (`Norm::None`, `Norm::Outputs`). An INT4 word meets
-/// eight inputs, so the kernel waits on input reads more than on weights: on
-/// the H100, SmolLM2 INT4's gate/up kernel went from 13.4 to 8.9 us, QKV from
-/// 11.0 to 10.0, the down projection from 8.5 to 7.5. F16 and INT8 kernels got
+/// multiple of 4 inputs up to [`INPUT_CACHE_BYTES`]. An INT4 word meets eight
+/// inputs, so the kernel waits on input reads more than on weights: on the
+/// H100, SmolLM2 INT4's gate/up kernel went from 13.4 to 8.9 us, QKV from 11.0
+/// to 10.0, the down projection from 8.5 to 7.5, and Llama-3.2-1B's gate/up
+/// (its norm applied to the staged row) from 20.6 to 19.6. F16 and INT8 kernels got
 /// slower (SmolLM2 F16 gate/up 12.1 to 12.6 us, QKV 10.7 to 11.5; Llama-3.2-1B
 /// INT8 QKV 12.4 to 12.7), as did staging Llama-2-7B's 16 KiB rows (INT4 QKV
 /// 25.4 to 30.2 us).
-pub(crate) fn stages_input(formats: &[QuantFormat], in_features: usize, norm: Norm) -> bool {
+pub(crate) fn stages_input(formats: &[QuantFormat], in_features: usize) -> bool {
     formats.iter().all(|f| matches!(f, QuantFormat::Int4 { .. }))
-        && norm != Norm::Inputs
         && in_features.is_multiple_of(4)
         && input_cached(in_features)
 }
@@ -1452,7 +1451,7 @@ pub(crate) fn stages_input(formats: &[QuantFormat], in_features: usize, norm: No
 pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: Norm, staged: bool) -> String {
     let vars = [("X", x_ident)];
     let vec = in_features.is_multiple_of(4);
-    let staged = staged && stages_input(&[], in_features, norm);
+    let staged = staged && stages_input(&[], in_features);
     let mut s = String::from("var<private> x_base: u32;\n");
     if norm == Norm::Inputs {
         s += "var<private> x_scale: f32;\n";
@@ -1470,7 +1469,8 @@ pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: Norm, sta
             s += "// The input row, staged by load_input (norm weights applied).\nvar<workgroup> xs: array<vec4<f32>, IN4>;\n\n";
         }
         s += &format!("fn xin4(j: u32) -> vec4<f32> {{\n    return {};\n}}\n\n", if staged { "xs[j]" } else { &read });
-        if staged {
+        // (load_input stages a row it normalises while summing its squares)
+        if staged && norm != Norm::Inputs {
             s += &format!(
                 "fn stage_input() {{\n    for (var j = lid; j < IN4; j += WG) {{\n        xs[j] = {read};\n    }}\n    workgroupBarrier();\n}}\n\n"
             );
@@ -1484,27 +1484,38 @@ pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: Norm, sta
         s.push('\n');
         ("IN", "v * v")
     };
-    let sum_of_squares = format!(
-        r#"    var ss = 0.0;
+    let sum_of_squares = |stage_raw: bool| {
+        let raw = if stage_raw { "        xs[j] = v * norm[j];\n" } else { "" };
+        format!(
+            r#"    var ss = 0.0;
     for (var j = lid; j < {count}; j += WG) {{
         let v = $X[t * {count} + j];
         ss += {ssq};
-    }}
+{raw}    }}
 "#
-    );
+        )
+    };
     let stage = if staged { "    stage_input();\n" } else { "" };
     match norm {
         Norm::None => s += &format!("fn load_input(t: u32) {{\n    x_base = t * {count};\n{stage}}}\n"),
         Norm::Inputs => {
+            // the staged row takes 1/rms once the reduction is done
+            let rescale = if staged {
+                "    for (var j = lid; j < IN4; j += WG) {\n        xs[j] = xs[j] * x_scale;\n    }\n    workgroupBarrier();\n"
+            } else {
+                ""
+            };
             s += &format!(
-                "fn load_input(t: u32) {{\n{sum_of_squares}    x_scale = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);\n    x_base = t * {count};\n}}\n"
+                "fn load_input(t: u32) {{\n{}    x_scale = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);\n    x_base = t * {count};\n{rescale}}}\n",
+                sum_of_squares(staged)
             )
         }
         Norm::Outputs => {
             s += &format!("fn load_input(t: u32) {{\n    x_base = t * {count};\n{stage}}}\n\n");
             s += "// The RMSNorm's 1/rms of row t; every invocation must call it (it holds barriers).\n";
             s += &format!(
-                "fn norm_scale(t: u32) -> f32 {{\n{sum_of_squares}    return inverseSqrt(wg_sum(ss) / f32(IN) + EPS);\n}}\n"
+                "fn norm_scale(t: u32) -> f32 {{\n{}    return inverseSqrt(wg_sum(ss) / f32(IN) + EPS);\n}}\n",
+                sum_of_squares(false)
             );
         }
     }
@@ -1739,18 +1750,21 @@ mod tests {
     fn int4_kernels_stage_short_input_rows() {
         let int4 = QuantFormat::Int4 { group_size: 32, symmetric: false };
         let int8 = QuantFormat::Int8 { per_tensor: false };
-        // SmolLM2's QKV and gate/up (norm on the sums) and its down projection
-        assert!(stages_input(&[int4, int4, int4], 576, Norm::Outputs));
-        assert!(stages_input(&[int4], 1536, Norm::None));
-        // other formats, a norm applied to every read, rows too wide or not of quads
-        assert!(!stages_input(&[int4, int8], 576, Norm::Outputs));
-        assert!(!stages_input(&[QuantFormat::F16], 576, Norm::None));
-        assert!(!stages_input(&[int4], 576, Norm::Inputs));
-        assert!(!stages_input(&[int4], 4096, Norm::Outputs));
-        assert!(!stages_input(&[int4], 578, Norm::None));
+        // SmolLM2's QKV, gate/up and down projection, Llama-3.2-1B's gate/up
+        assert!(stages_input(&[int4, int4, int4], 576));
+        assert!(stages_input(&[int4], 1536));
+        assert!(stages_input(&[int4, int4], 2048));
+        // other formats, rows too wide or not of quads
+        assert!(!stages_input(&[int4, int8], 576));
+        assert!(!stages_input(&[QuantFormat::F16], 576));
+        assert!(!stages_input(&[int4], 4096));
+        assert!(!stages_input(&[int4], 578));
         let staged = input_functions("hidden", 576, Norm::Outputs, true);
         assert!(staged.contains("var<workgroup> xs") && staged.contains("stage_input();"));
-        assert!(!input_functions("hidden", 576, Norm::Inputs, true).contains("var<workgroup> xs"));
+        // a row normalised on every read is staged as it is summed, then scaled
+        let normalised = input_functions("hidden", 576, Norm::Inputs, true);
+        assert!(normalised.contains("xs[j] = v * norm[j];") && normalised.contains("xs[j] = xs[j] * x_scale;"));
+        assert!(!normalised.contains("stage_input"));
     }
 
     #[test]
