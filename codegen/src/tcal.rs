@@ -386,11 +386,11 @@ pub(crate) fn int8_row_cache_fits(in_features: usize) -> bool {
 }
 
 /// `cache_input_rows()`: every row of four inputs quantised once for
-/// [`Products::PackedRows`]; call it after `load_input` (it holds a barrier).
-/// Each invocation had quantised every row it read, as had its workgroup's
+/// [`Products::PackedRows`]; `load_input` calls it last
+/// ([`InputStaging::Int8Rows`]; it holds a barrier). Each invocation had quantised every row it read, as had its workgroup's
 /// other output quads: on the H100, Llama-3.2-1B's INT8 logits kernel went
 /// from 109 to 95 us (Llama-2-7B's from 62 to 61).
-pub(crate) fn int8_row_cache() -> String {
+fn int8_row_cache() -> String {
     format!(
         r#"var<workgroup> xq_rows: array<u32, IN4>;
 var<workgroup> xd_rows: array<f32, IN4>;
@@ -1441,17 +1441,44 @@ pub(crate) fn stages_input(formats: &[QuantFormat], in_features: usize) -> bool 
         && input_cached(in_features)
 }
 
+/// [`stages_input`] as the staging [`input_functions`] takes.
+pub(crate) fn staging(formats: &[QuantFormat], in_features: usize) -> InputStaging {
+    if stages_input(formats, in_features) {
+        InputStaging::Rows
+    } else {
+        InputStaging::Storage
+    }
+}
+
+/// Where a matrix-vector kernel keeps its input row between reads
+/// ([`input_functions`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum InputStaging {
+    /// Read from storage on every use.
+    Storage,
+    /// Copied to workgroup memory by `load_input`, the norm applied
+    /// ([`stages_input`] says where).
+    Rows,
+    /// Read from storage, and quantised to int8 once per row of four for
+    /// [`Products::PackedRows`] ([`int8_row_cache_fits`] says where).
+    Int8Rows,
+}
+
 /// How a matrix-vector kernel reads its input vector `x` (one token's row of a
 /// storage array): `load_input(t)` prepares it, `xin(i)` returns element `i` and
 /// `xin4(j)` elements `4j .. 4j + 4`, RMS-normalised as `norm` says. The input
 /// and norm bindings are declared with [`input_type`].
 ///
-/// With `staged` ([`stages_input`]), `load_input` copies the row to workgroup
-/// memory first, the norm weights applied, and every read comes from there.
-pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: Norm, staged: bool) -> String {
+/// `staging` says where the row waits between reads: with
+/// [`InputStaging::Rows`], `load_input` copies it to workgroup memory first,
+/// the norm weights applied, and every read comes from there (rows too wide
+/// for [`INPUT_CACHE_BYTES`], or not of quads, stay in storage); with
+/// [`InputStaging::Int8Rows`], `load_input` ends by quantising it
+/// ([`int8_row_cache`]).
+pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: Norm, staging: InputStaging) -> String {
     let vars = [("X", x_ident)];
     let vec = in_features.is_multiple_of(4);
-    let staged = staged && stages_input(&[], in_features);
+    let staged = staging == InputStaging::Rows && vec && input_cached(in_features);
     let mut s = String::from("var<private> x_base: u32;\n");
     if norm == Norm::Inputs {
         s += "var<private> x_scale: f32;\n";
@@ -1495,23 +1522,26 @@ pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: Norm, sta
 "#
         )
     };
-    let stage = if staged { "    stage_input();\n" } else { "" };
+    // what load_input does last: stage the row (a normalised row takes 1/rms
+    // once the reduction is done), or quantise its rows of four
+    let tail = match staging {
+        _ if staged && norm == Norm::Inputs => {
+            "    for (var j = lid; j < IN4; j += WG) {\n        xs[j] = xs[j] * x_scale;\n    }\n    workgroupBarrier();\n"
+        }
+        _ if staged => "    stage_input();\n",
+        InputStaging::Int8Rows => "    cache_input_rows();\n",
+        InputStaging::Storage | InputStaging::Rows => "",
+    };
     match norm {
-        Norm::None => s += &format!("fn load_input(t: u32) {{\n    x_base = t * {count};\n{stage}}}\n"),
+        Norm::None => s += &format!("fn load_input(t: u32) {{\n    x_base = t * {count};\n{tail}}}\n"),
         Norm::Inputs => {
-            // the staged row takes 1/rms once the reduction is done
-            let rescale = if staged {
-                "    for (var j = lid; j < IN4; j += WG) {\n        xs[j] = xs[j] * x_scale;\n    }\n    workgroupBarrier();\n"
-            } else {
-                ""
-            };
             s += &format!(
-                "fn load_input(t: u32) {{\n{}    x_scale = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);\n    x_base = t * {count};\n{rescale}}}\n",
+                "fn load_input(t: u32) {{\n{}    x_scale = inverseSqrt(wg_sum(ss) / f32(IN) + EPS);\n    x_base = t * {count};\n{tail}}}\n",
                 sum_of_squares(staged)
             )
         }
         Norm::Outputs => {
-            s += &format!("fn load_input(t: u32) {{\n    x_base = t * {count};\n{stage}}}\n\n");
+            s += &format!("fn load_input(t: u32) {{\n    x_base = t * {count};\n{tail}}}\n\n");
             s += "// The RMSNorm's 1/rms of row t; every invocation must call it (it holds barriers).\n";
             s += &format!(
                 "fn norm_scale(t: u32) -> f32 {{\n{}    return inverseSqrt(wg_sum(ss) / f32(IN) + EPS);\n}}\n",
@@ -1519,7 +1549,12 @@ pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: Norm, sta
             );
         }
     }
-    fill(&s, &vars)
+    let mut s = fill(&s, &vars);
+    if staging == InputStaging::Int8Rows {
+        s.push('\n');
+        s += &int8_row_cache();
+    }
+    s
 }
 
 /// [`input_functions`] for the attention output `attn` (no norm): a step of one
@@ -1759,10 +1794,10 @@ mod tests {
         assert!(!stages_input(&[QuantFormat::F16], 576));
         assert!(!stages_input(&[int4], 4096));
         assert!(!stages_input(&[int4], 578));
-        let staged = input_functions("hidden", 576, Norm::Outputs, true);
+        let staged = input_functions("hidden", 576, Norm::Outputs, InputStaging::Rows);
         assert!(staged.contains("var<workgroup> xs") && staged.contains("stage_input();"));
         // a row normalised on every read is staged as it is summed, then scaled
-        let normalised = input_functions("hidden", 576, Norm::Inputs, true);
+        let normalised = input_functions("hidden", 576, Norm::Inputs, InputStaging::Rows);
         assert!(normalised.contains("xs[j] = v * norm[j];") && normalised.contains("xs[j] = xs[j] * x_scale;"));
         assert!(!normalised.contains("stage_input"));
     }
