@@ -387,8 +387,9 @@ pub(crate) fn int8_row_cache_fits(in_features: usize) -> bool {
 
 /// `cache_input_rows()`: every row of four inputs quantised once for
 /// [`Products::PackedRows`]; `load_input` calls it last
-/// ([`InputStaging::Int8Rows`]; it holds a barrier). Each invocation had quantised every row it read, as had its workgroup's
-/// other output quads: on the H100, Llama-3.2-1B's INT8 logits kernel went
+/// ([`InputStaging::Int8Rows`]; it holds a barrier). Each invocation had
+/// quantised every row it read, as had its workgroup's other output quads: on
+/// the H100, Llama-3.2-1B's INT8 logits kernel went
 /// from 109 to 95 us (Llama-2-7B's from 62 to 61).
 fn int8_row_cache() -> String {
     format!(
@@ -1176,8 +1177,9 @@ pub(crate) const WIDE_TARGET_WORKGROUPS: usize = 256;
 /// outputs at a load in workgroups of [`WIDE_INVOCATIONS`] where the device
 /// allows them and has subgroups of 8 or more: tiles of [`WIDE_QUAD_TILE`]
 /// quads, the rest of the workgroup splitting the input. Each invocation then
-/// loads 16 bytes at a time instead of 4. On the H100, us per call (down, output projection): Llama-2-7B F16
-/// 56.4 -> 42.5 and 23.8 -> 22.6, INT8 47.4 -> 29.1 and 23.2 -> 16.8;
+/// loads 16 bytes at a time instead of 4. On the H100, us per call (down,
+/// output projection): Llama-2-7B F16 56.4 -> 42.5 and 23.8 -> 22.6, INT8
+/// 47.4 -> 29.1 and 23.2 -> 16.8;
 /// Llama-3.2-1B F16 27.3 -> 21.9 and 12.4 -> 11.9, INT8 22.5 -> 17.6 and 11.2
 /// -> 10.0. Tiles of 2 or 8 quads were slower (1B F16 down 31.3 and 27.0).
 pub(crate) const WIDE_QUAD_MIN_OUTPUTS: usize = 2048;
