@@ -76,13 +76,23 @@ pub(crate) fn entry_setup(target: &Target) -> &'static str {
     }
 }
 
+/// Slots of the reductions' workgroup memory: one per subgroup, subgroups
+/// being no smaller than the target's (or one per invocation without them).
+fn red_slots(target: &Target, wg: u32) -> u32 {
+    if target.subgroups {
+        (wg / target.subgroup_size.max(MIN_SUBGROUP_SIZE)).max(1)
+    } else {
+        wg
+    }
+}
+
 /// `wg_sum(v)`, `wg_max(v)` and `wg_argmax(v, i)` over a workgroup of `wg`
 /// invocations (a power of two). Every invocation must call them (they hold
 /// barriers) and every invocation gets the result.
 pub(crate) fn reductions(target: &Target, wg: u32) -> String {
     debug_assert!(wg.is_power_of_two());
     if target.subgroups {
-        let slots = (wg / MIN_SUBGROUP_SIZE).max(1);
+        let slots = red_slots(target, wg);
         fill(
             r#"// Reductions: subgroup operations, then one slot per subgroup in workgroup memory.
 const RED_SLOTS: u32 = $SLOTSu;
