@@ -943,13 +943,10 @@ impl AddInput {
     }
 
     /// `load_input`, `xin` and `xin4` of a matrix-vector kernel, with the
-    /// constants they need; a plain input is staged in workgroup memory where
-    /// [`tcal::stages_input`] says for `format`.
-    fn functions(self, m: &mut ModuleText, in_features: usize, format: QuantFormat) -> String {
+    /// constants they need; a plain input is staged as `staging` says.
+    fn functions(self, m: &mut ModuleText, in_features: usize, staging: InputStaging) -> String {
         match self {
-            AddInput::Plain(a) => {
-                tcal::input_functions(a.ident(), in_features, Norm::None, tcal::staging(&[format], in_features))
-            }
+            AddInput::Plain(a) => tcal::input_functions(a.ident(), in_features, Norm::None, staging),
             AddInput::AttnSplits { heads, head_dim } => {
                 m.konst("HEADS", "u32", heads);
                 m.konst("HEAD_DIM", "u32", head_dim);
@@ -983,9 +980,15 @@ fn matvec_add(
         },
     );
     let w = WeightMatrix { ident: "w", format, out: out_features, in_features };
-    let (quads, units, shape) = match MatvecShape::wide_quads(format, out_features, w.blocks(), &target) {
-        Some(shape) => (true, out_features.div_ceil(4), shape),
-        None => {
+    // The attention output's splits are combined as it is read, not staged as int8.
+    let int8_groups = match input {
+        AddInput::Plain(_) => MatvecShape::int8_group_quads(format, out_features, in_features, &target),
+        AddInput::AttnSplits { .. } => None,
+    };
+    let (quads, units, shape) = match (int8_groups, MatvecShape::wide_quads(format, out_features, w.blocks(), &target))
+    {
+        (Some((shape, _)), _) | (None, Some(shape)) => (true, out_features.div_ceil(4), shape),
+        (None, None) => {
             let (quads, units) = output_units(out_features);
             let shape = if quads {
                 MatvecShape::choose(units, w.blocks(), &target)
@@ -995,10 +998,14 @@ fn matvec_add(
             (quads, units, shape)
         }
     };
-    // Exact products: the input is not normalised, and the f16 inputs of packed
-    // ones would overflow past about 17000 (X16_SCALE), which the residual
-    // branches of large models can reach.
-    m.matvec_weight(&w, quads, Dot4Use::Own, Products::Exact, &shape, "the projection")?;
+    // Else exact products: the input is not normalised, and the f16 inputs of
+    // packed ones would overflow past about 17000 (X16_SCALE), which the
+    // residual branches of large models can reach.
+    let (products, staging) = match int8_groups {
+        Some((_, group)) => (Products::Int8Groups, InputStaging::Int8Groups { group }),
+        None => (Products::Exact, tcal::staging(&[format], in_features)),
+    };
+    m.matvec_weight(&w, quads, Dot4Use::Own, products, &shape, "the projection")?;
     m.bind(
         "hidden",
         Access::ReadWrite,
@@ -1017,7 +1024,7 @@ fn matvec_add(
     m.helpers.push('\n');
     m.helpers += &shape_functions(&shape, &target, quads, SliceSum::One);
     m.helpers.push('\n');
-    let input_functions = input.functions(&mut m, in_features, format);
+    let input_functions = input.functions(&mut m, in_features, staging);
     m.helpers += &input_functions;
     m.helpers.push('\n');
     let store = "hidden[t * OUT + o] += y;";
@@ -1029,13 +1036,15 @@ fn matvec_add(
 
 /// Where the gate/up kernel applies its RMSNorm: to the sums of its dot
 /// products, so that its first weight loads need not wait for the norm, except
-/// where it packs its products, whose f16 inputs must be the normalised ones
-/// ([`Products`]). On the H100 (per call): Llama-2-7B F16 84.2 -> 74.6 us,
-/// Llama-3.2-1B F16 40.9 -> 34.5, SmolLM2 INT4 (one output per invocation) 13.5
-/// -> 12.1; the packed INT4 kernels got slower (7B 42.2 -> 44.8, 1B 22.5 -> 24.8).
-fn gate_up_norm(formats: &[QuantFormat], quads: bool, target: &Target) -> Norm {
+/// where it packs its products in f16 or per row of int8, whose inputs must be
+/// the normalised ones ([`Products`]). On the H100 (per call): Llama-2-7B F16
+/// 84.2 -> 74.6 us, Llama-3.2-1B F16 40.9 -> 34.5, SmolLM2 INT4 (one output
+/// per invocation) 13.5 -> 12.1; the packed INT4 kernels got slower (7B 42.2 ->
+/// 44.8, 1B 22.5 -> 24.8). Int8 input groups quantise the row before the norm's
+/// 1/rms (their scales absorb it): 7B INT4 32.7 -> 31.5, 1B 18.0 -> 17.6.
+fn gate_up_norm(formats: &[QuantFormat], quads: bool, products: Products) -> Norm {
     let packs = quads
-        && Products::for_target(target) == Products::Packed
+        && matches!(products, Products::Packed | Products::PackedRows)
         && formats.iter().any(|f| matches!(f, QuantFormat::Int4 { .. } | QuantFormat::Int8 { .. }));
     if packs {
         Norm::Inputs
@@ -1074,7 +1083,11 @@ fn rms_gate_up(
     let (quads, units) = output_units(ffn);
     let shape = MatvecShape::choose(units, wg_.blocks(), &target);
     let fused = tcal::fuses_gate_up(&wg_, &wu);
-    let products = Products::for_target(&target);
+    let int8_groups = if quads && fused { tcal::int8_groups(&[gate, up], hidden, &shape, &target) } else { None };
+    let (products, staging) = match int8_groups {
+        Some(group) => (Products::Int8Groups, InputStaging::Int8Groups { group }),
+        None => (Products::for_target(&target), tcal::staging(&[gate, up], hidden)),
+    };
     let (gate_reads, up_reads) = if fused { (Dot4Use::Helpers, Dot4Use::Layout) } else { (Dot4Use::Own, Dot4Use::Own) };
     m.matvec_weight(&wg_, quads, gate_reads, products, &shape, "gate_proj")?;
     m.matvec_weight(&wu, quads, up_reads, products, &shape, "up_proj")?;
@@ -1090,8 +1103,8 @@ fn rms_gate_up(
     m.helpers.push('\n');
     m.helpers += &shape_functions(&shape, &target, quads, SliceSum::Pair);
     m.helpers.push('\n');
-    let norm = gate_up_norm(&[gate, up], quads, &target);
-    m.helpers += &tcal::input_functions("hidden", hidden, norm, tcal::staging(&[gate, up], hidden));
+    let norm = gate_up_norm(&[gate, up], quads, products);
+    m.helpers += &tcal::input_functions("hidden", hidden, norm, staging);
     m.helpers.push('\n');
     if quads {
         m.helpers += &tcal::gate_up_dot4(&wg_, &wu, products);

@@ -86,6 +86,11 @@ fn red_slots(target: &Target, wg: u32) -> u32 {
     }
 }
 
+/// Bytes of workgroup memory [`reductions`] declares.
+pub(crate) fn reduction_bytes(target: &Target, wg: u32) -> usize {
+    red_slots(target, wg) as usize * 8
+}
+
 /// `wg_sum(v)`, `wg_max(v)` and `wg_argmax(v, i)` over a workgroup of `wg`
 /// invocations (a power of two). Every invocation must call them (they hold
 /// barriers) and every invocation gets the result.
@@ -229,10 +234,10 @@ pub(crate) enum Products {
     ///   nibble), multiplied with f16 input pairs; each f16 lane sums a word's
     ///   four products of its pair, the two lanes are added in f32. On the
     ///   H100 the 7B gate/up kernel went from 67 to 53 us. Inputs must stay
-    ///   below about 17000 in magnitude ([`X16_SCALE`]).
-    ///   Through `dot4I8Packed` like INT8 (each row's eight inputs quantised)
-    ///   it took 47 us, but with 250 times the error (normalised squared error
-    ///   1.3e-4 against 5e-7 on the GPU test's values), so INT4 stays in f16.
+    ///   below about 17000 in magnitude ([`X16_SCALE`]). Where the input's
+    ///   int8 groups fit in workgroup memory, [`Products::Int8Groups`] instead
+    ///   (quantising each row of eight inputs on every read, with the exact
+    ///   sum in the min term, had taken 47 us at 250 times this error).
     /// - INT8: each row's four inputs quantised to int8 at a scale of their own,
     ///   then one `dot4I8Packed` per output. On the H100 the 7B INT8 gate/up
     ///   kernel went from 80 to 55 us, Llama-3.2-1B's INT8 logits from 154 to 95.
@@ -242,6 +247,16 @@ pub(crate) enum Products {
     /// invocation that reads a row: for kernels that read the whole input
     /// before their weights anyway (the logits). INT4 as `Packed`.
     PackedRows,
+    /// INT4 only: the input row quantised once per workgroup to int8, a scale
+    /// per weight group, into workgroup memory ([`InputStaging::Int8Groups`]),
+    /// then two `dot4I8Packed` per word (its low and high nibbles) summed in
+    /// i32 over the group. A group contributes `scale * d * dot(q, xq) + min *
+    /// d * sum(xq)`: the min term takes the sum of the quantised inputs, so
+    /// their rounding meets weights centred on zero (normalised squared error
+    /// about 3e-5 on Gaussian inputs, against 1.4e-4 with the exact sum; INT4's
+    /// own rounding of the weights is about 6e-3). Unlike f16 inputs it has no
+    /// overflow, so `hidden += W x` takes it too. Where [`int8_groups`] says.
+    Int8Groups,
 }
 
 impl Products {
@@ -292,6 +307,22 @@ fn $W_qdot(word: u32, x: array<vec2<f16>, 4>) -> f32 {{
     )
 }
 
+/// `$W_qdot4(w, x)`: dot(q, xq) of four words (four outputs) with one row's
+/// int8 inputs of [`InputStaging::Int8Groups`].
+const INT4_INT8_HELPERS: &str = r#"// dot(q, xq) of four words with a row's int8 inputs: the low nibbles of each
+// byte meet the even inputs (x.x), the high ones the odd inputs (x.y).
+fn $W_qdot4(w: vec4<u32>, x: vec2<u32>) -> vec4<i32> {
+    let lo = w & vec4<u32>(0x0f0f0f0fu);
+    let hi = (w >> vec4<u32>(4u)) & vec4<u32>(0x0f0f0f0fu);
+    return vec4<i32>(
+        dot4I8Packed(lo.x, x.x) + dot4I8Packed(hi.x, x.y),
+        dot4I8Packed(lo.y, x.x) + dot4I8Packed(hi.y, x.y),
+        dot4I8Packed(lo.z, x.x) + dot4I8Packed(hi.z, x.y),
+        dot4I8Packed(lo.w, x.x) + dot4I8Packed(hi.w, x.y));
+}
+
+"#;
+
 /// `gate_up_dot4(o4, ks)`: outputs `4 o4 ..` of two matrices over k-slice `ks`,
 /// for the fused gate/up kernel. Where both are INT4 or both INT8 of one format,
 /// one loop reads each input once for both and loads both words of a row before
@@ -303,6 +334,32 @@ pub(crate) fn gate_up_dot4(gate: &WeightMatrix<'_>, up: &WeightMatrix<'_>, produ
     let fused = fuses_gate_up(gate, up);
     let head = "fn gate_up_dot4(o4: u32, ks: u32) -> array<vec4<f32>, 2> {\n".to_string();
     match gate.format {
+        QuantFormat::Int4 { .. } if fused && products == Products::Int8Groups => head + &format!(
+            r#"    let b0 = slice_begin({gp}_BLOCKS, ks);
+    let b1 = slice_end({gp}_BLOCKS, ks);
+    var ga = vec4<f32>(0.0);
+    var ua = vec4<f32>(0.0);
+    for (var g = b0; g < b1; g++) {{
+        let gsm = {g}[{gp}_SCALES4 + g * {gp}_SCALE_STRIDE4 + o4];
+        let usm = {u}[{up_}_SCALES4 + g * {up_}_SCALE_STRIDE4 + o4];
+        var gq = vec4<i32>(0);
+        var uq = vec4<i32>(0);
+        for (var k = 0u; k < {gp}_GROUP_ROWS; k++) {{
+            let r = g * {gp}_GROUP_ROWS + k;
+            let gw = {g}[r * {gp}_STRIDE4 + o4];
+            let uw = {u}[r * {up_}_STRIDE4 + o4];
+            let x = xq_groups[r];
+            gq += {g}_qdot4(gw, x);
+            uq += {g}_qdot4(uw, x);
+        }}
+        let xd = xd_groups[g];
+        ga += half_lo(gsm) * (vec4<f32>(gq) * xd.x) + half_hi(gsm) * xd.y;
+        ua += half_lo(usm) * (vec4<f32>(uq) * xd.x) + half_hi(usm) * xd.y;
+    }}
+    return array<vec4<f32>, 2>(ga, ua);
+}}
+"#
+        ),
         QuantFormat::Int4 { .. } if fused => {
             let shared = indent(&quad_shared_input(gate.format, products, g), 4);
             let gq = indent(&quad_product(gate.format, products, g, "gw", "gq"), 4);
@@ -950,11 +1007,33 @@ impl WeightMatrix<'_> {
 "#
                 )
             }
+            QuantFormat::Int4 { group_size, .. } if products == Products::Int8Groups => {
+                s += &format!("const {p}_GROUP_ROWS: u32 = {}u;\n", group_size / 8);
+                INT4_INT8_HELPERS.to_string()
+                    + r#"// Blocks are groups: w = scale * q + min; against the input's int8 groups
+// (x = d * xq) a group contributes scale * d * dot(q, xq) + min * d * sum(xq).
+fn $W_dot4(o4: u32, b0: u32, b1: u32) -> vec4<f32> {
+    var acc = vec4<f32>(0.0);
+    for (var g = b0; g < b1; g++) {
+        let sm = $W[$P_SCALES4 + g * $P_SCALE_STRIDE4 + o4];
+        var qx = vec4<i32>(0);
+        for (var k = 0u; k < $P_GROUP_ROWS; k++) {
+            let r = g * $P_GROUP_ROWS + k;
+            qx += $W_qdot4($W[r * $P_STRIDE4 + o4], xq_groups[r]);
+        }
+        let xd = xd_groups[g];
+        acc += half_lo(sm) * (vec4<f32>(qx) * xd.x) + half_hi(sm) * xd.y;
+    }
+    return acc;
+}
+"#
+            }
             QuantFormat::Int4 { group_size, .. } => {
                 s += &format!("const {p}_GROUP_ROWS: u32 = {}u;\n", group_size / 8);
                 let (helpers, qx) = match products {
                     Products::Exact => (String::new(), "qx".to_string()),
                     Products::Packed | Products::PackedRows => (int4_f16_helpers(), format!("qx * {X16_UNSCALE}")),
+                    Products::Int8Groups => unreachable!("matched above"),
                 };
                 let shared = indent(&quad_shared_input(self.format, products, "$W"), 4);
                 let word_dot = indent(&quad_product(self.format, products, "$W", "w", "qx"), 4);
@@ -1204,6 +1283,10 @@ pub(crate) const WIDE_QUAD_MIN_SLICE: usize = 2;
 /// Quads per workgroup of a wide-quad kernel: 64 bytes of each row.
 pub(crate) const WIDE_QUAD_TILE: u32 = 4;
 
+/// Quads per workgroup of a wide-quad INT4 kernel on int8 input groups
+/// ([`MatvecShape::int8_group_quads`]): 128 bytes of each row.
+pub(crate) const INT8_GROUP_QUAD_TILE: u32 = 8;
+
 impl MatvecShape {
     /// The shape of a residual projection that reads four outputs at a load in
     /// wide workgroups, where that pays (see [`WIDE_QUAD_MIN_OUTPUTS`]), over
@@ -1227,6 +1310,30 @@ impl MatvecShape {
             }
         };
         pays.then_some(shape)
+    }
+
+    /// The shape of an INT4 residual projection over `outputs` outputs and an
+    /// input of `in_features` whose products go through int8 input groups
+    /// ([`int8_groups`]), with their group size: where INT4 reads wide quads
+    /// ([`MatvecShape::wide_quads`]), tiles of [`INT8_GROUP_QUAD_TILE`] quads.
+    /// On the H100, Llama-2-7B's down projection took 22.8 us with exact
+    /// products in tiles of 4 quads, 22.7 with int8 groups in them, 19.8 in
+    /// tiles of 8 (and 25.5 with exact products in tiles of 8).
+    pub fn int8_group_quads(
+        format: QuantFormat,
+        outputs: usize,
+        in_features: usize,
+        target: &Target,
+    ) -> Option<(MatvecShape, usize)> {
+        let QuantFormat::Int4 { group_size, .. } = format else { return None };
+        let blocks = in_features.div_ceil(group_size as usize);
+        MatvecShape::wide_quads(format, outputs, blocks, target)?;
+        let slices = blocks.clamp(1, (WIDE_INVOCATIONS / INT8_GROUP_QUAD_TILE) as usize) as u32;
+        let shape = MatvecShape { tile: INT8_GROUP_QUAD_TILE, ksplit: prev_power_of_two(slices) };
+        if shape.slices_per_subgroup(target) < 2 || shape.slice(blocks) < WIDE_QUAD_MIN_SLICE {
+            return None;
+        }
+        int8_groups(&[format], in_features, &shape, target).map(|group| (shape, group))
     }
 
     /// The shape for `outputs` outputs (or output units) over `blocks` input blocks:
@@ -1270,6 +1377,12 @@ impl MatvecShape {
 
     pub fn invocations(&self) -> u32 {
         self.tile * self.ksplit
+    }
+
+    /// Bytes of the k-slice sums' workgroup memory ([`MatvecShape::functions`]).
+    pub(crate) fn scratch_bytes(&self, target: &Target, sum: SliceSum) -> usize {
+        let slots = self.ksplit / self.slices_per_subgroup(target);
+        (self.tile * slots) as usize * sum.bytes()
     }
 
     /// The most of `blocks` input blocks one k-slice takes (`slice_end - slice_begin`).
@@ -1370,6 +1483,14 @@ pub(crate) enum SliceSum {
 }
 
 impl SliceSum {
+    fn bytes(self) -> usize {
+        match self {
+            SliceSum::One => 4,
+            SliceSum::Pair => 8,
+            SliceSum::Quad => 16,
+        }
+    }
+
     fn wgsl_type(self) -> &'static str {
         match self {
             SliceSum::One => "f32",
@@ -1474,6 +1595,9 @@ pub(crate) enum InputStaging {
     /// Read from storage, and quantised to int8 once per row of four for
     /// [`Products::PackedRows`] ([`int8_row_cache_fits`] says where).
     Int8Rows,
+    /// Quantised to int8 by `load_input` into workgroup memory, a scale per
+    /// `group` inputs, for [`Products::Int8Groups`] ([`int8_groups`] says where).
+    Int8Groups { group: usize },
 }
 
 /// How a matrix-vector kernel reads its input vector `x` (one token's row of a
@@ -1542,6 +1666,7 @@ pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: Norm, sta
         }
         _ if staged => "    stage_input();\n",
         InputStaging::Int8Rows => "    cache_input_rows();\n",
+        InputStaging::Int8Groups { .. } => "    stage_int8_groups();\n",
         InputStaging::Storage | InputStaging::Rows => "",
     };
     match norm {
@@ -1562,11 +1687,95 @@ pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: Norm, sta
         }
     }
     let mut s = fill(&s, &vars);
-    if staging == InputStaging::Int8Rows {
-        s.push('\n');
-        s += &int8_row_cache();
+    match staging {
+        InputStaging::Int8Rows => {
+            s.push('\n');
+            s += &int8_row_cache();
+        }
+        InputStaging::Int8Groups { group } => {
+            s.push('\n');
+            s += &int8_group_stage(group);
+        }
+        InputStaging::Storage | InputStaging::Rows => {}
     }
     s
+}
+
+/// `stage_int8_groups()` for [`InputStaging::Int8Groups`]: `load_input` calls
+/// it last (it holds a barrier). One invocation per group: its inputs are
+/// read once (`xin4`, normalised), scaled so the largest becomes 127 and
+/// rounded.
+fn int8_group_stage(group: usize) -> String {
+    format!(
+        r#"// The input row as int8, a scale per group of XG inputs (the weights'
+// groups). Per word row: its even inputs, then its odd ones.
+const XG: u32 = {group}u;
+var<workgroup> xq_groups: array<vec2<u32>, IN / 8u>;
+// Per group: its scale d, and d times the sum of its int8 inputs.
+var<workgroup> xd_groups: array<vec2<f32>, IN / XG>;
+
+fn stage_int8_groups() {{
+    for (var g = lid; g < IN / XG; g += WG) {{
+        var x: array<vec4<f32>, XG / 4u>;
+        var m = 0.0;
+        for (var j = 0u; j < XG / 4u; j++) {{
+            x[j] = xin4(g * (XG / 4u) + j);
+            let a = abs(x[j]);
+            m = max(m, max(max(a.x, a.y), max(a.z, a.w)));
+        }}
+        let inv = 127.0 / max(m, 1e-30);
+        var sum = vec4<i32>(0);
+        for (var r = 0u; r < XG / 8u; r++) {{
+            let a = vec4<i32>(round(x[2u * r] * inv));
+            let b = vec4<i32>(round(x[2u * r + 1u] * inv));
+            xq_groups[g * (XG / 8u) + r] = vec2<u32>(pack4xI8Clamp(vec4<i32>(a.x, a.z, b.x, b.z)), pack4xI8Clamp(vec4<i32>(a.y, a.w, b.y, b.w)));
+            sum += a + b;
+        }}
+        let d = m / 127.0;
+        xd_groups[g] = vec2<f32>(d, f32(sum.x + sum.y + sum.z + sum.w) * d);
+    }}
+    workgroupBarrier();
+}}
+"#
+    )
+}
+
+/// Workgroup memory every WebGPU device grants: kernels that stage int8 input
+/// groups stay within it.
+pub(crate) const WORKGROUP_BYTES: usize = 16384;
+
+/// Bytes of the int8 groups of an input of `in_features` ([`int8_group_stage`]).
+fn int8_group_bytes(in_features: usize, group: usize) -> usize {
+    in_features + in_features / group * 8
+}
+
+/// The group size by which a four-output kernel over matrices of `formats`
+/// stages its input of `in_features` as int8 ([`Products::Int8Groups`]), if it
+/// does: on targets with packed products, where every matrix is INT4 of one
+/// group size (which divides the input: [`part_sizes`]), and the groups fit in
+/// [`WORKGROUP_BYTES`] beside the kernel's k-slice sums (`shape`) and
+/// reductions. On the H100, us per call: Llama-2-7B INT4 gate/up 38.9 -> 32.0,
+/// Llama-3.2-1B INT4 gate/up 19.7 -> 15.7 (the down projection in
+/// [`MatvecShape::int8_group_quads`]).
+pub(crate) fn int8_groups(
+    formats: &[QuantFormat],
+    in_features: usize,
+    shape: &MatvecShape,
+    target: &Target,
+) -> Option<usize> {
+    if Products::for_target(target) != Products::Packed {
+        return None;
+    }
+    let group = match formats.first()? {
+        QuantFormat::Int4 { group_size, .. } => *group_size as usize,
+        _ => return None,
+    };
+    let same =
+        formats.iter().all(|f| matches!(f, QuantFormat::Int4 { group_size, .. } if *group_size as usize == group));
+    let bytes = int8_group_bytes(in_features, group)
+        + shape.scratch_bytes(target, SliceSum::Quad)
+        + reduction_bytes(target, shape.invocations());
+    (same && bytes <= WORKGROUP_BYTES).then_some(group)
 }
 
 /// [`input_functions`] for the attention output `attn` (no norm): a step of one
@@ -1842,5 +2051,38 @@ mod tests {
         }
         // a short input: no more k-slices than blocks
         assert_eq!(wide(QuantFormat::F16, 4096, 40), Some(MatvecShape { tile: WIDE_QUAD_TILE, ksplit: 32 }));
+    }
+
+    #[test]
+    fn int4_stages_int8_groups_where_they_fit_in_workgroup_memory() {
+        let large = Target {
+            shader_f16: true,
+            subgroups: true,
+            subgroup_size: 32,
+            max_workgroup_size: 1024,
+            ..Target::portable()
+        };
+        let int4 = QuantFormat::Int4 { group_size: 32, symmetric: false };
+        // Llama-2-7B's down projection: 11008 + 344 * 8 bytes of groups, 2 KiB of
+        // k-slice sums and 128 bytes of reductions
+        let (shape, group) = MatvecShape::int8_group_quads(int4, 4096, 11008, &large).unwrap();
+        assert_eq!((shape, group), (MatvecShape { tile: INT8_GROUP_QUAD_TILE, ksplit: 64 }, 32));
+        assert_eq!(
+            int8_group_bytes(11008, 32) + shape.scratch_bytes(&large, SliceSum::Quad) + reduction_bytes(&large, 512),
+            15936
+        );
+        // exact products: without f16, with other formats, where INT4 reads no wide quads
+        // (the output projection, one group a slice), and with 16 KiB of groups
+        assert_eq!(MatvecShape::int8_group_quads(int4, 4096, 11008, &Target { shader_f16: false, ..large }), None);
+        assert_eq!(MatvecShape::int8_group_quads(QuantFormat::F16, 4096, 11008, &large), None);
+        assert_eq!(MatvecShape::int8_group_quads(int4, 4096, 4096, &large), None);
+        assert_eq!(MatvecShape::int8_group_quads(int4, 5120, 13824, &large), None);
+        // gate/up of mixed group sizes, or beside 16-wide subgroups' scratch
+        let gate_up = MatvecShape { tile: 8, ksplit: 32 };
+        let int4_64 = QuantFormat::Int4 { group_size: 64, symmetric: true };
+        assert_eq!(int8_groups(&[int4, int4], 4096, &gate_up, &large), Some(32));
+        assert_eq!(int8_groups(&[int4_64, int4_64], 4096, &gate_up, &large), Some(64));
+        assert_eq!(int8_groups(&[int4, int4_64], 4096, &gate_up, &large), None);
+        assert_eq!(int8_groups(&[int4, int4], 16384, &gate_up, &large), None);
     }
 }

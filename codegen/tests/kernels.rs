@@ -274,16 +274,28 @@ fn snapshot_int4_qkv_f16_subgroups() {
     insta::assert_snapshot!("int4_qkv_f16_sg", snapshot_spec(spec));
 }
 
-/// Wide enough to read four outputs at a load, where INT4 products are f16.
+/// Wide enough to read four outputs at a load, where INT4 products meet the
+/// input's int8 groups through dot4I8Packed.
 #[test]
 fn snapshot_int4_gate_up_quads_f16() {
     let int4 = QuantFormat::Int4 { group_size: 32, symmetric: false };
     let spec = KernelSpec::RmsGateUp { hidden: 4096, ffn: 11008, eps: 1e-5, gate: int4, up: int4, target: f16_sg() };
     let text = snapshot_spec(spec);
-    assert!(text.contains("w_gate_qdot(gw.x, xp)"), "f16 products in the fused four-output path");
+    assert!(text.contains("w_gate_qdot4(gw, x)"), "int8 products in the fused four-output path");
+    assert!(text.contains("    stage_int8_groups();\n}"), "load_input ends by staging the int8 groups");
     assert!(!text.contains("fn w_gate_dot4("), "no per-matrix dot4 beside the fused one");
-    assert!(!text.contains("fn w_up_qdot("), "the up matrix uses the gate matrix's helpers");
+    assert!(!text.contains("fn w_up_qdot4("), "the up matrix uses the gate matrix's helpers");
     insta::assert_snapshot!("int4_gate_up_quads_f16_sg", text);
+}
+
+/// INT4 keeps f16 products where the int8 groups would not fit in workgroup memory.
+#[test]
+fn int4_gate_up_quads_too_wide_for_int8_groups_keep_f16_products() {
+    let int4 = QuantFormat::Int4 { group_size: 32, symmetric: false };
+    let spec = KernelSpec::RmsGateUp { hidden: 16384, ffn: 11008, eps: 1e-5, gate: int4, up: int4, target: f16_sg() };
+    let text = snapshot_spec(spec);
+    assert!(text.contains("w_gate_qdot(gw.x, xp)"), "f16 products in the fused four-output path");
+    assert!(!text.contains("dot4I8Packed"));
 }
 
 #[test]
@@ -343,6 +355,28 @@ fn snapshot_int8_down_wide_quads() {
         target,
     };
     insta::assert_snapshot!("down_int8_wide_quads_f32_sg", snapshot_spec(spec));
+}
+
+/// Llama-2-7B's INT4 down projection on a device of wide workgroups, 32-wide
+/// subgroups and f16: int8 input groups, tiles of 8 quads, within 16 KiB of
+/// workgroup memory.
+#[test]
+fn snapshot_int4_down_wide_int8_groups() {
+    let target =
+        Target { shader_f16: true, subgroups: true, subgroup_size: 32, max_workgroup_size: 1024, ..Target::portable() };
+    let spec = KernelSpec::MatvecAdd {
+        input: Activation::Ffn,
+        in_features: 11008,
+        out_features: 4096,
+        format: QuantFormat::Int4 { group_size: 32, symmetric: false },
+        target,
+    };
+    let kernel = generate(&spec).unwrap();
+    let module = validate(&kernel, &target).unwrap();
+    assert!(llama5_codegen::workgroup_bytes(&kernel, &module).unwrap() <= 16384);
+    assert!(kernel.wgsl.contains("qx += w_qdot4(w[r * W_STRIDE4 + o4], xq_groups[r]);"));
+    assert_eq!(kernel.workgroup_size, [512, 1, 1]);
+    insta::assert_snapshot!("down_int4_wide_int8_groups_f16_sg", snapshot_spec(spec));
 }
 
 #[test]

@@ -40,8 +40,9 @@ const NMSE_MODEL_COOP: f64 = 1e-3;
 /// rounded to f16 and a word's eight products summed in f16, about 5e-7 on
 /// these random values.
 const NMSE_F16_PRODUCTS: f64 = 1e-5;
-/// INT8 matrix-vector products through dot4I8Packed (targets with shader-f16):
-/// each row's four inputs quantised to int8, 2e-6 to 2e-5 on these values.
+/// Matrix-vector products through dot4I8Packed (targets with shader-f16): INT8
+/// with each row's four inputs quantised to int8, 2e-6 to 2e-5 on these
+/// values; INT4 with each group of 32 inputs quantised, about 1.4e-5.
 const NMSE_INT8_INPUTS: f64 = 1e-4;
 /// An output projection's input row cached as f16 (rounding error alone: 3e-8
 /// seen).
@@ -465,16 +466,19 @@ fn packed_products_hold_large_and_zero_inputs() {
     }
 }
 
+/// Inputs past what packed f16 products hold (about 17000): the residual
+/// projections keep exact products, or (wide INT4 ones) quantise their input
+/// to int8 at a scale per group.
 #[test]
-fn residual_projections_keep_exact_products_for_unnormalised_inputs() {
+fn residual_projections_hold_unnormalised_inputs() {
     let _gpu = gpu_lock();
     for runner in runners() {
         let target = *runner.target();
-        for format in [QuantFormat::Int4 { group_size: 32, symmetric: false }, QuantFormat::Int8 { per_tensor: false }]
+        let int4 = QuantFormat::Int4 { group_size: 32, symmetric: false };
+        // four outputs at a load; and in wide workgroups, with two groups a k-slice
+        for (format, in_features, out) in
+            [(int4, 256, 8200), (QuantFormat::Int8 { per_tensor: false }, 256, 8200), (int4, 2112, 4100)]
         {
-            // wide enough to read four outputs at a load, with inputs past what
-            // packed f16 products hold (about 17000)
-            let (in_features, out) = (256, 8200);
             let mut rng = Rng(5);
             let (w_bytes, w) = packed(&mut rng, format, out, in_features);
             let mut x = rng.vec(in_features, 1.0);
