@@ -1002,7 +1002,7 @@ fn matvec_add(
     // packed ones would overflow past about 17000 (X16_SCALE), which the
     // residual branches of large models can reach.
     let (products, staging) = match int8_groups {
-        Some((_, group)) => (Products::Int8Groups, InputStaging::Int8Groups { group }),
+        Some((_, group)) => (Products::Int8Groups, InputStaging::int8_groups(group, &target)),
         None => (Products::Exact, tcal::staging(&[format], in_features)),
     };
     m.matvec_weight(&w, quads, Dot4Use::Own, products, &shape, "the projection")?;
@@ -1085,7 +1085,7 @@ fn rms_gate_up(
     let fused = tcal::fuses_gate_up(&wg_, &wu);
     let int8_groups = if quads && fused { tcal::int8_groups(&[gate, up], hidden, &shape, &target) } else { None };
     let (products, staging) = match int8_groups {
-        Some(group) => (Products::Int8Groups, InputStaging::Int8Groups { group }),
+        Some(group) => (Products::Int8Groups, InputStaging::int8_groups(group, &target)),
         None => (Products::for_target(&target), tcal::staging(&[gate, up], hidden)),
     };
     let (gate_reads, up_reads) = if fused { (Dot4Use::Helpers, Dot4Use::Layout) } else { (Dot4Use::Own, Dot4Use::Own) };

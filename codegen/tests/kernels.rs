@@ -288,6 +288,18 @@ fn snapshot_int4_gate_up_quads_f16() {
     insta::assert_snapshot!("int4_gate_up_quads_f16_sg", text);
 }
 
+/// Without subgroups each invocation quantises a whole group of the input.
+#[test]
+fn snapshot_int4_gate_up_int8_groups_without_subgroups() {
+    let int4 = QuantFormat::Int4 { group_size: 32, symmetric: false };
+    let target = Target { shader_f16: true, ..Target::portable() };
+    let spec = KernelSpec::RmsGateUp { hidden: 4096, ffn: 11008, eps: 1e-5, gate: int4, up: int4, target };
+    let text = snapshot_spec(spec);
+    assert!(text.contains("        let x7 = xin4(b + 7u);\n"), "a group's loads unrolled");
+    assert!(!text.contains("subgroupShuffleXor"));
+    insta::assert_snapshot!("int4_gate_up_int8_groups_f16", text);
+}
+
 /// INT4 keeps f16 products where the int8 groups would not fit in workgroup memory.
 #[test]
 fn int4_gate_up_quads_too_wide_for_int8_groups_keep_f16_products() {
