@@ -1845,9 +1845,10 @@ fn int8_group_bytes(in_features: usize, group: usize) -> usize {
 /// does: on targets with packed products, where every matrix is INT4 of one
 /// group size (which divides the input: [`part_sizes`]), and the groups fit in
 /// [`WORKGROUP_BYTES`] beside the kernel's k-slice sums (`shape`) and
-/// reductions. On the H100, us per call: Llama-2-7B INT4 gate/up 38.9 -> 32.0,
-/// Llama-3.2-1B INT4 gate/up 19.7 -> 15.7 (the down projection in
-/// [`MatvecShape::int8_group_quads`]).
+/// reductions. On the H100, us per call, against f16 products in the same
+/// run: Llama-2-7B INT4 gate/up 38.9 -> 32.7, Llama-3.2-1B 19.6 -> 17.9
+/// (then 31.9 and 15.7 with the norm on the sums and the groups staged on
+/// subgroup lanes; the down projection in [`MatvecShape::int8_group_quads`]).
 pub(crate) fn int8_groups(
     formats: &[QuantFormat],
     in_features: usize,
