@@ -334,38 +334,29 @@ pub(crate) fn gate_up_dot4(gate: &WeightMatrix<'_>, up: &WeightMatrix<'_>, produ
     let fused = fuses_gate_up(gate, up);
     let head = "fn gate_up_dot4(o4: u32, ks: u32) -> array<vec4<f32>, 2> {\n".to_string();
     match gate.format {
-        QuantFormat::Int4 { .. } if fused && products == Products::Int8Groups => head + &format!(
-            r#"    let b0 = slice_begin({gp}_BLOCKS, ks);
-    let b1 = slice_end({gp}_BLOCKS, ks);
-    var ga = vec4<f32>(0.0);
-    var ua = vec4<f32>(0.0);
-    for (var g = b0; g < b1; g++) {{
-        let gsm = {g}[{gp}_SCALES4 + g * {gp}_SCALE_STRIDE4 + o4];
-        let usm = {u}[{up_}_SCALES4 + g * {up_}_SCALE_STRIDE4 + o4];
-        var gq = vec4<i32>(0);
-        var uq = vec4<i32>(0);
-        for (var k = 0u; k < {gp}_GROUP_ROWS; k++) {{
-            let r = g * {gp}_GROUP_ROWS + k;
-            let gw = {g}[r * {gp}_STRIDE4 + o4];
-            let uw = {u}[r * {up_}_STRIDE4 + o4];
-            let x = xq_groups[r];
-            gq += {g}_qdot4(gw, x);
-            uq += {g}_qdot4(uw, x);
-        }}
-        let xd = xd_groups[g];
-        ga += half_lo(gsm) * (vec4<f32>(gq) * xd.x) + half_hi(gsm) * xd.y;
-        ua += half_lo(usm) * (vec4<f32>(uq) * xd.x) + half_hi(usm) * xd.y;
-    }}
-    return array<vec4<f32>, 2>(ga, ua);
-}}
-"#
-        ),
         QuantFormat::Int4 { .. } if fused => {
-            let shared = indent(&quad_shared_input(gate.format, products, g), 4);
-            let gq = indent(&quad_product(gate.format, products, g, "gw", "gq"), 4);
-            // the up matrix shares the gate matrix's helpers (Dot4Use::Layout)
-            let uq = indent(&quad_product(up.format, products, g, "uw", "uq"), 4);
-            let unscale = if products != Products::Exact { format!(" * {X16_UNSCALE}") } else { String::new() };
+            // per group: the products in i32 against the int8 groups, else in
+            // f32 (or f16 pairs) against the input with its sum beside them
+            let (zero, sums, row, combine) = if products == Products::Int8Groups {
+                (
+                    "vec4<i32>(0)",
+                    "",
+                    format!("            let x = xq_groups[r];\n            gq += {g}_qdot4(gw, x);\n            uq += {g}_qdot4(uw, x);\n"),
+                    "        let xd = xd_groups[g];\n        ga += half_lo(gsm) * (vec4<f32>(gq) * xd.x) + half_hi(gsm) * xd.y;\n        ua += half_lo(usm) * (vec4<f32>(uq) * xd.x) + half_hi(usm) * xd.y;\n".to_string(),
+                )
+            } else {
+                let shared = indent(&quad_shared_input(gate.format, products, g), 4);
+                let gq = indent(&quad_product(gate.format, products, g, "gw", "gq"), 4);
+                // the up matrix shares the gate matrix's helpers (Dot4Use::Layout)
+                let uq = indent(&quad_product(up.format, products, g, "uw", "uq"), 4);
+                let unscale = if products != Products::Exact { format!(" * {X16_UNSCALE}") } else { String::new() };
+                (
+                    "vec4<f32>(0.0)",
+                    "        var xsum = 0.0;\n",
+                    format!("            let x0 = xin4(2u * r);\n            let x1 = xin4(2u * r + 1u);\n{shared}{gq}{uq}            xsum += dot(x0 + x1, vec4<f32>(1.0));\n"),
+                    format!("        ga += half_lo(gsm) * gq{unscale} + half_hi(gsm) * xsum;\n        ua += half_lo(usm) * uq{unscale} + half_hi(usm) * xsum;\n"),
+                )
+            };
             head + &format!(
                 r#"    let b0 = slice_begin({gp}_BLOCKS, ks);
     let b1 = slice_end({gp}_BLOCKS, ks);
@@ -374,20 +365,14 @@ pub(crate) fn gate_up_dot4(gate: &WeightMatrix<'_>, up: &WeightMatrix<'_>, produ
     for (var g = b0; g < b1; g++) {{
         let gsm = {g}[{gp}_SCALES4 + g * {gp}_SCALE_STRIDE4 + o4];
         let usm = {u}[{up_}_SCALES4 + g * {up_}_SCALE_STRIDE4 + o4];
-        var gq = vec4<f32>(0.0);
-        var uq = vec4<f32>(0.0);
-        var xsum = 0.0;
-        for (var k = 0u; k < {gp}_GROUP_ROWS; k++) {{
+        var gq = {zero};
+        var uq = {zero};
+{sums}        for (var k = 0u; k < {gp}_GROUP_ROWS; k++) {{
             let r = g * {gp}_GROUP_ROWS + k;
             let gw = {g}[r * {gp}_STRIDE4 + o4];
             let uw = {u}[r * {up_}_STRIDE4 + o4];
-            let x0 = xin4(2u * r);
-            let x1 = xin4(2u * r + 1u);
-{shared}{gq}{uq}            xsum += dot(x0 + x1, vec4<f32>(1.0));
-        }}
-        ga += half_lo(gsm) * gq{unscale} + half_hi(gsm) * xsum;
-        ua += half_lo(usm) * uq{unscale} + half_hi(usm) * xsum;
-    }}
+{row}        }}
+{combine}    }}
     return array<vec4<f32>, 2>(ga, ua);
 }}
 "#
