@@ -942,8 +942,17 @@ impl AddInput {
         }
     }
 
+    /// Workgroup memory the input takes besides any int8 groups: the split
+    /// weights of the attention output.
+    fn other_bytes(self) -> usize {
+        match self {
+            AddInput::Plain(_) => 0,
+            AddInput::AttnSplits { heads, .. } => crate::spec::SPLIT_WEIGHT_BYTES as usize + heads * 8,
+        }
+    }
+
     /// `load_input`, `xin` and `xin4` of a matrix-vector kernel, with the
-    /// constants they need; a plain input is staged as `staging` says.
+    /// constants they need; the input is staged as `staging` says.
     fn functions(self, m: &mut ModuleText, in_features: usize, staging: InputStaging) -> String {
         match self {
             AddInput::Plain(a) => tcal::input_functions(a.ident(), in_features, Norm::None, staging),
@@ -952,7 +961,7 @@ impl AddInput {
                 m.konst("HEAD_DIM", "u32", head_dim);
                 m.consts += BIG;
                 splits_function(m, heads, head_dim);
-                tcal::split_input_functions(in_features, head_dim, &m.target)
+                tcal::split_input_functions(in_features, head_dim, &m.target, staging)
             }
         }
     }
@@ -980,11 +989,7 @@ fn matvec_add(
         },
     );
     let w = WeightMatrix { ident: "w", format, out: out_features, in_features };
-    // The attention output's splits are combined as it is read, not staged as int8.
-    let int8_groups = match input {
-        AddInput::Plain(_) => MatvecShape::int8_group_quads(format, out_features, in_features, &target),
-        AddInput::AttnSplits { .. } => None,
-    };
+    let int8_groups = MatvecShape::int8_group_quads(format, out_features, in_features, input.other_bytes(), &target);
     let (quads, units, shape) = match (int8_groups, MatvecShape::wide_quads(format, out_features, w.blocks(), &target))
     {
         (Some((shape, _)), _) | (None, Some(shape)) => (true, out_features.div_ceil(4), shape),
@@ -1083,7 +1088,7 @@ fn rms_gate_up(
     let (quads, units) = output_units(ffn);
     let shape = MatvecShape::choose(units, wg_.blocks(), &target);
     let fused = tcal::fuses_gate_up(&wg_, &wu);
-    let int8_groups = if quads && fused { tcal::int8_groups(&[gate, up], hidden, &shape, &target) } else { None };
+    let int8_groups = if quads && fused { tcal::int8_groups(&[gate, up], hidden, &shape, 0, &target) } else { None };
     let (products, staging) = match int8_groups {
         Some(group) => (Products::Int8Groups, InputStaging::int8_groups(group, &target)),
         None => (Products::for_target(&target), tcal::staging(&[gate, up], hidden)),

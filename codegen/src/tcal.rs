@@ -1299,26 +1299,36 @@ impl MatvecShape {
 
     /// The shape of an INT4 residual projection over `outputs` outputs and an
     /// input of `in_features` whose products go through int8 input groups
-    /// ([`int8_groups`]), with their group size: where INT4 reads wide quads
-    /// ([`MatvecShape::wide_quads`]), tiles of [`INT8_GROUP_QUAD_TILE`] quads.
-    /// On the H100, Llama-2-7B's down projection took 22.8 us with exact
-    /// products in tiles of 4 quads, 22.7 with int8 groups in them, 19.8 in
-    /// tiles of 8 (and 25.5 with exact products in tiles of 8).
+    /// ([`int8_groups`]; the input's own workgroup memory is `other_bytes`),
+    /// with their group size: in wide workgroups from
+    /// [`WIDE_QUAD_MIN_OUTPUTS_INT4`] outputs, tiles of [`INT8_GROUP_QUAD_TILE`]
+    /// quads, each k-slice [`WIDE_QUAD_MIN_SLICE`] groups or more. On the H100,
+    /// Llama-2-7B's down projection took 22.8 us with exact products in tiles of
+    /// 4 quads, 22.7 with int8 groups in them, 19.8 in tiles of 8 (and 25.5 with
+    /// exact products in tiles of 8); its output projection (two groups a
+    /// k-slice here, one in tiles of 4) went from 13.9 to 13.5, and at 4000
+    /// positions (its input combined from 16 splits) from 17.1 to 15.8.
     pub fn int8_group_quads(
         format: QuantFormat,
         outputs: usize,
         in_features: usize,
+        other_bytes: usize,
         target: &Target,
     ) -> Option<(MatvecShape, usize)> {
         let QuantFormat::Int4 { group_size, .. } = format else { return None };
         let blocks = in_features.div_ceil(group_size as usize);
-        MatvecShape::wide_quads(format, outputs, blocks, target)?;
+        if !target.subgroups
+            || target.max_workgroup_size < WIDE_INVOCATIONS
+            || !(WIDE_QUAD_MIN_OUTPUTS_INT4..QUAD_MIN_OUTPUTS).contains(&outputs)
+        {
+            return None;
+        }
         let slices = blocks.clamp(1, (WIDE_INVOCATIONS / INT8_GROUP_QUAD_TILE) as usize) as u32;
         let shape = MatvecShape { tile: INT8_GROUP_QUAD_TILE, ksplit: prev_power_of_two(slices) };
         if shape.slices_per_subgroup(target) < 2 || shape.slice(blocks) < WIDE_QUAD_MIN_SLICE {
             return None;
         }
-        int8_groups(&[format], in_features, &shape, target).map(|group| (shape, group))
+        int8_groups(&[format], in_features, &shape, other_bytes, target).map(|group| (shape, group))
     }
 
     /// The shape for `outputs` outputs (or output units) over `blocks` input blocks:
@@ -1838,6 +1848,7 @@ pub(crate) fn int8_groups(
     formats: &[QuantFormat],
     in_features: usize,
     shape: &MatvecShape,
+    other_bytes: usize,
     target: &Target,
 ) -> Option<usize> {
     if Products::for_target(target) != Products::Packed {
@@ -1851,7 +1862,8 @@ pub(crate) fn int8_groups(
         formats.iter().all(|f| matches!(f, QuantFormat::Int4 { group_size, .. } if *group_size as usize == group));
     let bytes = int8_group_bytes(in_features, group)
         + shape.scratch_bytes(target, SliceSum::Quad)
-        + reduction_bytes(target, shape.invocations());
+        + reduction_bytes(target, shape.invocations())
+        + other_bytes;
     (same && bytes <= WORKGROUP_BYTES).then_some(group)
 }
 
@@ -1863,8 +1875,14 @@ pub(crate) fn int8_groups(
 /// `exp(lse[s, h] - M) / sum_s' exp(lse[s', h] - M)`, `M` the largest. Needs the
 /// bindings `attn` and `lse`, the constants `IN`, `HEADS`, `HEAD_DIM`,
 /// `SPLIT_LIMIT`, `BIG` and `WG`, `lid` and `attention_splits()`.
-pub(crate) fn split_input_functions(in_features: usize, head_dim: usize, target: &Target) -> String {
-    let cache = input_cache(in_features, target);
+pub(crate) fn split_input_functions(
+    in_features: usize,
+    head_dim: usize,
+    target: &Target,
+    staging: InputStaging,
+) -> String {
+    let int8 = matches!(staging, InputStaging::Int8Groups { .. });
+    let cache = if int8 { None } else { input_cache(in_features, target) };
     let vec = in_features.is_multiple_of(4);
     let mut s = String::from(
         r#"// Weight of split s for head h: split_w[s * HEADS + h]; the largest
@@ -1984,9 +2002,10 @@ fn load_input(t: u32) {{
     if (splits > 1u) {{
         split_weights(splits);
     }}
-}}
+{stage}}}
 
-"#
+"#,
+            stage = if int8 { "    stage_int8_groups();\n" } else { "" }
         );
         if vec {
             s += "fn xin4(j: u32) -> vec4<f32> {\n    if (x_splits == 1u) {\n        return attn[x_base + j];\n    }\n    return combined(j, x_splits);\n}\n\n";
@@ -1995,6 +2014,10 @@ fn load_input(t: u32) {{
             s += "fn xin(i: u32) -> f32 {\n    if (x_splits == 1u) {\n        return attn[x_base + i];\n    }\n    return combined(i, x_splits);\n}\n\n";
             s += XIN4_FROM_XIN;
         }
+    }
+    if let InputStaging::Int8Groups { group, lanes } = staging {
+        s.push('\n');
+        s += &int8_group_stage(group, lanes);
     }
     s
 }
@@ -2022,7 +2045,7 @@ mod tests {
         let portable = Target::portable();
         let half = Target { shader_f16: true, ..portable };
         let cache = |in_features: usize, t: &Target| {
-            let s = split_input_functions(in_features, 128, t);
+            let s = split_input_functions(in_features, 128, t, InputStaging::Storage);
             ["vec4<f32>", "vec4<f16>"]
                 .into_iter()
                 .find(|ty| s.contains(&format!("var<workgroup> xs: array<{ty}, IN4>")))
@@ -2142,24 +2165,29 @@ mod tests {
         let int4 = QuantFormat::Int4 { group_size: 32, symmetric: false };
         // Llama-2-7B's down projection: 11008 + 344 * 8 bytes of groups, 2 KiB of
         // k-slice sums and 128 bytes of reductions
-        let (shape, group) = MatvecShape::int8_group_quads(int4, 4096, 11008, &large).unwrap();
+        let (shape, group) = MatvecShape::int8_group_quads(int4, 4096, 11008, 0, &large).unwrap();
         assert_eq!((shape, group), (MatvecShape { tile: INT8_GROUP_QUAD_TILE, ksplit: 64 }, 32));
         assert_eq!(
             int8_group_bytes(11008, 32) + shape.scratch_bytes(&large, SliceSum::Quad) + reduction_bytes(&large, 512),
             15936
         );
-        // exact products: without f16, with other formats, where INT4 reads no wide quads
-        // (the output projection, one group a slice), and with 16 KiB of groups
-        assert_eq!(MatvecShape::int8_group_quads(int4, 4096, 11008, &Target { shader_f16: false, ..large }), None);
-        assert_eq!(MatvecShape::int8_group_quads(QuantFormat::F16, 4096, 11008, &large), None);
-        assert_eq!(MatvecShape::int8_group_quads(int4, 4096, 4096, &large), None);
-        assert_eq!(MatvecShape::int8_group_quads(int4, 5120, 13824, &large), None);
+        // its output projection too, two groups a k-slice, beside 4 KiB of split weights
+        let (shape, _) = MatvecShape::int8_group_quads(int4, 4096, 4096, 4096 + 32 * 8, &large).unwrap();
+        assert_eq!(shape.slice(128), 2);
+        // exact products: without f16, with other formats, below 4096 outputs (Llama-3.2-1B),
+        // with one group a k-slice, and with 16 KiB of groups
+        assert_eq!(MatvecShape::int8_group_quads(int4, 4096, 11008, 0, &Target { shader_f16: false, ..large }), None);
+        assert_eq!(MatvecShape::int8_group_quads(QuantFormat::F16, 4096, 11008, 0, &large), None);
+        assert_eq!(MatvecShape::int8_group_quads(int4, 2048, 8192, 0, &large), None);
+        assert_eq!(MatvecShape::int8_group_quads(int4, 4096, 2048, 0, &large), None);
+        assert_eq!(MatvecShape::int8_group_quads(int4, 5120, 13824, 0, &large), None);
+        assert_eq!(MatvecShape::int8_group_quads(int4, 4096, 11008, 1024, &large), None);
         // gate/up of mixed group sizes, or beside 16-wide subgroups' scratch
         let gate_up = MatvecShape { tile: 8, ksplit: 32 };
         let int4_64 = QuantFormat::Int4 { group_size: 64, symmetric: true };
-        assert_eq!(int8_groups(&[int4, int4], 4096, &gate_up, &large), Some(32));
-        assert_eq!(int8_groups(&[int4_64, int4_64], 4096, &gate_up, &large), Some(64));
-        assert_eq!(int8_groups(&[int4, int4_64], 4096, &gate_up, &large), None);
-        assert_eq!(int8_groups(&[int4, int4], 16384, &gate_up, &large), None);
+        assert_eq!(int8_groups(&[int4, int4], 4096, &gate_up, 0, &large), Some(32));
+        assert_eq!(int8_groups(&[int4_64, int4_64], 4096, &gate_up, 0, &large), Some(64));
+        assert_eq!(int8_groups(&[int4, int4_64], 4096, &gate_up, 0, &large), None);
+        assert_eq!(int8_groups(&[int4, int4], 16384, &gate_up, 0, &large), None);
     }
 }

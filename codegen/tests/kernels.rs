@@ -391,6 +391,22 @@ fn snapshot_int4_down_wide_int8_groups() {
     insta::assert_snapshot!("down_int4_wide_int8_groups_f16_sg", snapshot_spec(spec));
 }
 
+/// Its output projection stages the combined attention row as int8 groups.
+#[test]
+fn int4_output_projection_stages_int8_groups_of_the_combined_row() {
+    let target =
+        Target { shader_f16: true, subgroups: true, subgroup_size: 32, max_workgroup_size: 1024, ..Target::portable() };
+    let int4 = QuantFormat::Int4 { group_size: 32, symmetric: false };
+    let spec = KernelSpec::AttnOutput { heads: 32, head_dim: 128, hidden: 4096, format: int4, target };
+    let kernel = generate(&spec).unwrap();
+    let module = validate(&kernel, &target).unwrap();
+    assert!(llama5_codegen::workgroup_bytes(&kernel, &module).unwrap() <= 16384);
+    assert!(kernel.wgsl.contains("        split_weights(splits);\n    }\n    stage_int8_groups();\n}"));
+    assert!(kernel.wgsl.contains("return combined(j, x_splits);"), "the stage reads the combined row");
+    assert!(!kernel.wgsl.contains("var<workgroup> xs:"), "no f16 row beside the groups");
+    insta::assert_snapshot!("attn_output_int4_int8_groups_f16_sg", kernel.wgsl);
+}
+
 #[test]
 fn snapshot_tiled_prefill_kernels() {
     let cfg = common::smollm2_config();
