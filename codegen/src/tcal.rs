@@ -1269,7 +1269,10 @@ pub(crate) const WIDE_QUAD_MIN_SLICE: usize = 2;
 pub(crate) const WIDE_QUAD_TILE: u32 = 4;
 
 /// Quads per workgroup of a wide-quad INT4 kernel on int8 input groups
-/// ([`MatvecShape::int8_group_quads`]): 128 bytes of each row.
+/// ([`MatvecShape::int8_group_quads`]) from [`WIDE_QUAD_MIN_OUTPUTS_INT4`]
+/// outputs: 128 bytes of each row. Below, tiles of [`WIDE_QUAD_TILE`]: on the
+/// H100, Llama-3.2-1B's INT4 down projection (2048 outputs) took 13.8 us
+/// reading one output at a time, 13.1 in tiles of 4 quads, 14.1 in tiles of 8.
 pub(crate) const INT8_GROUP_QUAD_TILE: u32 = 8;
 
 impl MatvecShape {
@@ -1300,9 +1303,10 @@ impl MatvecShape {
     /// The shape of an INT4 residual projection over `outputs` outputs and an
     /// input of `in_features` whose products go through int8 input groups
     /// ([`int8_groups`]; the input's own workgroup memory is `other_bytes`),
-    /// with their group size: in wide workgroups from
-    /// [`WIDE_QUAD_MIN_OUTPUTS_INT4`] outputs, tiles of [`INT8_GROUP_QUAD_TILE`]
-    /// quads, each k-slice [`WIDE_QUAD_MIN_SLICE`] groups or more. On the H100,
+    /// with their group size: in wide workgroups from [`WIDE_QUAD_MIN_OUTPUTS`]
+    /// outputs, tiles of [`INT8_GROUP_QUAD_TILE`] quads (or fewer below
+    /// [`WIDE_QUAD_MIN_OUTPUTS_INT4`]), each k-slice [`WIDE_QUAD_MIN_SLICE`]
+    /// groups or more. On the H100,
     /// Llama-2-7B's down projection took 22.8 us with exact products in tiles of
     /// 4 quads, 22.7 with int8 groups in them, 19.8 in tiles of 8 (and 25.5 with
     /// exact products in tiles of 8); its output projection (two groups a
@@ -1319,12 +1323,13 @@ impl MatvecShape {
         let blocks = in_features.div_ceil(group_size as usize);
         if !target.subgroups
             || target.max_workgroup_size < WIDE_INVOCATIONS
-            || !(WIDE_QUAD_MIN_OUTPUTS_INT4..QUAD_MIN_OUTPUTS).contains(&outputs)
+            || !(WIDE_QUAD_MIN_OUTPUTS..QUAD_MIN_OUTPUTS).contains(&outputs)
         {
             return None;
         }
-        let slices = blocks.clamp(1, (WIDE_INVOCATIONS / INT8_GROUP_QUAD_TILE) as usize) as u32;
-        let shape = MatvecShape { tile: INT8_GROUP_QUAD_TILE, ksplit: prev_power_of_two(slices) };
+        let tile = if outputs >= WIDE_QUAD_MIN_OUTPUTS_INT4 { INT8_GROUP_QUAD_TILE } else { WIDE_QUAD_TILE };
+        let slices = blocks.clamp(1, (WIDE_INVOCATIONS / tile) as usize) as u32;
+        let shape = MatvecShape { tile, ksplit: prev_power_of_two(slices) };
         if shape.slices_per_subgroup(target) < 2 || shape.slice(blocks) < WIDE_QUAD_MIN_SLICE {
             return None;
         }
@@ -2174,12 +2179,16 @@ mod tests {
         // its output projection too, two groups a k-slice, beside 4 KiB of split weights
         let (shape, _) = MatvecShape::int8_group_quads(int4, 4096, 4096, 4096 + 32 * 8, &large).unwrap();
         assert_eq!(shape.slice(128), 2);
-        // exact products: without f16, with other formats, below 4096 outputs (Llama-3.2-1B),
-        // with one group a k-slice, and with 16 KiB of groups
+        // Llama-3.2-1B's down projection in tiles of 4 quads, two groups a k-slice
+        let (shape, _) = MatvecShape::int8_group_quads(int4, 2048, 8192, 0, &large).unwrap();
+        assert_eq!(shape, MatvecShape { tile: WIDE_QUAD_TILE, ksplit: 128 });
+        // exact products: without f16, with other formats, with one group a k-slice
+        // (Llama-3.2-1B's output projection), below 2048 outputs, and with 16 KiB of groups
         assert_eq!(MatvecShape::int8_group_quads(int4, 4096, 11008, 0, &Target { shader_f16: false, ..large }), None);
         assert_eq!(MatvecShape::int8_group_quads(QuantFormat::F16, 4096, 11008, 0, &large), None);
-        assert_eq!(MatvecShape::int8_group_quads(int4, 2048, 8192, 0, &large), None);
+        assert_eq!(MatvecShape::int8_group_quads(int4, 2048, 2048, 4096 + 32 * 8, &large), None);
         assert_eq!(MatvecShape::int8_group_quads(int4, 4096, 2048, 0, &large), None);
+        assert_eq!(MatvecShape::int8_group_quads(int4, 1536, 8192, 0, &large), None);
         assert_eq!(MatvecShape::int8_group_quads(int4, 5120, 13824, 0, &large), None);
         assert_eq!(MatvecShape::int8_group_quads(int4, 4096, 11008, 1024, &large), None);
         // gate/up of mixed group sizes, or beside 16-wide subgroups' scratch

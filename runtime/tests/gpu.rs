@@ -393,10 +393,17 @@ fn matvec_add_matches_cpu() {
             // a short input (cached in workgroup memory), a long one (read from storage),
             // one long enough for runs of blocks to end inside a slice, enough outputs
             // for the widest tile, more tokens than one batch tile, and enough outputs for
-            // four at a load in wide workgroups (the last quad part padding)
-            for (in_base, out, tokens) in
-                [(90, 77, 3), (2300, 33, 2), (9000, 40, 1), (40, 40_000, 1), (90, 77, 70), (300, 4098, 2)]
-            {
+            // four at a load in wide workgroups (the last quad part padding; INT4 in
+            // tiles of 4 or 8 quads)
+            for (in_base, out, tokens) in [
+                (90, 77, 3),
+                (2300, 33, 2),
+                (9000, 40, 1),
+                (40, 40_000, 1),
+                (90, 77, 70),
+                (300, 4098, 2),
+                (300, 2050, 1),
+            ] {
                 let mut rng = Rng(in_base as u64 * 31 + out as u64);
                 let in_features = input_size(format, in_base);
                 let (w_bytes, w) = packed(&mut rng, format, out, in_features);
