@@ -792,8 +792,8 @@ fn attn_output_combines_splits_then_matches_cpu() {
             // the input cached in workgroup memory or read from storage (combined on every
             // read), each with heads of a multiple of 4 dimensions and not (a vec4 spans two
             // heads); scalar rows (18 inputs); and enough outputs for four at a load in
-            // wide workgroups (INT4 from 4096, its input then staged as int8 groups
-            // where two of them make a k-slice)
+            // wide workgroups (INT4's input then staged as int8 groups where two of
+            // them make a k-slice: tiles of 4 quads at 2050 outputs, of 8 at 4100)
             let shapes: &[(usize, usize, usize)] = match format {
                 QuantFormat::F16 | QuantFormat::Bf16 => {
                     &[(6, 16, 50), (6, 352, 50), (32, 80, 50), (6, 10, 50), (2, 1030, 50), (3, 6, 50), (32, 80, 2050)]

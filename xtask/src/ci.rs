@@ -81,7 +81,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
 /// The kernel families whose k-slice sums take the shuffle path once two
 /// k-slices of a tile share a subgroup, which llvmpipe's default 8-wide
 /// subgroups never do (the tiles are 8 outputs or wider); INT4's wide
-/// projections on int8 input groups need that too.
+/// projections on int8 input groups in tiles of 8 quads need that too.
 const WIDE_SUBGROUP_TESTS: [&str; 7] = [
     "matvec_add_matches_cpu",
     "residual_projections_hold_unnormalised_inputs",
