@@ -1280,16 +1280,7 @@ impl MatvecShape {
     /// wide workgroups, where that pays (see [`WIDE_QUAD_MIN_OUTPUTS`]), over
     /// `outputs` outputs and `blocks` input blocks; `None` where it does not.
     pub fn wide_quads(format: QuantFormat, outputs: usize, blocks: usize, target: &Target) -> Option<MatvecShape> {
-        if !target.subgroups || target.max_workgroup_size < WIDE_INVOCATIONS || outputs >= QUAD_MIN_OUTPUTS {
-            return None;
-        }
-        let slices = blocks.clamp(1, (WIDE_INVOCATIONS / WIDE_QUAD_TILE) as usize) as u32;
-        let shape = MatvecShape { tile: WIDE_QUAD_TILE, ksplit: prev_power_of_two(slices) };
-        // a slot per k-slice would take 8 KiB of workgroup memory, too much
-        // beside an input row cached there
-        if shape.slices_per_subgroup(target) < 2 {
-            return None;
-        }
+        let shape = Self::wide(WIDE_QUAD_TILE, outputs, blocks, target)?;
         let pays = match format {
             QuantFormat::F32 => false,
             QuantFormat::F16 | QuantFormat::Bf16 | QuantFormat::Int8 { .. } => outputs >= WIDE_QUAD_MIN_OUTPUTS,
@@ -1320,20 +1311,30 @@ impl MatvecShape {
         target: &Target,
     ) -> Option<(MatvecShape, usize)> {
         let QuantFormat::Int4 { group_size, .. } = format else { return None };
-        let blocks = in_features.div_ceil(group_size as usize);
-        if !target.subgroups
-            || target.max_workgroup_size < WIDE_INVOCATIONS
-            || !(WIDE_QUAD_MIN_OUTPUTS..QUAD_MIN_OUTPUTS).contains(&outputs)
-        {
+        if outputs < WIDE_QUAD_MIN_OUTPUTS {
             return None;
         }
+        let blocks = in_features.div_ceil(group_size as usize);
         let tile = if outputs >= WIDE_QUAD_MIN_OUTPUTS_INT4 { INT8_GROUP_QUAD_TILE } else { WIDE_QUAD_TILE };
-        let slices = blocks.clamp(1, (WIDE_INVOCATIONS / tile) as usize) as u32;
-        let shape = MatvecShape { tile, ksplit: prev_power_of_two(slices) };
-        if shape.slices_per_subgroup(target) < 2 || shape.slice(blocks) < WIDE_QUAD_MIN_SLICE {
+        let shape = Self::wide(tile, outputs, blocks, target)?;
+        if shape.slice(blocks) < WIDE_QUAD_MIN_SLICE {
             return None;
         }
         int8_groups(&[format], in_features, &shape, other_bytes, target).map(|group| (shape, group))
+    }
+
+    /// Tiles of `tile` quads in workgroups of [`WIDE_INVOCATIONS`], the rest
+    /// splitting `blocks`, where the device allows such workgroups and the
+    /// outputs are too few for [`MatvecShape::choose`]'s quads.
+    fn wide(tile: u32, outputs: usize, blocks: usize, target: &Target) -> Option<MatvecShape> {
+        if !target.subgroups || target.max_workgroup_size < WIDE_INVOCATIONS || outputs >= QUAD_MIN_OUTPUTS {
+            return None;
+        }
+        let slices = blocks.clamp(1, (WIDE_INVOCATIONS / tile) as usize) as u32;
+        let shape = MatvecShape { tile, ksplit: prev_power_of_two(slices) };
+        // a slot per k-slice would take 8 KiB of workgroup memory, too much
+        // beside an input row staged there
+        (shape.slices_per_subgroup(target) >= 2).then_some(shape)
     }
 
     /// The shape for `outputs` outputs (or output units) over `blocks` input blocks:
@@ -1699,19 +1700,17 @@ pub(crate) fn input_functions(x_ident: &str, in_features: usize, norm: Norm, sta
             );
         }
     }
-    let mut s = fill(&s, &vars);
+    fill(&s, &vars) + &staging_functions(staging)
+}
+
+/// What `load_input` calls last for `staging` (the functions that quantise
+/// the row), after a blank line; nothing where the row is read as it is.
+fn staging_functions(staging: InputStaging) -> String {
     match staging {
-        InputStaging::Int8Rows => {
-            s.push('\n');
-            s += &int8_row_cache();
-        }
-        InputStaging::Int8Groups { group, lanes } => {
-            s.push('\n');
-            s += &int8_group_stage(group, lanes);
-        }
-        InputStaging::Storage | InputStaging::Rows => {}
+        InputStaging::Int8Rows => format!("\n{}", int8_row_cache()),
+        InputStaging::Int8Groups { group, lanes } => format!("\n{}", int8_group_stage(group, lanes)),
+        InputStaging::Storage | InputStaging::Rows => String::new(),
     }
-    s
 }
 
 /// `stage_int8_groups()` for [`InputStaging::Int8Groups`]: `load_input` calls
@@ -1995,7 +1994,7 @@ fn split_weights(splits: u32) {
         }
     } else {
         s += &format!(
-            r#"// The input row is too large for workgroup memory: read from storage,
+            r#"// {why}: read from storage,
 // combining the splits on every read.
 var<private> x_base: u32;
 var<private> x_splits: u32;
@@ -2010,7 +2009,12 @@ fn load_input(t: u32) {{
 {stage}}}
 
 "#,
-            stage = if int8 { "    stage_int8_groups();\n" } else { "" }
+            stage = if int8 { "    stage_int8_groups();\n" } else { "" },
+            why = if int8 {
+                "The input row is staged as int8 groups, once"
+            } else {
+                "The input row is too large for workgroup memory"
+            }
         );
         if vec {
             s += "fn xin4(j: u32) -> vec4<f32> {\n    if (x_splits == 1u) {\n        return attn[x_base + j];\n    }\n    return combined(j, x_splits);\n}\n\n";
@@ -2020,11 +2024,7 @@ fn load_input(t: u32) {{
             s += XIN4_FROM_XIN;
         }
     }
-    if let InputStaging::Int8Groups { group, lanes } = staging {
-        s.push('\n');
-        s += &int8_group_stage(group, lanes);
-    }
-    s
+    s + &staging_functions(staging)
 }
 
 /// Keeps the `_dot` functions (`use_dot`) or the `_elem` ones: a module that has

@@ -255,6 +255,11 @@ fn f16_sg() -> Target {
     Target { shader_f16: true, subgroups: true, ..Target::portable() }
 }
 
+/// A device of 32-wide subgroups and workgroups of up to 1024, with f16.
+fn wide_f16_sg() -> Target {
+    Target { subgroup_size: 32, max_workgroup_size: 1024, ..f16_sg() }
+}
+
 #[test]
 fn snapshot_int4_qkv_portable() {
     let cfg = common::smollm2_config();
@@ -374,8 +379,7 @@ fn snapshot_int8_down_wide_quads() {
 /// workgroup memory.
 #[test]
 fn snapshot_int4_down_wide_int8_groups() {
-    let target =
-        Target { shader_f16: true, subgroups: true, subgroup_size: 32, max_workgroup_size: 1024, ..Target::portable() };
+    let target = wide_f16_sg();
     let spec = KernelSpec::MatvecAdd {
         input: Activation::Ffn,
         in_features: 11008,
@@ -394,8 +398,7 @@ fn snapshot_int4_down_wide_int8_groups() {
 /// Its output projection stages the combined attention row as int8 groups.
 #[test]
 fn int4_output_projection_stages_int8_groups_of_the_combined_row() {
-    let target =
-        Target { shader_f16: true, subgroups: true, subgroup_size: 32, max_workgroup_size: 1024, ..Target::portable() };
+    let target = wide_f16_sg();
     let int4 = QuantFormat::Int4 { group_size: 32, symmetric: false };
     let spec = KernelSpec::AttnOutput { heads: 32, head_dim: 128, hidden: 4096, format: int4, target };
     let kernel = generate(&spec).unwrap();
