@@ -226,7 +226,10 @@ pub fn generate_batch(spec: &KernelSpec) -> Result<Option<Kernel>, CodegenError>
         KernelSpec::Attention { heads, kv_heads, head_dim, target } => {
             attention_tiled(name, heads, kv_heads, head_dim, target).map(Some)
         }
-        KernelSpec::Embed { .. } | KernelSpec::Argmax { .. } | KernelSpec::Sample { .. } => Ok(None),
+        KernelSpec::Embed { .. }
+        | KernelSpec::Argmax { .. }
+        | KernelSpec::ArgmaxShares { .. }
+        | KernelSpec::Sample { .. } => Ok(None),
     }
 }
 
@@ -254,7 +257,8 @@ fn generate_shaped(spec: &KernelSpec) -> Result<Kernel, CodegenError> {
         KernelSpec::RmsLogits { hidden, vocab, rows, eps, format, target } => {
             rms_logits(name, hidden, vocab, rows, eps, format, target)
         }
-        KernelSpec::Argmax { vocab, target } => argmax(name, vocab, target),
+        KernelSpec::Argmax { vocab, target } => argmax(name, vocab, None, target),
+        KernelSpec::ArgmaxShares { vocab, slots, target } => argmax(name, vocab, Some(slots), target),
         KernelSpec::Sample { vocab, target } => sample(name, vocab, target),
     }
 }
@@ -842,7 +846,7 @@ fn matvec_entry(target: &Target, store: &str) -> String {
     }
 }
 "#,
-            &[("STORE", store)],
+            &[("STORE", &store.replace('\n', "\n        "))],
         )
 }
 
@@ -870,7 +874,7 @@ fn matvec_entry4(target: &Target, store: &str) -> String {
     }
 }
 "#,
-            &[("STORE", store)],
+            &[("STORE", &store.replace('\n', "\n                "))],
         )
 }
 
@@ -1212,6 +1216,17 @@ fn rms_logits(
     }
     m.matvec_weight(&w, quads, Dot4Use::Own, products, &shape, "output projection part")?;
     m.bind("logits", Access::ReadWrite, Resource::Activation(Activation::Logits), "f32", "[rows, VOCAB] logits");
+    let shares = leaves_argmax_shares(vocab, rows);
+    if shares {
+        m.bind(
+            "shares",
+            Access::ReadWrite,
+            Resource::ArgmaxShares,
+            "vec2<u32>",
+            "[workgroups] argmax row's largest logit",
+        );
+        m.consts += BIG;
+    }
     m.konst("IN", "u32", hidden);
     m.konst("OUT", "u32", rows[1] - rows[0]);
     if quads {
@@ -1228,13 +1243,76 @@ fn rms_logits(
     let staging = if cache_rows { InputStaging::Int8Rows } else { InputStaging::Storage };
     m.helpers += &tcal::input_functions("hidden", hidden, Norm::Inputs, staging);
     m.helpers.push('\n');
-    let store = "logits[t * VOCAB + ROW0 + o] = y;";
-    let entry = fill(
-        &if quads { matvec_entry4(&target, store) } else { matvec_entry(&target, store) },
+    let mut store = "logits[t * VOCAB + ROW0 + o] = y;".to_string();
+    if shares {
+        store += "\nif (y > best) {\n    best = y;\n    best_i = ROW0 + o;\n}";
+    }
+    let mut entry = fill(
+        &if quads { matvec_entry4(&target, &store) } else { matvec_entry(&target, &store) },
         &[("TOKEN", "step.logits_from + t")],
     );
+    if shares {
+        let (with_share, scratch) = with_argmax_share(&entry, &target);
+        entry = with_share;
+        m.helpers += scratch;
+    }
     let dispatch = [(units as u32).div_ceil(shape.tile), 1, 1];
     Ok(m.finish(&entry, [shape.invocations(), 1, 1], dispatch, Rows::LogitRows))
+}
+
+/// Whether the logits kernel of vocabulary rows `rows` leaves the argmax its
+/// workgroups' shares ([`Resource::ArgmaxShares`]): where it covers the whole
+/// vocabulary (one part; split output projections leave the argmax the row).
+pub fn leaves_argmax_shares(vocab: usize, rows: [usize; 2]) -> bool {
+    rows == [0, vocab]
+}
+
+/// A matrix-vector entry point whose `$STORE` tracks `best` and `best_i`,
+/// with those declared first and, for the argmax row, the workgroup's largest
+/// logit (the lowest index among equals) stored in its share slot. With
+/// subgroups that takes one barrier: each subgroup's pick goes to its own
+/// slot, and one invocation picks among those.
+fn with_argmax_share(entry: &str, target: &Target) -> (String, &'static str) {
+    let (head, tail) = entry.split_once("    if (ks == 0u").expect("matrix-vector entry stores where ks == 0");
+    let body = tail.strip_suffix("}\n").expect("entry ends with its brace");
+    let (pick, scratch) = if target.subgroups {
+        (
+            r#"        let top = subgroupMax(best);
+        let top_i = subgroupMin(select(0xffffffffu, best_i, best == top));
+        if (sg_lane == 0u) {
+            share_f32[sg_index] = top;
+            share_u32[sg_index] = top_i;
+        }
+        workgroupBarrier();
+        if (lid == 0u) {
+            var v = share_f32[0];
+            var i = share_u32[0];
+            for (var s = 1u; s < sg_count; s++) {
+                if (share_f32[s] > v || (share_f32[s] == v && share_u32[s] < i)) {
+                    v = share_f32[s];
+                    i = share_u32[s];
+                }
+            }
+            shares[wid.x] = vec2<u32>(bitcast<u32>(v), i);
+        }
+"#,
+            "// Each subgroup's pick for the argmax share.\nvar<workgroup> share_f32: array<f32, RED_SLOTS>;\nvar<workgroup> share_u32: array<u32, RED_SLOTS>;\n",
+        )
+    } else {
+        (
+            r#"        let top = wg_max(best);
+        let top_i = wg_argmax(best, best_i);
+        if (lid == 0u) {
+            shares[wid.x] = vec2<u32>(bitcast<u32>(top), top_i);
+        }
+"#,
+            "",
+        )
+    };
+    let entry = format!(
+        "{head}    var best = -BIG;\n    var best_i = 0xffffffffu;\n    if (ks == 0u{body}    if (t == step.argmax_row) {{\n{pick}    }}\n}}\n"
+    );
+    (entry, scratch)
 }
 
 /// The RoPE and cache-write epilogue of [`rms_qkv_rope`], shared by its tiled variant:
@@ -1723,22 +1801,35 @@ fn row_pass(body: &str) -> String {
     s
 }
 
-fn argmax(name: String, vocab: usize, target: Target) -> Result<Kernel, CodegenError> {
-    check(vocab > 0, || format!("{name}: empty vocabulary"))?;
+/// The argmax of row argmax_row: over the row itself, or over the `shares`
+/// slots the logits kernel left (slots in increasing index order, so keeping
+/// the first of equal values keeps the lowest index).
+fn argmax(name: String, vocab: usize, shares: Option<usize>, target: Target) -> Result<Kernel, CodegenError> {
+    check(vocab > 0 && shares != Some(0), || format!("{name}: empty vocabulary"))?;
     let wg = row_workgroup(&target);
     let mut m = ModuleText::new(name, target, &["Greedy sampling: the index of the largest logit of row argmax_row."]);
-    m.bind("logits", Access::ReadOnly, Resource::Activation(Activation::Logits), "f32", "[rows, VOCAB] logits");
+    let keep = "if (v > best) {\n    best = v;\n    best_i = i;\n}";
+    let pass = if let Some(slots) = shares {
+        m.bind("shares", Access::ReadOnly, Resource::ArgmaxShares, "vec2<u32>", "[SLOTS] (largest logit bits, index)");
+        m.konst("SLOTS", "u32", slots);
+        let mut pass = "    for (var c = lid; c < SLOTS; c += WG) {\n        let share = shares[c];\n        let v = bitcast<f32>(share.x);\n        let i = share.y;\n".to_string();
+        for line in keep.lines() {
+            pass += &format!("        {line}\n");
+        }
+        pass + "    }\n"
+    } else {
+        m.bind("logits", Access::ReadOnly, Resource::Activation(Activation::Logits), "f32", "[rows, VOCAB] logits");
+        "    let base = step.argmax_row * VOCAB;\n".to_string() + &row_pass(keep)
+    };
     m.bind("result", Access::ReadWrite, Resource::Argmax, "u32", "[1] the chosen token id");
     m.konst("VOCAB", "u32", vocab);
     m.konst("WG", "u32", wg);
     m.consts += BIG;
     m.helpers += &tcal::reductions(&target, wg);
     m.helpers.push('\n');
-    let pass = row_pass("if (v > best) {\n    best = v;\n    best_i = i;\n}");
     let entry = entry_signature(&target, "WG")
         + &format!(
-            r#"    let base = step.argmax_row * VOCAB;
-    var best = -BIG;
+            r#"    var best = -BIG;
     var best_i = 0xffffffffu;
 {pass}    let winner = wg_argmax(best, best_i);
     if (lid == 0u) {{

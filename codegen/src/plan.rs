@@ -105,6 +105,9 @@ pub struct Plan {
     /// Distinct kernels, each validated with naga.
     pub kernels: Vec<Kernel>,
     pub steps: Vec<PlanStep>,
+    /// Slots of the logits kernel's argmax shares ([`crate::spec::Resource::ArgmaxShares`]);
+    /// 0 where it leaves none.
+    pub argmax_shares: usize,
 }
 
 /// The five kernel specs of one layer at decode time, in order.
@@ -299,6 +302,7 @@ impl Plan {
 
         let head_name = cfg.lm_head_name();
         let head = check_matrix(head_name, cfg.vocab_size, h)?;
+        let mut logits_kernel = None;
         for (i, rows) in head.parts.iter().enumerate() {
             let spec = KernelSpec::RmsLogits {
                 hidden: h,
@@ -309,18 +313,40 @@ impl Plan {
                 target: *target,
             };
             let k = set.add(&spec)?;
+            logits_kernel = Some(k);
             let batch_kernel = set.add_batch(&spec)?;
             let mut tensors = set.refs(k, &[("norm", names::FINAL_NORM.to_string())], 0);
             tensors.extend(set.refs(k, &[("w", head_name.to_string())], i));
             steps.push(PlanStep { kernel: k, batch_kernel, stage: Stage::Logits, layer: None, tensors });
         }
 
-        let k = set.add(&KernelSpec::Argmax { vocab: cfg.vocab_size, target: *target })?;
-        steps.push(PlanStep { kernel: k, batch_kernel: None, stage: Stage::Argmax, layer: None, tensors: Vec::new() });
+        // the argmax reads the logits kernel's shares where it leaves them; its
+        // batch kernel reads the row, for steps whose logits the tiled kernel
+        // computed (it leaves no shares)
+        let argmax = set.add(&KernelSpec::Argmax { vocab: cfg.vocab_size, target: *target })?;
+        let mut argmax_shares = 0;
+        let step = match logits_kernel {
+            Some(logits) if crate::ops::leaves_argmax_shares(cfg.vocab_size, head.parts[0]) => {
+                argmax_shares = set.kernels[logits].dispatch[0] as usize;
+                let spec = KernelSpec::ArgmaxShares { vocab: cfg.vocab_size, slots: argmax_shares, target: *target };
+                let k = set.add(&spec)?;
+                PlanStep {
+                    kernel: k,
+                    batch_kernel: Some(argmax),
+                    stage: Stage::Argmax,
+                    layer: None,
+                    tensors: Vec::new(),
+                }
+            }
+            _ => {
+                PlanStep { kernel: argmax, batch_kernel: None, stage: Stage::Argmax, layer: None, tensors: Vec::new() }
+            }
+        };
+        steps.push(step);
         let k = set.add(&KernelSpec::Sample { vocab: cfg.vocab_size, target: *target })?;
         steps.push(PlanStep { kernel: k, batch_kernel: None, stage: Stage::Sample, layer: None, tensors: Vec::new() });
 
-        Ok(Plan { target: *target, kernels: set.kernels, steps })
+        Ok(Plan { target: *target, kernels: set.kernels, steps, argmax_shares })
     }
 
     /// Dispatches per decoded token, its choice (argmax or sampling) included.

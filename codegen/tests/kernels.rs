@@ -8,8 +8,8 @@ use std::collections::BTreeSet;
 use llama5_codegen::manifest::{ModelConfig, QuantFormat};
 use llama5_codegen::target::COOP_WORKGROUP_BYTES;
 use llama5_codegen::{
-    generate, generate_batch, generated_files, kernel_names_for_layer, validate, workgroup_bytes, Activation,
-    KernelSpec, Plan, Rows, Stage, Target,
+    generate, generate_batch, generated_files, kernel_names_for_layer, validate, workgroup_bytes, Activation, Binding,
+    KernelSpec, Plan, Resource, Rows, Stage, Target,
 };
 use proptest::prelude::*;
 
@@ -25,6 +25,7 @@ fn within_workgroup_memory(kernel: &llama5_codegen::Kernel, module: &naga::Modul
 fn real_model_shape_validates_for_every_precision_and_target() {
     let cfg = common::smollm2_config();
     let mut validated = BTreeSet::new();
+    let mut shares = BTreeSet::new();
     for format in common::all_formats(32) {
         let manifest = common::manifest(&cfg, format, 1);
         for target in Target::all_with_coop() {
@@ -36,16 +37,36 @@ fn real_model_shape_validates_for_every_precision_and_target() {
                 validated.insert(k.name.clone());
             }
             // one pipeline per distinct spec: 5 layer kernels + embed + logits + argmax + sampler,
-            // plus batch variants of the 5 layer kernels and the logits
-            assert_eq!(plan.kernels.len(), 9 + 6, "{format:?} {}", target.name());
+            // plus batch variants of the 5 layer kernels and the logits, and the argmax over
+            // the shares the logits kernel of a whole vocabulary leaves (one per logits workgroup)
+            assert_eq!(plan.kernels.len(), 10 + 6, "{format:?} {}", target.name());
+            let logits = plan.steps.iter().find(|s| s.stage == Stage::Logits).unwrap();
+            let argmax = plan.steps.iter().find(|s| s.stage == Stage::Argmax).unwrap();
+            assert_eq!(plan.argmax_shares, plan.kernels[logits.kernel].dispatch[0] as usize);
+            assert!(plan.kernels[argmax.kernel].name.starts_with("argmax-shares-"));
+            shares.insert(plan.kernels[argmax.kernel].name.clone());
             for step in &plan.steps {
                 let Some(batch) = step.batch_kernel else {
-                    assert!(matches!(step.stage, Stage::Embed | Stage::Argmax | Stage::Sample) || step.layer.is_some());
+                    assert!(matches!(step.stage, Stage::Embed | Stage::Sample) || step.layer.is_some());
                     continue;
                 };
                 let (decode, batch) = (&plan.kernels[step.kernel], &plan.kernels[batch]);
+                if step.stage == Stage::Argmax {
+                    // the row's argmax, for steps whose logits the tiled kernel computed
+                    assert!(batch.name.starts_with("argmax-v"), "{}", batch.name);
+                    continue;
+                }
+                if step.stage == Stage::Logits {
+                    // the tiled logits kernel leaves no shares
+                    let shares = |b: &Binding| b.resource == Resource::ArgmaxShares;
+                    assert_eq!(decode.bindings.iter().filter(|b| shares(b)).count(), 1, "{}", decode.name);
+                    assert!(batch.bindings.iter().all(|b| !shares(b) && decode.bindings.contains(b)), "{}", batch.name);
+                    assert_eq!(batch.bindings.len() + 1, decode.bindings.len(), "{}", batch.name);
+                }
                 assert_eq!(batch.name, format!("{}-batch", decode.name));
-                assert_eq!(batch.bindings, decode.bindings, "{}", batch.name);
+                if step.stage != Stage::Logits {
+                    assert_eq!(batch.bindings, decode.bindings, "{}", batch.name);
+                }
                 let tiled = match decode.rows {
                     Rows::Tokens | Rows::TokensSplits { .. } => matches!(batch.rows, Rows::TokenTiles(t) if t > 1),
                     Rows::LogitRows => matches!(batch.rows, Rows::LogitRowTiles(t) if t > 1),
@@ -54,12 +75,12 @@ fn real_model_shape_validates_for_every_precision_and_target() {
                 assert!(tiled, "{}: {:?} for {:?}", batch.name, batch.rows, decode.rows);
             }
             let batched = plan.steps.iter().filter(|s| s.batch_kernel.is_some()).count();
-            assert_eq!(batched, 5 * cfg.num_layers + 1, "{format:?} {}", target.name());
+            assert_eq!(batched, 5 * cfg.num_layers + 2, "{format:?} {}", target.name());
         }
     }
     // attention (and its batch variant), argmax and the sampler do not depend on the weight format;
     // five matrix kernels have batch variants (four variants and the cooperative-matrix one)
-    assert_eq!(validated.len(), 5 * (6 * 6 + 5 * 6 + 4));
+    assert_eq!(validated.len(), 5 * (6 * 6 + 5 * 6 + 4) + shares.len());
     println!("validated {} kernel variants for the SmolLM2-135M shape", validated.len());
 }
 
@@ -353,9 +374,11 @@ fn snapshot_bf16_down_and_argmax() {
         target: Target::portable(),
     };
     insta::assert_snapshot!("down_bf16_f32", snapshot_spec(spec));
+    let target = Target { subgroups: true, ..Target::portable() };
+    insta::assert_snapshot!("argmax_f32_sg", snapshot_spec(KernelSpec::Argmax { vocab: 49152, target }));
     insta::assert_snapshot!(
-        "argmax_f32_sg",
-        snapshot_spec(KernelSpec::Argmax { vocab: 49152, target: Target { subgroups: true, ..Target::portable() } })
+        "argmax_shares_f32_sg",
+        snapshot_spec(KernelSpec::ArgmaxShares { vocab: 49152, slots: 1536, target })
     );
 }
 

@@ -9,8 +9,8 @@ use llama5_codegen::format;
 use llama5_codegen::manifest::{Precision, QuantFormat};
 use llama5_codegen::target::COOP_SUBGROUP_SIZE;
 use llama5_codegen::{
-    attention_splits, generate, generate_batch, split_limit, Activation, Kernel, KernelSpec, StepUniform, Target,
-    ATTENTION_SPLIT_LEN, MAX_ATTENTION_SPLITS,
+    attention_splits, generate, generate_batch, split_limit, Activation, Kernel, KernelSpec, Resource, StepUniform,
+    Target, ATTENTION_SPLIT_LEN, MAX_ATTENTION_SPLITS,
 };
 use llama5_runtime::cpu;
 use llama5_runtime::gpu::harness::KernelRunner;
@@ -269,17 +269,27 @@ fn step_of(contents: &[Vec<u8>]) -> StepUniform {
     StepUniform { pos: word(0), n_tokens: word(1), ctx: word(2), ..StepUniform::default() }
 }
 
+/// Runs the kernel of `spec` on `contents`, one per binding; a logits kernel
+/// that leaves argmax shares (bound last) gets a zeroed buffer for them when
+/// `contents` has none.
 fn run(runner: &KernelRunner, spec: &KernelSpec, contents: &[Vec<u8>], rows: u32) -> (Kernel, Vec<Vec<u8>>) {
     let kernel = generate(spec).unwrap();
-    let grid = kernel.dispatch_for(&step_of(contents), rows);
-    let out = runner.run(&kernel, contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
+    let mut contents = contents.to_vec();
+    if kernel.bindings.len() == contents.len() + 1 && kernel.bindings.last().unwrap().resource == Resource::ArgmaxShares
+    {
+        contents.push(vec![0; kernel.dispatch[0] as usize * 8]);
+    }
+    let grid = kernel.dispatch_for(&step_of(&contents), rows);
+    let out = runner.run(&kernel, &contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
     (kernel, out)
 }
 
-/// Runs the kernel of `spec` and, where it has one, its batch variant on the same contents.
+/// Runs the kernel of `spec` and, where it has one, its batch variant on the
+/// same contents (those of the bindings it shares).
 fn run_all(runner: &KernelRunner, spec: &KernelSpec, contents: &[Vec<u8>], rows: u32) -> Vec<(Kernel, Vec<Vec<u8>>)> {
     let mut out = vec![run(runner, spec, contents, rows)];
     if let Some(kernel) = generate_batch(spec).unwrap() {
+        let contents = &contents[..kernel.bindings.len()];
         let grid = kernel.dispatch_for(&step_of(contents), rows);
         let result = runner.run(&kernel, contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
         out.push((kernel, result));
@@ -293,6 +303,7 @@ fn run_all(runner: &KernelRunner, spec: &KernelSpec, contents: &[Vec<u8>], rows:
         let coop = generate_batch(&spec.with_target(coop_target)).unwrap().unwrap();
         assert!(coop.wgsl.contains("coopMultiplyAdd"), "{}: a tiled kernel on cooperative matrices", coop.name);
         let kernel = emulated_coop(&coop);
+        let contents = &contents[..kernel.bindings.len()];
         let grid = kernel.dispatch_for(&step_of(contents), rows);
         let result = runner.run(&kernel, contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
         out.push((kernel, result));
@@ -869,6 +880,81 @@ fn logits_part_matches_cpu() {
             for (kernel, result) in run_all(runner, &spec, &contents, 2) {
                 assert_close(&kernel.name, &to_f32(&result[4]), &want, kernel_limit(&kernel, nmse_for(format)));
             }
+        }
+    }
+}
+
+/// The logits kernel of a whole vocabulary leaves the argmax each
+/// workgroup's largest logit of the argmax row (the first among equals), and
+/// the argmax over those shares picks the first largest logit of the row.
+#[test]
+fn argmax_over_logits_shares_picks_the_first_largest_logit() {
+    let _gpu = gpu_lock();
+    let eps = 1e-5;
+    for runner in runners() {
+        let target = *runner.target();
+        // one output at a time (300), and four at a load in tiles of 32 quads, the
+        // ones of a workgroup's first k-slice in several subgroups (100000)
+        for (format, vocab) in FORMATS.iter().flat_map(|&f| [(f, 300), (f, 100_000)]) {
+            let mut rng = Rng(vocab as u64 + 5);
+            let (hidden, tokens) = (input_size(format, 60), 2);
+            let x = rng.vec(tokens * hidden, 2.0);
+            let norm = rng.vec(hidden, 1.0);
+            let mut xn = vec![0.0; hidden];
+            cpu::rmsnorm(&mut xn, &x[hidden..], &norm, eps);
+            let spec = KernelSpec::RmsLogits { hidden, vocab, rows: [0, vocab], eps, format, target };
+            let logits_kernel = generate(&spec).unwrap();
+            let slots = logits_kernel.dispatch[0] as usize;
+            let wgsl = &logits_kernel.wgsl;
+            let tile: usize =
+                wgsl.split("const TILE: u32 = ").nth(1).unwrap().split('u').next().unwrap().parse().unwrap();
+            let outputs = if wgsl.contains("const OUT4:") { 4 * tile } else { tile };
+            assert_eq!(slots, vocab.div_ceil(outputs), "{}", logits_kernel.name);
+            // rows a < b < c, the same weights along token 1's normalised input: equal
+            // largest logits, a and b half a workgroup's outputs apart (other invocations,
+            // other subgroups), c in a later workgroup
+            let mut w = rng.vec(vocab * hidden, 0.5);
+            let a = outputs + 1;
+            let (b, c) = (a + outputs / 2, vocab - 2);
+            for row in [a, b, c] {
+                for (j, v) in xn.iter().enumerate() {
+                    w[row * hidden + j] = 0.9 * v.signum();
+                }
+            }
+            let p = format::pack(format, &w, vocab, hidden).unwrap();
+            let mut w_bytes = p.data;
+            w_bytes.extend_from_slice(&p.scales);
+            // logits rows for tokens 0 and 1; the argmax takes row 1
+            let contents = vec![
+                step(0, tokens, 1, 0, 1),
+                f32_bytes(&x),
+                f32_bytes(&norm),
+                w_bytes,
+                vec![0; tokens * vocab * 4],
+                vec![0xff; slots * 8],
+            ];
+            let (kernel, result) = run(runner, &spec, &contents, 2);
+            let row = &to_f32(&result[4])[vocab..];
+            assert_eq!((row[a], row[b]), (row[c], row[c]), "{}: planted ties", kernel.name);
+            assert!(row.iter().all(|&v| v <= row[a]), "{}: planted ties are the largest", kernel.name);
+            let shares: Vec<(f32, u32)> = result[5]
+                .chunks(8)
+                .map(|s| {
+                    (f32::from_le_bytes(s[..4].try_into().unwrap()), u32::from_le_bytes(s[4..].try_into().unwrap()))
+                })
+                .collect();
+            // share i: the first largest logit of workgroup i's outputs
+            assert_eq!(shares[1].1 as usize, a, "{}", kernel.name);
+            for (i, &(v, at)) in shares.iter().enumerate() {
+                let range = &row[i * outputs..((i + 1) * outputs).min(vocab)];
+                let top = range.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let first = i * outputs + range.iter().position(|&u| u == top).unwrap();
+                assert_eq!((v, at as usize), (top, first), "{}: share {i}", kernel.name);
+            }
+            let argmax = KernelSpec::ArgmaxShares { vocab, slots, target };
+            let contents = vec![step(0, tokens, 1, 0, 1), result[5].clone(), vec![0xff; 4]];
+            let (kernel, result) = run(runner, &argmax, &contents, 1);
+            assert_eq!(u32::from_le_bytes(result[2][..4].try_into().unwrap()) as usize, a, "{}", kernel.name);
         }
     }
 }

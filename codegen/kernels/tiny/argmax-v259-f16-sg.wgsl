@@ -101,9 +101,9 @@ fn main(
     sg_index = sg_index_in;
     sg_count = sg_count_in;
     lid = lid_in;
-    let base = step.argmax_row * VOCAB;
     var best = -BIG;
     var best_i = 0xffffffffu;
+    let base = step.argmax_row * VOCAB;
     for (var c = lid; c < VOCAB; c += 16u * WG) {
         let v0 = logits[base + min(c + 0u * WG, VOCAB - 1u)];
         let v1 = logits[base + min(c + 1u * WG, VOCAB - 1u)];

@@ -91,9 +91,9 @@ fn main(
     @builtin(local_invocation_index) lid_in: u32
 ) {
     lid = lid_in;
-    let base = step.argmax_row * VOCAB;
     var best = -BIG;
     var best_i = 0xffffffffu;
+    let base = step.argmax_row * VOCAB;
     for (var c = lid; c < VOCAB; c += 16u * WG) {
         let v0 = logits[base + min(c + 0u * WG, VOCAB - 1u)];
         let v1 = logits[base + min(c + 1u * WG, VOCAB - 1u)];

@@ -9,6 +9,7 @@
 //   2: norm (read): final RMSNorm weights, [IN]
 //   3: w (read): output projection part; f16 pairs, 259 x 64
 //   4: logits (read_write): [rows, VOCAB] logits
+//   5: shares (read_write): [workgroups] argmax row's largest logit
 
 enable f16;
 
@@ -33,7 +34,9 @@ struct Step {
 @group(0) @binding(2) var<storage, read> norm: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> w: array<u32>;
 @group(0) @binding(4) var<storage, read_write> logits: array<f32>;
+@group(0) @binding(5) var<storage, read_write> shares: array<vec2<u32>>;
 
+const BIG: f32 = 0x1.fffffep+127f;
 const IN: u32 = 64u;
 const OUT: u32 = 259u;
 const ROW0: u32 = 0u;
@@ -189,7 +192,20 @@ fn main(
     let o = wid.x * TILE + lo;
     let part = w_dot(min(o, OUT - 1u), slice_begin(W_BLOCKS, ks), slice_end(W_BLOCKS, ks));
     let y = ksplit_sum(part, lo, ks);
+    var best = -BIG;
+    var best_i = 0xffffffffu;
     if (ks == 0u && o < OUT) {
         logits[t * VOCAB + ROW0 + o] = y;
+        if (y > best) {
+            best = y;
+            best_i = ROW0 + o;
+        }
+    }
+    if (t == step.argmax_row) {
+        let top = wg_max(best);
+        let top_i = wg_argmax(best, best_i);
+        if (lid == 0u) {
+            shares[wid.x] = vec2<u32>(bitcast<u32>(top), top_i);
+        }
     }
 }

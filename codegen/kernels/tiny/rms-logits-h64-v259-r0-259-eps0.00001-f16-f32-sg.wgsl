@@ -9,6 +9,7 @@
 //   2: norm (read): final RMSNorm weights, [IN]
 //   3: w (read): output projection part; f16 pairs, 259 x 64
 //   4: logits (read_write): [rows, VOCAB] logits
+//   5: shares (read_write): [workgroups] argmax row's largest logit
 
 // Per-step values, written once per submission.
 struct Step {
@@ -31,7 +32,9 @@ struct Step {
 @group(0) @binding(2) var<storage, read> norm: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> w: array<u32>;
 @group(0) @binding(4) var<storage, read_write> logits: array<f32>;
+@group(0) @binding(5) var<storage, read_write> shares: array<vec2<u32>>;
 
+const BIG: f32 = 0x1.fffffep+127f;
 const IN: u32 = 64u;
 const OUT: u32 = 259u;
 const ROW0: u32 = 0u;
@@ -187,6 +190,9 @@ fn load_input(t: u32) {
     x_base = t * IN4;
 }
 
+// Each subgroup's pick for the argmax share.
+var<workgroup> share_f32: array<f32, RED_SLOTS>;
+var<workgroup> share_u32: array<u32, RED_SLOTS>;
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -209,7 +215,33 @@ fn main(
     let o = wid.x * TILE + lo;
     let part = w_dot(min(o, OUT - 1u), slice_begin(W_BLOCKS, ks), slice_end(W_BLOCKS, ks));
     let y = ksplit_sum(part, lo, ks);
+    var best = -BIG;
+    var best_i = 0xffffffffu;
     if (ks == 0u && o < OUT) {
         logits[t * VOCAB + ROW0 + o] = y;
+        if (y > best) {
+            best = y;
+            best_i = ROW0 + o;
+        }
+    }
+    if (t == step.argmax_row) {
+        let top = subgroupMax(best);
+        let top_i = subgroupMin(select(0xffffffffu, best_i, best == top));
+        if (sg_lane == 0u) {
+            share_f32[sg_index] = top;
+            share_u32[sg_index] = top_i;
+        }
+        workgroupBarrier();
+        if (lid == 0u) {
+            var v = share_f32[0];
+            var i = share_u32[0];
+            for (var s = 1u; s < sg_count; s++) {
+                if (share_f32[s] > v || (share_f32[s] == v && share_u32[s] < i)) {
+                    v = share_f32[s];
+                    i = share_u32[s];
+                }
+            }
+            shares[wid.x] = vec2<u32>(bitcast<u32>(v), i);
+        }
     }
 }

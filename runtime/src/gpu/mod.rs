@@ -16,7 +16,10 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use llama5_codegen::{Access, Activation, Plan, Resource, Rows, Stage, StepUniform, Target, MAX_ATTENTION_SPLITS};
+use llama5_codegen::{
+    Access, Activation, Binding, Kernel, Plan, PlanStep, Resource, Rows, Stage, StepUniform, Target,
+    MAX_ATTENTION_SPLITS,
+};
 
 use crate::backend::{Backend, BackendInfo, Logits};
 use crate::error::RuntimeError;
@@ -134,6 +137,8 @@ struct Buffers {
     step: wgpu::Buffer,
     tokens: wgpu::Buffer,
     argmax: wgpu::Buffer,
+    /// The logits kernel's shares of the argmax ([`Resource::ArgmaxShares`]).
+    argmax_shares: wgpu::Buffer,
 }
 
 pub struct GpuBackend {
@@ -295,6 +300,7 @@ impl GpuBackend {
         });
         let tokens = storage_buffer(device, "tokens", b * 4);
         let argmax = storage_buffer(device, "argmax", 4);
+        let argmax_shares = storage_buffer(device, "argmax shares", plan.argmax_shares as u64 * 8);
         let step_records = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("step records"),
             size: (MAX_DEVICE_STEPS * StepUniform::SIZE) as u64,
@@ -333,7 +339,7 @@ impl GpuBackend {
             cache.save();
         }
 
-        let buffers = Buffers { weights, caches, activations, step: step_buf, tokens, argmax };
+        let buffers = Buffers { weights, caches, activations, step: step_buf, tokens, argmax, argmax_shares };
         // Bind groups, one per plan step (and one for its batch kernel, which has the same bindings).
         let mut bind_groups = Vec::with_capacity(plan.steps.len());
         let mut batch_bind_groups = Vec::with_capacity(plan.steps.len());
@@ -355,7 +361,7 @@ impl GpuBackend {
             weights: b.weights.values().map(wgpu::Buffer::size).sum(),
             kv_cache: b.caches.iter().map(|(k, v)| k.size() + v.size()).sum(),
             other: b.activations.values().map(wgpu::Buffer::size).sum::<u64>()
-                + [&b.step, &b.tokens, &b.argmax, &readback, &step_records, &chosen_tokens]
+                + [&b.step, &b.tokens, &b.argmax, &b.argmax_shares, &readback, &step_records, &chosen_tokens]
                     .iter()
                     .map(|b| b.size())
                     .sum::<u64>(),
@@ -622,6 +628,8 @@ impl GpuBackend {
                 let repeats = match self.plan.kernels[bk].rows {
                     Rows::Tokens | Rows::TokensSplits { .. } | Rows::TokenTiles(_) => n,
                     Rows::LogitRows | Rows::LogitRowTiles(_) => rows as u32,
+                    // the argmax reads the row where the logits batch kernel left no shares
+                    Rows::One if s.stage == Stage::Argmax => rows as u32,
                     Rows::One => 1,
                 };
                 if repeats >= BATCH_MIN_ROWS {
@@ -806,7 +814,8 @@ fn readback_buffer(device: &wgpu::Device, vocab: usize, rows: usize) -> wgpu::Bu
 }
 
 /// The bind group of plan step `i`, and of its batch kernel if it has one
-/// (the same buffers: a batch kernel binds exactly what its kernel binds).
+/// (the step's buffers, each kernel taking those its bindings name; a batch
+/// kernel binds the step's tensors at the same indices).
 fn step_bind_groups(
     device: &wgpu::Device,
     plan: &Plan,
@@ -816,52 +825,64 @@ fn step_bind_groups(
 ) -> Result<(wgpu::BindGroup, Option<wgpu::BindGroup>), RuntimeError> {
     let step = &plan.steps[i];
     let k = &plan.kernels[step.kernel];
-    let mut entries = Vec::with_capacity(k.bindings.len());
-    for b in &k.bindings {
-        let layer_cache = |which: usize| -> Result<&wgpu::Buffer, RuntimeError> {
-            let l = step.layer.ok_or_else(|| RuntimeError::Kernel {
-                name: k.name.clone(),
-                message: "cache binding outside a layer".into(),
-            })?;
-            Ok(if which == 0 { &buffers.caches[l].0 } else { &buffers.caches[l].1 })
-        };
-        let buffer = match &b.resource {
-            Resource::Step => &buffers.step,
-            Resource::Tokens => &buffers.tokens,
-            Resource::Activation(a) => &buffers.activations[a],
-            Resource::KeyCache => layer_cache(0)?,
-            Resource::ValueCache => layer_cache(1)?,
-            Resource::Argmax => &buffers.argmax,
-            Resource::Tensor => {
-                let t = step.tensors.iter().find(|t| t.binding == b.index).ok_or_else(|| RuntimeError::Kernel {
-                    name: k.name.clone(),
-                    message: format!("no tensor for binding {}", b.name),
-                })?;
-                &buffers.weights[&(t.tensor.clone(), t.part)]
-            }
-        };
-        entries.push(wgpu::BindGroupEntry { binding: b.index, resource: buffer.as_entire_binding() });
-    }
-    let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some(&k.name),
-        layout: &layouts[step.kernel],
-        entries: &entries,
-    });
+    let group = |kernel: usize| -> Result<wgpu::BindGroup, RuntimeError> {
+        let k = &plan.kernels[kernel];
+        let mut entries = Vec::with_capacity(k.bindings.len());
+        for b in &k.bindings {
+            let buffer = step_buffer(step, k, b, buffers)?;
+            entries.push(wgpu::BindGroupEntry { binding: b.index, resource: buffer.as_entire_binding() });
+        }
+        Ok(device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&k.name),
+            layout: &layouts[kernel],
+            entries: &entries,
+        }))
+    };
     let batch = match step.batch_kernel {
-        Some(bk) if plan.kernels[bk].bindings != k.bindings => {
+        Some(bk)
+            if plan.kernels[bk].bindings.iter().any(|b| b.resource == Resource::Tensor && !k.bindings.contains(b)) =>
+        {
             return Err(RuntimeError::Kernel {
                 name: plan.kernels[bk].name.clone(),
-                message: format!("bindings differ from those of {}", k.name),
+                message: format!("binds tensors at other indices than {}", k.name),
             });
         }
-        Some(bk) => Some(device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(&plan.kernels[bk].name),
-            layout: &layouts[bk],
-            entries: &entries,
-        })),
+        Some(bk) => Some(group(bk)?),
         None => None,
     };
-    Ok((group, batch))
+    Ok((group(step.kernel)?, batch))
+}
+
+/// The buffer binding `b` of kernel `k` takes in plan step `step`.
+fn step_buffer<'a>(
+    step: &PlanStep,
+    k: &Kernel,
+    b: &Binding,
+    buffers: &'a Buffers,
+) -> Result<&'a wgpu::Buffer, RuntimeError> {
+    let layer_cache = |which: usize| -> Result<&wgpu::Buffer, RuntimeError> {
+        let l = step.layer.ok_or_else(|| RuntimeError::Kernel {
+            name: k.name.clone(),
+            message: "cache binding outside a layer".into(),
+        })?;
+        Ok(if which == 0 { &buffers.caches[l].0 } else { &buffers.caches[l].1 })
+    };
+    Ok(match &b.resource {
+        Resource::Step => &buffers.step,
+        Resource::Tokens => &buffers.tokens,
+        Resource::Activation(a) => &buffers.activations[a],
+        Resource::KeyCache => layer_cache(0)?,
+        Resource::ValueCache => layer_cache(1)?,
+        Resource::Argmax => &buffers.argmax,
+        Resource::ArgmaxShares => &buffers.argmax_shares,
+        Resource::Tensor => {
+            let t = step.tensors.iter().find(|t| t.binding == b.index).ok_or_else(|| RuntimeError::Kernel {
+                name: k.name.clone(),
+                message: format!("no tensor for binding {}", b.name),
+            })?;
+            &buffers.weights[&(t.tensor.clone(), t.part)]
+        }
+    })
 }
 
 /// Milliseconds from an arbitrary origin (timing only; `performance.now()` on the web).
