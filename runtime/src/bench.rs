@@ -97,7 +97,8 @@ pub struct BenchReport {
     pub model: ModelSummary,
     pub backend: BackendSummary,
     pub settings: Settings,
-    /// The bandwidth yardstick: the faster of the device's copies.
+    /// The bandwidth yardstick: the faster of the device's copies (each timed
+    /// before and after decode, the faster run kept).
     pub copy: CopyBandwidth,
     /// The other copies measured.
     pub other_copies: Vec<CopyBandwidth>,
@@ -578,6 +579,15 @@ fn cpu_copy_bandwidth(requested: Option<u64>) -> CopyBandwidth {
     copy_stats(size as u64, copies, &rates, "parallel memcpy")
 }
 
+/// The run of the same copy test with the higher median.
+fn faster(a: CopyBandwidth, b: CopyBandwidth) -> CopyBandwidth {
+    if b.gb_per_s > a.gb_per_s {
+        b
+    } else {
+        a
+    }
+}
+
 fn copy_stats(size: u64, copies: u64, rates: &[f64], method: &str) -> CopyBandwidth {
     let s = sorted(rates);
     CopyBandwidth {
@@ -643,9 +653,13 @@ pub fn run(source: &ModelSource, opts: &BenchOptions) -> Result<BenchReport, Run
             let backend_ms = ms(t.elapsed());
             let api = gpu_copy_bandwidth(&gpu, opts.copy_bytes, GpuCopy::Api)?;
             let shader = gpu_copy_bandwidth(&gpu, opts.copy_bytes, GpuCopy::Shader)?;
+            let samples = measure(&mut gpu, opts, cfg.vocab_size)?;
+            // each copy again after decode, the faster run kept: right after a load the
+            // H100 copied at 1897 GB/s in all five repetitions, 2889 in the next process
+            let api = faster(api, gpu_copy_bandwidth(&gpu, opts.copy_bytes, GpuCopy::Api)?);
+            let shader = faster(shader, gpu_copy_bandwidth(&gpu, opts.copy_bytes, GpuCopy::Shader)?);
             // the faster of the two is the yardstick
             let (copy, other) = if shader.gb_per_s >= api.gb_per_s { (shader, api) } else { (api, shader) };
-            let samples = measure(&mut gpu, opts, cfg.vocab_size)?;
             let profile =
                 if opts.profile { Some(kernel_profile::profile(&mut gpu, &model.manifest, opts)?) } else { None };
             let info = gpu.info();
