@@ -780,7 +780,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 /// The score loop of [`attention`]: `s += q . k` over the `lanes` lanes of
 /// `width` of a key row, [`ATTENTION_KEY_LOADS`] lanes loaded before their
 /// first product (one lane at a time, the loads waited on each other: on the
-/// H100, Llama-2-7B's attention took 16.0 us, 13.5 with sixteen).
+/// H100, Llama-2-7B's attention took 16.0 us, 13.5 with sixteen, and 11.7
+/// against 12.2 with its whole row of 32; sixteen value rows in flight instead
+/// of eight took it to 14.1).
 fn key_loads(lanes: usize, width: usize) -> String {
     let product = |d: &str, k: &str| {
         if width == 4 {
@@ -1763,8 +1765,9 @@ pub fn copy_dispatch(bytes: u64) -> [u32; 3] {
 /// Value rows each attention invocation loads before accumulating any.
 const ATTENTION_VALUE_LOADS: u32 = 8;
 
-/// Lanes of a key row each attention invocation loads before its first product.
-const ATTENTION_KEY_LOADS: usize = 16;
+/// Lanes of a key row each attention invocation loads before its first
+/// product: a whole row of 128 dimensions.
+const ATTENTION_KEY_LOADS: usize = 32;
 
 /// Logits each invocation of the argmax and the sampler loads before using
 /// any: one load at a time left the H100 waiting on each (the argmax took 160

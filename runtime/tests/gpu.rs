@@ -701,11 +701,11 @@ fn rms_qkv_rope_with_mixed_formats_matches_cpu() {
 #[test]
 fn attention_matches_cpu() {
     let _gpu = gpu_lock();
-    // heads of 10 and 18 dimensions are read one at a time, of 16 four at a time; 32
-    // heads of 80 split fewer ways (split_limit); 18 and 80 end their key rows past
-    // the last full run of loads (ATTENTION_KEY_LOADS lanes)
+    // heads of 10 and 34 dimensions are read one at a time, of 16 four at a time; 32
+    // heads of 80 split fewer ways (split_limit); 34 ends its key rows past the last
+    // full run of loads (ATTENTION_KEY_LOADS lanes)
     for (runner, head_dim, heads, kv_heads) in
-        runners().iter().flat_map(|r| [(r, 10, 6, 2), (r, 18, 6, 2), (r, 16, 6, 2), (r, 80, 32, 8)])
+        runners().iter().flat_map(|r| [(r, 10, 6, 2), (r, 34, 6, 2), (r, 16, 6, 2), (r, 80, 32, 8)])
     {
         let (q_dim, kv_dim, group) = (heads * head_dim, kv_heads * head_dim, heads / kv_heads);
         let target = *runner.target();
