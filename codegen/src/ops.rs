@@ -1254,9 +1254,7 @@ fn rms_logits(
         &[("TOKEN", "step.logits_from + t")],
     );
     if shares {
-        let (with_share, scratch) = with_argmax_share(&entry, &target);
-        entry = with_share;
-        m.helpers += scratch;
+        entry = with_argmax_share(&entry);
     }
     let dispatch = [(units as u32).div_ceil(shape.tile), 1, 1];
     Ok(m.finish(&entry, [shape.invocations(), 1, 1], dispatch, Rows::LogitRows))
@@ -1271,50 +1269,22 @@ pub fn leaves_argmax_shares(vocab: usize, rows: [usize; 2]) -> bool {
 
 /// A matrix-vector entry point whose `$STORE` tracks `best` and `best_i`,
 /// with those declared first and, for the argmax row, the workgroup's largest
-/// logit (the lowest index among equals) stored in its share slot. With
-/// subgroups that takes one barrier: each subgroup's pick goes to its own
-/// slot, and one invocation picks among those.
-fn with_argmax_share(entry: &str, target: &Target) -> (String, &'static str) {
+/// logit (the lowest index among equals) stored in its share slot.
+fn with_argmax_share(entry: &str) -> String {
     let (head, tail) = entry.split_once("    if (ks == 0u").expect("matrix-vector entry stores where ks == 0");
     let body = tail.strip_suffix("}\n").expect("entry ends with its brace");
-    let (pick, scratch) = if target.subgroups {
-        (
-            r#"        let top = subgroupMax(best);
-        let top_i = subgroupMin(select(0xffffffffu, best_i, best == top));
-        if (sg_lane == 0u) {
-            share_f32[sg_index] = top;
-            share_u32[sg_index] = top_i;
-        }
-        workgroupBarrier();
-        if (lid == 0u) {
-            var v = share_f32[0];
-            var i = share_u32[0];
-            for (var s = 1u; s < sg_count; s++) {
-                if (share_f32[s] > v || (share_f32[s] == v && share_u32[s] < i)) {
-                    v = share_f32[s];
-                    i = share_u32[s];
-                }
-            }
-            shares[wid.x] = vec2<u32>(bitcast<u32>(v), i);
-        }
-"#,
-            "// Each subgroup's pick for the argmax share.\nvar<workgroup> share_f32: array<f32, RED_SLOTS>;\nvar<workgroup> share_u32: array<u32, RED_SLOTS>;\n",
-        )
-    } else {
-        (
-            r#"        let top = wg_max(best);
-        let top_i = wg_argmax(best, best_i);
-        if (lid == 0u) {
-            shares[wid.x] = vec2<u32>(bitcast<u32>(top), top_i);
-        }
-"#,
-            "",
-        )
-    };
-    let entry = format!(
-        "{head}    var best = -BIG;\n    var best_i = 0xffffffffu;\n    if (ks == 0u{body}    if (t == step.argmax_row) {{\n{pick}    }}\n}}\n"
-    );
-    (entry, scratch)
+    format!(
+        r#"{head}    var best = -BIG;
+    var best_i = 0xffffffffu;
+    if (ks == 0u{body}    if (t == step.argmax_row) {{
+        let top = wg_top(best, best_i);
+        if (lid == 0u) {{
+            shares[wid.x] = top;
+        }}
+    }}
+}}
+"#
+    )
 }
 
 /// The RoPE and cache-write epilogue of [`rms_qkv_rope`], shared by its tiled variant:

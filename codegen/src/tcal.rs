@@ -91,7 +91,8 @@ pub(crate) fn reduction_bytes(target: &Target, wg: u32) -> usize {
     red_slots(target, wg) as usize * 8
 }
 
-/// `wg_sum(v)`, `wg_max(v)` and `wg_argmax(v, i)` over a workgroup of `wg`
+/// `wg_sum(v)`, `wg_max(v)`, `wg_top(v, i)` (the largest value's bits and
+/// index) and `wg_argmax(v, i)` over a workgroup of `wg`
 /// invocations (a power of two). Every invocation must call them (they hold
 /// barriers) and every invocation gets the result.
 pub(crate) fn reductions(target: &Target, wg: u32) -> String {
@@ -137,8 +138,11 @@ fn wg_max(v: f32) -> f32 {
     return m;
 }
 
-// Index of the largest value; the lowest index among equal values.
-fn wg_argmax(v: f32, i: u32) -> u32 {
+// The largest value (its bits) and its index, the lowest index among equal
+// values. The maximum first, then the lowest index holding it: one pass
+// comparing (value, index) pairs per slot took the H100's argmax over 1002
+// shares from 7.4 to 9.0 us.
+fn wg_top(v: f32, i: u32) -> vec2<u32> {
     let m = wg_max(v);
     let cand = subgroupMin(select(0xffffffffu, i, v == m));
     workgroupBarrier();
@@ -150,7 +154,12 @@ fn wg_argmax(v: f32, i: u32) -> u32 {
     for (var k = 1u; k < sg_count; k++) {
         best = min(best, red_u32[k]);
     }
-    return best;
+    return vec2<u32>(bitcast<u32>(m), best);
+}
+
+// Index of the largest value; the lowest index among equal values.
+fn wg_argmax(v: f32, i: u32) -> u32 {
+    return wg_top(v, i).y;
 }
 "#,
             &[("SLOTS", &slots.to_string())],
@@ -189,8 +198,8 @@ fn wg_max(v: f32) -> f32 {
     return red_f32[0];
 }
 
-// Index of the largest value; the lowest index among equal values.
-fn wg_argmax(v: f32, i: u32) -> u32 {
+// The largest value (its bits) and its index, the lowest index among equal values.
+fn wg_top(v: f32, i: u32) -> vec2<u32> {
     workgroupBarrier();
     red_f32[lid] = v;
     red_u32[lid] = i;
@@ -206,7 +215,12 @@ fn wg_argmax(v: f32, i: u32) -> u32 {
         }
         workgroupBarrier();
     }
-    return red_u32[0];
+    return vec2<u32>(bitcast<u32>(red_f32[0]), red_u32[0]);
+}
+
+// Index of the largest value; the lowest index among equal values.
+fn wg_argmax(v: f32, i: u32) -> u32 {
+    return wg_top(v, i).y;
 }
 "#,
             &[("WG", &wg.to_string())],

@@ -72,8 +72,11 @@ fn wg_max(v: f32) -> f32 {
     return m;
 }
 
-// Index of the largest value; the lowest index among equal values.
-fn wg_argmax(v: f32, i: u32) -> u32 {
+// The largest value (its bits) and its index, the lowest index among equal
+// values. The maximum first, then the lowest index holding it: one pass
+// comparing (value, index) pairs per slot took the H100's argmax over 1002
+// shares from 7.4 to 9.0 us.
+fn wg_top(v: f32, i: u32) -> vec2<u32> {
     let m = wg_max(v);
     let cand = subgroupMin(select(0xffffffffu, i, v == m));
     workgroupBarrier();
@@ -85,7 +88,12 @@ fn wg_argmax(v: f32, i: u32) -> u32 {
     for (var k = 1u; k < sg_count; k++) {
         best = min(best, red_u32[k]);
     }
-    return best;
+    return vec2<u32>(bitcast<u32>(m), best);
+}
+
+// Index of the largest value; the lowest index among equal values.
+fn wg_argmax(v: f32, i: u32) -> u32 {
+    return wg_top(v, i).y;
 }
 
 @compute @workgroup_size(WG)

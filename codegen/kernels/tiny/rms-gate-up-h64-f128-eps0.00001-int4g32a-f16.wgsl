@@ -202,8 +202,8 @@ fn wg_max(v: f32) -> f32 {
     return red_f32[0];
 }
 
-// Index of the largest value; the lowest index among equal values.
-fn wg_argmax(v: f32, i: u32) -> u32 {
+// The largest value (its bits) and its index, the lowest index among equal values.
+fn wg_top(v: f32, i: u32) -> vec2<u32> {
     workgroupBarrier();
     red_f32[lid] = v;
     red_u32[lid] = i;
@@ -219,7 +219,12 @@ fn wg_argmax(v: f32, i: u32) -> u32 {
         }
         workgroupBarrier();
     }
-    return red_u32[0];
+    return vec2<u32>(bitcast<u32>(red_f32[0]), red_u32[0]);
+}
+
+// Index of the largest value; the lowest index among equal values.
+fn wg_argmax(v: f32, i: u32) -> u32 {
+    return wg_top(v, i).y;
 }
 
 // Each workgroup owns TILE outputs; its invocations split the input blocks KSPLIT ways.
