@@ -7,7 +7,7 @@
 //! weight serves twice as many products. The tile is an 8 x 4 grid of
 //! 16 x 16 sub-tiles; subgroup `g` owns token block `g / 2` and output
 //! blocks `2 (g % 2)` and `2 (g % 2) + 1` (one A sub-tile shared by two
-//! products). It walks the inputs `BK` = 32 at a time: the input rows and the
+//! products). It walks the inputs `BK` = 64 at a time: the input rows and the
 //! dequantised weights (through [`crate::tcal`], every weight format) are
 //! staged in workgroup memory as f16, and each subgroup accumulates its two
 //! sub-tiles per matrix in f32 cooperative matrices.
@@ -27,8 +27,19 @@
 //! The input loop is [`crate::tiled::pipelined_steps`]: each step's loads
 //! from device memory wait in registers (separate variables, loops unrolled
 //! here) while the subgroups multiply the step before, with one buffer of
-//! each tile in workgroup memory. Measured on the H100 (prefill of 512
-//! tokens, Llama-2-7B F16), with tiles of 64 tokens and 256 invocations:
+//! each tile in workgroup memory. The weights wait as the packed words they
+//! were loaded as ([`stage_words`]): dequantised at load time, they made each
+//! step wait for its loads before the products. Each invocation stages one
+//! input pair of each weight tile from a single load of its words.
+//!
+//! Measured on the H100 (prefill of 512 tokens, Llama-2-7B F16, GPU time a
+//! layer), from 32 inputs a step with a quad per invocation dequantised at
+//! load time: gate/up 1516 to 1025 us with pairs from one load of words,
+//! to 952 with workgroups ordered token tile first, 874 with the words
+//! dequantised only when stored and 855 with 64 inputs a step; QKV 904 to
+//! 702 with one input loop per matrix (a choice of matrix inside each step
+//! had cost 100 us) and 561 with 64 inputs a step (all told 106 to 72 ms,
+//! 64 to 94 TFLOP/s). Earlier, with tiles of 64 tokens and 256 invocations:
 //! 13.8 TFLOP/s with the loads exposed, 36.8 with them pipelined; two
 //! buffers per tile (one barrier a step, 41 KB of workgroup memory) reached
 //! only 21.6, and 64 inputs a step 22.4, both with fewer workgroups
@@ -42,33 +53,35 @@
 //! cooperative matrices only on such adapters.
 
 use crate::tcal::fill;
-use crate::tiled::{pipelined_steps, registers, stage_quads, BO};
+use crate::tcal::indent;
+use crate::tiled::{select_chain, Staging, TileSource, BO};
 
 /// Invocations per workgroup: two subgroups per 16 tokens.
 pub(crate) const WG: u32 = 4 * BT;
 /// Tokens per tile.
 const BT: u32 = 128;
-/// Inputs staged per step: two 16-deep products per step, and a multiple
-/// of every format's inputs per word. `load_x` gives invocation `lid` input
-/// `lid % BK` of tokens `lid / BK + (WG / BK) j`, so a subgroup's loads of a
-/// token row are one contiguous run.
-const BK: u32 = 32;
+/// Inputs staged per step: a multiple of 32 (two 16-deep products, and of
+/// every format's inputs per word), and one input pair of each weight tile
+/// per invocation. `load_x` gives invocation `lid` input `lid % BK` of tokens
+/// `lid / BK + (WG / BK) j`, so a subgroup's loads of a token row are one
+/// contiguous run.
+pub(crate) const BK: u32 = 64;
 /// Token rows of the input tile each invocation stages.
 const XJ: u32 = BT * BK / WG;
-/// Weight quads each invocation stages per tile.
-pub(crate) const STAGE_ITERS: u32 = (BO / 4) * BK / WG;
 /// Row strides (in elements) of the staged tiles, padded by 16 bytes so the
 /// rows of a sub-tile fall in different banks; each a multiple of 16 bytes,
 /// as cooperative loads and stores require.
 const XS: u32 = BK + 8;
 const WS: u32 = BO + 8;
 const CS: u32 = BO + 4;
+/// Tokens whose per-lane sums of squares `inv_rms` gathers in `cs` at a time.
+const SSQ_TOKENS: u32 = 32;
 
 /// Workgroup memory of a coop kernel with `tiles` weight tiles, in bytes: the
 /// f16 input tile and weight tiles, the f32 store of 32 tokens of the
-/// accumulators, and `xt` (the vec4 scratch of the epilogues).
-pub(crate) const fn workgroup_bytes(tiles: u32) -> u32 {
-    BT * XS * 2 + tiles * BK * WS * 2 + 32 * CS * 4 + WG * 16
+/// accumulators, and with `exchange` `xt` (the vec4 scratch of an epilogue).
+pub(crate) const fn workgroup_bytes(tiles: u32, exchange: bool) -> u32 {
+    BT * XS * 2 + tiles * BK * WS * 2 + 32 * CS * 4 + if exchange { WG * 16 } else { 0 }
 }
 
 /// How a tiled kernel is laid out with cooperative matrices; the same
@@ -112,8 +125,6 @@ var<private> lid: u32;
 var<workgroup> xh: array<f16, BT * XS>;
 // 32 tokens of the tile's accumulators (x BO outputs, row-major by token).
 var<workgroup> cs: array<f32, 32u * CS>;
-// Scratch of vec4s, one per invocation: the epilogues' exchanges.
-var<workgroup> xt: array<vec4<f32>, WG>;
 "#
         );
         // Registers are separate variables and loops over them are unrolled
@@ -170,17 +181,18 @@ fn c_quad(r: u32, q: u32) -> vec4<f32> {{
             &[("X", x)],
         );
         if norm {
-            // the per-lane sums of 64 tokens at a time fit cs
-            let per_pass = XJ * 64 / BT;
+            let p = SSQ_TOKENS;
+            let per_pass = XJ * p / BT;
             let mut passes = String::new();
-            for pass in 0..BT / 64 {
+            for pass in 0..BT / p {
                 passes += "    workgroupBarrier();\n";
                 for j in pass * per_pass..(pass + 1) * per_pass {
                     passes +=
-                        &format!("    cs[(lid % BK) * 64u + lid / BK + {}u] = ssq_{j};\n", j * (WG / BK) - 64 * pass);
+                        &format!("    cs[(lid % BK) * {p}u + lid / BK + {}u] = ssq_{j};\n", j * (WG / BK) - p * pass);
                 }
                 passes += &format!(
-                    "    workgroupBarrier();\n    if (ty / 16u == {pass}u) {{\n        for (var l = 0u; l < BK; l++) {{\n            let i = l * 64u + 4u * (ty % 16u);\n            ss += vec4<f32>(cs[i], cs[i + 1u], cs[i + 2u], cs[i + 3u]);\n        }}\n    }}\n"
+                    "    workgroupBarrier();\n    if (ty / {q}u == {pass}u) {{\n        for (var l = 0u; l < BK; l++) {{\n            let i = l * {p}u + 4u * (ty % {q}u);\n            ss += vec4<f32>(cs[i], cs[i + 1u], cs[i + 2u], cs[i + 3u]);\n        }}\n    }}\n",
+                    q = p / 4
                 );
             }
             s += &format!(
@@ -198,40 +210,43 @@ fn inv_rms(ty: u32) -> vec4<f32> {{
         s
     }
 
+    /// `xt`, a vec4 of workgroup memory per invocation, for an epilogue that
+    /// exchanges results.
+    pub fn exchange_scratch(&self) -> &'static str {
+        "// Scratch of vec4s, one per invocation: the epilogue's exchanges.\nvar<workgroup> xt: array<vec4<f32>, WG>;\n"
+    }
+
     /// The entry point, as [`crate::tiled::Tiling::entry`]: `setup` defines `t0`,
-    /// `accs` are (name, weight tile) pairs, `stage` loads the weights of
-    /// step `k0` (into the tiles' `pre_` registers), and `epilogue` reads
-    /// `acc_<name>[i][j]`.
-    pub fn entry(&self, setup: &str, accs: &[(&str, &str)], stage: &str, epilogue: &str) -> String {
+    /// `accs` name the accumulators of `staging`'s weight tiles, and
+    /// `epilogue` reads `acc_<name>[i][j]`.
+    pub fn entry(&self, setup: &str, accs: &[&str], staging: &Staging, epilogue: &str) -> String {
         let mut s = String::from(
             r#"@compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid_in: u32,
-    @builtin(subgroup_id) sg_in: u32
+    @builtin(subgroup_id) sg_in: u32,
+    @builtin(num_workgroups) nwg: vec3<u32>
 ) {
     lid = lid_in;
     let n = step.n_tokens;
-    let tx = lid % TX;
+$TILES    let tx = lid % TX;
     let ty = lid / TX;
     // this subgroup's sub-tiles: tokens 16 tb .. 16 tb + 16, outputs 16 ob .. 16 ob + 32
     let tb = sg_in / 2u;
     let ob = 2u * (sg_in % 2u);
 "#,
         );
+        s = s.replace("$TILES", TILE_IDS);
         s += setup;
-        for (acc, _) in accs {
+        for acc in accs {
             for h in 0..2 {
                 s += &format!("    var c_{acc}{h} = coop_mat16x16<f32, C>();\n");
             }
         }
-        let flush: String = accs
-            .iter()
-            .map(|(_, tile)| stage_quads(STAGE_ITERS, &format!("            store_{tile}(kk, q, pre_{tile}_$IT);\n")))
-            .collect();
         let mut products = String::from("        for (var kk = 0u; kk < BK; kk += 16u) {\n");
         products += "            let a = coopLoadT<coop_mat16x16<f16, A>>(&xh[16u * tb * XS + kk], XS);\n";
-        for (acc, tile) in accs {
+        for (acc, tile) in accs.iter().zip(&staging.tiles) {
             for h in 0..2 {
                 products += &format!(
                     "            c_{acc}{h} = coopMultiplyAdd(a, coopLoadT<coop_mat16x16<f16, B>>(&{tile}[kk * WS + 16u * (ob + {h}u)], WS), c_{acc}{h});\n"
@@ -239,9 +254,9 @@ fn main(
             }
         }
         products += "        }\n";
-        s += &pipelined_steps(stage, &flush, &products);
+        s += &staging.steps(&products);
         s += "    // the accumulators to (tx, ty) order, through workgroup memory 32 tokens at a time\n";
-        for (acc, _) in accs {
+        for acc in accs {
             s += &format!("    var acc_{acc}: array<vec4<f32>, 4>;\n");
             for quarter in 0..BT / 32 {
                 s += &format!("    if (tb / 2u == {quarter}u) {{\n");
@@ -264,16 +279,21 @@ fn main(
     }
 }
 
-/// A weight tile in workgroup memory (f16), the registers
-/// `pre_<name>_<it>` its next step's quads wait in, and
-/// `store_<name>(kk, q, v)`, which writes outputs 4 q .. 4 q + 4 of input kk.
+/// A weight tile in workgroup memory (f16), the registers its next step's
+/// input pair waits in (`pre_<name>_w` and `pre_<name>_s`, a word quad and
+/// its scales as loaded, or `pre_<name>_lo` and `pre_<name>_hi`, two
+/// dequantised quads), and `store_<name>(kk, q, v)`, which writes outputs
+/// 4 q .. 4 q + 4 of input kk.
 pub(crate) fn weight_tile(name: &str) -> String {
-    let pre = registers(name, STAGE_ITERS);
     fill(
         r#"
 // A weight tile, row-major by input: element (k, c) is $T[k * WS + c].
 var<workgroup> $T: array<f16, BK * WS>;
-$PRE
+var<private> pre_$T_w: vec4<u32>;
+var<private> pre_$T_s: vec4<u32>;
+var<private> pre_$T_lo: vec4<f32>;
+var<private> pre_$T_hi: vec4<f32>;
+
 fn store_$T(kk: u32, q: u32, v: vec4<f32>) {
     let i = kk * WS + 4u * q;
     $T[i] = f16(v.x);
@@ -282,9 +302,59 @@ fn store_$T(kk: u32, q: u32, v: vec4<f32>) {
     $T[i + 3u] = f16(v.w);
 }
 "#,
-        &[("T", name), ("PRE", &pre)],
+        &[("T", name)],
     )
 }
+
+/// See [`crate::tiled::Skeleton::stage_weights`]. The words (and scales)
+/// wait in registers as loaded, since dequantising them would wait for the
+/// load, and are dequantised into the tile after the products.
+pub(crate) fn stage_words(sources: &[TileSource<'_>]) -> Staging {
+    let mut staging = Staging { tiles: sources.iter().map(|src| src.tile.to_string()).collect(), ..Staging::default() };
+    for src in sources {
+        let t = src.tile;
+        let load = select_chain(src.sel, src.matrices, &|w| {
+            format!("pre_{t}_w = {w}_words({o}, k0 + kk);\npre_{t}_s = {w}_scales({o}, k0 + kk);\n", o = src.o)
+        });
+        let dequant = select_chain(src.sel, src.matrices, &|w| {
+            format!("lo = {w}_dequant(pre_{t}_w, pre_{t}_s, kk);\nhi = {w}_dequant(pre_{t}_w, pre_{t}_s, kk + 1u);\n")
+        });
+        let flush = format!(
+            "var lo = vec4<f32>(0.0);\nvar hi = vec4<f32>(0.0);\n{dequant}store_{t}(kk, q, lo);\nstore_{t}(kk + 1u, q, hi);\n"
+        );
+        staging.load += &stage_pair(&load);
+        staging.flush += &stage_pair(&flush);
+    }
+    staging
+}
+
+/// See [`crate::tiled::Skeleton::stage_with`]: each input of the pair
+/// dequantised on its own.
+pub(crate) fn stage_with(tile: &str, body: &str) -> Staging {
+    let one = |k: &str, reg: &str| {
+        format!("{{\n{}}}\n", indent(&body.replace("$KEEP", &format!("pre_{tile}_{reg} =")).replace("$K", k), 4))
+    };
+    Staging {
+        tiles: vec![tile.to_string()],
+        load: stage_pair(&(one("k0 + kk", "lo") + &one("k0 + kk + 1u", "hi"))),
+        flush: stage_pair(&format!("store_{tile}(kk, q, pre_{tile}_lo);\nstore_{tile}(kk + 1u, q, pre_{tile}_hi);\n")),
+        versions: None,
+    }
+}
+
+/// `body` with the invocation's output quad `q` and input pair `kk`,
+/// `kk + 1` of a weight tile's step.
+fn stage_pair(body: &str) -> String {
+    format!(
+        "        {{\n            let q = lid % (BO / 4u);\n            let kk = 2u * (lid / (BO / 4u));\n{}        }}\n",
+        indent(body, 12)
+    )
+}
+
+/// Which tile of tokens and of outputs a workgroup computes: token tiles vary
+/// fastest, so the workgroups reading one weight tile run together and share
+/// its loads in L2.
+pub(crate) const TILE_IDS: &str = "    let tile_linear = wid.x + wid.y * nwg.x;\n    let tile_t = tile_linear % nwg.y;\n    let tile_o = tile_linear / nwg.y;\n";
 
 #[cfg(test)]
 mod tests {
@@ -296,18 +366,20 @@ mod tests {
             assert_eq!(stride * bytes % 16, 0);
         }
         // every sub-tile origin: 16 rows and 16 columns apart
-        assert_eq!(16 * 2 % 16, 0);
         assert_eq!(BK % 16, 0);
         // the subgroups of 32 cover the sub-tiles, two each
         assert_eq!(WG / crate::target::COOP_SUBGROUP_SIZE * 2, (BT / 16) * (BO / 16));
         // load_x: whole token rows of BK inputs, XJ per invocation
         assert_eq!(WG % BK, 0);
         assert_eq!(BT % (WG / BK), 0);
-        // stage_quads: whole quads of the tile per invocation
-        assert_eq!((BO / 4) * BK % WG, 0);
+        // stage_pair: one input pair of a tile per invocation, from one word
+        assert_eq!((BO / 4) * BK / 2, WG);
+        assert_eq!(BK % 8, 0);
         // inv_rms gathers BK sums per token in the accumulator store
-        const { assert!(BK * 64 <= 32 * CS) };
-        assert_eq!(BT % 64, 0);
-        assert_eq!(workgroup_bytes(2), crate::target::COOP_WORKGROUP_BYTES);
+        const { assert!(BK * SSQ_TOKENS <= 32 * CS) };
+        assert_eq!(BT % SSQ_TOKENS, 0);
+        assert_eq!(XJ * SSQ_TOKENS % BT, 0);
+        // gate/up's two tiles, or one tile and an exchange
+        assert_eq!(workgroup_bytes(2, false).max(workgroup_bytes(1, true)), crate::target::COOP_WORKGROUP_BYTES);
     }
 }

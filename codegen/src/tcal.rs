@@ -1195,6 +1195,72 @@ fn $W_at(o: u32, k: u32) -> $F {{
     }
 }
 
+impl WeightMatrix<'_> {
+    /// For the cooperative-matrix skeleton, which keeps the next step's
+    /// weights in registers as packed words until it stages them: the word
+    /// quad `<ident>_words(o, k)` holding input `k` of outputs `o .. o + 4` and
+    /// its scale quad `<ident>_scales(o, k)` (zero past the last output or
+    /// input), and `<ident>_dequant(w, s, k)`, input `k` of such a pair,
+    /// dequantised. Any input of the word dequantises from the one load.
+    /// The bounds are checked only where a tile of `tile_in` inputs x
+    /// `tile_out` outputs may cross them.
+    pub fn word_functions(&self, tile_in: usize, tile_out: usize) -> Result<String, FormatError> {
+        let word = "$W[((k / $PACKu) * $P_STRIDE + o) / 4u]";
+        let (scales, dequant) = match self.format {
+            QuantFormat::F32 => return Err(FormatError::NotMatrix),
+            QuantFormat::F16 => (None, "half_lo(w >> vec4<u32>(16u * (k % 2u)))".to_string()),
+            QuantFormat::Bf16 => (None, "bitcast<vec4<f32>>((w >> vec4<u32>(16u * (k % 2u))) << vec4<u32>(16u))".to_string()),
+            QuantFormat::Int8 { per_tensor } => (
+                Some(if per_tensor { "vec4<u32>($W[$P_SCALES / 4u].x)" } else { "$W[($P_SCALES + o) / 4u]" }.to_string()),
+                "vec4<f32>(bitcast<vec4<i32>>(w << vec4<u32>(24u - 8u * (k % 4u))) >> vec4<u32>(24u)) * bitcast<vec4<f32>>(s)".to_string(),
+            ),
+            QuantFormat::Int4 { group_size, .. } => (
+                Some(format!("$W[($P_SCALES + (k / {group_size}u) * $P_SCALE_STRIDE + o) / 4u]")),
+                "vec4<f32>((w >> vec4<u32>(4u * (k % 8u))) & vec4<u32>(15u)) * half_lo(s) + half_hi(s)".to_string(),
+            ),
+        };
+        let check_in = !self.in_features.is_multiple_of(tile_in);
+        let check_out = !self.out.is_multiple_of(tile_out);
+        let guarded = |load: &str| {
+            let mut text = String::new();
+            if check_in {
+                text += "if (k >= $P_IN) {\n        return vec4<u32>(0u);\n    }\n    ";
+            }
+            if check_out {
+                text += &format!("return select(vec4<u32>(0u), {load}, vec4<u32>(o) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>($P_OUT));");
+            } else {
+                text += &format!("return {load};");
+            }
+            text
+        };
+        let scales = match &scales {
+            Some(load) => guarded(load),
+            None => "return vec4<u32>(0u);".to_string(),
+        };
+        let text = format!(
+            r#"
+// The word quad holding input k of outputs o .. o + 4, and its scales{zero}.
+fn $W_words(o: u32, k: u32) -> vec4<u32> {{
+    {words}
+}}
+
+fn $W_scales(o: u32, k: u32) -> vec4<u32> {{
+    {scales}
+}}
+
+// Input k of the outputs of word quad w (scales s), dequantised.
+fn $W_dequant(w: vec4<u32>, s: vec4<u32>, k: u32) -> vec4<f32> {{
+    return {dequant};
+}}
+"#,
+            words = guarded(word),
+            zero = if check_in || check_out { "; zero\n// past the last output or input" } else { "" },
+        );
+        let pack = pack_factor(self.format).to_string();
+        Ok(fill(&text, &[("W", self.ident), ("P", self.prefix().as_str()), ("PACK", &pack)]))
+    }
+}
+
 /// Human description of a format for header comments.
 pub(crate) fn describe(format: QuantFormat) -> String {
     match format {

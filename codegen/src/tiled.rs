@@ -112,38 +112,37 @@ fn store_x() {{{square}
     }
 
     /// The entry point: `setup` (which defines `t0`, the tile's first token), the accumulators
-    /// `acc_<name>[4]` for each of `accs`, the input loop (`stage` staging the
-    /// weights of step `k0`), then `epilogue`.
-    pub fn entry(&self, setup: &str, accs: &[(&str, &str)], stage: &str, epilogue: &str) -> String {
+    /// `acc_<name>[4]` for each of `accs` (one per weight tile of `staging`, in
+    /// order), the input loop, then `epilogue`.
+    pub fn entry(&self, setup: &str, accs: &[&str], staging: &Staging, epilogue: &str) -> String {
         let mut s = String::from(
             r#"@compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid_in: u32) {
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid_in: u32,
+    @builtin(num_workgroups) nwg: vec3<u32>
+) {
     lid = lid_in;
     let n = step.n_tokens;
     let tx = lid % TX;
     let ty = lid / TX;
 "#,
         );
+        s += coop::TILE_IDS;
         s += setup;
-        for (acc, _) in accs {
+        for acc in accs {
             s += &format!("    var acc_{acc}: array<vec4<f32>, 4>;\n");
         }
-        let flush: String = accs
-            .iter()
-            .map(|(_, tile)| {
-                stage_quads(self.stage_iters(), &format!("            {tile}[kk * (BO / 4u) + q] = pre_{tile}_$IT;\n"))
-            })
-            .collect();
         let mut products = String::from("        for (var kk = 0u; kk < BK; kk++) {\n");
         products += "            let a = xt[kk * (BT / 4u) + ty];\n";
-        for (acc, tile) in accs {
+        for (acc, tile) in accs.iter().zip(&staging.tiles) {
             products += &format!("            let b_{acc} = {tile}[kk * (BO / 4u) + tx];\n");
             for (i, c) in ["x", "y", "z", "w"].iter().enumerate() {
                 products += &format!("            acc_{acc}[{i}] += a.{c} * b_{acc};\n");
             }
         }
         products += "        }\n";
-        s += &pipelined_steps(stage, &flush, &products);
+        s += &staging.steps(&products);
         s += epilogue;
         s += "}\n";
         s
@@ -173,11 +172,43 @@ pub(crate) fn pipelined_steps(stage: &str, flush: &str, products: &str) -> Strin
     s
 }
 
-/// The statement keeping `v` (a vec4<f32>, outputs 4 q .. 4 q + 4 of input kk
-/// of the next step) in the registers of `tile` until it is stored; inside a
-/// [`stage_quads`] body.
-pub(crate) fn keep(tile: &str, v: &str) -> String {
-    format!("pre_{tile}_$IT = {v};")
+/// How a tiled kernel stages its weight tiles each step: `load` issues the
+/// next step's loads into registers (before the products), `flush` stores
+/// them into the tiles (after); `tiles` names the tiles, in order.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Staging {
+    pub tiles: Vec<String>,
+    pub load: String,
+    pub flush: String,
+    /// Instead of `load` and `flush`: a workgroup-uniform selector and the
+    /// (load, flush) of each matrix it picks, one input loop each.
+    pub versions: Option<(String, Vec<(String, String)>)>,
+}
+
+impl Staging {
+    /// The input loop ([`pipelined_steps`]) with `products`, once per version.
+    pub fn steps(&self, products: &str) -> String {
+        let Some((sel, versions)) = &self.versions else {
+            return pipelined_steps(&self.load, &self.flush, products);
+        };
+        let mut s = String::from("    // one input loop per matrix: a choice inside it costs every step\n");
+        for (i, (load, flush)) in versions.iter().enumerate() {
+            let head = if i == 0 { "    " } else { " else " };
+            s += &format!("{head}if ({sel} == {i}u) {{\n{}    }}", indent(&pipelined_steps(load, flush, products), 4));
+        }
+        s + "\n"
+    }
+}
+
+impl std::ops::Add for Staging {
+    type Output = Staging;
+
+    fn add(mut self, other: Staging) -> Staging {
+        self.tiles.extend(other.tiles);
+        self.load += &other.load;
+        self.flush += &other.flush;
+        self
+    }
 }
 
 /// The private sums of squares `store_x` gathers for an RMSNorm on the input.
@@ -214,7 +245,11 @@ pub(crate) fn weight_tile(name: &str, iters: u32) -> String {
 /// tile wait in (separate variables: an indexed private array may live in
 /// slow local memory).
 pub(crate) fn registers(tile: &str, iters: u32) -> String {
-    (0..iters).map(|it| format!("var<private> pre_{tile}_{it}: vec4<f32>;\n")).collect()
+    (0..iters)
+        .map(|it| {
+            format!("var<private> pre_{tile}_{it}: vec4<f32>;\nvar<private> pre_{tile}_w{it}: vec4<u32>;\nvar<private> pre_{tile}_s{it}: vec4<u32>;\n")
+        })
+        .collect()
 }
 
 /// The `iters` weight quads an invocation stages per tile, unrolled: each a
@@ -291,19 +326,35 @@ impl Skeleton {
     }
 
     /// See [`Tiling::entry`].
-    pub fn entry(&self, setup: &str, accs: &[(&str, &str)], stage: &str, epilogue: &str) -> String {
+    pub fn entry(&self, setup: &str, accs: &[&str], staging: &Staging, epilogue: &str) -> String {
+        debug_assert_eq!(accs.len(), staging.tiles.len());
         match self {
-            Skeleton::Plain(t) => t.entry(setup, accs, stage, epilogue),
-            Skeleton::Coop(c) => c.entry(setup, accs, stage, epilogue),
+            Skeleton::Plain(t) => t.entry(setup, accs, staging, epilogue),
+            Skeleton::Coop(c) => c.entry(setup, accs, staging, epilogue),
         }
     }
 
-    /// Weight quads each invocation stages per tile.
-    pub fn stage_iters(&self) -> u32 {
+    /// Inputs staged per step.
+    pub fn bk(&self) -> u32 {
         match self {
-            Skeleton::Plain(t) => t.stage_iters(),
-            Skeleton::Coop(_) => coop::STAGE_ITERS,
+            Skeleton::Plain(_) => BK,
+            Skeleton::Coop(_) => coop::BK,
         }
+    }
+
+    /// Declares `xt`, a vec4 of workgroup memory per invocation, for an
+    /// epilogue that exchanges results (the plain skeleton's input tile is one).
+    pub fn exchange_scratch(&self) -> &'static str {
+        match self {
+            Skeleton::Plain(_) => "",
+            Skeleton::Coop(c) => c.exchange_scratch(),
+        }
+    }
+
+    /// Whether weights wait in registers as packed words
+    /// ([`crate::tcal::WeightMatrix::word_functions`]).
+    pub fn stages_words(&self) -> bool {
+        true
     }
 
     /// A weight tile named `name` in workgroup memory, with its registers.
@@ -314,14 +365,103 @@ impl Skeleton {
         }
     }
 
-    /// Loads step `k0` of matrix `w` (read by quads, [`crate::tcal::TileRead::Quad`])
-    /// into the registers of `tile`: column `c` holds output `o0 + c`.
-    pub fn stage_weights(&self, w: &str, tile: &str) -> String {
-        self.stage_quads(&format!("            {}\n", keep(tile, &format!("{w}_at(o0 + 4u * q, k0 + kk)"))))
+    /// Stages step `k0` of each source's matrix into its weight tile (the
+    /// tiles of `accs` in [`Skeleton::entry`], in order).
+    pub fn stage_weights(&self, sources: &[TileSource<'_>]) -> Staging {
+        if let [src @ TileSource { uniform: true, .. }] = sources {
+            let versions = src
+                .matrices
+                .iter()
+                .map(|w| {
+                    let one = self.stage_weights(&[TileSource { sel: "", matrices: &[w], uniform: false, ..*src }]);
+                    (one.load, one.flush)
+                })
+                .collect();
+            return Staging {
+                tiles: vec![src.tile.to_string()],
+                versions: Some((src.sel.to_string(), versions)),
+                ..Staging::default()
+            };
+        }
+        match self {
+            Skeleton::Plain(t) => sources.iter().map(|src| plain_words(t, src)).fold(Staging::default(), |a, b| a + b),
+            Skeleton::Coop(_) => coop::stage_words(sources),
+        }
     }
 
-    /// The weight quads an invocation stages per tile around `body`: see [`stage_quads`].
-    pub fn stage_quads(&self, body: &str) -> String {
-        stage_quads(self.stage_iters(), body)
+    /// Stages a kernel's one weight tile `tile`: `body` sets `v` to the quad
+    /// of outputs `4 q .. 4 q + 4` of the tile at input `$K`, and ends with
+    /// `$KEEP v;`.
+    pub fn stage_with(&self, tile: &str, body: &str) -> Staging {
+        match self {
+            Skeleton::Plain(t) => plain_staging(t, tile, body),
+            Skeleton::Coop(_) => coop::stage_with(tile, body),
+        }
+    }
+}
+
+/// Where a weight tile's quads come from: outputs `o` (an expression in the
+/// quad `q`) of `matrices[sel]`, read by quads
+/// ([`crate::tcal::TileRead::Quad`]); `sel` may be empty with one matrix.
+/// With `uniform`, `sel` is the same across the workgroup.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TileSource<'a> {
+    pub tile: &'a str,
+    pub o: &'a str,
+    pub sel: &'a str,
+    pub matrices: &'a [&'a str],
+    pub uniform: bool,
+}
+
+impl<'a> TileSource<'a> {
+    /// Matrix `w` into `tile`: column `c` holds output `o0 + c`.
+    pub fn matrix(w: &'a [&'a str], tile: &'a str) -> TileSource<'a> {
+        TileSource { tile, o: "o0 + 4u * q", sel: "", matrices: w, uniform: false }
+    }
+}
+
+/// `then(matrix)` for `matrices[sel]`: an `if` chain on `sel`, or the one
+/// matrix's statements.
+pub(crate) fn select_chain(sel: &str, matrices: &[&str], then: &dyn Fn(&str) -> String) -> String {
+    if let [w] = matrices {
+        if sel.is_empty() {
+            return then(w);
+        }
+    }
+    let mut s = String::new();
+    for (i, w) in matrices.iter().enumerate() {
+        let head = if i == 0 { String::new() } else { " else ".to_string() };
+        s += &format!("{head}if ({sel} == {i}u) {{\n{}}}", indent(&then(w), 4));
+    }
+    s + "\n"
+}
+
+/// The plain skeleton's staging of `src`: as the coop skeleton's
+/// ([`coop::stage_words`]), the words wait in registers until stored, but a
+/// quad per invocation.
+fn plain_words(t: &Tiling, src: &TileSource<'_>) -> Staging {
+    let tile = src.tile;
+    let load = select_chain(src.sel, src.matrices, &|w| {
+        format!("pre_{tile}_w$IT = {w}_words({o}, k0 + kk);\npre_{tile}_s$IT = {w}_scales({o}, k0 + kk);\n", o = src.o)
+    });
+    let dequant =
+        select_chain(src.sel, src.matrices, &|w| format!("v = {w}_dequant(pre_{tile}_w$IT, pre_{tile}_s$IT, kk);\n"));
+    let flush = format!("var v = vec4<f32>(0.0);\n{dequant}{tile}[kk * (BO / 4u) + q] = v;\n");
+    Staging {
+        tiles: vec![tile.to_string()],
+        load: stage_quads(t.stage_iters(), &indent(&load, 12)),
+        flush: stage_quads(t.stage_iters(), &indent(&flush, 12)),
+        versions: None,
+    }
+}
+
+/// The plain skeleton's staging of `tile`: `body` as in [`Skeleton::stage_with`].
+fn plain_staging(t: &Tiling, tile: &str, body: &str) -> Staging {
+    let load = body.replace("$KEEP", &format!("pre_{tile}_$IT =")).replace("$K", "k0 + kk");
+    Staging {
+        tiles: vec![tile.to_string()],
+        load: stage_quads(t.stage_iters(), &indent(&load, 12)),
+        flush: stage_quads(t.stage_iters(), &format!("            {tile}[kk * (BO / 4u) + q] = pre_{tile}_$IT;\n")),
+        versions: None,
     }
 }

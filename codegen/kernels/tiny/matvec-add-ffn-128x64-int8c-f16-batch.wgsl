@@ -54,6 +54,20 @@ fn w_at(o: u32, k: u32) -> vec4<f32> {
     return select(vec4<f32>(0.0), w_raw(o, k), vec4<u32>(o) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(W_OUT));
 }
 
+// The word quad holding input k of outputs o .. o + 4, and its scales.
+fn w_words(o: u32, k: u32) -> vec4<u32> {
+    return w[((k / 4u) * W_STRIDE + o) / 4u];
+}
+
+fn w_scales(o: u32, k: u32) -> vec4<u32> {
+    return w[(W_SCALES + o) / 4u];
+}
+
+// Input k of the outputs of word quad w (scales s), dequantised.
+fn w_dequant(w: vec4<u32>, s: vec4<u32>, k: u32) -> vec4<f32> {
+    return vec4<f32>(bitcast<vec4<i32>>(w << vec4<u32>(24u - 8u * (k % 4u))) >> vec4<u32>(24u)) * bitcast<vec4<f32>>(s);
+}
+
 // Tiles of BT tokens x BO outputs, inputs staged BK at a time. Invocation
 // (tx, ty) owns tokens 4 ty .. 4 ty + 4 and outputs 4 tx .. 4 tx + 4 of its tile.
 const WG: u32 = 256u;
@@ -96,6 +110,8 @@ fn store_x() {
 // A weight tile: element (k, c) is wt[k * BO / 4 + c / 4][c % 4].
 var<workgroup> wt: array<vec4<f32>, BK * BO / 4u>;
 var<private> pre_wt_0: vec4<f32>;
+var<private> pre_wt_w0: vec4<u32>;
+var<private> pre_wt_s0: vec4<u32>;
 
 fn half_lo(x: vec4<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(x.x).x, unpack2x16float(x.y).x, unpack2x16float(x.z).x, unpack2x16float(x.w).x);
@@ -106,13 +122,20 @@ fn half_hi(x: vec4<u32>) -> vec4<f32> {
 }
 
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid_in: u32) {
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid_in: u32,
+    @builtin(num_workgroups) nwg: vec3<u32>
+) {
     lid = lid_in;
     let n = step.n_tokens;
     let tx = lid % TX;
     let ty = lid / TX;
-    let t0 = wid.y * BT;
-    let o0 = wid.x * BO;
+    let tile_linear = wid.x + wid.y * nwg.x;
+    let tile_t = tile_linear % nwg.y;
+    let tile_o = tile_linear / nwg.y;
+    let t0 = tile_t * BT;
+    let o0 = tile_o * BO;
     var acc_y: array<vec4<f32>, 4>;
     // step 0
     {
@@ -122,14 +145,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let i = lid + 0u * WG;
             let q = i % (BO / 4u);
             let kk = i / (BO / 4u);
-            pre_wt_0 = w_at(o0 + 4u * q, k0 + kk);
+            pre_wt_w0 = w_words(o0 + 4u * q, k0 + kk);
+            pre_wt_s0 = w_scales(o0 + 4u * q, k0 + kk);
         }
         store_x();
         {
             let i = lid + 0u * WG;
             let q = i % (BO / 4u);
             let kk = i / (BO / 4u);
-            wt[kk * (BO / 4u) + q] = pre_wt_0;
+            var v = vec4<f32>(0.0);
+            v = w_dequant(pre_wt_w0, pre_wt_s0, kk);
+            wt[kk * (BO / 4u) + q] = v;
         }
     }
     workgroupBarrier();
@@ -143,7 +169,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 let i = lid + 0u * WG;
                 let q = i % (BO / 4u);
                 let kk = i / (BO / 4u);
-                pre_wt_0 = w_at(o0 + 4u * q, k0 + kk);
+                pre_wt_w0 = w_words(o0 + 4u * q, k0 + kk);
+                pre_wt_s0 = w_scales(o0 + 4u * q, k0 + kk);
             }
         }
         for (var kk = 0u; kk < BK; kk++) {
@@ -161,7 +188,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 let i = lid + 0u * WG;
                 let q = i % (BO / 4u);
                 let kk = i / (BO / 4u);
-                wt[kk * (BO / 4u) + q] = pre_wt_0;
+                var v = vec4<f32>(0.0);
+                v = w_dequant(pre_wt_w0, pre_wt_s0, kk);
+                wt[kk * (BO / 4u) + q] = v;
             }
         }
         workgroupBarrier();

@@ -59,6 +59,20 @@ fn w_gate_at(o: u32, k: u32) -> vec4<f32> {
     return select(vec4<f32>(0.0), w_gate_raw(o, k), vec4<u32>(o) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(W_GATE_OUT));
 }
 
+// The word quad holding input k of outputs o .. o + 4, and its scales.
+fn w_gate_words(o: u32, k: u32) -> vec4<u32> {
+    return w_gate[((k / 4u) * W_GATE_STRIDE + o) / 4u];
+}
+
+fn w_gate_scales(o: u32, k: u32) -> vec4<u32> {
+    return w_gate[(W_GATE_SCALES + o) / 4u];
+}
+
+// Input k of the outputs of word quad w (scales s), dequantised.
+fn w_gate_dequant(w: vec4<u32>, s: vec4<u32>, k: u32) -> vec4<f32> {
+    return vec4<f32>(bitcast<vec4<i32>>(w << vec4<u32>(24u - 8u * (k % 4u))) >> vec4<u32>(24u)) * bitcast<vec4<f32>>(s);
+}
+
 // w_up: int8 x4 with an f32 scale per output, 128 outputs x 64 inputs, column-major packed.
 const W_UP_STRIDE: u32 = 128u;
 const W_UP_OUT: u32 = 128u;
@@ -77,6 +91,20 @@ fn w_up_at(o: u32, k: u32) -> vec4<f32> {
         return vec4<f32>(0.0);
     }
     return select(vec4<f32>(0.0), w_up_raw(o, k), vec4<u32>(o) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(W_UP_OUT));
+}
+
+// The word quad holding input k of outputs o .. o + 4, and its scales.
+fn w_up_words(o: u32, k: u32) -> vec4<u32> {
+    return w_up[((k / 4u) * W_UP_STRIDE + o) / 4u];
+}
+
+fn w_up_scales(o: u32, k: u32) -> vec4<u32> {
+    return w_up[(W_UP_SCALES + o) / 4u];
+}
+
+// Input k of the outputs of word quad w (scales s), dequantised.
+fn w_up_dequant(w: vec4<u32>, s: vec4<u32>, k: u32) -> vec4<f32> {
+    return vec4<f32>(bitcast<vec4<i32>>(w << vec4<u32>(24u - 8u * (k % 4u))) >> vec4<u32>(24u)) * bitcast<vec4<f32>>(s);
 }
 
 // Tiles of BT tokens x BO outputs, inputs staged BK at a time. Invocation
@@ -140,10 +168,14 @@ fn inv_rms(ty: u32) -> vec4<f32> {
 // A weight tile: element (k, c) is wt_gate[k * BO / 4 + c / 4][c % 4].
 var<workgroup> wt_gate: array<vec4<f32>, BK * BO / 4u>;
 var<private> pre_wt_gate_0: vec4<f32>;
+var<private> pre_wt_gate_w0: vec4<u32>;
+var<private> pre_wt_gate_s0: vec4<u32>;
 
 // A weight tile: element (k, c) is wt_up[k * BO / 4 + c / 4][c % 4].
 var<workgroup> wt_up: array<vec4<f32>, BK * BO / 4u>;
 var<private> pre_wt_up_0: vec4<f32>;
+var<private> pre_wt_up_w0: vec4<u32>;
+var<private> pre_wt_up_s0: vec4<u32>;
 
 fn half_lo(x: vec4<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(x.x).x, unpack2x16float(x.y).x, unpack2x16float(x.z).x, unpack2x16float(x.w).x);
@@ -154,13 +186,20 @@ fn half_hi(x: vec4<u32>) -> vec4<f32> {
 }
 
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid_in: u32) {
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid_in: u32,
+    @builtin(num_workgroups) nwg: vec3<u32>
+) {
     lid = lid_in;
     let n = step.n_tokens;
     let tx = lid % TX;
     let ty = lid / TX;
-    let t0 = wid.y * BT;
-    let o0 = wid.x * BO;
+    let tile_linear = wid.x + wid.y * nwg.x;
+    let tile_t = tile_linear % nwg.y;
+    let tile_o = tile_linear / nwg.y;
+    let t0 = tile_t * BT;
+    let o0 = tile_o * BO;
     var acc_g: array<vec4<f32>, 4>;
     var acc_u: array<vec4<f32>, 4>;
     // step 0
@@ -171,26 +210,32 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let i = lid + 0u * WG;
             let q = i % (BO / 4u);
             let kk = i / (BO / 4u);
-            pre_wt_gate_0 = w_gate_at(o0 + 4u * q, k0 + kk);
+            pre_wt_gate_w0 = w_gate_words(o0 + 4u * q, k0 + kk);
+            pre_wt_gate_s0 = w_gate_scales(o0 + 4u * q, k0 + kk);
         }
         {
             let i = lid + 0u * WG;
             let q = i % (BO / 4u);
             let kk = i / (BO / 4u);
-            pre_wt_up_0 = w_up_at(o0 + 4u * q, k0 + kk);
+            pre_wt_up_w0 = w_up_words(o0 + 4u * q, k0 + kk);
+            pre_wt_up_s0 = w_up_scales(o0 + 4u * q, k0 + kk);
         }
         store_x();
         {
             let i = lid + 0u * WG;
             let q = i % (BO / 4u);
             let kk = i / (BO / 4u);
-            wt_gate[kk * (BO / 4u) + q] = pre_wt_gate_0;
+            var v = vec4<f32>(0.0);
+            v = w_gate_dequant(pre_wt_gate_w0, pre_wt_gate_s0, kk);
+            wt_gate[kk * (BO / 4u) + q] = v;
         }
         {
             let i = lid + 0u * WG;
             let q = i % (BO / 4u);
             let kk = i / (BO / 4u);
-            wt_up[kk * (BO / 4u) + q] = pre_wt_up_0;
+            var v = vec4<f32>(0.0);
+            v = w_up_dequant(pre_wt_up_w0, pre_wt_up_s0, kk);
+            wt_up[kk * (BO / 4u) + q] = v;
         }
     }
     workgroupBarrier();
@@ -204,13 +249,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 let i = lid + 0u * WG;
                 let q = i % (BO / 4u);
                 let kk = i / (BO / 4u);
-                pre_wt_gate_0 = w_gate_at(o0 + 4u * q, k0 + kk);
+                pre_wt_gate_w0 = w_gate_words(o0 + 4u * q, k0 + kk);
+                pre_wt_gate_s0 = w_gate_scales(o0 + 4u * q, k0 + kk);
             }
             {
                 let i = lid + 0u * WG;
                 let q = i % (BO / 4u);
                 let kk = i / (BO / 4u);
-                pre_wt_up_0 = w_up_at(o0 + 4u * q, k0 + kk);
+                pre_wt_up_w0 = w_up_words(o0 + 4u * q, k0 + kk);
+                pre_wt_up_s0 = w_up_scales(o0 + 4u * q, k0 + kk);
             }
         }
         for (var kk = 0u; kk < BK; kk++) {
@@ -233,13 +280,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 let i = lid + 0u * WG;
                 let q = i % (BO / 4u);
                 let kk = i / (BO / 4u);
-                wt_gate[kk * (BO / 4u) + q] = pre_wt_gate_0;
+                var v = vec4<f32>(0.0);
+                v = w_gate_dequant(pre_wt_gate_w0, pre_wt_gate_s0, kk);
+                wt_gate[kk * (BO / 4u) + q] = v;
             }
             {
                 let i = lid + 0u * WG;
                 let q = i % (BO / 4u);
                 let kk = i / (BO / 4u);
-                wt_up[kk * (BO / 4u) + q] = pre_wt_up_0;
+                var v = vec4<f32>(0.0);
+                v = w_up_dequant(pre_wt_up_w0, pre_wt_up_s0, kk);
+                wt_up[kk * (BO / 4u) + q] = v;
             }
         }
         workgroupBarrier();

@@ -71,6 +71,20 @@ fn wq_at(o: u32, k: u32) -> vec4<f32> {
     return select(vec4<f32>(0.0), wq_raw(o, k), vec4<u32>(o) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(WQ_OUT));
 }
 
+// The word quad holding input k of outputs o .. o + 4, and its scales.
+fn wq_words(o: u32, k: u32) -> vec4<u32> {
+    return wq[((k / 4u) * WQ_STRIDE + o) / 4u];
+}
+
+fn wq_scales(o: u32, k: u32) -> vec4<u32> {
+    return wq[(WQ_SCALES + o) / 4u];
+}
+
+// Input k of the outputs of word quad w (scales s), dequantised.
+fn wq_dequant(w: vec4<u32>, s: vec4<u32>, k: u32) -> vec4<f32> {
+    return vec4<f32>(bitcast<vec4<i32>>(w << vec4<u32>(24u - 8u * (k % 4u))) >> vec4<u32>(24u)) * bitcast<vec4<f32>>(s);
+}
+
 // wk: int8 x4 with an f32 scale per output, 32 outputs x 64 inputs, column-major packed.
 const WK_STRIDE: u32 = 32u;
 const WK_OUT: u32 = 32u;
@@ -91,6 +105,21 @@ fn wk_at(o: u32, k: u32) -> vec4<f32> {
     return select(vec4<f32>(0.0), wk_raw(o, k), vec4<u32>(o) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(WK_OUT));
 }
 
+// The word quad holding input k of outputs o .. o + 4, and its scales; zero
+// past the last output or input.
+fn wk_words(o: u32, k: u32) -> vec4<u32> {
+    return select(vec4<u32>(0u), wk[((k / 4u) * WK_STRIDE + o) / 4u], vec4<u32>(o) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(WK_OUT));
+}
+
+fn wk_scales(o: u32, k: u32) -> vec4<u32> {
+    return select(vec4<u32>(0u), wk[(WK_SCALES + o) / 4u], vec4<u32>(o) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(WK_OUT));
+}
+
+// Input k of the outputs of word quad w (scales s), dequantised.
+fn wk_dequant(w: vec4<u32>, s: vec4<u32>, k: u32) -> vec4<f32> {
+    return vec4<f32>(bitcast<vec4<i32>>(w << vec4<u32>(24u - 8u * (k % 4u))) >> vec4<u32>(24u)) * bitcast<vec4<f32>>(s);
+}
+
 // wv: int8 x4 with an f32 scale per output, 32 outputs x 64 inputs, column-major packed.
 const WV_STRIDE: u32 = 32u;
 const WV_OUT: u32 = 32u;
@@ -109,6 +138,21 @@ fn wv_at(o: u32, k: u32) -> vec4<f32> {
         return vec4<f32>(0.0);
     }
     return select(vec4<f32>(0.0), wv_raw(o, k), vec4<u32>(o) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(WV_OUT));
+}
+
+// The word quad holding input k of outputs o .. o + 4, and its scales; zero
+// past the last output or input.
+fn wv_words(o: u32, k: u32) -> vec4<u32> {
+    return select(vec4<u32>(0u), wv[((k / 4u) * WV_STRIDE + o) / 4u], vec4<u32>(o) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(WV_OUT));
+}
+
+fn wv_scales(o: u32, k: u32) -> vec4<u32> {
+    return select(vec4<u32>(0u), wv[(WV_SCALES + o) / 4u], vec4<u32>(o) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(WV_OUT));
+}
+
+// Input k of the outputs of word quad w (scales s), dequantised.
+fn wv_dequant(w: vec4<u32>, s: vec4<u32>, k: u32) -> vec4<f32> {
+    return vec4<f32>(bitcast<vec4<i32>>(w << vec4<u32>(24u - 8u * (k % 4u))) >> vec4<u32>(24u)) * bitcast<vec4<f32>>(s);
 }
 
 // RoPE inverse frequencies theta^(-2j / HEAD_DIM).
@@ -229,6 +273,8 @@ fn inv_rms(ty: u32) -> vec4<f32> {
 // A weight tile: element (k, c) is wt[k * BO / 4 + c / 4][c % 4].
 var<workgroup> wt: array<vec4<f32>, BK * BO / 4u>;
 var<private> pre_wt_0: vec4<f32>;
+var<private> pre_wt_w0: vec4<u32>;
+var<private> pre_wt_s0: vec4<u32>;
 
 fn half_lo(x: vec4<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(x.x).x, unpack2x16float(x.y).x, unpack2x16float(x.z).x, unpack2x16float(x.w).x);
@@ -262,13 +308,20 @@ fn rope_store_half(t: u32, p: u32, unit: u32, half: u32, own: f32, other: f32) {
 }
 
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid_in: u32) {
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid_in: u32,
+    @builtin(num_workgroups) nwg: vec3<u32>
+) {
     lid = lid_in;
     let n = step.n_tokens;
     let tx = lid % TX;
     let ty = lid / TX;
-    let t0 = wid.y * BT;
-    let u0 = wid.x * (BO / 2u);
+    let tile_linear = wid.x + wid.y * nwg.x;
+    let tile_t = tile_linear % nwg.y;
+    let tile_o = tile_linear / nwg.y;
+    let t0 = tile_t * BT;
+    let u0 = tile_o * (BO / 2u);
     let stage_u = unit_output(u0 + 4u * ((lid % (BO / 4u)) % (BO / 8u)));
     let stage_o = stage_u.y + ((lid % (BO / 4u)) / (BO / 8u)) * HALF;
     var acc_y: array<vec4<f32>, 4>;
@@ -280,22 +333,31 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let i = lid + 0u * WG;
             let q = i % (BO / 4u);
             let kk = i / (BO / 4u);
-            var v = vec4<f32>(0.0);
             if (stage_u.x == 0u) {
-                v = wq_at(stage_o, k0 + kk);
+                pre_wt_w0 = wq_words(stage_o, k0 + kk);
+                pre_wt_s0 = wq_scales(stage_o, k0 + kk);
             } else if (stage_u.x == 1u) {
-                v = wk_at(stage_o, k0 + kk);
+                pre_wt_w0 = wk_words(stage_o, k0 + kk);
+                pre_wt_s0 = wk_scales(stage_o, k0 + kk);
             } else if (stage_u.x == 2u) {
-                v = wv_at(stage_o, k0 + kk);
+                pre_wt_w0 = wv_words(stage_o, k0 + kk);
+                pre_wt_s0 = wv_scales(stage_o, k0 + kk);
             }
-            pre_wt_0 = v;
         }
         store_x();
         {
             let i = lid + 0u * WG;
             let q = i % (BO / 4u);
             let kk = i / (BO / 4u);
-            wt[kk * (BO / 4u) + q] = pre_wt_0;
+            var v = vec4<f32>(0.0);
+            if (stage_u.x == 0u) {
+                v = wq_dequant(pre_wt_w0, pre_wt_s0, kk);
+            } else if (stage_u.x == 1u) {
+                v = wk_dequant(pre_wt_w0, pre_wt_s0, kk);
+            } else if (stage_u.x == 2u) {
+                v = wv_dequant(pre_wt_w0, pre_wt_s0, kk);
+            }
+            wt[kk * (BO / 4u) + q] = v;
         }
     }
     workgroupBarrier();
@@ -309,15 +371,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 let i = lid + 0u * WG;
                 let q = i % (BO / 4u);
                 let kk = i / (BO / 4u);
-                var v = vec4<f32>(0.0);
                 if (stage_u.x == 0u) {
-                    v = wq_at(stage_o, k0 + kk);
+                    pre_wt_w0 = wq_words(stage_o, k0 + kk);
+                    pre_wt_s0 = wq_scales(stage_o, k0 + kk);
                 } else if (stage_u.x == 1u) {
-                    v = wk_at(stage_o, k0 + kk);
+                    pre_wt_w0 = wk_words(stage_o, k0 + kk);
+                    pre_wt_s0 = wk_scales(stage_o, k0 + kk);
                 } else if (stage_u.x == 2u) {
-                    v = wv_at(stage_o, k0 + kk);
+                    pre_wt_w0 = wv_words(stage_o, k0 + kk);
+                    pre_wt_s0 = wv_scales(stage_o, k0 + kk);
                 }
-                pre_wt_0 = v;
             }
         }
         for (var kk = 0u; kk < BK; kk++) {
@@ -335,7 +398,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 let i = lid + 0u * WG;
                 let q = i % (BO / 4u);
                 let kk = i / (BO / 4u);
-                wt[kk * (BO / 4u) + q] = pre_wt_0;
+                var v = vec4<f32>(0.0);
+                if (stage_u.x == 0u) {
+                    v = wq_dequant(pre_wt_w0, pre_wt_s0, kk);
+                } else if (stage_u.x == 1u) {
+                    v = wk_dequant(pre_wt_w0, pre_wt_s0, kk);
+                } else if (stage_u.x == 2u) {
+                    v = wv_dequant(pre_wt_w0, pre_wt_s0, kk);
+                }
+                wt[kk * (BO / 4u) + q] = v;
             }
         }
         workgroupBarrier();
