@@ -54,7 +54,7 @@
 
 use crate::tcal::fill;
 use crate::tcal::indent;
-use crate::tiled::{select_chain, Staging, TileSource, BO};
+use crate::tiled::{select_chain, Staging, TileSource, BO, TILE_IDS};
 
 /// Invocations per workgroup: two subgroups per 16 tokens.
 pub(crate) const WG: u32 = 4 * BT;
@@ -350,11 +350,6 @@ fn stage_pair(body: &str) -> String {
         indent(body, 12)
     )
 }
-
-/// Which tile of tokens and of outputs a workgroup computes: token tiles vary
-/// fastest, so the workgroups reading one weight tile run together and share
-/// its loads in L2.
-pub(crate) const TILE_IDS: &str = "    let tile_linear = wid.x + wid.y * nwg.x;\n    let tile_t = tile_linear % nwg.y;\n    let tile_o = tile_linear / nwg.y;\n";
 
 #[cfg(test)]
 mod tests {

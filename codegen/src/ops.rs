@@ -125,8 +125,8 @@ impl ModuleText {
     }
 
     /// Binds a weight matrix for a tiled kernel, read as `read` says.
-    /// Binds a weight matrix of a tiled kernel, with its read functions: by
-    /// words too where `tiling` stages words ([`Skeleton::stages_words`]).
+    /// Binds a weight matrix of a tiled kernel, with its read functions (by
+    /// quads, also by words: [`crate::tcal::WeightMatrix::word_functions`]).
     fn tile_weight(
         &mut self,
         m: &WeightMatrix<'_>,
@@ -138,7 +138,7 @@ impl ModuleText {
         self.bind(m.ident, Access::ReadOnly, Resource::Tensor, read.binding_type(), &what);
         let format_error = |e| CodegenError::Format { tensor: what.clone(), source: e };
         let mut f = m.tile_functions(read).map_err(format_error)?;
-        if read == TileRead::Quad && tiling.stages_words() {
+        if read == TileRead::Quad {
             f += &m.word_functions(tiling.bk() as usize, BO as usize).map_err(format_error)?;
         }
         self.helpers += f.trim_end();

@@ -1196,8 +1196,8 @@ fn $W_at(o: u32, k: u32) -> $F {{
 }
 
 impl WeightMatrix<'_> {
-    /// For the cooperative-matrix skeleton, which keeps the next step's
-    /// weights in registers as packed words until it stages them: the word
+    /// For the tiled skeletons, which keep the next step's weights in
+    /// registers as packed words until they stage them: the word
     /// quad `<ident>_words(o, k)` holding input `k` of outputs `o .. o + 4` and
     /// its scale quad `<ident>_scales(o, k)` (zero past the last output or
     /// input), and `<ident>_dequant(w, s, k)`, input `k` of such a pair,

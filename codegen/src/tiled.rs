@@ -128,7 +128,7 @@ fn main(
     let ty = lid / TX;
 "#,
         );
-        s += coop::TILE_IDS;
+        s += TILE_IDS;
         s += setup;
         for acc in accs {
             s += &format!("    var acc_{acc}: array<vec4<f32>, 4>;\n");
@@ -172,6 +172,11 @@ pub(crate) fn pipelined_steps(stage: &str, flush: &str, products: &str) -> Strin
     s
 }
 
+/// Which tile of tokens and of outputs a workgroup computes: token tiles vary
+/// fastest, so the workgroups reading one weight tile run together and share
+/// its loads in L2.
+pub(crate) const TILE_IDS: &str = "    let tile_linear = wid.x + wid.y * nwg.x;\n    let tile_t = tile_linear % nwg.y;\n    let tile_o = tile_linear / nwg.y;\n";
+
 /// How a tiled kernel stages its weight tiles each step: `load` issues the
 /// next step's loads into registers (before the products), `flush` stores
 /// them into the tiles (after); `tiles` names the tiles, in order.
@@ -204,6 +209,7 @@ impl std::ops::Add for Staging {
     type Output = Staging;
 
     fn add(mut self, other: Staging) -> Staging {
+        debug_assert!(self.versions.is_none() && other.versions.is_none(), "versions stage one tile");
         self.tiles.extend(other.tiles);
         self.load += &other.load;
         self.flush += &other.flush;
@@ -349,12 +355,6 @@ impl Skeleton {
             Skeleton::Plain(_) => "",
             Skeleton::Coop(c) => c.exchange_scratch(),
         }
-    }
-
-    /// Whether weights wait in registers as packed words
-    /// ([`crate::tcal::WeightMatrix::word_functions`]).
-    pub fn stages_words(&self) -> bool {
-        true
     }
 
     /// A weight tile named `name` in workgroup memory, with its registers.
