@@ -124,9 +124,9 @@ impl ModuleText {
         Ok(())
     }
 
-    /// Binds a weight matrix for a tiled kernel, read as `read` says.
-    /// Binds a weight matrix of a tiled kernel, with its read functions (by
-    /// quads, also by words: [`crate::tcal::WeightMatrix::word_functions`]).
+    /// Binds a weight matrix of a tiled kernel, with its read functions: as
+    /// `read` says, and by words ([`crate::tcal::WeightMatrix::word_functions`])
+    /// where it reads quads.
     fn tile_weight(
         &mut self,
         m: &WeightMatrix<'_>,
