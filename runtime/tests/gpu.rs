@@ -589,7 +589,6 @@ fn rms_qkv_rope_matches_cpu() {
                     continue;
                 }
                 let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
-                let inv_freq = cpu::rope_inv_freq(head_dim, theta);
                 for &(pos, tokens, ctx) in steps {
                     let mut rng = Rng(pos as u64 + 100);
                     let hidden = input_size(format, 60);
@@ -611,40 +610,60 @@ fn rms_qkv_rope_matches_cpu() {
                         v: format,
                         target,
                     };
-                    let contents = vec![
-                        step(pos, tokens, ctx, 0, 0),
-                        f32_bytes(&x),
-                        f32_bytes(&norm),
-                        wq_b,
-                        wk_b,
-                        wv_b,
-                        vec![0; tokens * q_dim * 4],
-                        kv_bytes(&cache_init, &target),
-                        kv_bytes(&cache_init, &target),
-                    ];
-                    let mut want_q = Vec::new();
-                    let mut want_k = kv_values(&kv_bytes(&cache_init, &target), &target);
-                    let mut want_v = want_k.clone();
-                    for t in 0..tokens {
-                        let mut xn = vec![0.0; hidden];
-                        cpu::rmsnorm(&mut xn, &x[t * hidden..(t + 1) * hidden], &norm, eps);
-                        let mut q = matvec(&wq, &xn, q_dim);
-                        let mut k = matvec(&wk, &xn, kv_dim);
-                        let v = matvec(&wv, &xn, kv_dim);
-                        cpu::rope(&mut q, head_dim, pos + t, &inv_freq);
-                        cpu::rope(&mut k, head_dim, pos + t, &inv_freq);
-                        want_q.extend(q);
-                        let slot = cpu::slot(pos + t, ctx);
-                        want_k[slot * kv_dim..(slot + 1) * kv_dim].copy_from_slice(&k);
-                        want_v[slot * kv_dim..(slot + 1) * kv_dim].copy_from_slice(&v);
-                    }
-                    let limit = nmse_for(format);
-                    for (kernel, result) in run_all(runner, &spec, &contents, 0) {
-                        assert_qkv_close(&kernel, &result, [&want_q, &want_k, &want_v], limit, &target);
-                    }
+                    let weights = [(wq_b, wq), (wk_b, wk), (wv_b, wv)];
+                    check_qkv(runner, &spec, (pos, ctx), (&x, &norm), weights, &cache_init, nmse_for(format));
                 }
             }
         }
+    }
+}
+
+/// Runs the QKV kernels of `spec` on tokens `x` (RMSNorm weights `norm`) at
+/// position `pos` over a KV cache of `ctx` rows holding `cache`, and checks
+/// the queries and the cache, the tokens' rows written, against the CPU.
+fn check_qkv(
+    runner: &KernelRunner,
+    spec: &KernelSpec,
+    (pos, ctx): (usize, usize),
+    (x, norm): (&[f32], &[f32]),
+    [(wq_b, wq), (wk_b, wk), (wv_b, wv)]: [(Vec<u8>, Vec<f32>); 3],
+    cache: &[f32],
+    limit: f64,
+) {
+    let KernelSpec::RmsQkvRope { hidden, heads, kv_heads, head_dim, rope_theta, eps, target, .. } = *spec else {
+        unreachable!("a QKV spec")
+    };
+    let (q_dim, kv_dim, tokens) = (heads * head_dim, kv_heads * head_dim, x.len() / hidden);
+    let contents = vec![
+        step(pos, tokens, ctx, 0, 0),
+        f32_bytes(x),
+        f32_bytes(norm),
+        wq_b,
+        wk_b,
+        wv_b,
+        vec![0; tokens * q_dim * 4],
+        kv_bytes(cache, &target),
+        kv_bytes(cache, &target),
+    ];
+    let inv_freq = cpu::rope_inv_freq(head_dim, rope_theta);
+    let mut want_q = Vec::new();
+    let mut want_k = kv_values(&kv_bytes(cache, &target), &target);
+    let mut want_v = want_k.clone();
+    for t in 0..tokens {
+        let mut xn = vec![0.0; hidden];
+        cpu::rmsnorm(&mut xn, &x[t * hidden..(t + 1) * hidden], norm, eps);
+        let mut q = matvec(&wq, &xn, q_dim);
+        let mut k = matvec(&wk, &xn, kv_dim);
+        let v = matvec(&wv, &xn, kv_dim);
+        cpu::rope(&mut q, head_dim, pos + t, &inv_freq);
+        cpu::rope(&mut k, head_dim, pos + t, &inv_freq);
+        want_q.extend(q);
+        let slot = cpu::slot(pos + t, ctx);
+        want_k[slot * kv_dim..(slot + 1) * kv_dim].copy_from_slice(&k);
+        want_v[slot * kv_dim..(slot + 1) * kv_dim].copy_from_slice(&v);
+    }
+    for (kernel, result) in run_all(runner, spec, &contents, 0) {
+        assert_qkv_close(&kernel, &result, [&want_q, &want_k, &want_v], limit, &target);
     }
 }
 
@@ -660,13 +679,14 @@ fn rms_qkv_rope_with_mixed_formats_matches_cpu() {
         QuantFormat::Int8 { per_tensor: false },
         QuantFormat::F16,
     ];
-    let inv_freq = cpu::rope_inv_freq(head_dim, theta);
     for runner in runners() {
         let target = *runner.target();
         let mut rng = Rng(42);
-        let (wq_b, wq) = packed(&mut rng, formats[0], q_dim, hidden);
-        let (wk_b, wk) = packed(&mut rng, formats[1], kv_dim, hidden);
-        let (wv_b, wv) = packed(&mut rng, formats[2], kv_dim, hidden);
+        let weights = [
+            packed(&mut rng, formats[0], q_dim, hidden),
+            packed(&mut rng, formats[1], kv_dim, hidden),
+            packed(&mut rng, formats[2], kv_dim, hidden),
+        ];
         let x = rng.vec(tokens * hidden, 2.0);
         let norm = rng.vec(hidden, 1.0);
         let spec = KernelSpec::RmsQkvRope {
@@ -682,33 +702,7 @@ fn rms_qkv_rope_with_mixed_formats_matches_cpu() {
             target,
         };
         let zeros = vec![0.0; ctx * kv_dim];
-        let contents = vec![
-            step(pos, tokens, ctx, 0, 0),
-            f32_bytes(&x),
-            f32_bytes(&norm),
-            wq_b,
-            wk_b,
-            wv_b,
-            vec![0; tokens * q_dim * 4],
-            kv_bytes(&zeros, &target),
-            kv_bytes(&zeros, &target),
-        ];
-        let (mut want_q, mut want_k, mut want_v) = (Vec::new(), Vec::new(), Vec::new());
-        for t in 0..tokens {
-            let mut xn = vec![0.0; hidden];
-            cpu::rmsnorm(&mut xn, &x[t * hidden..(t + 1) * hidden], &norm, eps);
-            let mut q = matvec(&wq, &xn, q_dim);
-            let mut k = matvec(&wk, &xn, kv_dim);
-            cpu::rope(&mut q, head_dim, pos + t, &inv_freq);
-            cpu::rope(&mut k, head_dim, pos + t, &inv_freq);
-            want_q.extend(q);
-            want_k.extend(k);
-            want_v.extend(matvec(&wv, &xn, kv_dim));
-        }
-        let limit = nmse_for(formats[0]);
-        for (kernel, result) in run_all(runner, &spec, &contents, 0) {
-            assert_qkv_close(&kernel, &result, [&want_q, &want_k, &want_v], limit, &target);
-        }
+        check_qkv(runner, &spec, (pos, ctx), (&x, &norm), weights, &zeros, nmse_for(formats[0]));
     }
 }
 
