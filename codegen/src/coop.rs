@@ -54,7 +54,7 @@
 
 use crate::tcal::fill;
 use crate::tcal::indent;
-use crate::tiled::{select_chain, Staging, TileSource, BO, TILE_IDS};
+use crate::tiled::{registers, select_chain, Staging, TileSource, BO, TILE_IDS};
 
 /// Invocations per workgroup: two subgroups per 16 tokens.
 pub(crate) const WG: u32 = 4 * BT;
@@ -220,8 +220,8 @@ fn inv_rms(ty: u32) -> vec4<f32> {{
     /// `accs` name the accumulators of `staging`'s weight tiles, and
     /// `epilogue` reads `acc_<name>[i][j]`.
     pub fn entry(&self, setup: &str, accs: &[&str], staging: &Staging, epilogue: &str) -> String {
-        let mut s = String::from(
-            r#"@compute @workgroup_size(WG)
+        let mut s = staging.declarations();
+        s += r#"@compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid_in: u32,
@@ -235,8 +235,7 @@ $TILES    let tx = lid % TX;
     // this subgroup's sub-tiles: tokens 16 tb .. 16 tb + 16, outputs 16 ob .. 16 ob + 32
     let tb = sg_in / 2u;
     let ob = 2u * (sg_in % 2u);
-"#,
-        );
+"#;
         s = s.replace("$TILES", TILE_IDS);
         s += setup;
         for acc in accs {
@@ -279,20 +278,13 @@ $TILES    let tx = lid % TX;
     }
 }
 
-/// A weight tile in workgroup memory (f16), the registers its next step's
-/// input pair waits in (`pre_<name>_w` and `pre_<name>_s`, a word quad and
-/// its scales as loaded, or `pre_<name>_lo` and `pre_<name>_hi`, two
-/// dequantised quads), and `store_<name>(kk, q, v)`, which writes outputs
-/// 4 q .. 4 q + 4 of input kk.
+/// A weight tile in workgroup memory (f16), and `store_<name>(kk, q, v)`,
+/// which writes outputs 4 q .. 4 q + 4 of input kk.
 pub(crate) fn weight_tile(name: &str) -> String {
     fill(
         r#"
 // A weight tile, row-major by input: element (k, c) is $T[k * WS + c].
 var<workgroup> $T: array<f16, BK * WS>;
-var<private> pre_$T_w: vec4<u32>;
-var<private> pre_$T_s: vec4<u32>;
-var<private> pre_$T_lo: vec4<f32>;
-var<private> pre_$T_hi: vec4<f32>;
 
 fn store_$T(kk: u32, q: u32, v: vec4<f32>) {
     let i = kk * WS + 4u * q;
@@ -307,8 +299,9 @@ fn store_$T(kk: u32, q: u32, v: vec4<f32>) {
 }
 
 /// See [`crate::tiled::Skeleton::stage_weights`]. The words (and scales)
-/// wait in registers as loaded, since dequantising them would wait for the
-/// load, and are dequantised into the tile after the products.
+/// wait in registers as loaded (`pre_<tile>_w`, `pre_<tile>_s`), since
+/// dequantising them would wait for the load, and are dequantised into the
+/// tile after the products.
 pub(crate) fn stage_words(sources: &[TileSource<'_>]) -> Staging {
     let mut staging = Staging { tiles: sources.iter().map(|src| src.tile.to_string()).collect(), ..Staging::default() };
     for src in sources {
@@ -322,6 +315,7 @@ pub(crate) fn stage_words(sources: &[TileSource<'_>]) -> Staging {
         let flush = format!(
             "var lo = vec4<f32>(0.0);\nvar hi = vec4<f32>(0.0);\n{dequant}store_{t}(kk, q, lo);\nstore_{t}(kk + 1u, q, hi);\n"
         );
+        staging.registers += &registers([format!("pre_{t}_w"), format!("pre_{t}_s")], "vec4<u32>");
         staging.load += &stage_pair(&load);
         staging.flush += &stage_pair(&flush);
     }
@@ -329,13 +323,14 @@ pub(crate) fn stage_words(sources: &[TileSource<'_>]) -> Staging {
 }
 
 /// See [`crate::tiled::Skeleton::stage_with`]: each input of the pair
-/// dequantised on its own.
+/// dequantised on its own, into `pre_<tile>_lo` and `pre_<tile>_hi`.
 pub(crate) fn stage_with(tile: &str, body: &str) -> Staging {
     let one = |k: &str, reg: &str| {
         format!("{{\n{}}}\n", indent(&body.replace("$KEEP", &format!("pre_{tile}_{reg} =")).replace("$K", k), 4))
     };
     Staging {
         tiles: vec![tile.to_string()],
+        registers: registers([format!("pre_{tile}_lo"), format!("pre_{tile}_hi")], "vec4<f32>"),
         load: stage_pair(&(one("k0 + kk", "lo") + &one("k0 + kk + 1u", "hi"))),
         flush: stage_pair(&format!("store_{tile}(kk, q, pre_{tile}_lo);\nstore_{tile}(kk + 1u, q, pre_{tile}_hi);\n")),
         versions: None,

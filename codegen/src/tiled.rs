@@ -115,8 +115,8 @@ fn store_x() {{{square}
     /// `acc_<name>[4]` for each of `accs` (one per weight tile of `staging`, in
     /// order), the input loop, then `epilogue`.
     pub fn entry(&self, setup: &str, accs: &[&str], staging: &Staging, epilogue: &str) -> String {
-        let mut s = String::from(
-            r#"@compute @workgroup_size(WG)
+        let mut s = staging.declarations();
+        s += r#"@compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid_in: u32,
@@ -126,8 +126,7 @@ fn main(
     let n = step.n_tokens;
     let tx = lid % TX;
     let ty = lid / TX;
-"#,
-        );
+"#;
         s += TILE_IDS;
         s += setup;
         for acc in accs {
@@ -183,6 +182,8 @@ pub(crate) const TILE_IDS: &str = "    let tile_linear = wid.x + wid.y * nwg.x;\
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Staging {
     pub tiles: Vec<String>,
+    /// Module-scope declarations of the registers the loads wait in.
+    pub registers: String,
     pub load: String,
     pub flush: String,
     /// Instead of `load` and `flush`: a workgroup-uniform selector and the
@@ -191,6 +192,11 @@ pub(crate) struct Staging {
 }
 
 impl Staging {
+    /// The registers' declarations, to precede the entry point.
+    pub fn declarations(&self) -> String {
+        format!("// The next step's weights in flight.\n{}\n", self.registers)
+    }
+
     /// The input loop ([`pipelined_steps`]) with `products`, once per version.
     pub fn steps(&self, products: &str) -> String {
         let Some((sel, versions)) = &self.versions else {
@@ -211,6 +217,7 @@ impl std::ops::Add for Staging {
     fn add(mut self, other: Staging) -> Staging {
         debug_assert!(self.versions.is_none() && other.versions.is_none(), "versions stage one tile");
         self.tiles.extend(other.tiles);
+        self.registers += &other.registers;
         self.load += &other.load;
         self.flush += &other.flush;
         self
@@ -238,24 +245,15 @@ fn inv_rms(ty: u32) -> vec4<f32> {
 }
 "#;
 
-/// A weight tile in workgroup memory, and the registers `pre_<name>_<it>`
-/// the next step's `iters` quads wait in.
-pub(crate) fn weight_tile(name: &str, iters: u32) -> String {
-    format!(
-        "\n// A weight tile: element (k, c) is {name}[k * BO / 4 + c / 4][c % 4].\nvar<workgroup> {name}: array<vec4<f32>, BK * BO / 4u>;\n{}",
-        registers(name, iters)
-    )
+/// A weight tile in workgroup memory.
+pub(crate) fn weight_tile(name: &str) -> String {
+    format!("\n// A weight tile: element (k, c) is {name}[k * BO / 4 + c / 4][c % 4].\nvar<workgroup> {name}: array<vec4<f32>, BK * BO / 4u>;\n")
 }
 
-/// The registers `pre_<tile>_<it>` the next step's `iters` quads of a weight
-/// tile wait in (separate variables: an indexed private array may live in
-/// slow local memory).
-pub(crate) fn registers(tile: &str, iters: u32) -> String {
-    (0..iters)
-        .map(|it| {
-            format!("var<private> pre_{tile}_{it}: vec4<f32>;\nvar<private> pre_{tile}_w{it}: vec4<u32>;\nvar<private> pre_{tile}_s{it}: vec4<u32>;\n")
-        })
-        .collect()
+/// Declares the private registers `names` of type `ty` (separate variables:
+/// an indexed private array may live in slow local memory).
+pub(crate) fn registers(names: impl IntoIterator<Item = String>, ty: &str) -> String {
+    names.into_iter().map(|name| format!("var<private> {name}: {ty};\n")).collect()
 }
 
 /// The `iters` weight quads an invocation stages per tile, unrolled: each a
@@ -357,10 +355,10 @@ impl Skeleton {
         }
     }
 
-    /// A weight tile named `name` in workgroup memory, with its registers.
+    /// A weight tile named `name` in workgroup memory.
     pub fn weight_tile(&self, name: &str) -> String {
         match self {
-            Skeleton::Plain(t) => weight_tile(name, t.stage_iters()),
+            Skeleton::Plain(_) => weight_tile(name),
             Skeleton::Coop(_) => coop::weight_tile(name),
         }
     }
@@ -369,16 +367,17 @@ impl Skeleton {
     /// tiles of `accs` in [`Skeleton::entry`], in order).
     pub fn stage_weights(&self, sources: &[TileSource<'_>]) -> Staging {
         if let [src @ TileSource { uniform: true, .. }] = sources {
-            let versions = src
+            let stagings: Vec<Staging> = src
                 .matrices
                 .iter()
-                .map(|w| {
-                    let one = self.stage_weights(&[TileSource { sel: "", matrices: &[w], uniform: false, ..*src }]);
-                    (one.load, one.flush)
-                })
+                .map(|w| self.stage_weights(&[TileSource { sel: "", matrices: &[w], uniform: false, ..*src }]))
                 .collect();
+            // every version loads into the same registers
+            let registers = stagings[0].registers.clone();
+            let versions = stagings.into_iter().map(|one| (one.load, one.flush)).collect();
             return Staging {
                 tiles: vec![src.tile.to_string()],
+                registers,
                 versions: Some((src.sel.to_string(), versions)),
                 ..Staging::default()
             };
@@ -447,8 +446,13 @@ fn plain_words(t: &Tiling, src: &TileSource<'_>) -> Staging {
     let dequant =
         select_chain(src.sel, src.matrices, &|w| format!("v = {w}_dequant(pre_{tile}_w$IT, pre_{tile}_s$IT, kk);\n"));
     let flush = format!("var v = vec4<f32>(0.0);\n{dequant}{tile}[kk * (BO / 4u) + q] = v;\n");
+    let its = 0..t.stage_iters();
     Staging {
         tiles: vec![tile.to_string()],
+        registers: registers(
+            its.flat_map(|it| [format!("pre_{tile}_w{it}"), format!("pre_{tile}_s{it}")]),
+            "vec4<u32>",
+        ),
         load: stage_quads(t.stage_iters(), &indent(&load, 12)),
         flush: stage_quads(t.stage_iters(), &indent(&flush, 12)),
         versions: None,
@@ -460,6 +464,7 @@ fn plain_staging(t: &Tiling, tile: &str, body: &str) -> Staging {
     let load = body.replace("$KEEP", &format!("pre_{tile}_$IT =")).replace("$K", "k0 + kk");
     Staging {
         tiles: vec![tile.to_string()],
+        registers: registers((0..t.stage_iters()).map(|it| format!("pre_{tile}_{it}")), "vec4<f32>"),
         load: stage_quads(t.stage_iters(), &indent(&load, 12)),
         flush: stage_quads(t.stage_iters(), &format!("            {tile}[kk * (BO / 4u) + q] = pre_{tile}_$IT;\n")),
         versions: None,

@@ -165,15 +165,9 @@ fn inv_rms(ty: u32) -> vec4<f32> {
 
 // A weight tile: element (k, c) is wt_gate[k * BO / 4 + c / 4][c % 4].
 var<workgroup> wt_gate: array<vec4<f32>, BK * BO / 4u>;
-var<private> pre_wt_gate_0: vec4<f32>;
-var<private> pre_wt_gate_w0: vec4<u32>;
-var<private> pre_wt_gate_s0: vec4<u32>;
 
 // A weight tile: element (k, c) is wt_up[k * BO / 4 + c / 4][c % 4].
 var<workgroup> wt_up: array<vec4<f32>, BK * BO / 4u>;
-var<private> pre_wt_up_0: vec4<f32>;
-var<private> pre_wt_up_w0: vec4<u32>;
-var<private> pre_wt_up_s0: vec4<u32>;
 
 fn half_lo(x: vec4<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(x.x).x, unpack2x16float(x.y).x, unpack2x16float(x.z).x, unpack2x16float(x.w).x);
@@ -182,6 +176,12 @@ fn half_lo(x: vec4<u32>) -> vec4<f32> {
 fn half_hi(x: vec4<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(x.x).y, unpack2x16float(x.y).y, unpack2x16float(x.z).y, unpack2x16float(x.w).y);
 }
+
+// The next step's weights in flight.
+var<private> pre_wt_gate_w0: vec4<u32>;
+var<private> pre_wt_gate_s0: vec4<u32>;
+var<private> pre_wt_up_w0: vec4<u32>;
+var<private> pre_wt_up_s0: vec4<u32>;
 
 @compute @workgroup_size(WG)
 fn main(

@@ -270,9 +270,6 @@ fn inv_rms(ty: u32) -> vec4<f32> {
 
 // A weight tile: element (k, c) is wt[k * BO / 4 + c / 4][c % 4].
 var<workgroup> wt: array<vec4<f32>, BK * BO / 4u>;
-var<private> pre_wt_0: vec4<f32>;
-var<private> pre_wt_w0: vec4<u32>;
-var<private> pre_wt_s0: vec4<u32>;
 
 fn half_lo(x: vec4<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(x.x).x, unpack2x16float(x.y).x, unpack2x16float(x.z).x, unpack2x16float(x.w).x);
@@ -304,6 +301,10 @@ fn rope_store_half(t: u32, p: u32, unit: u32, half: u32, own: f32, other: f32) {
         k_cache[slot + o] = (rotated);
     }
 }
+
+// The next step's weights in flight.
+var<private> pre_wt_w0: vec4<u32>;
+var<private> pre_wt_s0: vec4<u32>;
 
 @compute @workgroup_size(WG)
 fn main(
