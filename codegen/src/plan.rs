@@ -90,8 +90,13 @@ pub struct PlanStep {
     /// Index into [`Plan::kernels`].
     pub kernel: usize,
     /// The kernel for steps of many tokens or logits rows ([`crate::ops::generate_batch`]),
-    /// same bindings; `None` where `kernel` serves every step.
+    /// the same tensors at the same bindings; `None` where `kernel` serves every step.
     pub batch_kernel: Option<usize>,
+    /// The step whose choice of kernel this one follows: it runs its batch
+    /// kernel exactly when that step runs its own (the argmax after logits
+    /// that left no shares).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_with: Option<usize>,
     pub stage: Stage,
     /// The layer whose KV cache the step binds.
     pub layer: Option<usize>,
@@ -267,7 +272,14 @@ impl Plan {
         for (i, rows) in embed.parts.iter().enumerate() {
             let k = set.add(&KernelSpec::Embed { hidden: h, rows: *rows, format: embed.format, target: *target })?;
             let tensors = set.refs(k, &[("embed", names::EMBED.to_string())], i);
-            steps.push(PlanStep { kernel: k, batch_kernel: None, stage: Stage::Embed, layer: None, tensors });
+            steps.push(PlanStep {
+                kernel: k,
+                batch_kernel: None,
+                batch_with: None,
+                stage: Stage::Embed,
+                layer: None,
+                tensors,
+            });
         }
 
         for layer in 0..cfg.num_layers {
@@ -296,7 +308,14 @@ impl Plan {
                 let batch_kernel = set.add_batch(spec)?;
                 let pairs: Vec<(&str, String)> = bindings.iter().map(|(b, s)| (*b, names::layer(layer, s))).collect();
                 let tensors = set.refs(k, &pairs, 0);
-                steps.push(PlanStep { kernel: k, batch_kernel, stage: Stage::Layer, layer: Some(layer), tensors });
+                steps.push(PlanStep {
+                    kernel: k,
+                    batch_kernel,
+                    batch_with: None,
+                    stage: Stage::Layer,
+                    layer: Some(layer),
+                    tensors,
+                });
             }
         }
 
@@ -317,7 +336,14 @@ impl Plan {
             let batch_kernel = set.add_batch(&spec)?;
             let mut tensors = set.refs(k, &[("norm", names::FINAL_NORM.to_string())], 0);
             tensors.extend(set.refs(k, &[("w", head_name.to_string())], i));
-            steps.push(PlanStep { kernel: k, batch_kernel, stage: Stage::Logits, layer: None, tensors });
+            steps.push(PlanStep {
+                kernel: k,
+                batch_kernel,
+                batch_with: None,
+                stage: Stage::Logits,
+                layer: None,
+                tensors,
+            });
         }
 
         // the argmax reads the logits kernel's shares where it leaves them; its
@@ -333,18 +359,32 @@ impl Plan {
                 PlanStep {
                     kernel: k,
                     batch_kernel: Some(argmax),
+                    // the one logits step, just before
+                    batch_with: Some(steps.len() - 1),
                     stage: Stage::Argmax,
                     layer: None,
                     tensors: Vec::new(),
                 }
             }
-            _ => {
-                PlanStep { kernel: argmax, batch_kernel: None, stage: Stage::Argmax, layer: None, tensors: Vec::new() }
-            }
+            _ => PlanStep {
+                kernel: argmax,
+                batch_kernel: None,
+                batch_with: None,
+                stage: Stage::Argmax,
+                layer: None,
+                tensors: Vec::new(),
+            },
         };
         steps.push(step);
         let k = set.add(&KernelSpec::Sample { vocab: cfg.vocab_size, target: *target })?;
-        steps.push(PlanStep { kernel: k, batch_kernel: None, stage: Stage::Sample, layer: None, tensors: Vec::new() });
+        steps.push(PlanStep {
+            kernel: k,
+            batch_kernel: None,
+            batch_with: None,
+            stage: Stage::Sample,
+            layer: None,
+            tensors: Vec::new(),
+        });
 
         Ok(Plan { target: *target, kernels: set.kernels, steps, argmax_shares })
     }

@@ -44,6 +44,9 @@ fn real_model_shape_validates_for_every_precision_and_target() {
             let argmax = plan.steps.iter().find(|s| s.stage == Stage::Argmax).unwrap();
             assert_eq!(plan.argmax_shares, plan.kernels[logits.kernel].dispatch[0] as usize);
             assert!(plan.kernels[argmax.kernel].name.starts_with("argmax-shares-"));
+            // the row's argmax runs exactly when the tiled logits kernel does
+            assert_eq!(argmax.batch_with.map(|j| &plan.steps[j]), Some(logits));
+            assert!(plan.steps.iter().filter(|s| s.batch_with.is_some()).count() == 1);
             shares.insert(plan.kernels[argmax.kernel].name.clone());
             for step in &plan.steps {
                 let Some(batch) = step.batch_kernel else {

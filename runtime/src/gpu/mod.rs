@@ -625,13 +625,13 @@ impl GpuBackend {
             let mut kernel = s.kernel;
             let mut bind_group = &self.bind_groups[i];
             if let (Some(bk), Some(bg)) = (s.batch_kernel, &self.batch_bind_groups[i]) {
-                let repeats = match self.plan.kernels[bk].rows {
+                // the batch kernel whose rows decide: this step's, or the one of the step it follows
+                let chooser = s.batch_with.map_or(Some(bk), |j| self.plan.steps[j].batch_kernel);
+                let repeats = chooser.map_or(0, |c| match self.plan.kernels[c].rows {
                     Rows::Tokens | Rows::TokensSplits { .. } | Rows::TokenTiles(_) => n,
                     Rows::LogitRows | Rows::LogitRowTiles(_) => rows as u32,
-                    // the argmax reads the row where the logits batch kernel left no shares
-                    Rows::One if s.stage == Stage::Argmax => rows as u32,
                     Rows::One => 1,
-                };
+                });
                 if repeats >= BATCH_MIN_ROWS {
                     kernel = bk;
                     bind_group = bg;
