@@ -21,8 +21,12 @@
 //! Precision: inputs and weights are rounded to f16 when staged (11-bit
 //! significands; values past 65504 overflow), products are accumulated in f32.
 //! The RMSNorm is folded in as in the plain skeleton: the f16 inputs are
-//! `x * norm` before normalisation, the sums of squares are gathered in f32
-//! from the unrounded inputs, and the outputs are scaled by 1/rms at the end.
+//! `x * norm` before normalisation, the sums of squares are gathered in f32,
+//! and the outputs are scaled by 1/rms at the end. The residual stream a kernel
+//! normalises is read from its f16 copy ([`crate::tiled::half_hidden`]): `x`
+//! rounded once more, and the sums of squares of the rounded values. Read as
+//! f32, its 16 inputs in flight and 16 sums per invocation left gate/up at 846
+//! us a layer (Llama-2-7B F16 on the H100), 694 as pairs (QKV 558 to 485).
 //!
 //! The input loop is [`crate::tiled::pipelined_steps`]: each step's loads
 //! from device memory wait in registers (separate variables, loops unrolled
@@ -66,8 +70,6 @@ const BT: u32 = 128;
 /// `lid / BK + (WG / BK) j`, so a subgroup's loads of a token row are one
 /// contiguous run.
 pub(crate) const BK: u32 = 64;
-/// Token rows of the input tile each invocation stages.
-const XJ: u32 = BT * BK / WG;
 /// Row strides (in elements) of the staged tiles, padded by 16 bytes so the
 /// rows of a sub-tile fall in different banks; each a multiple of 16 bytes,
 /// as cooperative loads and stores require.
@@ -100,8 +102,10 @@ impl CoopTiling {
 
     /// Constants, the input tile, `load_x(t0, n, k0)` and `store_x()`, the
     /// accumulator store and, with `norm`, `inv_rms(ty)`; `x` is the input
-    /// binding (`array<f32>`, rows of `IN`).
-    pub fn prelude(&self, x: &str, norm: bool) -> String {
+    /// binding: rows of `IN` f32 (`array<f32>`), or with `half` (normed inputs
+    /// only) rows of `IN / 2` f16 pairs (`array<u32>`, `IN` even).
+    pub fn prelude(&self, x: &str, norm: bool, half: bool) -> String {
+        assert!(norm || !half, "only normed inputs are read as f16 pairs");
         let mut s = format!(
             r#"// Tiles of BT tokens x BO outputs, inputs staged BK at a time as f16 and
 // multiplied on 16 x 16 cooperative matrices (f32 accumulators). Subgroup g
@@ -129,45 +133,58 @@ var<workgroup> cs: array<f32, 32u * CS>;
         );
         // Registers are separate variables and loops over them are unrolled
         // here: an indexed private array may live in slow local memory.
-        let rows: Vec<u32> = (0..XJ).collect();
-        let row = |j: u32| format!("lid / BK + {}u", j * (WG / BK));
-        s += "// The next step's inputs in flight: px_j holds token lid / BK + (WG / BK) j.\n";
+        // Invocation lid stages lane lid % lanes (an input, or an input pair
+        // of one f16 word) of the token rows lid / lanes + (WG / lanes) j.
+        let lanes = if half { BK / 2 } else { BK };
+        let rows: Vec<u32> = (0..BT * lanes / WG).collect();
+        let row = |j: u32| format!("lid / {lanes}u + {}u", j * (WG / lanes));
+        let (reg, ty, zero, len, at) =
+            if half { ("pw", "u32", "0u", "(IN / 2u)", "kw") } else { ("px", "f32", "0.0", "IN", "k") };
+        s += &format!("// The next step's inputs in flight: {reg}_j holds token lid / {lanes} + {} j.\n", WG / lanes);
         for j in &rows {
-            s += &format!("var<private> px_{j}: f32;\n");
+            s += &format!("var<private> {reg}_{j}: {ty};\n");
         }
         if norm {
-            s += "// Sums of squares of the inputs this invocation staged, per token row,\n// and the norm weight of its input in flight.\n";
+            s += "// Sums of squares of the inputs this invocation staged, per token row,\n// and the norm weights of its inputs in flight.\n";
             for j in &rows {
                 s += &format!("var<private> ssq_{j}: f32;\n");
             }
-            s += "var<private> nk: f32;\n";
+            s += if half { "var<private> nk: vec2<f32>;\n" } else { "var<private> nk: f32;\n" };
         }
-        let mut load = String::new();
-        let mut store = String::new();
+        let mut load =
+            if half { "    let kw = k0 / 2u + lid % (BK / 2u);\n" } else { "    let k = k0 + lid % BK;\n" }.to_string();
+        let mut store = if half { "    let c = 2u * (lid % (BK / 2u));\n" } else { "" }.to_string();
         for &j in &rows {
+            let r = row(j);
             load += &format!(
-                "    px_{j} = 0.0;\n    if (t0 + {r} < n && k < IN) {{\n        px_{j} = $X[(t0 + {r}) * IN + k];\n    }}\n",
-                r = row(j)
+                "    {reg}_{j} = {zero};\n    if (t0 + {r} < n && {at} < {len}) {{\n        {reg}_{j} = $X[(t0 + {r}) * {len} + {at}];\n    }}\n"
             );
-            if norm {
-                store += &format!("    ssq_{j} += px_{j} * px_{j};\n");
+            if half {
+                store += &format!(
+                    "    {{\n        let v = unpack2x16float(pw_{j});\n        ssq_{j} += dot(v, v);\n        xh[({r}) * XS + c] = f16(v.x * nk.x);\n        xh[({r}) * XS + c + 1u] = f16(v.y * nk.y);\n    }}\n"
+                );
+            } else if norm {
+                store +=
+                    &format!("    ssq_{j} += px_{j} * px_{j};\n    xh[({r}) * XS + lid % BK] = f16(px_{j} * nk);\n");
+            } else {
+                store += &format!("    xh[({r}) * XS + lid % BK] = f16(px_{j});\n");
             }
-            let v = if norm { format!("px_{j} * nk") } else { format!("px_{j}") };
-            store += &format!("    xh[({}) * XS + lid % BK] = f16({v});\n", row(j));
         }
-        if norm {
+        if half {
+            load += "    nk = vec2<f32>(norm[min(2u * kw, IN - 1u)], norm[min(2u * kw + 1u, IN - 1u)]);\n";
+        } else if norm {
             load += "    nk = norm[min(k, IN - 1u)];\n";
         }
+        let what = if half { "input pair k0 / 2 + lid % (BK / 2) (one f16 word)" } else { "input k0 + lid % BK" };
         s += &fill(
             &format!(
                 r#"
-// Loads input k0 + lid % BK of the tile's tokens lid / BK + (WG / BK) j into
-// px_j; zeros past n tokens or IN inputs.
+// Loads {what} of the tile's tokens
+// lid / {lanes} + {step} j into {reg}_j; zeros past n tokens or IN inputs.
 fn load_x(t0: u32, n: u32, k0: u32) {{
-    let k = k0 + lid % BK;
 {load}}}
 
-// Stores the px_j into the input tile as f16 (the loads' first use).
+// Stores the {reg}_j into the input tile as f16 (the loads' first use).
 fn store_x() {{
 {store}}}
 
@@ -176,22 +193,25 @@ fn c_quad(r: u32, q: u32) -> vec4<f32> {{
     let i = r * CS + 4u * q;
     return vec4<f32>(cs[i], cs[i + 1u], cs[i + 2u], cs[i + 3u]);
 }}
-"#
+"#,
+                step = WG / lanes,
             ),
             &[("X", x)],
         );
         if norm {
             let p = SSQ_TOKENS;
-            let per_pass = XJ * p / BT;
+            let per_pass = rows.len() as u32 * p / BT;
             let mut passes = String::new();
             for pass in 0..BT / p {
                 passes += "    workgroupBarrier();\n";
                 for j in pass * per_pass..(pass + 1) * per_pass {
-                    passes +=
-                        &format!("    cs[(lid % BK) * {p}u + lid / BK + {}u] = ssq_{j};\n", j * (WG / BK) - p * pass);
+                    passes += &format!(
+                        "    cs[(lid % {lanes}u) * {p}u + lid / {lanes}u + {}u] = ssq_{j};\n",
+                        j * (WG / lanes) - p * pass
+                    );
                 }
                 passes += &format!(
-                    "    workgroupBarrier();\n    if (ty / {q}u == {pass}u) {{\n        for (var l = 0u; l < BK; l++) {{\n            let i = l * {p}u + 4u * (ty % {q}u);\n            ss += vec4<f32>(cs[i], cs[i + 1u], cs[i + 2u], cs[i + 3u]);\n        }}\n    }}\n",
+                    "    workgroupBarrier();\n    if (ty / {q}u == {pass}u) {{\n        for (var l = 0u; l < {lanes}u; l++) {{\n            let i = l * {p}u + 4u * (ty % {q}u);\n            ss += vec4<f32>(cs[i], cs[i + 1u], cs[i + 2u], cs[i + 3u]);\n        }}\n    }}\n",
                     q = p / 4
                 );
             }
@@ -359,16 +379,19 @@ mod tests {
         assert_eq!(BK % 16, 0);
         // the subgroups of 32 cover the sub-tiles, two each
         assert_eq!(WG / crate::target::COOP_SUBGROUP_SIZE * 2, (BT / 16) * (BO / 16));
-        // load_x: whole token rows of BK inputs, XJ per invocation
-        assert_eq!(WG % BK, 0);
-        assert_eq!(BT % (WG / BK), 0);
+        // load_x: whole token rows of BK inputs (or BK / 2 pairs), the same rows per invocation
+        for lanes in [BK, BK / 2] {
+            assert_eq!(WG % lanes, 0);
+            assert_eq!(BT % (WG / lanes), 0);
+            // inv_rms: whole rows of a pass per invocation
+            assert_eq!((BT * lanes / WG) * SSQ_TOKENS % BT, 0);
+        }
         // stage_pair: one input pair of a tile per invocation, from one word
         assert_eq!((BO / 4) * BK / 2, WG);
         assert_eq!(BK % 8, 0);
         // inv_rms gathers BK sums per token in the accumulator store
         const { assert!(BK * SSQ_TOKENS <= 32 * CS) };
         assert_eq!(BT % SSQ_TOKENS, 0);
-        assert_eq!(XJ * SSQ_TOKENS % BT, 0);
         // gate/up's two tiles, or one tile and an exchange
         assert_eq!(workgroup_bytes(2, false).max(workgroup_bytes(1, true)), crate::target::COOP_WORKGROUP_BYTES);
     }

@@ -11,6 +11,11 @@ use crate::target::Target;
 pub enum Activation {
     /// The residual stream, `[tokens, hidden]` f32.
     Hidden,
+    /// The residual stream rounded to f16, `[tokens, hidden / 2]` f16 pairs
+    /// (u32 words): what the tiled kernels normalise on targets where
+    /// `tiled::half_hidden`, written beside [`Activation::Hidden`] there by the
+    /// embedding and the tiled residual adds (see ARCHITECTURE.md).
+    HiddenHalf,
     /// Queries after RoPE, `[tokens, num_heads * head_dim]` f32.
     Q,
     /// Attention output, `[tokens, num_heads * head_dim]` f32; for a step of
@@ -26,13 +31,21 @@ pub enum Activation {
 }
 
 impl Activation {
-    pub const ALL: [Activation; 6] =
-        [Activation::Hidden, Activation::Q, Activation::Attn, Activation::AttnLse, Activation::Ffn, Activation::Logits];
+    pub const ALL: [Activation; 7] = [
+        Activation::Hidden,
+        Activation::HiddenHalf,
+        Activation::Q,
+        Activation::Attn,
+        Activation::AttnLse,
+        Activation::Ffn,
+        Activation::Logits,
+    ];
 
     /// The WGSL name of its binding.
     pub fn ident(self) -> &'static str {
         match self {
             Activation::Hidden => "hidden",
+            Activation::HiddenHalf => "hidden_half",
             Activation::Q => "q",
             Activation::Attn => "attn",
             Activation::AttnLse => "lse",

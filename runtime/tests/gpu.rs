@@ -9,8 +9,8 @@ use llama5_codegen::format;
 use llama5_codegen::manifest::{Precision, QuantFormat};
 use llama5_codegen::target::COOP_SUBGROUP_SIZE;
 use llama5_codegen::{
-    attention_splits, generate, generate_batch, split_limit, Activation, Kernel, KernelSpec, Resource, StepUniform,
-    Target, ATTENTION_SPLIT_LEN, MAX_ATTENTION_SPLITS,
+    attention_splits, generate, generate_batch, split_limit, Access, Activation, Kernel, KernelSpec, Resource,
+    StepUniform, Target, ATTENTION_SPLIT_LEN, MAX_ATTENTION_SPLITS,
 };
 use llama5_runtime::cpu;
 use llama5_runtime::gpu::harness::KernelRunner;
@@ -279,9 +279,54 @@ fn run(runner: &KernelRunner, spec: &KernelSpec, contents: &[Vec<u8>], rows: u32
     {
         contents.push(vec![0; kernel.dispatch[0] as usize * 8]);
     }
-    let grid = kernel.dispatch_for(&step_of(&contents), rows);
-    let out = runner.run(&kernel, &contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
+    let out = run_kernel(runner, &kernel, &contents, rows);
     (kernel, out)
+}
+
+const RESIDUAL_COPY: Resource = Resource::Activation(Activation::HiddenHalf);
+/// 2^-24, the spacing of f16's subnormals.
+const F16_SUBNORMAL_STEP: f32 = 5.960_464_5e-8;
+
+/// Runs `kernel` on the first of `contents` it binds, with the residual
+/// stream's f16 copy where it binds one: the stream's contents rounded, in the
+/// stream's place where it reads the copy, after the others where it writes
+/// it. A written copy must hold the written stream, rounded.
+fn run_kernel(runner: &KernelRunner, kernel: &Kernel, contents: &[Vec<u8>], rows: u32) -> Vec<Vec<u8>> {
+    let written = |b: &&llama5_codegen::Binding| b.resource == RESIDUAL_COPY && b.access == Access::ReadWrite;
+    let mut contents = contents[..kernel.bindings.len() - kernel.bindings.iter().filter(written).count()].to_vec();
+    let stream = kernel.bindings.iter().find(|b| b.resource == Resource::Activation(Activation::Hidden));
+    for b in &kernel.bindings {
+        if b.resource == RESIDUAL_COPY {
+            if b.access == Access::ReadOnly {
+                contents[b.index as usize] = f16_pairs(&to_f32(&contents[b.index as usize]));
+            } else {
+                assert_eq!(b.index as usize, contents.len(), "{}: the copy's binding comes last", kernel.name);
+                contents.push(f16_pairs(&to_f32(&contents[stream.unwrap().index as usize])));
+            }
+        }
+    }
+    let grid = kernel.dispatch_for(&step_of(&contents), rows);
+    let out = runner.run(kernel, &contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
+    if let Some(copy) = kernel.bindings.iter().find(written) {
+        let (want, got) = (to_f32(&out[stream.unwrap().index as usize]), from_f16_pairs(&out[copy.index as usize]));
+        assert_eq!(want.len(), got.len());
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            // within f16's rounding (subnormals: its smallest step); past its
+            // range, an infinity of the stream's sign
+            let close = (w - g).abs() <= w.abs() / 1024.0 + F16_SUBNORMAL_STEP
+                || (w.abs() > 65504.0 && *g == w.signum() * f32::INFINITY);
+            assert!(close, "{}: copy element {i}: {g}, the stream {w}", kernel.name);
+        }
+    }
+    out
+}
+
+fn f16_pairs(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect()
+}
+
+fn from_f16_pairs(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
 }
 
 /// Runs the kernel of `spec` and, where it has one, its batch variant on the
@@ -289,9 +334,7 @@ fn run(runner: &KernelRunner, spec: &KernelSpec, contents: &[Vec<u8>], rows: u32
 fn run_all(runner: &KernelRunner, spec: &KernelSpec, contents: &[Vec<u8>], rows: u32) -> Vec<(Kernel, Vec<Vec<u8>>)> {
     let mut out = vec![run(runner, spec, contents, rows)];
     if let Some(kernel) = generate_batch(spec).unwrap() {
-        let contents = &contents[..kernel.bindings.len()];
-        let grid = kernel.dispatch_for(&step_of(contents), rows);
-        let result = runner.run(&kernel, contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
+        let result = run_kernel(runner, &kernel, contents, rows);
         out.push((kernel, result));
     }
     assert_eq!(out.len(), 2, "{} has a batch variant", spec.name());
@@ -303,9 +346,7 @@ fn run_all(runner: &KernelRunner, spec: &KernelSpec, contents: &[Vec<u8>], rows:
         let coop = generate_batch(&spec.with_target(coop_target)).unwrap().unwrap();
         assert!(coop.wgsl.contains("coopMultiplyAdd"), "{}: a tiled kernel on cooperative matrices", coop.name);
         let kernel = emulated_coop(&coop);
-        let contents = &contents[..kernel.bindings.len()];
-        let grid = kernel.dispatch_for(&step_of(contents), rows);
-        let result = runner.run(&kernel, contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
+        let result = run_kernel(runner, &kernel, contents, rows);
         out.push((kernel, result));
     }
     out
@@ -991,6 +1032,14 @@ fn embed_part_matches_cpu() {
             }
             // decoding one element is exact
             assert_eq!(to_f32(&result[3]), want, "{}", kernel.name);
+            // a cooperative-matrix target's embedding writes the stream's f16 copy too (run_kernel checks it)
+            if target.shader_f16 && target.subgroups && !target.cooperative_matrix {
+                let coop = Target { cooperative_matrix: true, subgroup_size: COOP_SUBGROUP_SIZE, ..target };
+                let mut kernel = generate(&KernelSpec::Embed { hidden, rows, format, target: coop }).unwrap();
+                assert!(kernel.bindings.iter().any(|b| b.resource == RESIDUAL_COPY), "{}", kernel.name);
+                kernel.wgsl = kernel.wgsl.replace("enable wgpu_cooperative_matrix;\n", "");
+                assert_eq!(to_f32(&run_kernel(runner, &kernel, &contents, 0)[3]), want, "{}", kernel.name);
+            }
         }
     }
 }

@@ -129,6 +129,7 @@ fn main(
     let i = wid.x * WG + lid;
     let token = tokens[t];
     if (i < HIDDEN && token >= ROW0 && token < ROW1) {
-        hidden[t * HIDDEN + i] = embed_elem(token - ROW0, i);
+        let v = embed_elem(token - ROW0, i);
+        hidden[t * HIDDEN + i] = v;
     }
 }

@@ -68,6 +68,7 @@ pub(crate) fn activation_bytes(cfg: &llama5_codegen::manifest::ModelConfig, a: A
     let (batch, logit_rows) = capacity(ctx);
     let (rows, per_row) = match a {
         Activation::Hidden => (batch, cfg.hidden_size),
+        Activation::HiddenHalf => (batch, cfg.hidden_size.div_ceil(2)),
         // a step of one token split over positions holds a row per split: no more than the batch
         Activation::Q | Activation::Attn => (batch, cfg.q_dim()),
         Activation::AttnLse => (MAX_ATTENTION_SPLITS as usize, cfg.num_heads),
@@ -295,7 +296,11 @@ impl GpuBackend {
         let b = batch as u64;
         let act = |a: Activation| activation_bytes(cfg, a, ctx);
         let mut activations = BTreeMap::new();
-        for a in Activation::ALL {
+        // those some kernel binds (the residual stream's f16 copy only where tiled kernels read it)
+        let bound = |a: Activation| {
+            plan.kernels.iter().any(|k| k.bindings.iter().any(|b| b.resource == Resource::Activation(a)))
+        };
+        for a in Activation::ALL.into_iter().filter(|&a| bound(a)) {
             let bytes = if a == Activation::Logits { logits_bytes(cfg.vocab_size, 1) } else { act(a) };
             activations.insert(a, storage_buffer(device, &format!("{a:?}"), bytes));
         }
