@@ -23,7 +23,7 @@
 //! The RMSNorm is folded in as in the plain skeleton: the f16 inputs are
 //! `x * norm` before normalisation, the sums of squares are gathered in f32,
 //! and the outputs are scaled by 1/rms at the end. The residual stream a kernel
-//! normalises is read from its f16 copy ([`crate::tiled::half_hidden`]): `x`
+//! normalises is read from its f16 copy ([`crate::tiled::f16_pairs`]): `x`
 //! rounded once more, and the sums of squares of the rounded values. Read as
 //! f32, its 16 inputs in flight and 16 sums per invocation left gate/up at 846
 //! us a layer (Llama-2-7B F16 on the H100), 694 as pairs (QKV 558 to 485).
@@ -102,10 +102,9 @@ impl CoopTiling {
 
     /// Constants, the input tile, `load_x(t0, n, k0)` and `store_x()`, the
     /// accumulator store and, with `norm`, `inv_rms(ty)`; `x` is the input
-    /// binding: rows of `IN` f32 (`array<f32>`), or with `half` (normed inputs
-    /// only) rows of `IN / 2` f16 pairs (`array<u32>`, `IN` even).
+    /// binding: rows of `IN` f32 (`array<f32>`), or with `half` rows of `IN / 2`
+    /// f16 pairs (`array<u32>`, `IN` even).
     pub fn prelude(&self, x: &str, norm: bool, half: bool) -> String {
-        assert!(norm || !half, "only normed inputs are read as f16 pairs");
         let mut s = format!(
             r#"// Tiles of BT tokens x BO outputs, inputs staged BK at a time as f16 and
 // multiplied on 16 x 16 cooperative matrices (f32 accumulators). Subgroup g
@@ -159,9 +158,13 @@ var<workgroup> cs: array<f32, 32u * CS>;
             load += &format!(
                 "    {reg}_{j} = {zero};\n    if (t0 + {r} < n && {at} < {len}) {{\n        {reg}_{j} = $X[(t0 + {r}) * {len} + {at}];\n    }}\n"
             );
-            if half {
+            if half && norm {
                 store += &format!(
                     "    {{\n        let v = unpack2x16float(pw_{j});\n        ssq_{j} += dot(v, v);\n        xh[({r}) * XS + c] = f16(v.x * nk.x);\n        xh[({r}) * XS + c + 1u] = f16(v.y * nk.y);\n    }}\n"
+                );
+            } else if half {
+                store += &format!(
+                    "    {{\n        let v = unpack2x16float(pw_{j});\n        xh[({r}) * XS + c] = f16(v.x);\n        xh[({r}) * XS + c + 1u] = f16(v.y);\n    }}\n"
                 );
             } else if norm {
                 store +=
@@ -170,9 +173,9 @@ var<workgroup> cs: array<f32, 32u * CS>;
                 store += &format!("    xh[({r}) * XS + lid % BK] = f16(px_{j});\n");
             }
         }
-        if half {
+        if half && norm {
             load += "    nk = vec2<f32>(norm[min(2u * kw, IN - 1u)], norm[min(2u * kw + 1u, IN - 1u)]);\n";
-        } else if norm {
+        } else if norm && !half {
             load += "    nk = norm[min(k, IN - 1u)];\n";
         }
         let what = if half { "input pair k0 / 2 + lid % (BK / 2) (one f16 word)" } else { "input k0 + lid % BK" };

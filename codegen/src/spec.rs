@@ -13,7 +13,7 @@ pub enum Activation {
     Hidden,
     /// The residual stream rounded to f16, `[tokens, hidden / 2]` f16 pairs
     /// (u32 words): what the tiled kernels normalise on targets where
-    /// `tiled::half_hidden`, written beside [`Activation::Hidden`] there by the
+    /// `tiled::f16_pairs`, written beside [`Activation::Hidden`] there by the
     /// embedding and the tiled residual adds (see ARCHITECTURE.md).
     HiddenHalf,
     /// Queries after RoPE, `[tokens, num_heads * head_dim]` f32.
@@ -26,18 +26,23 @@ pub enum Activation {
     AttnLse,
     /// SiLU(gate) * up, `[tokens, intermediate]` f32.
     Ffn,
+    /// SiLU(gate) * up rounded to f16, `[tokens, intermediate / 2]` f16 pairs:
+    /// what the tiled kernels pass instead of [`Activation::Ffn`] where
+    /// `tiled::f16_pairs`.
+    FfnHalf,
     /// Logits, `[rows, vocab]` f32.
     Logits,
 }
 
 impl Activation {
-    pub const ALL: [Activation; 7] = [
+    pub const ALL: [Activation; 8] = [
         Activation::Hidden,
         Activation::HiddenHalf,
         Activation::Q,
         Activation::Attn,
         Activation::AttnLse,
         Activation::Ffn,
+        Activation::FfnHalf,
         Activation::Logits,
     ];
 
@@ -50,6 +55,7 @@ impl Activation {
             Activation::Attn => "attn",
             Activation::AttnLse => "lse",
             Activation::Ffn => "ffn",
+            Activation::FfnHalf => "ffn_half",
             Activation::Logits => "logits",
         }
     }

@@ -284,14 +284,15 @@ pub(crate) fn per_token(token: &str, body: &str) -> String {
         .collect()
 }
 
-/// Whether the tiled kernels of `target` read a residual stream of `hidden`
-/// from its f16 copy ([`crate::spec::Activation::HiddenHalf`]), which every
-/// kernel writing the stream in a step of tiled kernels then writes too: the
-/// cooperative-matrix kernels, whose input tiles are f16 anyway. Half the bytes
-/// and registers in flight took Llama-2-7B F16's prefill gate/up from 846 to
-/// 689 us a layer on the H100.
-pub(crate) fn half_hidden(target: &Target, hidden: usize) -> bool {
-    target.uses_coop() && hidden.is_multiple_of(2)
+/// Whether the tiled kernels of `target` pass activations of `width` to each
+/// other as f16 pairs: the residual stream's copy
+/// ([`crate::spec::Activation::HiddenHalf`], which every kernel writing the
+/// stream in a step of tiled kernels then writes too) and SiLU(gate) * up
+/// ([`crate::spec::Activation::FfnHalf`]). The cooperative-matrix kernels do,
+/// whose input tiles are f16 anyway: half the bytes and registers in flight
+/// took Llama-2-7B F16's prefill gate/up from 846 to 694 us a layer on the H100.
+pub(crate) fn f16_pairs(target: &Target, width: usize) -> bool {
+    target.uses_coop() && width.is_multiple_of(2)
 }
 
 /// The skeleton a tiled kernel is built on: [`Tiling`], or the cooperative-matrix
@@ -332,7 +333,7 @@ impl Skeleton {
     }
 
     /// See [`Tiling::prelude`]; with `half`, `x` holds f16 pairs
-    /// ([`half_hidden`]: the cooperative-matrix skeleton only).
+    /// ([`f16_pairs`]: the cooperative-matrix skeleton only).
     pub fn prelude(&self, x: &str, norm: bool, half: bool) -> String {
         match self {
             Skeleton::Plain(t) => {

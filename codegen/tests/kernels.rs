@@ -21,34 +21,43 @@ fn within_workgroup_memory(kernel: &llama5_codegen::Kernel, module: &naga::Modul
     assert!(bytes <= limit, "{}: {bytes} bytes of workgroup memory, more than {limit}", kernel.name);
 }
 
-/// `bindings` with the residual stream's f16 copy as the decode kernels bind
-/// the stream: the stream where the copy is read, nothing where it is written.
-fn without_residual_copy(bindings: &[Binding]) -> Vec<Binding> {
+/// `bindings` with the f16 pairs tiled kernels pass as the decode kernels
+/// bind their f32 activations: the residual stream where its copy is read,
+/// nothing where the copy is written beside it, and SiLU(gate) * up.
+fn without_f16_pairs(bindings: &[Binding]) -> Vec<Binding> {
     let copy = Resource::Activation(Activation::HiddenHalf);
+    let f32_binding =
+        |b: &Binding, a: Activation| Binding { name: a.ident().into(), resource: Resource::Activation(a), ..b.clone() };
     bindings
         .iter()
         .filter(|b| !(b.resource == copy && b.access == Access::ReadWrite))
-        .map(|b| match b.resource == copy {
-            true => Binding { name: "hidden".into(), resource: Resource::Activation(Activation::Hidden), ..b.clone() },
-            false => b.clone(),
+        .map(|b| match b.resource {
+            Resource::Activation(Activation::HiddenHalf) => f32_binding(b, Activation::Hidden),
+            Resource::Activation(Activation::FfnHalf) => f32_binding(b, Activation::Ffn),
+            _ => b.clone(),
         })
         .collect()
 }
 
-/// The tiled kernels read the residual stream's f16 copy exactly where they
-/// run on cooperative matrices, and it is current there: the embedding and
-/// every tiled kernel adding to the stream (all of a step's layer kernels run
-/// tiled, or none) write it beside the stream.
-fn residual_copy_is_current_where_read(plan: &Plan, coop: bool) {
+/// The tiled kernels read f16 pairs exactly where they run on cooperative
+/// matrices, and the pairs are current there: the embedding and every tiled
+/// kernel adding to the residual stream (all of a step's layer kernels run
+/// tiled, or none) write the stream's copy beside it, and the tiled gate/up
+/// writes the pairs the tiled down projection reads.
+fn f16_pairs_are_current_where_read(plan: &Plan, coop: bool) {
     let binds = |k: &llama5_codegen::Kernel, a: Activation, access: Access| {
         k.bindings.iter().any(|b| b.resource == Resource::Activation(a) && b.access == access)
     };
     let reads = plan.kernels.iter().filter(|k| binds(k, Activation::HiddenHalf, Access::ReadOnly)).count();
     // QKV, gate/up and the logits, tiled
     assert_eq!(reads, if coop { 3 } else { 0 });
+    let ffn = |access| plan.kernels.iter().filter(|k| binds(k, Activation::FfnHalf, access)).count();
+    // down reads what gate/up writes
+    assert_eq!((ffn(Access::ReadOnly), ffn(Access::ReadWrite)), if coop { (1, 1) } else { (0, 0) });
     for step in &plan.steps {
         let decode = &plan.kernels[step.kernel];
         assert!(!binds(decode, Activation::HiddenHalf, Access::ReadOnly), "{}", decode.name);
+        assert!(!decode.bindings.iter().any(|b| b.resource == Resource::Activation(Activation::FfnHalf)));
         if step.stage == Stage::Embed {
             assert_eq!(binds(decode, Activation::HiddenHalf, Access::ReadWrite), coop, "{}", decode.name);
         }
@@ -102,13 +111,13 @@ fn real_model_shape_validates_for_every_precision_and_target() {
                     // the tiled logits kernel leaves no shares
                     let shares = |b: &Binding| b.resource == Resource::ArgmaxShares;
                     assert_eq!(decode.bindings.iter().filter(|b| shares(b)).count(), 1, "{}", decode.name);
-                    let bindings = without_residual_copy(&batch.bindings);
+                    let bindings = without_f16_pairs(&batch.bindings);
                     assert!(bindings.iter().all(|b| !shares(b) && decode.bindings.contains(b)), "{}", batch.name);
                     assert_eq!(bindings.len() + 1, decode.bindings.len(), "{}", batch.name);
                 }
                 assert_eq!(batch.name, format!("{}-batch", decode.name));
                 if step.stage != Stage::Logits {
-                    assert_eq!(without_residual_copy(&batch.bindings), decode.bindings, "{}", batch.name);
+                    assert_eq!(without_f16_pairs(&batch.bindings), decode.bindings, "{}", batch.name);
                 }
                 let tiled = match decode.rows {
                     Rows::Tokens | Rows::TokensSplits { .. } => matches!(batch.rows, Rows::TokenTiles(t) if t > 1),
@@ -119,7 +128,7 @@ fn real_model_shape_validates_for_every_precision_and_target() {
             }
             let batched = plan.steps.iter().filter(|s| s.batch_kernel.is_some()).count();
             assert_eq!(batched, 5 * cfg.num_layers + 2, "{format:?} {}", target.name());
-            residual_copy_is_current_where_read(&plan, target.cooperative_matrix);
+            f16_pairs_are_current_where_read(&plan, target.cooperative_matrix);
         }
     }
     // attention (and its batch variant), argmax and the sampler do not depend on the weight format;

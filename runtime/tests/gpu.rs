@@ -284,29 +284,35 @@ fn run(runner: &KernelRunner, spec: &KernelSpec, contents: &[Vec<u8>], rows: u32
 }
 
 const RESIDUAL_COPY: Resource = Resource::Activation(Activation::HiddenHalf);
+const FFN_PAIRS: Resource = Resource::Activation(Activation::FfnHalf);
 /// 2^-24, the spacing of f16's subnormals.
 const F16_SUBNORMAL_STEP: f32 = 5.960_464_5e-8;
 
-/// Runs `kernel` on the first of `contents` it binds, with the residual
-/// stream's f16 copy where it binds one: the stream's contents rounded, in the
-/// stream's place where it reads the copy, after the others where it writes
-/// it. A written copy must hold the written stream, rounded.
+/// Runs `kernel` on the first of `contents` it binds, with the f16 pairs where
+/// it binds them: the f32 contents rounded, in the f32 activation's place
+/// (SiLU(gate) * up, and the residual stream's copy where it is read), or
+/// after the others for the stream's copy written beside the stream. Pairs
+/// written in place come back as f32; a copy written beside the stream must
+/// hold the written stream, rounded.
 fn run_kernel(runner: &KernelRunner, kernel: &Kernel, contents: &[Vec<u8>], rows: u32) -> Vec<Vec<u8>> {
     let written = |b: &&llama5_codegen::Binding| b.resource == RESIDUAL_COPY && b.access == Access::ReadWrite;
     let mut contents = contents[..kernel.bindings.len() - kernel.bindings.iter().filter(written).count()].to_vec();
     let stream = kernel.bindings.iter().find(|b| b.resource == Resource::Activation(Activation::Hidden));
+    let in_place =
+        |b: &&llama5_codegen::Binding| b.resource == FFN_PAIRS || (b.resource == RESIDUAL_COPY && !written(b));
     for b in &kernel.bindings {
-        if b.resource == RESIDUAL_COPY {
-            if b.access == Access::ReadOnly {
-                contents[b.index as usize] = f16_pairs(&to_f32(&contents[b.index as usize]));
-            } else {
-                assert_eq!(b.index as usize, contents.len(), "{}: the copy's binding comes last", kernel.name);
-                contents.push(f16_pairs(&to_f32(&contents[stream.unwrap().index as usize])));
-            }
+        if in_place(&b) {
+            contents[b.index as usize] = f16_pairs(&to_f32(&contents[b.index as usize]));
+        } else if written(&b) {
+            assert_eq!(b.index as usize, contents.len(), "{}: the copy's binding comes last", kernel.name);
+            contents.push(f16_pairs(&to_f32(&contents[stream.unwrap().index as usize])));
         }
     }
     let grid = kernel.dispatch_for(&step_of(&contents), rows);
-    let out = runner.run(kernel, &contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
+    let mut out = runner.run(kernel, &contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
+    for b in kernel.bindings.iter().filter(in_place) {
+        out[b.index as usize] = f32_bytes(&from_f16_pairs(&out[b.index as usize]));
+    }
     if let Some(copy) = kernel.bindings.iter().find(written) {
         let (want, got) = (to_f32(&out[stream.unwrap().index as usize]), from_f16_pairs(&out[copy.index as usize]));
         assert_eq!(want.len(), got.len());

@@ -73,6 +73,7 @@ pub(crate) fn activation_bytes(cfg: &llama5_codegen::manifest::ModelConfig, a: A
         Activation::Q | Activation::Attn => (batch, cfg.q_dim()),
         Activation::AttnLse => (MAX_ATTENTION_SPLITS as usize, cfg.num_heads),
         Activation::Ffn => (batch, cfg.intermediate_size),
+        Activation::FfnHalf => (batch, cfg.intermediate_size.div_ceil(2)),
         Activation::Logits => (logit_rows, cfg.vocab_size),
     };
     (rows * per_row * 4) as u64
