@@ -203,8 +203,8 @@ pub struct Decode {
     pub run_median_ms: Vec<f64>,
     /// Whether the next token is chosen on the device (only 4 bytes read back).
     pub argmax_on_device: bool,
-    /// Greedy decode steps recorded in one submission (each step's time is its submission's share).
-    pub tokens_per_submission: usize,
+    /// Decode steps of one timed call (each step's time is its call's share).
+    pub tokens_per_call: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -265,11 +265,11 @@ trait Subject {
         sampler: Option<&mut Sampler>,
     ) -> Result<Vec<u32>, RuntimeError>;
     /// Steps the decode measurement gives one call of [`Subject::decode`].
-    fn tokens_per_submission(&self) -> usize;
+    fn tokens_per_call(&self) -> usize;
 }
 
-/// Decode steps the GPU records in one submission.
-const GPU_DECODE_SUBMISSION: usize = 32;
+/// Decode steps the GPU takes per call (recorded and submitted as it goes).
+const GPU_DECODE_CALL: usize = 32;
 
 impl Subject for GpuBackend {
     fn next_token(&mut self, tokens: &[u32], pos: usize) -> Result<u32, RuntimeError> {
@@ -291,8 +291,8 @@ impl Subject for GpuBackend {
             }
         }
     }
-    fn tokens_per_submission(&self) -> usize {
-        GPU_DECODE_SUBMISSION
+    fn tokens_per_call(&self) -> usize {
+        GPU_DECODE_CALL
     }
 }
 
@@ -320,7 +320,7 @@ impl Subject for CpuBackend<'_> {
         }
         Ok(out)
     }
-    fn tokens_per_submission(&self) -> usize {
+    fn tokens_per_call(&self) -> usize {
         1
     }
 }
@@ -372,7 +372,7 @@ fn measure(subject: &mut dyn Subject, opts: &BenchOptions, vocab: usize) -> Resu
             })
             .transpose()?;
         while steps.len() < opts.gen_tokens {
-            let k = (opts.gen_tokens - steps.len()).min(subject.tokens_per_submission());
+            let k = (opts.gen_tokens - steps.len()).min(subject.tokens_per_call());
             let t = Instant::now();
             let chosen = subject.decode(next, opts.prompt_tokens + steps.len(), k, sampler.as_mut())?;
             let each = ms(t.elapsed()) / k as f64;
@@ -684,7 +684,7 @@ pub fn run(source: &ModelSource, opts: &BenchOptions) -> Result<BenchReport, Run
                 memory: gpu.memory_use(),
                 memory_counted: true,
                 argmax_on_device: true,
-                tokens_per_submission: gpu.tokens_per_submission(),
+                tokens_per_call: gpu.tokens_per_call(),
             }
         }
         BenchBackend::Cpu => {
@@ -715,7 +715,7 @@ pub fn run(source: &ModelSource, opts: &BenchOptions) -> Result<BenchReport, Run
                 memory: MemoryUse { weights, kv_cache, other: 0 },
                 memory_counted: false,
                 argmax_on_device: false,
-                tokens_per_submission: cpu.tokens_per_submission(),
+                tokens_per_call: cpu.tokens_per_call(),
             }
         }
     };
@@ -738,7 +738,7 @@ struct Measured {
     /// Whether `memory` is the backend's own count of its buffers (else computed).
     memory_counted: bool,
     argmax_on_device: bool,
-    tokens_per_submission: usize,
+    tokens_per_call: usize,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -769,7 +769,7 @@ fn report(
         tokens_per_s: 1e3 / decode_median,
         run_median_ms: m.samples.decode_ms.iter().map(|r| median(r)).collect(),
         argmax_on_device: m.argmax_on_device,
-        tokens_per_submission: m.tokens_per_submission,
+        tokens_per_call: m.tokens_per_call,
     };
 
     let prefill_sorted = sorted(&m.samples.prefill_ms);
@@ -868,7 +868,7 @@ fn conventions() -> Vec<String> {
     [
         "GB = 1e9 bytes; rates are medians unless named min / max / p10 / p90",
         "copy bandwidth counts read + write: 2 x buffer bytes per copy, several copies per submission, wall time to a blocking wait; on a GPU both the API's buffer copy (which a driver may run on a slower copy engine) and a compute-shader copy run, and the faster is the yardstick",
-        "decode: wall time per single-token forward step including the choice of the next token (greedy, or sampled at the settings' temperature), after a prefilled prompt; a submission of several steps (tokens per submission) counts its time evenly over its steps",
+        "decode: wall time per single-token forward step including the choice of the next token (greedy, or sampled at the settings' temperature), after a prefilled prompt; a call of several steps (tokens per call; a GPU submits them to its queue a few at a time as it records them) counts its time evenly over its steps",
         "prefill: one forward over prefill_tokens from position 0, up to the first sampled token",
         "time to first token: open (directory models) + backend creation (upload, pipelines) + prompt prefill; synthetic weights are built in host memory first, which is not counted",
         "bytes per token: stored bytes of every layer matrix (data and scales) and norm, one embedding row, the whole LM head, plus K and V of every layer at the mean decode context; activations are not counted",
@@ -949,8 +949,8 @@ impl BenchReport {
         rows.push((
             "decode".into(),
             format!(
-                "{:.2} ms/token, {:.1} tok/s (p10 {:.2}, p90 {:.2}, min {:.2}, max {:.2}; {} per submission)",
-                d.median_ms, d.tokens_per_s, d.p10_ms, d.p90_ms, d.min_ms, d.max_ms, d.tokens_per_submission
+                "{:.2} ms/token, {:.1} tok/s (p10 {:.2}, p90 {:.2}, min {:.2}, max {:.2}; {} per call)",
+                d.median_ms, d.tokens_per_s, d.p10_ms, d.p90_ms, d.min_ms, d.max_ms, d.tokens_per_call
             ),
         ));
         rows.push((
