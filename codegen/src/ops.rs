@@ -1421,6 +1421,22 @@ fn residual(half: bool) -> &'static str {
     }
 }
 
+/// An epilogue's store of the quad `v` (token t, outputs o0 + 4 tx ..) as two
+/// f16 pairs of `array`, rows of OUT / 2 words: OUT and o0 + 4 tx are even, so
+/// the quad is two whole words.
+fn store_pairs(array: &str, v: &str) -> String {
+    format!(
+        r#"            let pair = (t * OUT + o0 + 4u * tx) / 2u;
+            if (o0 + 4u * tx < OUT) {{
+                {array}[pair] = pack2x16float({v}.xy);
+            }}
+            if (o0 + 4u * tx + 2u < OUT) {{
+                {array}[pair + 1u] = pack2x16float({v}.zw);
+            }}
+"#
+    )
+}
+
 /// Binds the f16 copy of the residual stream a kernel writes beside it, rows
 /// of `width / 2` words.
 fn bind_residual_copy(m: &mut ModuleText, width: &str) {
@@ -1649,7 +1665,6 @@ fn matmul_add_tiled(
     m.helpers += TileRead::Quad.half_functions();
     m.helpers.push('\n');
     let add = if half {
-        // OUT and o0 + 4 tx are even: the quad is two whole words of the copy
         r#"            var h = vec4<f32>(0.0);
             for (var j = 0u; j < 4u; j++) {
                 let o = o0 + 4u * tx + j;
@@ -1658,14 +1673,9 @@ fn matmul_add_tiled(
                     hidden[t * OUT + o] = h[j];
                 }
             }
-            let pair = (t * OUT + o0 + 4u * tx) / 2u;
-            if (o0 + 4u * tx < OUT) {
-                hidden_half[pair] = pack2x16float(h.xy);
-            }
-            if (o0 + 4u * tx + 2u < OUT) {
-                hidden_half[pair + 1u] = pack2x16float(h.zw);
-            }
 "#
+        .to_string()
+            + &store_pairs("hidden_half", "h")
     } else {
         r#"            for (var j = 0u; j < 4u; j++) {
                 let o = o0 + 4u * tx + j;
@@ -1674,8 +1684,9 @@ fn matmul_add_tiled(
                 }
             }
 "#
+        .to_string()
     };
-    let epilogue = per_token("t0", add);
+    let epilogue = per_token("t0", &add);
     let entry = tiling.entry(
         "    let t0 = tile_t * BT;\n    let o0 = tile_o * BO;\n",
         &["y"],
@@ -1734,15 +1745,7 @@ fn rms_gate_up_tiled(
     m.helpers += TileRead::Quad.half_functions();
     m.helpers.push('\n');
     let store = if half_output {
-        // OUT and o0 + 4 tx are even: the quad is two whole words
-        r#"            let pair = (t * OUT + o0 + 4u * tx) / 2u;
-            if (o0 + 4u * tx < OUT) {
-                ffn_half[pair] = pack2x16float(y.xy);
-            }
-            if (o0 + 4u * tx + 2u < OUT) {
-                ffn_half[pair + 1u] = pack2x16float(y.zw);
-            }
-"#
+        store_pairs("ffn_half", "y")
     } else {
         r#"            for (var j = 0u; j < 4u; j++) {
                 let o = o0 + 4u * tx + j;
@@ -1751,6 +1754,7 @@ fn rms_gate_up_tiled(
                 }
             }
 "#
+        .to_string()
     };
     let epilogue = "    let r = inv_rms(ty);\n".to_string()
         + &per_token(
@@ -1760,7 +1764,7 @@ fn rms_gate_up_tiled(
             let y = g / (1.0 + exp(-g)) * u;
 "#
             .to_string()
-                + store),
+                + &store),
         );
     let stage =
         tiling.stage_weights(&[TileSource::matrix(&["w_gate"], "wt_gate"), TileSource::matrix(&["w_up"], "wt_up")]);
