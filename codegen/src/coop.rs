@@ -67,8 +67,9 @@ const BT: u32 = 128;
 /// Inputs staged per step: a multiple of 32 (two 16-deep products, and of
 /// every format's inputs per word), and one input pair of each weight tile
 /// per invocation. `load_x` gives invocation `lid` input `lid % BK` of tokens
-/// `lid / BK + (WG / BK) j`, so a subgroup's loads of a token row are one
-/// contiguous run.
+/// `lid / BK + (WG / BK) j` (f16 pairs: pair `lid % (BK / 2)` of tokens
+/// `lid / (BK / 2) + (WG / (BK / 2)) j`), so a subgroup's loads of a token row
+/// are one contiguous run.
 pub(crate) const BK: u32 = 64;
 /// Row strides (in elements) of the staged tiles, padded by 16 bytes so the
 /// rows of a sub-tile fall in different banks; each a multiple of 16 bytes,
