@@ -24,7 +24,8 @@
 //! `x * norm` before normalisation, the sums of squares are gathered in f32,
 //! and the outputs are scaled by 1/rms at the end. The residual stream a kernel
 //! normalises is read from its f16 copy ([`crate::tiled::f16_pairs`]): `x`
-//! rounded once more, and the sums of squares of the rounded values. Read as
+//! rounded once more (clamped to f16's range), and the sums of squares of the
+//! rounded values. Read as
 //! f32, its 16 inputs in flight and 16 sums per invocation left gate/up at 846
 //! us a layer (Llama-2-7B F16 on the H100), 694 as pairs (QKV 558 to 485).
 //!
@@ -51,6 +52,13 @@
 //! (four sub-tiles a subgroup) sped up the one-matrix kernels of Llama-2-7B
 //! (down 42.6 to 69.2 TFLOP/s) but slowed gate/up (45.6 to 40.9) and every
 //! kernel of Llama-3.2-1B.
+//!
+//! The residual projections of 4096 outputs or more (`WIDE_TILES_MIN_OUT` in
+//! [`crate::ops`]) take two tiles of their matrix per workgroup, as gate/up
+//! takes one of each of its two: a step's input tile then serves twice the
+//! products. On the H100 (Llama-2-7B F16, 512 tokens) down went from 356 to
+//! 258 us a layer and the output projection from 174 to 138, though only 128
+//! workgroups remain.
 //!
 //! The sub-tile ownership assumes subgroups of exactly
 //! [`crate::target::COOP_SUBGROUP_SIZE`] invocations: the runtime enables

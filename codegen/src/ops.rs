@@ -9,7 +9,7 @@ use crate::spec::{
 };
 use crate::target::Target;
 use crate::tcal::{
-    self, fill, Dot4Use, DotUse, InputStaging, MatvecShape, Norm, Products, SliceSum, TileRead, WeightMatrix,
+    self, fill, indent, Dot4Use, DotUse, InputStaging, MatvecShape, Norm, Products, SliceSum, TileRead, WeightMatrix,
 };
 use crate::tiled::{f16_pairs, per_token, Skeleton, TileSource, BO};
 
@@ -319,7 +319,7 @@ fn embed(
             "$HALF",
             if half {
                 // HIDDEN is even: the even invocations write the copy's words
-                "\n        if (i % 2u == 0u) {\n            hidden_half[(t * HIDDEN + i) / 2u] = pack2x16float(vec2<f32>(v, embed_elem(token - ROW0, i + 1u)));\n        }"
+                "\n        if (i % 2u == 0u) {\n            hidden_half[(t * HIDDEN + i) / 2u] = pack_f16(vec2<f32>(v, embed_elem(token - ROW0, i + 1u)));\n        }"
             } else {
                 ""
             },
@@ -1428,21 +1428,27 @@ fn store_pairs(array: &str, v: &str) -> String {
     format!(
         r#"            let pair = (t * OUT + o0 + 4u * tx) / 2u;
             if (o0 + 4u * tx < OUT) {{
-                {array}[pair] = pack2x16float({v}.xy);
+                {array}[pair] = pack_f16({v}.xy);
             }}
             if (o0 + 4u * tx + 2u < OUT) {{
-                {array}[pair + 1u] = pack2x16float({v}.zw);
+                {array}[pair + 1u] = pack_f16({v}.zw);
             }}
 "#
     )
 }
 
 /// Binds the f16 copy of the residual stream a kernel writes beside it, rows
-/// of `width / 2` words.
+/// of `width / 2` words, and declares [`PACK_F16`].
 fn bind_residual_copy(m: &mut ModuleText, width: &str) {
     let what = format!("[tokens, {width} / 2] the residual stream's f16 copy (pairs)");
     m.bind("hidden_half", Access::ReadWrite, Resource::Activation(Activation::HiddenHalf), "u32", &what);
+    m.helpers += PACK_F16;
 }
+
+/// `pack_f16(v)`: an f16 pair, clamped to f16's range (packing a value past it
+/// is undefined in WGSL; an infinity would make the row's RMS, and so the whole
+/// row, NaN downstream).
+const PACK_F16: &str = "fn pack_f16(v: vec2<f32>) -> u32 {\n    return pack2x16float(clamp(v, vec2<f32>(-65504.0), vec2<f32>(65504.0)));\n}\n\n";
 
 /// Tiled [`rms_qkv_rope`]: tile column c is half c % 2 of unit u0 + c / 2, so an
 /// invocation's 4 outputs are two whole RoPE pairs.
@@ -1617,6 +1623,10 @@ fn rope_store_half(t: u32, p: u32, unit: u32, half: u32, own: f32, other: f32) {
     Ok(m.finish(&entry, [tiling.wg(), 1, 1], dispatch, Rows::TokenTiles(tiling.bt())))
 }
 
+/// Outputs from which the cooperative-matrix residual projections take two
+/// weight tiles per workgroup (Llama-2-7B's 4096: 128 workgroups for 512 tokens).
+const WIDE_TILES_MIN_OUT: usize = 4096;
+
 /// Tiled [`matvec_add`].
 fn matmul_add_tiled(
     name: String,
@@ -1660,7 +1670,16 @@ fn matmul_add_tiled(
     m.konst("IN", "u32", in_features);
     m.konst("OUT", "u32", out_features);
     m.helpers += &tiling.prelude(x, false, half_input);
-    m.helpers += &tiling.weight_tile("wt");
+    // wide: two tiles of the matrix per workgroup, outputs o0 .. o0 + BO and
+    // o1 .. o1 + BO, so each step's input tile serves twice the products
+    let wide = matches!(tiling, Skeleton::Coop(_))
+        && out_features >= WIDE_TILES_MIN_OUT
+        && out_features.is_multiple_of(2 * BO as usize);
+    let tiles: &[(&str, &str, &str)] =
+        if wide { &[("y0", "wt0", "o0"), ("y1", "wt1", "o1")] } else { &[("y", "wt", "o0")] };
+    for (_, tile, _) in tiles {
+        m.helpers += &tiling.weight_tile(tile);
+    }
     m.helpers.push('\n');
     m.helpers += TileRead::Quad.half_functions();
     m.helpers.push('\n');
@@ -1686,14 +1705,31 @@ fn matmul_add_tiled(
 "#
         .to_string()
     };
-    let epilogue = per_token("t0", &add);
-    let entry = tiling.entry(
-        "    let t0 = tile_t * BT;\n    let o0 = tile_o * BO;\n",
-        &["y"],
-        &tiling.stage_weights(&[TileSource::matrix(&["w"], "wt")]),
-        &epilogue,
-    );
-    let dispatch = [(out_features as u32).div_ceil(BO), 1, 1];
+    let epilogue = if wide {
+        let each = |acc: &str, base: &str| {
+            format!(
+                "            {{\n{}            }}\n",
+                indent(&add.replace("acc_y", &format!("acc_{acc}")).replace("o0", base), 4)
+            )
+        };
+        per_token("t0", &tiles.iter().map(|(acc, _, base)| each(acc, base)).collect::<String>())
+    } else {
+        per_token("t0", &add)
+    };
+    let outs: Vec<String> = tiles.iter().map(|(_, _, base)| format!("{base} + 4u * q")).collect();
+    let sources: Vec<TileSource<'_>> = tiles
+        .iter()
+        .zip(&outs)
+        .map(|((_, tile, _), o)| TileSource { tile, o, sel: "", matrices: &["w"], uniform: false })
+        .collect();
+    let accs: Vec<&str> = tiles.iter().map(|(acc, _, _)| *acc).collect();
+    let setup = if wide {
+        "    let t0 = tile_t * BT;\n    let o0 = tile_o * 2u * BO;\n    let o1 = o0 + BO;\n"
+    } else {
+        "    let t0 = tile_t * BT;\n    let o0 = tile_o * BO;\n"
+    };
+    let entry = tiling.entry(setup, &accs, &tiling.stage_weights(&sources), &epilogue);
+    let dispatch = [(out_features as u32).div_ceil(if wide { 2 * BO } else { BO }), 1, 1];
     Ok(m.finish(&entry, [tiling.wg(), 1, 1], dispatch, Rows::TokenTiles(tiling.bt())))
 }
 
@@ -1732,6 +1768,7 @@ fn rms_gate_up_tiled(
     if half_output {
         let what = "[tokens, OUT / 2] SiLU(gate) * up, f16 pairs";
         m.bind("ffn_half", Access::ReadWrite, Resource::Activation(Activation::FfnHalf), "u32", what);
+        m.helpers += PACK_F16;
     } else {
         m.bind("ffn", Access::ReadWrite, Resource::Activation(Activation::Ffn), "f32", "[tokens, OUT] SiLU(gate) * up");
     }

@@ -18,7 +18,7 @@ use crate::tokenizer::Tokenizer;
 pub const PREFILL_CHUNK: usize = 256;
 
 /// Most tokens a greedy run asks at once of a backend that chooses them on
-/// the device: one submission and one small readback per chunk instead of per
+/// the device: one small readback per chunk instead of per
 /// token, at the cost of text arriving a chunk at a time and of the steps a
 /// chunk runs past an end-of-sequence token.
 pub const GREEDY_CHUNK: usize = 16;

@@ -46,8 +46,8 @@ const _: () = assert!(BATCH_MIN_ROWS >= 2);
 // a single token's attention splits are rows of the attention activation
 const _: () = assert!(MAX_BATCH >= MAX_ATTENTION_SPLITS as usize);
 
-/// Decode steps one submission records at most when the device chooses the
-/// tokens (greedy or sampled; longer runs are split).
+/// Decode steps one call records and reads back at most when the device
+/// chooses the tokens (greedy or sampled; longer runs are split).
 pub const MAX_DEVICE_STEPS: usize = 256;
 
 /// Device steps recorded into one submission. Submitting as it goes lets the
@@ -177,7 +177,7 @@ pub struct GpuBackend {
     vocab: usize,
     load: LoadTimes,
     memory: MemoryUse,
-    /// Whether a submission has completed since load (the first runs inside error scopes).
+    /// Whether a call has completed since load (the first runs inside error scopes).
     warmed_up: bool,
 }
 
@@ -489,7 +489,7 @@ impl GpuBackend {
         Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
-    /// Greedy decoding of `k` tokens with one submission per [`MAX_DEVICE_STEPS`]:
+    /// Greedy decoding of `k` tokens with one readback per [`MAX_DEVICE_STEPS`]:
     /// step `i` feeds the previous step's choice (`first` for step 0) at position
     /// `pos + i`, and the device writes its argmax where the next step's embedding
     /// reads its token. Returns the `k` chosen tokens, exactly what `k` calls of
