@@ -184,7 +184,7 @@ var<workgroup> cs: array<f32, 32u * CS>;
         }
         if half && norm {
             load += "    nk = vec2<f32>(norm[min(2u * kw, IN - 1u)], norm[min(2u * kw + 1u, IN - 1u)]);\n";
-        } else if norm && !half {
+        } else if norm {
             load += "    nk = norm[min(k, IN - 1u)];\n";
         }
         let what = if half { "input pair k0 / 2 + lid % (BK / 2) (one f16 word)" } else { "input k0 + lid % BK" };

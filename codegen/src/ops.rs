@@ -1421,16 +1421,16 @@ fn residual(half: bool) -> &'static str {
     }
 }
 
-/// An epilogue's store of the quad `v` (token t, outputs o0 + 4 tx ..) as two
-/// f16 pairs of `array`, rows of OUT / 2 words: OUT and o0 + 4 tx are even, so
-/// the quad is two whole words.
-fn store_pairs(array: &str, v: &str) -> String {
+/// An epilogue's store of the quad `v` (token t, outputs `base` + 4 tx ..) as
+/// two f16 pairs of `array`, rows of OUT / 2 words: OUT and `base` + 4 tx are
+/// even, so the quad is two whole words.
+fn store_pairs(array: &str, v: &str, base: &str) -> String {
     format!(
-        r#"            let pair = (t * OUT + o0 + 4u * tx) / 2u;
-            if (o0 + 4u * tx < OUT) {{
+        r#"            let pair = (t * OUT + {base} + 4u * tx) / 2u;
+            if ({base} + 4u * tx < OUT) {{
                 {array}[pair] = pack_f16({v}.xy);
             }}
-            if (o0 + 4u * tx + 2u < OUT) {{
+            if ({base} + 4u * tx + 2u < OUT) {{
                 {array}[pair + 1u] = pack_f16({v}.zw);
             }}
 "#
@@ -1683,38 +1683,42 @@ fn matmul_add_tiled(
     m.helpers.push('\n');
     m.helpers += TileRead::Quad.half_functions();
     m.helpers.push('\n');
-    let add = if half {
-        r#"            var h = vec4<f32>(0.0);
-            for (var j = 0u; j < 4u; j++) {
-                let o = o0 + 4u * tx + j;
-                if (o < OUT) {
-                    h[j] = hidden[t * OUT + o] + acc_y[$I][j];
-                    hidden[t * OUT + o] = h[j];
-                }
-            }
-"#
-        .to_string()
-            + &store_pairs("hidden_half", "h")
-    } else {
-        r#"            for (var j = 0u; j < 4u; j++) {
-                let o = o0 + 4u * tx + j;
-                if (o < OUT) {
-                    hidden[t * OUT + o] += acc_y[$I][j];
-                }
-            }
-"#
-        .to_string()
-    };
-    let epilogue = if wide {
-        let each = |acc: &str, base: &str| {
+    // the residual add of accumulator `acc`, outputs `base` + 4 tx ..
+    let add = |acc: &str, base: &str| {
+        if half {
             format!(
-                "            {{\n{}            }}\n",
-                indent(&add.replace("acc_y", &format!("acc_{acc}")).replace("o0", base), 4)
+                r#"            var h = vec4<f32>(0.0);
+            for (var j = 0u; j < 4u; j++) {{
+                let o = {base} + 4u * tx + j;
+                if (o < OUT) {{
+                    h[j] = hidden[t * OUT + o] + acc_{acc}[$I][j];
+                    hidden[t * OUT + o] = h[j];
+                }}
+            }}
+"#
+            ) + &store_pairs("hidden_half", "h", base)
+        } else {
+            format!(
+                r#"            for (var j = 0u; j < 4u; j++) {{
+                let o = {base} + 4u * tx + j;
+                if (o < OUT) {{
+                    hidden[t * OUT + o] += acc_{acc}[$I][j];
+                }}
+            }}
+"#
             )
-        };
-        per_token("t0", &tiles.iter().map(|(acc, _, base)| each(acc, base)).collect::<String>())
-    } else {
-        per_token("t0", &add)
+        }
+    };
+    let epilogue = match tiles {
+        [(acc, _, base)] => per_token("t0", &add(acc, base)),
+        // each tile's add in its own block: they declare the same names
+        _ => per_token(
+            "t0",
+            &tiles
+                .iter()
+                .map(|(acc, _, base)| format!("            {{\n{}            }}\n", indent(&add(acc, base), 4)))
+                .collect::<String>(),
+        ),
     };
     let outs: Vec<String> = tiles.iter().map(|(_, _, base)| format!("{base} + 4u * q")).collect();
     let sources: Vec<TileSource<'_>> = tiles
@@ -1782,7 +1786,7 @@ fn rms_gate_up_tiled(
     m.helpers += TileRead::Quad.half_functions();
     m.helpers.push('\n');
     let store = if half_output {
-        store_pairs("ffn_half", "y")
+        store_pairs("ffn_half", "y", "o0")
     } else {
         r#"            for (var j = 0u; j < 4u; j++) {
                 let o = o0 + 4u * tx + j;
