@@ -1500,13 +1500,13 @@ fn rms_qkv_rope_tiled(
     m.helpers += &rope_functions(&target, head_dim, rope_theta);
     m.helpers.push('\n');
     m.helpers += &tiling.prelude(residual(half), true, half);
+    if aligned {
+        return rms_qkv_rope_tiled_aligned(m, tiling, &target, q_dim, kv_dim);
+    }
     m.helpers += &tiling.weight_tile("wt");
     m.helpers.push('\n');
     m.helpers += read.half_functions();
     m.helpers.push('\n');
-    if aligned {
-        return rms_qkv_rope_tiled_aligned(m, tiling, &target, q_dim, kv_dim);
-    }
     // column c of the tile is half c % 2 of unit u0 + c / 2, whichever matrix holds it
     let stage = tiling.stage_with(
         "wt",
@@ -1543,7 +1543,9 @@ $KEEP v;
 /// The tiled QKV kernel for heads of a multiple of 8 dimensions: tile column c
 /// is half c / (BO / 2) of unit u0 + c % (BO / 2), so each quad of columns is
 /// one aligned load, and RoPE partners sit in invocations tx and tx + BO / 8,
-/// which trade their sums through workgroup memory.
+/// which trade their sums through workgroup memory (`exchange`). On
+/// cooperative matrices, from [`WIDE_TILES_MIN_OUT`] outputs, a workgroup
+/// takes two adjacent tiles of one matrix.
 fn rms_qkv_rope_tiled_aligned(
     mut m: ModuleText,
     tiling: Skeleton,
@@ -1553,7 +1555,22 @@ fn rms_qkv_rope_tiled_aligned(
 ) -> Result<Kernel, CodegenError> {
     let units = (q_dim + 2 * kv_dim) / 2;
     let store = if target.shader_f16 { "f16" } else { "" };
-    m.helpers += tiling.exchange_scratch();
+    // wide: two tiles per workgroup, units u0 .. and u1 = u0 + BO / 2 .., of
+    // one matrix (each matrix's units a multiple of BO)
+    let tile_units = (BO / 2) as usize;
+    let wide = matches!(tiling, Skeleton::Coop(_))
+        && q_dim + 2 * kv_dim >= WIDE_TILES_MIN_OUT
+        && (q_dim / 2).is_multiple_of(2 * tile_units)
+        && (kv_dim / 2).is_multiple_of(2 * tile_units);
+    let tiles: &[(&str, &str, &str)] =
+        if wide { &[("y0", "wt0", "u0"), ("y1", "wt1", "u1")] } else { &[("y", "wt", "u0")] };
+    for (_, tile, _) in tiles {
+        m.helpers += &tiling.weight_tile(tile);
+    }
+    m.helpers.push('\n');
+    m.helpers += TileRead::Quad.half_functions();
+    m.helpers.push('\n');
+    m.helpers += tiling.exchange();
     m.helpers += &fill(
         r#"// Stores half `half` of unit `unit` of token t (position p): `own` is this half's
 // sum, `other` its partner's; q and k rotated, k and v into cache slot p % ctx.
@@ -1584,47 +1601,67 @@ fn rope_store_half(t: u32, p: u32, unit: u32, half: u32, own: f32, other: f32) {
     // an invocation's quads are one column quad q = lid % (BO / 4) in every
     // step (the workgroup is a multiple of BO / 4), so their matrix and output are
     // found once, outside the input loop
-    let mut setup = String::from("    let t0 = tile_t * BT;\n    let u0 = tile_o * (BO / 2u);\n    let stage_u = unit_output(u0 + 4u * ((lid % (BO / 4u)) % (BO / 8u)));\n    let stage_o = stage_u.y + ((lid % (BO / 4u)) / (BO / 8u)) * HALF;\n");
+    let mut setup = String::from("    let t0 = tile_t * BT;\n");
+    setup += if wide {
+        "    let u0 = tile_o * BO;\n    let u1 = u0 + BO / 2u;\n"
+    } else {
+        "    let u0 = tile_o * (BO / 2u);\n"
+    };
+    let outs: Vec<String> = tiles.iter().map(|(_, tile, _)| format!("stage_o_{tile}")).collect();
+    for ((_, tile, base), o) in tiles.iter().zip(&outs) {
+        setup += &format!(
+            "    let stage_u_{tile} = unit_output({base} + 4u * ((lid % (BO / 4u)) % (BO / 8u)));\n    let {o} = stage_u_{tile}.y + ((lid % (BO / 4u)) / (BO / 8u)) * HALF;\n"
+        );
+    }
     // where no tile straddles two matrices, its first unit's matrix is the
     // whole workgroup's
-    let tile_units = (BO / 2) as usize;
     let uniform = (q_dim / 2).is_multiple_of(tile_units) && (kv_dim / 2).is_multiple_of(tile_units);
     if uniform {
         // (a `let` chain: the uniformity analysis takes unit_output's locals as varying)
         setup += "    let tile_matrix = select(select(2u, 1u, u0 < (Q_DIM + KV_DIM) / 2u), 0u, u0 < Q_DIM / 2u);\n";
     }
-    let stage = tiling.stage_weights(&[TileSource {
-        tile: "wt",
-        o: "stage_o",
-        sel: if uniform { "tile_matrix" } else { "stage_u.x" },
-        matrices: &["wq", "wk", "wv"],
-        uniform,
-    }]);
-    // unrolled, with constant indices only: a runtime index into the
-    // accumulators would move them out of registers for the whole kernel
-    let mut epilogue = String::from(
-        "    let r = inv_rms(ty);\n    let half = tx / (BO / 8u);\n    let first_unit = u0 + 4u * (tx % (BO / 8u));\n",
-    );
-    for i in 0..4 {
-        epilogue += &format!(
-            "    let own{i} = acc_y[{i}] * r[{i}];\n    workgroupBarrier();\n    xt[lid] = own{i};\n    workgroupBarrier();\n    let other{i} = xt[lid ^ (BO / 8u)];\n"
-        );
-    }
-    let stores: String = ["x", "y", "z", "w"]
+    let sources: Vec<TileSource<'_>> = tiles
         .iter()
-        .enumerate()
-        .map(|(j, c)| {
-            format!("            rope_store_half(t, step.pos + t, first_unit + {j}u, half, own$I.{c}, other$I.{c});\n")
+        .zip(&outs)
+        .map(|((_, tile, _), o)| TileSource {
+            tile,
+            o,
+            sel: if uniform { "tile_matrix" } else { "stage_u_wt.x" },
+            matrices: &["wq", "wk", "wv"],
+            uniform,
         })
         .collect();
-    epilogue += &per_token("t0", &stores);
-    let entry = tiling.entry(&setup, &["y"], &stage, &epilogue);
-    let dispatch = [(units as u32).div_ceil(BO / 2), 1, 1];
+    // unrolled, with constant indices only: a runtime index into the
+    // accumulators would move them out of registers for the whole kernel;
+    // one tile at a time, so only its sums are live
+    let mut epilogue = String::from("    let r = inv_rms(ty);\n    let half = tx / (BO / 8u);\n");
+    for (acc, _, base) in tiles {
+        let mut block = format!("let first_unit = {base} + 4u * (tx % (BO / 8u));\n");
+        for i in 0..4 {
+            block +=
+                &format!("let own{i} = acc_{acc}[{i}] * r[{i}];\nlet other{i} = exchange(own{i}, lid ^ (BO / 8u));\n");
+        }
+        let stores: String = ["x", "y", "z", "w"]
+            .iter()
+            .enumerate()
+            .map(|(j, c)| {
+                format!(
+                    "            rope_store_half(t, step.pos + t, first_unit + {j}u, half, own$I.{c}, other$I.{c});\n"
+                )
+            })
+            .collect();
+        block = indent(&block, 4) + &per_token("t0", &stores);
+        epilogue += &format!("    {{\n{}    }}\n", indent(&block, 4));
+    }
+    let accs: Vec<&str> = tiles.iter().map(|(acc, _, _)| *acc).collect();
+    let entry = tiling.entry(&setup, &accs, &tiling.stage_weights(&sources), &epilogue);
+    let dispatch = [(units as u32).div_ceil(if wide { BO } else { BO / 2 }), 1, 1];
     Ok(m.finish(&entry, [tiling.wg(), 1, 1], dispatch, Rows::TokenTiles(tiling.bt())))
 }
 
-/// Outputs from which the cooperative-matrix residual projections take two
-/// weight tiles per workgroup (Llama-2-7B's 4096: 128 workgroups for 512 tokens).
+/// Outputs from which the cooperative-matrix residual projections and QKV take
+/// two weight tiles per workgroup (Llama-2-7B's 4096: 128 workgroups for 512
+/// tokens; its QKV, 12288 outputs: 384).
 const WIDE_TILES_MIN_OUT: usize = 4096;
 
 /// Tiled [`matvec_add`].

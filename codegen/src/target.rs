@@ -40,7 +40,7 @@ pub const COOP_WORKGROUP_SIZE: u32 = crate::coop::WG;
 
 /// Workgroup memory the cooperative-matrix kernels use at most, in bytes (more
 /// than WebGPU's default 16 KiB: the runtime checks the adapter's limit).
-pub const COOP_WORKGROUP_BYTES: u32 = crate::coop::workgroup_bytes(2, false);
+pub const COOP_WORKGROUP_BYTES: u32 = crate::coop::workgroup_bytes(2);
 
 impl Target {
     /// The WebGPU baseline: no f16, no subgroups, default limits.

@@ -215,7 +215,7 @@ impl std::ops::Add for Staging {
     type Output = Staging;
 
     fn add(mut self, other: Staging) -> Staging {
-        debug_assert!(self.versions.is_none() && other.versions.is_none(), "versions stage one tile");
+        debug_assert!(self.versions.is_none() && other.versions.is_none(), "versions are staged whole");
         self.tiles.extend(other.tiles);
         self.registers += &other.registers;
         self.load += &other.load;
@@ -223,6 +223,16 @@ impl std::ops::Add for Staging {
         self
     }
 }
+
+const PLAIN_EXCHANGE: &str = r#"// Trades v with invocation `partner` through xt.
+fn exchange(v: vec4<f32>, partner: u32) -> vec4<f32> {
+    workgroupBarrier();
+    xt[lid] = v;
+    workgroupBarrier();
+    return xt[partner];
+}
+
+"#;
 
 /// The private sums of squares `store_x` gathers for an RMSNorm on the input.
 const NORM_SUMS: &str =
@@ -361,12 +371,14 @@ impl Skeleton {
         }
     }
 
-    /// Declares `xt`, a vec4 of workgroup memory per invocation, for an
-    /// epilogue that exchanges results (the plain skeleton's input tile is one).
-    pub fn exchange_scratch(&self) -> &'static str {
+    /// `exchange(v, partner)`, for an epilogue: every invocation hands in its
+    /// `v` and gets invocation `partner`'s, through workgroup memory the input
+    /// loop is done with (the plain skeleton's input tile, the coop one's
+    /// accumulator store). Call it from every invocation.
+    pub fn exchange(&self) -> &'static str {
         match self {
-            Skeleton::Plain(_) => "",
-            Skeleton::Coop(c) => c.exchange_scratch(),
+            Skeleton::Plain(_) => PLAIN_EXCHANGE,
+            Skeleton::Coop(_) => coop::EXCHANGE,
         }
     }
 
@@ -381,19 +393,27 @@ impl Skeleton {
     /// Stages step `k0` of each source's matrix into its weight tile (the
     /// tiles of `accs` in [`Skeleton::entry`], in order).
     pub fn stage_weights(&self, sources: &[TileSource<'_>]) -> Staging {
-        if let [src @ TileSource { uniform: true, .. }] = sources {
-            let stagings: Vec<Staging> = src
-                .matrices
-                .iter()
-                .map(|w| self.stage_weights(&[TileSource { sel: "", matrices: &[w], uniform: false, ..*src }]))
+        if let Some(first @ TileSource { uniform: true, .. }) = sources.first() {
+            debug_assert!(
+                sources.iter().all(|s| s.uniform && s.sel == first.sel && s.matrices == first.matrices),
+                "uniform tiles share their selector"
+            );
+            let stagings: Vec<Staging> = (0..first.matrices.len())
+                .map(|i| {
+                    let one: Vec<TileSource<'_>> = sources
+                        .iter()
+                        .map(|s| TileSource { sel: "", matrices: &s.matrices[i..=i], uniform: false, ..*s })
+                        .collect();
+                    self.stage_weights(&one)
+                })
                 .collect();
             // every version loads into the same registers
             let registers = stagings[0].registers.clone();
             let versions = stagings.into_iter().map(|one| (one.load, one.flush)).collect();
             return Staging {
-                tiles: vec![src.tile.to_string()],
+                tiles: sources.iter().map(|s| s.tile.to_string()).collect(),
                 registers,
-                versions: Some((src.sel.to_string(), versions)),
+                versions: Some((first.sel.to_string(), versions)),
                 ..Staging::default()
             };
         }

@@ -508,6 +508,22 @@ fn snapshot_tiled_prefill_coop() {
     let formats = llama5_codegen::LayerFormats::uniform(QuantFormat::Int4 { group_size: 32, symmetric: true });
     let specs = llama5_codegen::plan::layer_specs(&cfg, &formats, &Target::coop());
     insta::assert_snapshot!("gate_up_int4_batch_f16_sg_coop", snapshot_batch(specs[3].clone()));
+    // Llama-2-7B's QKV: two tiles of one matrix per workgroup
+    let spec = KernelSpec::RmsQkvRope {
+        hidden: 4096,
+        heads: 32,
+        kv_heads: 32,
+        head_dim: 128,
+        rope_theta: 10000.0,
+        eps: 1e-5,
+        q: QuantFormat::F16,
+        k: QuantFormat::F16,
+        v: QuantFormat::F16,
+        target: Target::coop(),
+    };
+    let kernel = generate_batch(&spec).unwrap().unwrap();
+    assert_eq!(kernel.dispatch, [96, 1, 1], "6144 RoPE pairs, 64 a workgroup");
+    insta::assert_snapshot!("qkv_f16_wide_batch_f16_sg_coop", snapshot_batch(spec));
 }
 
 #[test]

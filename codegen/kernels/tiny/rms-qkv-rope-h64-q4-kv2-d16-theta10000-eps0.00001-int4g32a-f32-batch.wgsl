@@ -279,6 +279,14 @@ fn half_hi(x: vec4<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(x.x).y, unpack2x16float(x.y).y, unpack2x16float(x.z).y, unpack2x16float(x.w).y);
 }
 
+// Trades v with invocation `partner` through xt.
+fn exchange(v: vec4<f32>, partner: u32) -> vec4<f32> {
+    workgroupBarrier();
+    xt[lid] = v;
+    workgroupBarrier();
+    return xt[partner];
+}
+
 // Stores half `half` of unit `unit` of token t (position p): `own` is this half's
 // sum, `other` its partner's; q and k rotated, k and v into cache slot p % ctx.
 fn rope_store_half(t: u32, p: u32, unit: u32, half: u32, own: f32, other: f32) {
@@ -321,8 +329,8 @@ fn main(
     let tile_o = tile_linear / nwg.y;
     let t0 = tile_t * BT;
     let u0 = tile_o * (BO / 2u);
-    let stage_u = unit_output(u0 + 4u * ((lid % (BO / 4u)) % (BO / 8u)));
-    let stage_o = stage_u.y + ((lid % (BO / 4u)) / (BO / 8u)) * HALF;
+    let stage_u_wt = unit_output(u0 + 4u * ((lid % (BO / 4u)) % (BO / 8u)));
+    let stage_o_wt = stage_u_wt.y + ((lid % (BO / 4u)) / (BO / 8u)) * HALF;
     var acc_y: array<vec4<f32>, 4>;
     // step 0
     {
@@ -332,15 +340,15 @@ fn main(
             let i = lid + 0u * WG;
             let q = i % (BO / 4u);
             let kk = i / (BO / 4u);
-            if (stage_u.x == 0u) {
-                pre_wt_w0 = wq_words(stage_o, k0 + kk);
-                pre_wt_s0 = wq_scales(stage_o, k0 + kk);
-            } else if (stage_u.x == 1u) {
-                pre_wt_w0 = wk_words(stage_o, k0 + kk);
-                pre_wt_s0 = wk_scales(stage_o, k0 + kk);
-            } else if (stage_u.x == 2u) {
-                pre_wt_w0 = wv_words(stage_o, k0 + kk);
-                pre_wt_s0 = wv_scales(stage_o, k0 + kk);
+            if (stage_u_wt.x == 0u) {
+                pre_wt_w0 = wq_words(stage_o_wt, k0 + kk);
+                pre_wt_s0 = wq_scales(stage_o_wt, k0 + kk);
+            } else if (stage_u_wt.x == 1u) {
+                pre_wt_w0 = wk_words(stage_o_wt, k0 + kk);
+                pre_wt_s0 = wk_scales(stage_o_wt, k0 + kk);
+            } else if (stage_u_wt.x == 2u) {
+                pre_wt_w0 = wv_words(stage_o_wt, k0 + kk);
+                pre_wt_s0 = wv_scales(stage_o_wt, k0 + kk);
             }
         }
         store_x();
@@ -349,11 +357,11 @@ fn main(
             let q = i % (BO / 4u);
             let kk = i / (BO / 4u);
             var v = vec4<f32>(0.0);
-            if (stage_u.x == 0u) {
+            if (stage_u_wt.x == 0u) {
                 v = wq_dequant(pre_wt_w0, pre_wt_s0, kk);
-            } else if (stage_u.x == 1u) {
+            } else if (stage_u_wt.x == 1u) {
                 v = wk_dequant(pre_wt_w0, pre_wt_s0, kk);
-            } else if (stage_u.x == 2u) {
+            } else if (stage_u_wt.x == 2u) {
                 v = wv_dequant(pre_wt_w0, pre_wt_s0, kk);
             }
             wt[kk * (BO / 4u) + q] = v;
@@ -370,15 +378,15 @@ fn main(
                 let i = lid + 0u * WG;
                 let q = i % (BO / 4u);
                 let kk = i / (BO / 4u);
-                if (stage_u.x == 0u) {
-                    pre_wt_w0 = wq_words(stage_o, k0 + kk);
-                    pre_wt_s0 = wq_scales(stage_o, k0 + kk);
-                } else if (stage_u.x == 1u) {
-                    pre_wt_w0 = wk_words(stage_o, k0 + kk);
-                    pre_wt_s0 = wk_scales(stage_o, k0 + kk);
-                } else if (stage_u.x == 2u) {
-                    pre_wt_w0 = wv_words(stage_o, k0 + kk);
-                    pre_wt_s0 = wv_scales(stage_o, k0 + kk);
+                if (stage_u_wt.x == 0u) {
+                    pre_wt_w0 = wq_words(stage_o_wt, k0 + kk);
+                    pre_wt_s0 = wq_scales(stage_o_wt, k0 + kk);
+                } else if (stage_u_wt.x == 1u) {
+                    pre_wt_w0 = wk_words(stage_o_wt, k0 + kk);
+                    pre_wt_s0 = wk_scales(stage_o_wt, k0 + kk);
+                } else if (stage_u_wt.x == 2u) {
+                    pre_wt_w0 = wv_words(stage_o_wt, k0 + kk);
+                    pre_wt_s0 = wv_scales(stage_o_wt, k0 + kk);
                 }
             }
         }
@@ -398,11 +406,11 @@ fn main(
                 let q = i % (BO / 4u);
                 let kk = i / (BO / 4u);
                 var v = vec4<f32>(0.0);
-                if (stage_u.x == 0u) {
+                if (stage_u_wt.x == 0u) {
                     v = wq_dequant(pre_wt_w0, pre_wt_s0, kk);
-                } else if (stage_u.x == 1u) {
+                } else if (stage_u_wt.x == 1u) {
                     v = wk_dequant(pre_wt_w0, pre_wt_s0, kk);
-                } else if (stage_u.x == 2u) {
+                } else if (stage_u_wt.x == 2u) {
                     v = wv_dequant(pre_wt_w0, pre_wt_s0, kk);
                 }
                 wt[kk * (BO / 4u) + q] = v;
@@ -412,61 +420,51 @@ fn main(
     }
     let r = inv_rms(ty);
     let half = tx / (BO / 8u);
-    let first_unit = u0 + 4u * (tx % (BO / 8u));
-    let own0 = acc_y[0] * r[0];
-    workgroupBarrier();
-    xt[lid] = own0;
-    workgroupBarrier();
-    let other0 = xt[lid ^ (BO / 8u)];
-    let own1 = acc_y[1] * r[1];
-    workgroupBarrier();
-    xt[lid] = own1;
-    workgroupBarrier();
-    let other1 = xt[lid ^ (BO / 8u)];
-    let own2 = acc_y[2] * r[2];
-    workgroupBarrier();
-    xt[lid] = own2;
-    workgroupBarrier();
-    let other2 = xt[lid ^ (BO / 8u)];
-    let own3 = acc_y[3] * r[3];
-    workgroupBarrier();
-    xt[lid] = own3;
-    workgroupBarrier();
-    let other3 = xt[lid ^ (BO / 8u)];
     {
-        let t = t0 + 4u * ty + 0u;
-        if (t < n) {
-            rope_store_half(t, step.pos + t, first_unit + 0u, half, own0.x, other0.x);
-            rope_store_half(t, step.pos + t, first_unit + 1u, half, own0.y, other0.y);
-            rope_store_half(t, step.pos + t, first_unit + 2u, half, own0.z, other0.z);
-            rope_store_half(t, step.pos + t, first_unit + 3u, half, own0.w, other0.w);
+        let first_unit = u0 + 4u * (tx % (BO / 8u));
+        let own0 = acc_y[0] * r[0];
+        let other0 = exchange(own0, lid ^ (BO / 8u));
+        let own1 = acc_y[1] * r[1];
+        let other1 = exchange(own1, lid ^ (BO / 8u));
+        let own2 = acc_y[2] * r[2];
+        let other2 = exchange(own2, lid ^ (BO / 8u));
+        let own3 = acc_y[3] * r[3];
+        let other3 = exchange(own3, lid ^ (BO / 8u));
+        {
+            let t = t0 + 4u * ty + 0u;
+            if (t < n) {
+                rope_store_half(t, step.pos + t, first_unit + 0u, half, own0.x, other0.x);
+                rope_store_half(t, step.pos + t, first_unit + 1u, half, own0.y, other0.y);
+                rope_store_half(t, step.pos + t, first_unit + 2u, half, own0.z, other0.z);
+                rope_store_half(t, step.pos + t, first_unit + 3u, half, own0.w, other0.w);
+            }
         }
-    }
-    {
-        let t = t0 + 4u * ty + 1u;
-        if (t < n) {
-            rope_store_half(t, step.pos + t, first_unit + 0u, half, own1.x, other1.x);
-            rope_store_half(t, step.pos + t, first_unit + 1u, half, own1.y, other1.y);
-            rope_store_half(t, step.pos + t, first_unit + 2u, half, own1.z, other1.z);
-            rope_store_half(t, step.pos + t, first_unit + 3u, half, own1.w, other1.w);
+        {
+            let t = t0 + 4u * ty + 1u;
+            if (t < n) {
+                rope_store_half(t, step.pos + t, first_unit + 0u, half, own1.x, other1.x);
+                rope_store_half(t, step.pos + t, first_unit + 1u, half, own1.y, other1.y);
+                rope_store_half(t, step.pos + t, first_unit + 2u, half, own1.z, other1.z);
+                rope_store_half(t, step.pos + t, first_unit + 3u, half, own1.w, other1.w);
+            }
         }
-    }
-    {
-        let t = t0 + 4u * ty + 2u;
-        if (t < n) {
-            rope_store_half(t, step.pos + t, first_unit + 0u, half, own2.x, other2.x);
-            rope_store_half(t, step.pos + t, first_unit + 1u, half, own2.y, other2.y);
-            rope_store_half(t, step.pos + t, first_unit + 2u, half, own2.z, other2.z);
-            rope_store_half(t, step.pos + t, first_unit + 3u, half, own2.w, other2.w);
+        {
+            let t = t0 + 4u * ty + 2u;
+            if (t < n) {
+                rope_store_half(t, step.pos + t, first_unit + 0u, half, own2.x, other2.x);
+                rope_store_half(t, step.pos + t, first_unit + 1u, half, own2.y, other2.y);
+                rope_store_half(t, step.pos + t, first_unit + 2u, half, own2.z, other2.z);
+                rope_store_half(t, step.pos + t, first_unit + 3u, half, own2.w, other2.w);
+            }
         }
-    }
-    {
-        let t = t0 + 4u * ty + 3u;
-        if (t < n) {
-            rope_store_half(t, step.pos + t, first_unit + 0u, half, own3.x, other3.x);
-            rope_store_half(t, step.pos + t, first_unit + 1u, half, own3.y, other3.y);
-            rope_store_half(t, step.pos + t, first_unit + 2u, half, own3.z, other3.z);
-            rope_store_half(t, step.pos + t, first_unit + 3u, half, own3.w, other3.w);
+        {
+            let t = t0 + 4u * ty + 3u;
+            if (t < n) {
+                rope_store_half(t, step.pos + t, first_unit + 0u, half, own3.x, other3.x);
+                rope_store_half(t, step.pos + t, first_unit + 1u, half, own3.y, other3.y);
+                rope_store_half(t, step.pos + t, first_unit + 2u, half, own3.z, other3.z);
+                rope_store_half(t, step.pos + t, first_unit + 3u, half, own3.w, other3.w);
+            }
         }
     }
 }
