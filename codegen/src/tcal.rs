@@ -337,6 +337,42 @@ fn $W_qdot4(w: vec4<u32>, x: vec2<u32>) -> vec4<i32> {
 
 "#;
 
+/// `<ident>_pair_dot4(oa, ob, ks)`: quads `oa` and `ob` of one INT4 matrix over
+/// k-slice `ks`, against the input's int8 groups ([`Products::Int8Groups`]),
+/// each row's two words loaded before their products and the row's inputs read
+/// once for both: QKV's RoPE partners, four pairs at a time. `helpers` names
+/// the matrix whose `_qdot4` it calls (one of the same format).
+pub(crate) fn pair_dot4_int8_groups(w: &WeightMatrix<'_>, helpers: &str) -> String {
+    fill(
+        r#"fn $W_pair_dot4(oa: u32, ob: u32, ks: u32) -> array<vec4<f32>, 2> {
+    let b0 = slice_begin($P_BLOCKS, ks);
+    let b1 = slice_end($P_BLOCKS, ks);
+    var a = vec4<f32>(0.0);
+    var b = vec4<f32>(0.0);
+    for (var g = b0; g < b1; g++) {
+        let sa = $W[$P_SCALES4 + g * $P_SCALE_STRIDE4 + oa];
+        let sb = $W[$P_SCALES4 + g * $P_SCALE_STRIDE4 + ob];
+        var aq = vec4<i32>(0);
+        var bq = vec4<i32>(0);
+        for (var k = 0u; k < $P_GROUP_ROWS; k++) {
+            let r = g * $P_GROUP_ROWS + k;
+            let aw = $W[r * $P_STRIDE4 + oa];
+            let bw = $W[r * $P_STRIDE4 + ob];
+            let x = xq_groups[r];
+            aq += $H_qdot4(aw, x);
+            bq += $H_qdot4(bw, x);
+        }
+        let xd = xd_groups[g];
+        a += half_lo(sa) * (vec4<f32>(aq) * xd.x) + half_hi(sa) * xd.y;
+        b += half_lo(sb) * (vec4<f32>(bq) * xd.x) + half_hi(sb) * xd.y;
+    }
+    return array<vec4<f32>, 2>(a, b);
+}
+"#,
+        &[("W", w.ident), ("P", w.prefix().as_str()), ("H", helpers)],
+    )
+}
+
 /// `gate_up_dot4(o4, ks)`: outputs `4 o4 ..` of two matrices over k-slice `ks`,
 /// for the fused gate/up kernel. Where both are INT4 or both INT8 of one format,
 /// one loop reads each input once for both and loads both words of a row before
@@ -1401,6 +1437,20 @@ impl MatvecShape {
             return None;
         }
         int8_groups(&[format], in_features, &shape, other_bytes, target).map(|group| (shape, group))
+    }
+
+    /// The shape of the QKV decode kernel that reads quads of RoPE pairs
+    /// against int8 input groups, over `blocks` input groups: tiles of
+    /// [`WIDE_QUAD_TILE`] quads, k-slices of [`WIDE_QUAD_MIN_SLICE`] groups as
+    /// the workgroup limit allows. On the H100, Llama-2-7B INT4 (1536 quads,
+    /// 128 groups): 22.9 us a call in tiles of 4 quads and 64 k-slices, 23.0 in
+    /// tiles of 8 and 64, 24.4 in [`MatvecShape::choose`]'s 8 and 32, 24.1 in
+    /// 4 and 128, 28.9 in 2 and 128.
+    pub fn rope_pair_quads(blocks: usize, target: &Target) -> MatvecShape {
+        let tile = WIDE_QUAD_TILE;
+        let slices =
+            (blocks / WIDE_QUAD_MIN_SLICE).clamp(1, (prev_power_of_two(target.workgroup_limit()) / tile) as usize);
+        MatvecShape { tile, ksplit: prev_power_of_two(slices as u32) }
     }
 
     /// Tiles of `tile` quads in workgroups of [`WIDE_INVOCATIONS`], the rest

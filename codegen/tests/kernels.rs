@@ -353,6 +353,35 @@ fn snapshot_int4_qkv_f16_subgroups() {
     insta::assert_snapshot!("int4_qkv_f16_sg", snapshot_spec(spec));
 }
 
+/// Llama-2-7B's INT4 QKV reads four RoPE pairs an invocation against the
+/// input's int8 groups; with a matrix of another format, one pair.
+#[test]
+fn int4_qkv_reads_quads_of_rope_pairs_against_int8_groups() {
+    let int4 = QuantFormat::Int4 { group_size: 32, symmetric: false };
+    let qkv = |k: QuantFormat| KernelSpec::RmsQkvRope {
+        hidden: 4096,
+        heads: 32,
+        kv_heads: 32,
+        head_dim: 128,
+        rope_theta: 10000.0,
+        eps: 1e-5,
+        q: int4,
+        k,
+        v: int4,
+        target: wide_f16_sg(),
+    };
+    let kernel = generate(&qkv(int4)).unwrap();
+    let module = validate(&kernel, &wide_f16_sg()).unwrap();
+    assert!(llama5_codegen::workgroup_bytes(&kernel, &module).unwrap() <= 16384);
+    assert!(kernel.wgsl.contains("parts = wk_pair_dot4(oa, ob, ks);"));
+    assert!(kernel.wgsl.contains("    stage_int8_groups();\n"));
+    // 6144 RoPE pairs, four an invocation, four invocations a k-slice
+    assert_eq!((kernel.workgroup_size, kernel.dispatch), ([256, 1, 1], [384, 1, 1]));
+    insta::assert_snapshot!("qkv_int4_pair_quads_f16_sg", kernel.wgsl);
+    let mixed = generate(&qkv(QuantFormat::Int8 { per_tensor: false })).unwrap();
+    assert!(!mixed.wgsl.contains("_pair_dot4") && mixed.wgsl.contains("ab = wk_dot2(o1, o2, b0, b1);"));
+}
+
 /// Wide enough to read four outputs at a load, where INT4 products meet the
 /// input's int8 groups through dot4I8Packed.
 #[test]

@@ -626,19 +626,16 @@ fn rms_qkv_rope_matches_cpu() {
     let steps = [(5, 3, 16), (6, 3, 8), (2, 67, 80)];
     // heads of 10 dimensions (the batch kernel stages a column at a time), and
     // of 16 (quads of one matrix) where every batch tile holds units of one
-    // matrix (an input loop per matrix) or tiles straddle two; 4096 outputs
-    // take two tiles per workgroup on cooperative matrices
-    let shapes = [(6, 2, 10, &steps[..]), (8, 4, 16, &steps[2..]), (6, 2, 16, &steps[2..]), (16, 8, 128, &steps[2..])];
+    // matrix (an input loop per matrix) or tiles straddle two; 8192 outputs
+    // take two tiles per workgroup on cooperative matrices, and INT4 ones read
+    // quads of RoPE pairs against int8 input groups in decode on f16 targets
+    let shapes = [(6, 2, 10, &steps[..]), (8, 4, 16, &steps[2..]), (6, 2, 16, &steps[2..]), (32, 16, 128, &steps[1..])];
     for runner in runners() {
         let target = *runner.target();
         for format in FORMATS {
             for &(heads, kv_heads, head_dim, steps) in &shapes {
-                // the aligned shapes stage alike in every format, the wide
-                // tiles alike in every aligned one
+                // the aligned shapes stage alike in every format
                 if head_dim >= 16 && !matches!(format, QuantFormat::F16 | QuantFormat::Int4 { .. }) {
-                    continue;
-                }
-                if head_dim == 128 && format != QuantFormat::F16 {
                     continue;
                 }
                 let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
