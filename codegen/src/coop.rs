@@ -53,15 +53,11 @@
 //! (down 42.6 to 69.2 TFLOP/s) but slowed gate/up (45.6 to 40.9) and every
 //! kernel of Llama-3.2-1B.
 //!
-//! The residual projections of 4096 outputs or more (`WIDE_TILES_MIN_OUT` in
-//! [`crate::ops`]) take two tiles of their matrix per workgroup, as gate/up
-//! takes one of each of its two: a step's input tile then serves twice the
-//! products. On the H100 (Llama-2-7B F16, 512 tokens) down went from 356 to
-//! 258 us a layer and the output projection from 174 to 138, though only 128
-//! workgroups remain. QKV does the same where each matrix holds whole pairs
-//! of tiles: 489 to 340 us (INT4 525 to 417); its epilogue's exchange of RoPE
-//! partners goes through the accumulator store ([`EXCHANGE`]) rather than
-//! scratch of its own, which two tiles would not leave room for.
+//! The residual projections and QKV of 4096 outputs or more take two tiles
+//! of their matrix per workgroup, on both skeletons (`WIDE_TILES_MIN_OUT` in
+//! [`crate::ops`]). Here QKV's epilogue trades RoPE partners through the
+//! accumulator store ([`EXCHANGE`]) rather than scratch of its own, which two
+//! weight tiles would not leave room for.
 //!
 //! The sub-tile ownership assumes subgroups of exactly
 //! [`crate::target::COOP_SUBGROUP_SIZE`] invocations: the runtime enables
