@@ -1640,14 +1640,7 @@ fn rms_qkv_rope_tiled_aligned(
     let wide = q_dim + 2 * kv_dim >= WIDE_TILES_MIN_OUT
         && (q_dim / 2).is_multiple_of(2 * tile_units)
         && (kv_dim / 2).is_multiple_of(2 * tile_units);
-    let tiles: &[(&str, &str, &str)] =
-        if wide { &[("y0", "wt0", "u0"), ("y1", "wt1", "u1")] } else { &[("y", "wt", "u0")] };
-    for (_, tile, _) in tiles {
-        m.helpers += &tiling.weight_tile(tile);
-    }
-    m.helpers.push('\n');
-    m.helpers += TileRead::Quad.half_functions();
-    m.helpers.push('\n');
+    let tiles = &declare_tiles(&mut m, &tiling, wide, ["u0", "u1"])[..];
     m.helpers += tiling.exchange();
     m.helpers += &fill(
         r#"// Stores half `half` of unit `unit` of token t (position p): `own` is this half's
@@ -1737,6 +1730,25 @@ fn rope_store_half(t: u32, p: u32, unit: u32, half: u32, own: f32, other: f32) {
     Ok(m.finish(&entry, [tiling.wg(), 1, 1], dispatch, Rows::TokenTiles(tiling.bt())))
 }
 
+/// The weight tiles of a tiled kernel reading quads, `(accumulator, tile,
+/// first output)`: two of one matrix where `wide`, from `bases[0]` and
+/// `bases[1]`, else one from `bases[0]`. Declares them and the quad reads.
+fn declare_tiles(
+    m: &mut ModuleText,
+    tiling: &Skeleton,
+    wide: bool,
+    bases: [&'static str; 2],
+) -> Vec<(&'static str, &'static str, &'static str)> {
+    let tiles = if wide { vec![("y0", "wt0", bases[0]), ("y1", "wt1", bases[1])] } else { vec![("y", "wt", bases[0])] };
+    for (_, tile, _) in &tiles {
+        m.helpers += &tiling.weight_tile(tile);
+    }
+    m.helpers.push('\n');
+    m.helpers += TileRead::Quad.half_functions();
+    m.helpers.push('\n');
+    tiles
+}
+
 /// Outputs from which the tiled residual projections and QKV take two weight
 /// tiles per workgroup, as gate/up takes one of each of its matrices: a step's
 /// staged input tile then serves twice the products (Llama-2-7B's 4096: 128
@@ -1793,14 +1805,7 @@ fn matmul_add_tiled(
     // wide: two tiles of the matrix per workgroup, outputs o0 .. o0 + BO and
     // o1 .. o1 + BO, so each step's input tile serves twice the products
     let wide = out_features >= WIDE_TILES_MIN_OUT && out_features.is_multiple_of(2 * BO as usize);
-    let tiles: &[(&str, &str, &str)] =
-        if wide { &[("y0", "wt0", "o0"), ("y1", "wt1", "o1")] } else { &[("y", "wt", "o0")] };
-    for (_, tile, _) in tiles {
-        m.helpers += &tiling.weight_tile(tile);
-    }
-    m.helpers.push('\n');
-    m.helpers += TileRead::Quad.half_functions();
-    m.helpers.push('\n');
+    let tiles = &declare_tiles(&mut m, &tiling, wide, ["o0", "o1"])[..];
     // the residual add of accumulator `acc`, outputs `base` + 4 tx ..
     let add = |acc: &str, base: &str| {
         if half {
