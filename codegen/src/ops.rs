@@ -434,28 +434,20 @@ fn rms_qkv_rope(
     };
     m.helpers += &tcal::input_functions("hidden", hidden, Norm::Outputs, staging);
     m.helpers.push('\n');
-    if groups.is_some() {
-        let units = ((q_dim + 2 * kv_dim) / 2) as u32;
+    let units = ((q_dim + 2 * kv_dim) / 2) as u32;
+    // what an invocation reads (a RoPE pair, or a quad of them with its
+    // partner quad), each matrix's call for it, and what it stores
+    let (read, call, store, count): (&str, MatrixCall, &str, u32) = if groups.is_some() {
         m.konst("UNIT_QUADS", "u32", units / 4);
-        let entry = entry_signature(&target, "WG")
-            + r#"    let t = wid.y;
-    load_input(t);
-    let place = tile_place();
-    let lo = place.x;
-    let ks = place.y;
-    let quad = wid.x * TILE + lo;
+        (
+            r#"    let quad = wid.x * TILE + lo;
     let u = unit_output(4u * min(quad, UNIT_QUADS - 1u));
     let oa = u.y / 4u;
     let ob = (u.y + HALF) / 4u;
     var parts: array<vec4<f32>, 2>;
-    if (u.x == 0u) {
-        parts = wq_pair_dot4(oa, ob, ks);
-    } else if (u.x == 1u) {
-        parts = wk_pair_dot4(oa, ob, ks);
-    } else {
-        parts = wv_pair_dot4(oa, ob, ks);
-    }
-    let scale = norm_scale(t);
+"#,
+            |w, _| format!("parts = {w}_pair_dot4(oa, ob, ks);\n"),
+            r#"    let scale = norm_scale(t);
     let a = ksplit_sum(parts[0], lo, ks) * scale;
     let b = ksplit_sum(parts[1], lo, ks) * scale;
     if (ks == 0u && quad < UNIT_QUADS) {
@@ -463,45 +455,47 @@ fn rms_qkv_rope(
             rope_store(t, step.pos + t, 4u * quad + j, a[j], b[j]);
         }
     }
-}
-"#;
-        let dispatch = [(units / 4).div_ceil(shape.tile), 1, 1];
-        return Ok(m.finish(&entry, [shape.invocations(), 1, 1], dispatch, Rows::Tokens));
-    }
-    let entry = entry_signature(&target, "WG")
-        + r#"    let t = wid.y;
-    load_input(t);
-    let place = tile_place();
-    let lo = place.x;
-    let ks = place.y;
-    let unit = wid.x * TILE + lo;
+"#,
+            units / 4,
+        )
+    } else {
+        (
+            r#"    let unit = wid.x * TILE + lo;
     let u = unit_output(min(unit, UNITS - 1u));
     let o1 = u.y;
     let o2 = o1 + HALF;
     var ab = vec2<f32>(0.0);
-    if (u.x == 0u) {
-        let b0 = slice_begin(WQ_BLOCKS, ks);
-        let b1 = slice_end(WQ_BLOCKS, ks);
-        ab = wq_dot2(o1, o2, b0, b1);
-    } else if (u.x == 1u) {
-        let b0 = slice_begin(WK_BLOCKS, ks);
-        let b1 = slice_end(WK_BLOCKS, ks);
-        ab = wk_dot2(o1, o2, b0, b1);
-    } else {
-        let b0 = slice_begin(WV_BLOCKS, ks);
-        let b1 = slice_end(WV_BLOCKS, ks);
-        ab = wv_dot2(o1, o2, b0, b1);
-    }
-    let x = ksplit_sum(ab, lo, ks) * norm_scale(t);
+"#,
+            |w, p| {
+                format!(
+                    "let b0 = slice_begin({p}_BLOCKS, ks);\nlet b1 = slice_end({p}_BLOCKS, ks);\nab = {w}_dot2(o1, o2, b0, b1);\n"
+                )
+            },
+            r#"    let x = ksplit_sum(ab, lo, ks) * norm_scale(t);
     if (ks == 0u) {
         rope_store(t, step.pos + t, unit, x.x, x.y);
     }
-}
-"#;
-    let units = ((q_dim + 2 * kv_dim) / 2) as u32;
-    let dispatch = [units.div_ceil(shape.tile), 1, 1];
+"#,
+            units,
+        )
+    };
+    let calls = [("wq", "WQ"), ("wk", "WK"), ("wv", "WV")].map(|(w, p)| indent(&call(w, p), 8));
+    let entry = entry_signature(&target, "WG")
+        + "    let t = wid.y;\n    load_input(t);\n    let place = tile_place();\n    let lo = place.x;\n    let ks = place.y;\n"
+        + read
+        + &format!(
+            "    if (u.x == 0u) {{\n{}    }} else if (u.x == 1u) {{\n{}    }} else {{\n{}    }}\n",
+            calls[0], calls[1], calls[2]
+        )
+        + store
+        + "}\n";
+    let dispatch = [count.div_ceil(shape.tile), 1, 1];
     Ok(m.finish(&entry, [shape.invocations(), 1, 1], dispatch, Rows::Tokens))
 }
+
+/// The WGSL statements of one matrix's part of a kernel, from its identifier
+/// and constants' prefix (`wq`, `WQ`).
+type MatrixCall = fn(&str, &str) -> String;
 
 /// Where the QKV decode kernel reads quads against int8 input groups, as
 /// gate/up does: matrices
