@@ -54,8 +54,8 @@
 //! kernel of Llama-3.2-1B.
 //!
 //! The residual projections and QKV of 4096 outputs or more take two tiles
-//! of their matrix per workgroup, on both skeletons (`WIDE_TILES_MIN_OUT` in
-//! [`crate::ops`]). Here QKV's epilogue trades RoPE partners through the
+//! of one matrix per workgroup (128 outputs), on both skeletons, where the
+//! matrices divide into such pairs (`WIDE_TILES_MIN_OUT` in [`crate::ops`]). Here QKV's epilogue trades RoPE partners through the
 //! accumulator store ([`EXCHANGE`]) rather than scratch of its own, which two
 //! weight tiles would not leave room for.
 //!

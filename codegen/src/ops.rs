@@ -391,7 +391,8 @@ fn rms_qkv_rope(
     };
     if groups.is_some() {
         // four RoPE pairs per invocation: quads of outputs and their partners
-        // (wk and wv share wq's helpers: one format)
+        // (wk and wv share wq's helpers: INT4 products do not depend on the
+        // group size or the offsets)
         m.matvec_weight(&wq, true, Dot4Use::Helpers, Products::Int8Groups, &shape, "q_proj")?;
         m.matvec_weight(&wk, true, Dot4Use::Layout, Products::Int8Groups, &shape, "k_proj")?;
         m.matvec_weight(&wv, true, Dot4Use::Layout, Products::Int8Groups, &shape, "v_proj")?;
@@ -514,7 +515,10 @@ fn qkv_int8_groups(ws: [&WeightMatrix<'_>; 3], head_dim: usize, target: &Target)
     }
     let shape = MatvecShape::rope_pair_quads(ws[0].blocks(), target);
     let formats = ws.map(|w| w.format);
-    tcal::int8_groups(&formats, ws[0].in_features, &shape, 0, target).map(|group| (shape, group))
+    // the int8 staging's shuffles take a group's word rows within the workgroup
+    tcal::int8_groups(&formats, ws[0].in_features, &shape, 0, target)
+        .filter(|&group| group / 8 <= shape.invocations() as usize)
+        .map(|group| (shape, group))
 }
 
 fn attention(
@@ -1617,8 +1621,8 @@ $KEEP v;
 /// is half c / (BO / 2) of unit u0 + c % (BO / 2), so each quad of columns is
 /// one aligned load, and RoPE partners sit in invocations tx and tx + BO / 8,
 /// which trade their sums through workgroup memory (`exchange`). From
-/// [`WIDE_TILES_MIN_OUT`] outputs a workgroup takes two adjacent tiles of one
-/// matrix.
+/// [`WIDE_TILES_MIN_OUT`] outputs, where each matrix divides into pairs of
+/// tiles, a workgroup takes two adjacent tiles of one matrix.
 fn rms_qkv_rope_tiled_aligned(
     mut m: ModuleText,
     tiling: Skeleton,
@@ -1681,6 +1685,8 @@ fn rope_store_half(t: u32, p: u32, unit: u32, half: u32, own: f32, other: f32) {
     // where no tile straddles two matrices, its first unit's matrix is the
     // whole workgroup's
     let uniform = (q_dim / 2).is_multiple_of(tile_units) && (kv_dim / 2).is_multiple_of(tile_units);
+    // (so a tile's own selector, stage_u_wt.x below, is needed with one tile only)
+    debug_assert!(uniform || !wide);
     if uniform {
         // (a `let` chain: the uniformity analysis takes unit_output's locals as varying)
         setup += "    let tile_matrix = select(select(2u, 1u, u0 < (Q_DIM + KV_DIM) / 2u), 0u, u0 < Q_DIM / 2u);\n";

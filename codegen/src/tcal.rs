@@ -1384,6 +1384,12 @@ pub(crate) const WIDE_QUAD_MIN_SLICE: usize = 2;
 /// Quads per workgroup of a wide-quad kernel: 64 bytes of each row.
 pub(crate) const WIDE_QUAD_TILE: u32 = 4;
 
+/// Invocations of the QKV kernel on quads of RoPE pairs at least
+/// ([`MatvecShape::rope_pair_quads`]): a 32-wide subgroup, so that the int8
+/// staging finds a group's word rows (up to 32, for groups of 256) within
+/// the workgroup, as its shuffles need.
+pub(crate) const ROPE_PAIR_QUADS_MIN_INVOCATIONS: u32 = 32;
+
 /// Quads per workgroup of a wide-quad INT4 kernel on int8 input groups
 /// ([`MatvecShape::int8_group_quads`]) from [`WIDE_QUAD_MIN_OUTPUTS_INT4`]
 /// outputs: 128 bytes of each row. Below, tiles of [`WIDE_QUAD_TILE`]: on the
@@ -1442,14 +1448,16 @@ impl MatvecShape {
     /// The shape of the QKV decode kernel that reads quads of RoPE pairs
     /// against int8 input groups, over `blocks` input groups: tiles of
     /// [`WIDE_QUAD_TILE`] quads, k-slices of [`WIDE_QUAD_MIN_SLICE`] groups as
-    /// the workgroup limit allows. On the H100, Llama-2-7B INT4 (1536 quads,
-    /// 128 groups): 22.9 us a call in tiles of 4 quads and 64 k-slices, 23.0 in
-    /// tiles of 8 and 64, 24.4 in [`MatvecShape::choose`]'s 8 and 32, 24.1 in
-    /// 4 and 128, 28.9 in 2 and 128.
+    /// the workgroup limit allows, and at least [`ROPE_PAIR_QUADS_MIN_INVOCATIONS`]
+    /// invocations however short the input. On the H100, Llama-2-7B INT4 (1536
+    /// quads, 128 groups): 22.9 us a call in tiles of 4 quads and 64 k-slices,
+    /// 23.0 in tiles of 8 and 64, 24.4 in [`MatvecShape::choose`]'s 8 and 32,
+    /// 24.1 in 4 and 128, 28.9 in 2 and 128.
     pub fn rope_pair_quads(blocks: usize, target: &Target) -> MatvecShape {
         let tile = WIDE_QUAD_TILE;
-        let slices =
-            (blocks / WIDE_QUAD_MIN_SLICE).clamp(1, (prev_power_of_two(target.workgroup_limit()) / tile) as usize);
+        let most = prev_power_of_two(target.workgroup_limit()) / tile;
+        let fewest = ROPE_PAIR_QUADS_MIN_INVOCATIONS / tile;
+        let slices = (blocks / WIDE_QUAD_MIN_SLICE).clamp(fewest as usize, most as usize);
         MatvecShape { tile, ksplit: prev_power_of_two(slices as u32) }
     }
 

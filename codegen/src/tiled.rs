@@ -437,7 +437,9 @@ impl Skeleton {
 /// Where a weight tile's quads come from: outputs `o` (an expression in the
 /// quad `q`) of `matrices[sel]`, read by quads
 /// ([`crate::tcal::TileRead::Quad`]); `sel` may be empty with one matrix.
-/// With `uniform`, `sel` is the same across the workgroup.
+/// With `uniform`, `sel` is the same across the workgroup; several uniform
+/// sources of one kernel share their `sel` and `matrices` (one input loop per
+/// matrix stages them all).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct TileSource<'a> {
     pub tile: &'a str,

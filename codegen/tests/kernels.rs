@@ -358,7 +358,7 @@ fn snapshot_int4_qkv_f16_subgroups() {
 #[test]
 fn int4_qkv_reads_quads_of_rope_pairs_against_int8_groups() {
     let int4 = QuantFormat::Int4 { group_size: 32, symmetric: false };
-    let qkv = |k: QuantFormat| KernelSpec::RmsQkvRope {
+    let qkv = |k: QuantFormat, target: Target| KernelSpec::RmsQkvRope {
         hidden: 4096,
         heads: 32,
         kv_heads: 32,
@@ -368,18 +368,25 @@ fn int4_qkv_reads_quads_of_rope_pairs_against_int8_groups() {
         q: int4,
         k,
         v: int4,
-        target: wide_f16_sg(),
+        target,
     };
-    let kernel = generate(&qkv(int4)).unwrap();
+    let kernel = generate(&qkv(int4, wide_f16_sg())).unwrap();
     let module = validate(&kernel, &wide_f16_sg()).unwrap();
     assert!(llama5_codegen::workgroup_bytes(&kernel, &module).unwrap() <= 16384);
     assert!(kernel.wgsl.contains("parts = wk_pair_dot4(oa, ob, ks);"));
     assert!(kernel.wgsl.contains("    stage_int8_groups();\n"));
-    // 6144 RoPE pairs, four an invocation, four invocations a k-slice
+    // 6144 RoPE pairs, four an invocation: 4 quads a workgroup x 64 k-slices
     assert_eq!((kernel.workgroup_size, kernel.dispatch), ([256, 1, 1], [384, 1, 1]));
     insta::assert_snapshot!("qkv_int4_pair_quads_f16_sg", kernel.wgsl);
-    let mixed = generate(&qkv(QuantFormat::Int8 { per_tensor: false })).unwrap();
+    let mixed = generate(&qkv(QuantFormat::Int8 { per_tensor: false }, wide_f16_sg())).unwrap();
     assert!(!mixed.wgsl.contains("_pair_dot4") && mixed.wgsl.contains("ab = wk_dot2(o1, o2, b0, b1);"));
+    // mixed formats take two tiles in prefill too, an input loop per matrix
+    for target in Target::all_with_coop() {
+        let batch = generate_batch(&qkv(QuantFormat::F16, target)).unwrap().unwrap();
+        within_workgroup_memory(&batch, &validate(&batch, &target).unwrap_or_else(|e| panic!("{}: {e}", batch.name)));
+        assert_eq!(batch.dispatch, [96, 1, 1], "{}: two tiles of 32 RoPE pairs a workgroup", batch.name);
+        assert!(batch.wgsl.contains("wk_words(stage_o_wt1, k0 + kk)"), "{}", batch.name);
+    }
 }
 
 /// Wide enough to read four outputs at a load, where INT4 products meet the

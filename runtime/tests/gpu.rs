@@ -455,7 +455,7 @@ fn matvec_add_matches_cpu() {
             // one long enough for runs of blocks to end inside a slice, enough outputs
             // for the widest tile, more tokens than one batch tile, and enough outputs for
             // four at a load in wide workgroups (the last quad part padding; INT4 in
-            // tiles of 4 or 8 quads); and enough for two tiles a workgroup on cooperative matrices
+            // tiles of 4 or 8 quads); and enough for two tiles a workgroup (4096 or more)
             for (in_base, out, tokens) in [
                 (90, 77, 3),
                 (2300, 33, 2),
@@ -627,8 +627,9 @@ fn rms_qkv_rope_matches_cpu() {
     // heads of 10 dimensions (the batch kernel stages a column at a time), and
     // of 16 (quads of one matrix) where every batch tile holds units of one
     // matrix (an input loop per matrix) or tiles straddle two; 8192 outputs
-    // take two tiles per workgroup on cooperative matrices, and INT4 ones read
-    // quads of RoPE pairs against int8 input groups in decode on f16 targets
+    // (4096 or more) take two tiles of one matrix per workgroup, and in INT4
+    // the decode kernel reads quads of RoPE pairs against int8 input groups on
+    // f16 targets
     let shapes = [(6, 2, 10, &steps[..]), (8, 4, 16, &steps[2..]), (6, 2, 16, &steps[2..]), (32, 16, 128, &steps[1..])];
     for runner in runners() {
         let target = *runner.target();
