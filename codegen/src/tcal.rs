@@ -339,38 +339,12 @@ fn $W_qdot4(w: vec4<u32>, x: vec2<u32>) -> vec4<i32> {
 
 /// `<ident>_pair_dot4(oa, ob, ks)`: quads `oa` and `ob` of one INT4 matrix over
 /// k-slice `ks`, against the input's int8 groups ([`Products::Int8Groups`]),
-/// each row's two words loaded before their products and the row's inputs read
-/// once for both: QKV's RoPE partners, four pairs at a time. `helpers` names
-/// the matrix whose `_qdot4` it calls (one of the same format).
+/// as gate/up reads its two matrices ([`int4_dot4_pair`]): QKV's RoPE
+/// partners, four pairs at a time. `helpers` names the matrix whose `_qdot4`
+/// it calls (one of the same format).
 pub(crate) fn pair_dot4_int8_groups(w: &WeightMatrix<'_>, helpers: &str) -> String {
-    fill(
-        r#"fn $W_pair_dot4(oa: u32, ob: u32, ks: u32) -> array<vec4<f32>, 2> {
-    let b0 = slice_begin($P_BLOCKS, ks);
-    let b1 = slice_end($P_BLOCKS, ks);
-    var a = vec4<f32>(0.0);
-    var b = vec4<f32>(0.0);
-    for (var g = b0; g < b1; g++) {
-        let sa = $W[$P_SCALES4 + g * $P_SCALE_STRIDE4 + oa];
-        let sb = $W[$P_SCALES4 + g * $P_SCALE_STRIDE4 + ob];
-        var aq = vec4<i32>(0);
-        var bq = vec4<i32>(0);
-        for (var k = 0u; k < $P_GROUP_ROWS; k++) {
-            let r = g * $P_GROUP_ROWS + k;
-            let aw = $W[r * $P_STRIDE4 + oa];
-            let bw = $W[r * $P_STRIDE4 + ob];
-            let x = xq_groups[r];
-            aq += $H_qdot4(aw, x);
-            bq += $H_qdot4(bw, x);
-        }
-        let xd = xd_groups[g];
-        a += half_lo(sa) * (vec4<f32>(aq) * xd.x) + half_hi(sa) * xd.y;
-        b += half_lo(sb) * (vec4<f32>(bq) * xd.x) + half_hi(sb) * xd.y;
-    }
-    return array<vec4<f32>, 2>(a, b);
-}
-"#,
-        &[("W", w.ident), ("P", w.prefix().as_str()), ("H", helpers)],
-    )
+    format!("fn {}_pair_dot4(oa: u32, ob: u32, ks: u32) -> array<vec4<f32>, 2> {{\n", w.ident)
+        + &int4_dot4_pair([(w, "oa"), (w, "ob")], helpers, Products::Int8Groups)
 }
 
 /// `gate_up_dot4(o4, ks)`: outputs `4 o4 ..` of two matrices over k-slice `ks`,
@@ -384,50 +358,7 @@ pub(crate) fn gate_up_dot4(gate: &WeightMatrix<'_>, up: &WeightMatrix<'_>, produ
     let fused = fuses_gate_up(gate, up);
     let head = "fn gate_up_dot4(o4: u32, ks: u32) -> array<vec4<f32>, 2> {\n".to_string();
     match gate.format {
-        QuantFormat::Int4 { .. } if fused => {
-            // per group: the products in i32 against the int8 groups, else in
-            // f32 (or f16 pairs) against the input with its sum beside them
-            let (zero, sums, row, combine) = if products == Products::Int8Groups {
-                (
-                    "vec4<i32>(0)",
-                    "",
-                    format!("            let x = xq_groups[r];\n            gq += {g}_qdot4(gw, x);\n            uq += {g}_qdot4(uw, x);\n"),
-                    "        let xd = xd_groups[g];\n        ga += half_lo(gsm) * (vec4<f32>(gq) * xd.x) + half_hi(gsm) * xd.y;\n        ua += half_lo(usm) * (vec4<f32>(uq) * xd.x) + half_hi(usm) * xd.y;\n".to_string(),
-                )
-            } else {
-                let shared = indent(&quad_shared_input(gate.format, products, g), 4);
-                let gq = indent(&quad_product(gate.format, products, g, "gw", "gq"), 4);
-                // the up matrix shares the gate matrix's helpers (Dot4Use::Layout)
-                let uq = indent(&quad_product(up.format, products, g, "uw", "uq"), 4);
-                let unscale = if products != Products::Exact { format!(" * {X16_UNSCALE}") } else { String::new() };
-                (
-                    "vec4<f32>(0.0)",
-                    "        var xsum = 0.0;\n",
-                    format!("            let x0 = xin4(2u * r);\n            let x1 = xin4(2u * r + 1u);\n{shared}{gq}{uq}            xsum += dot(x0 + x1, vec4<f32>(1.0));\n"),
-                    format!("        ga += half_lo(gsm) * gq{unscale} + half_hi(gsm) * xsum;\n        ua += half_lo(usm) * uq{unscale} + half_hi(usm) * xsum;\n"),
-                )
-            };
-            head + &format!(
-                r#"    let b0 = slice_begin({gp}_BLOCKS, ks);
-    let b1 = slice_end({gp}_BLOCKS, ks);
-    var ga = vec4<f32>(0.0);
-    var ua = vec4<f32>(0.0);
-    for (var g = b0; g < b1; g++) {{
-        let gsm = {g}[{gp}_SCALES4 + g * {gp}_SCALE_STRIDE4 + o4];
-        let usm = {u}[{up_}_SCALES4 + g * {up_}_SCALE_STRIDE4 + o4];
-        var gq = {zero};
-        var uq = {zero};
-{sums}        for (var k = 0u; k < {gp}_GROUP_ROWS; k++) {{
-            let r = g * {gp}_GROUP_ROWS + k;
-            let gw = {g}[r * {gp}_STRIDE4 + o4];
-            let uw = {u}[r * {up_}_STRIDE4 + o4];
-{row}        }}
-{combine}    }}
-    return array<vec4<f32>, 2>(ga, ua);
-}}
-"#
-            )
-        }
+        QuantFormat::Int4 { .. } if fused => head + &int4_dot4_pair([(gate, "o4"), (up, "o4")], g, products),
         QuantFormat::Int8 { per_tensor } if fused => {
             let scale = |w: &str, p: &str| {
                 if per_tensor { format!("bitcast<f32>({w}[{p}_SCALES4].x)") } else { format!("bitcast<vec4<f32>>({w}[{p}_SCALES4 + o4])") }
@@ -455,6 +386,61 @@ pub(crate) fn gate_up_dot4(gate: &WeightMatrix<'_>, up: &WeightMatrix<'_>, produ
             "    let gate = {g}_dot4(o4, slice_begin({gp}_BLOCKS, ks), slice_end({gp}_BLOCKS, ks));\n    let up = {u}_dot4(o4, slice_begin({up_}_BLOCKS, ks), slice_end({up_}_BLOCKS, ks));\n    return array<vec4<f32>, 2>(gate, up);\n}}\n"
         ),
     }
+}
+
+/// The body of a function returning the quads of two INT4 matrices of one
+/// group size, `(matrix, quad)` each, over k-slice `ks`: one loop reads each
+/// input once for both and loads both words of a row before their products;
+/// `helpers` names the matrix whose product helpers both use. Per group the
+/// products are in i32 against the int8 groups, else in f32 (or f16 pairs)
+/// against the input with its sum beside them.
+fn int4_dot4_pair(
+    [(gate, ga_at), (up, ua_at)]: [(&WeightMatrix<'_>, &str); 2],
+    helpers: &str,
+    products: Products,
+) -> String {
+    let (g, u, h) = (gate.ident, up.ident, helpers);
+    let (gp, up_) = (gate.prefix(), up.prefix());
+    let (zero, sums, row, combine) = if products == Products::Int8Groups {
+        (
+            "vec4<i32>(0)",
+            "",
+            format!("            let x = xq_groups[r];\n            gq += {h}_qdot4(gw, x);\n            uq += {h}_qdot4(uw, x);\n"),
+            "        let xd = xd_groups[g];\n        ga += half_lo(gsm) * (vec4<f32>(gq) * xd.x) + half_hi(gsm) * xd.y;\n        ua += half_lo(usm) * (vec4<f32>(uq) * xd.x) + half_hi(usm) * xd.y;\n".to_string(),
+        )
+    } else {
+        let shared = indent(&quad_shared_input(gate.format, products, h), 4);
+        let gq = indent(&quad_product(gate.format, products, h, "gw", "gq"), 4);
+        // the second matrix shares the first one's helpers (Dot4Use::Layout)
+        let uq = indent(&quad_product(up.format, products, h, "uw", "uq"), 4);
+        let unscale = if products != Products::Exact { format!(" * {X16_UNSCALE}") } else { String::new() };
+        (
+            "vec4<f32>(0.0)",
+            "        var xsum = 0.0;\n",
+            format!("            let x0 = xin4(2u * r);\n            let x1 = xin4(2u * r + 1u);\n{shared}{gq}{uq}            xsum += dot(x0 + x1, vec4<f32>(1.0));\n"),
+            format!("        ga += half_lo(gsm) * gq{unscale} + half_hi(gsm) * xsum;\n        ua += half_lo(usm) * uq{unscale} + half_hi(usm) * xsum;\n"),
+        )
+    };
+    format!(
+        r#"    let b0 = slice_begin({gp}_BLOCKS, ks);
+    let b1 = slice_end({gp}_BLOCKS, ks);
+    var ga = vec4<f32>(0.0);
+    var ua = vec4<f32>(0.0);
+    for (var g = b0; g < b1; g++) {{
+        let gsm = {g}[{gp}_SCALES4 + g * {gp}_SCALE_STRIDE4 + {ga_at}];
+        let usm = {u}[{up_}_SCALES4 + g * {up_}_SCALE_STRIDE4 + {ua_at}];
+        var gq = {zero};
+        var uq = {zero};
+{sums}        for (var k = 0u; k < {gp}_GROUP_ROWS; k++) {{
+            let r = g * {gp}_GROUP_ROWS + k;
+            let gw = {g}[r * {gp}_STRIDE4 + {ga_at}];
+            let uw = {u}[r * {up_}_STRIDE4 + {ua_at}];
+{row}        }}
+{combine}    }}
+    return array<vec4<f32>, 2>(ga, ua);
+}}
+"#
+    )
 }
 
 /// Per row of a four-output dot product, what all its matrices share: the
