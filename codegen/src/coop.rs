@@ -55,9 +55,10 @@
 //!
 //! The residual projections and QKV of 4096 outputs or more take two tiles
 //! of one matrix per workgroup (128 outputs), on both skeletons, where the
-//! matrices divide into such pairs (`WIDE_TILES_MIN_OUT` in [`crate::ops`]). Here QKV's epilogue trades RoPE partners through the
-//! accumulator store ([`EXCHANGE`]) rather than scratch of its own, which two
-//! weight tiles would not leave room for.
+//! matrices divide into such pairs (`WIDE_TILES_MIN_OUT` in [`crate::ops`]).
+//! Here QKV's epilogue trades RoPE partners through the accumulator store
+//! ([`EXCHANGE`]) rather than scratch of its own, which two weight tiles
+//! would not leave room for.
 //!
 //! The sub-tile ownership assumes subgroups of exactly
 //! [`crate::target::COOP_SUBGROUP_SIZE`] invocations: the runtime enables

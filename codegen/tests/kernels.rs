@@ -329,6 +329,22 @@ fn f16_sg() -> Target {
     Target { shader_f16: true, subgroups: true, ..Target::portable() }
 }
 
+/// Llama-2-7B's QKV kernel in formats `[q, k, v]`.
+fn llama2_7b_qkv([q, k, v]: [QuantFormat; 3], target: Target) -> KernelSpec {
+    KernelSpec::RmsQkvRope {
+        hidden: 4096,
+        heads: 32,
+        kv_heads: 32,
+        head_dim: 128,
+        rope_theta: 10000.0,
+        eps: 1e-5,
+        q,
+        k,
+        v,
+        target,
+    }
+}
+
 /// A device of 32-wide subgroups and workgroups of up to 1024, with f16.
 fn wide_f16_sg() -> Target {
     Target { subgroup_size: 32, max_workgroup_size: 1024, ..f16_sg() }
@@ -358,18 +374,7 @@ fn snapshot_int4_qkv_f16_subgroups() {
 #[test]
 fn int4_qkv_reads_quads_of_rope_pairs_against_int8_groups() {
     let int4 = QuantFormat::Int4 { group_size: 32, symmetric: false };
-    let qkv = |k: QuantFormat, target: Target| KernelSpec::RmsQkvRope {
-        hidden: 4096,
-        heads: 32,
-        kv_heads: 32,
-        head_dim: 128,
-        rope_theta: 10000.0,
-        eps: 1e-5,
-        q: int4,
-        k,
-        v: int4,
-        target,
-    };
+    let qkv = |k: QuantFormat, target: Target| llama2_7b_qkv([int4, k, int4], target);
     let kernel = generate(&qkv(int4, wide_f16_sg())).unwrap();
     let module = validate(&kernel, &wide_f16_sg()).unwrap();
     assert!(llama5_codegen::workgroup_bytes(&kernel, &module).unwrap() <= 16384);
@@ -545,18 +550,7 @@ fn snapshot_tiled_prefill_coop() {
     let specs = llama5_codegen::plan::layer_specs(&cfg, &formats, &Target::coop());
     insta::assert_snapshot!("gate_up_int4_batch_f16_sg_coop", snapshot_batch(specs[3].clone()));
     // Llama-2-7B's QKV: two tiles of one matrix per workgroup
-    let spec = KernelSpec::RmsQkvRope {
-        hidden: 4096,
-        heads: 32,
-        kv_heads: 32,
-        head_dim: 128,
-        rope_theta: 10000.0,
-        eps: 1e-5,
-        q: QuantFormat::F16,
-        k: QuantFormat::F16,
-        v: QuantFormat::F16,
-        target: Target::coop(),
-    };
+    let spec = llama2_7b_qkv([QuantFormat::F16; 3], Target::coop());
     let kernel = generate_batch(&spec).unwrap().unwrap();
     assert_eq!(kernel.dispatch, [96, 1, 1], "6144 RoPE pairs, 64 a workgroup");
     insta::assert_snapshot!("qkv_f16_wide_batch_f16_sg_coop", snapshot_batch(spec));
