@@ -9,7 +9,8 @@ use crate::spec::{
 };
 use crate::target::Target;
 use crate::tcal::{
-    self, fill, indent, Dot4Use, DotUse, InputStaging, MatvecShape, Norm, Products, SliceSum, TileRead, WeightMatrix,
+    self, fill, indent, Dot4Use, DotUse, GroupStream, InputStaging, MatvecShape, Norm, Products, SliceSum, TileRead,
+    WeightMatrix,
 };
 use crate::tiled::{f16_pairs, per_token, Skeleton, TileSource, BO};
 
@@ -964,17 +965,23 @@ fn matvec_entry(target: &Target, store: &str) -> String {
 }
 
 /// [`matvec_entry`] for invocations that own four outputs (`<w>_dot4`): `y` is
-/// the dot product of output `o` for token `t`.
-fn matvec_entry4(target: &Target, store: &str) -> String {
+/// the dot product of output `o` for token `t`. Where `<w>_dot4` streams its
+/// groups ([`GroupStream`]), the first group's loads come before the input's.
+fn matvec_entry4(target: &Target, store: &str, streams: bool) -> String {
+    let first = if streams {
+        "    first_group(min(o4, OUT4 - 1u), slice_begin(W_BLOCKS, ks));\n    load_input($TOKEN);\n"
+    } else {
+        ""
+    };
+    let input = if streams { "" } else { "    load_input($TOKEN);\n" };
     entry_signature(target, "WG")
         + &fill(
             r#"    let t = wid.y;
-    load_input($TOKEN);
-    let place = tile_place();
+$INPUT    let place = tile_place();
     let lo = place.x;
     let ks = place.y;
     let o4 = wid.x * TILE + lo;
-    let part = w_dot4(min(o4, OUT4 - 1u), slice_begin(W_BLOCKS, ks), slice_end(W_BLOCKS, ks));
+$FIRST    let part = w_dot4(min(o4, OUT4 - 1u), slice_begin(W_BLOCKS, ks), slice_end(W_BLOCKS, ks));
     let y4 = ksplit_sum(part, lo, ks);
     if (ks == 0u) {
         for (var j = 0u; j < 4u; j++) {
@@ -987,7 +994,7 @@ fn matvec_entry4(target: &Target, store: &str) -> String {
     }
 }
 "#,
-            &[("STORE", &store.replace('\n', "\n                "))],
+            &[("STORE", &store.replace('\n', "\n                ")), ("INPUT", input), ("FIRST", first)],
         )
 }
 
@@ -1150,8 +1157,11 @@ fn matvec_add(
     m.helpers += &input_functions;
     m.helpers.push('\n');
     let store = "hidden[t * OUT + o] += y;";
-    let entry =
-        fill(&if quads { matvec_entry4(&target, store) } else { matvec_entry(&target, store) }, &[("TOKEN", "t")]);
+    let streams = products == Products::Int8Groups && GroupStream::new(&[&w]).is_some();
+    let entry = fill(
+        &if quads { matvec_entry4(&target, store, streams) } else { matvec_entry(&target, store) },
+        &[("TOKEN", "t")],
+    );
     let dispatch = [(units as u32).div_ceil(shape.tile), 1, 1];
     Ok(m.finish(&entry, [shape.invocations(), 1, 1], dispatch, Rows::Tokens))
 }
@@ -1236,18 +1246,24 @@ fn rms_gate_up(
         Norm::Outputs => ("    let scale = norm_scale(t);\n", " * scale"),
         Norm::None | Norm::Inputs => ("", ""),
     };
-    let vars = [("SCALE", scale), ("TIMES", times)];
+    // the first group's loads before the input's where gate_up_dot4 streams
+    let streams = products == Products::Int8Groups && GroupStream::new(&[&wg_, &wu]).is_some();
+    let (input, first) = if streams {
+        ("", "    first_group(oc, slice_begin(W_GATE_BLOCKS, ks));\n    load_input(t);\n")
+    } else {
+        ("    load_input(t);\n", "")
+    };
+    let vars = [("SCALE", scale), ("TIMES", times), ("INPUT", input), ("FIRST", first)];
     let entry = if quads {
         entry_signature(&target, "WG")
             + &fill(
                 r#"    let t = wid.y;
-    load_input(t);
-    let place = tile_place();
+$INPUT    let place = tile_place();
     let lo = place.x;
     let ks = place.y;
     let o4 = wid.x * TILE + lo;
     let oc = min(o4, OUT4 - 1u);
-    let parts = gate_up_dot4(oc, ks);
+$FIRST    let parts = gate_up_dot4(oc, ks);
 $SCALE    let g = ksplit_sum(parts[0], lo, ks)$TIMES;
     let u = ksplit_sum(parts[1], lo, ks)$TIMES;
     if (ks == 0u) {
@@ -1361,7 +1377,7 @@ fn rms_logits(
         store += "\nif (y > best) {\n    best = y;\n    best_i = ROW0 + o;\n}";
     }
     let mut entry = fill(
-        &if quads { matvec_entry4(&target, &store) } else { matvec_entry(&target, &store) },
+        &if quads { matvec_entry4(&target, &store, false) } else { matvec_entry(&target, &store) },
         &[("TOKEN", "step.logits_from + t")],
     );
     if shares {

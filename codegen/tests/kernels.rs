@@ -394,6 +394,29 @@ fn int4_qkv_reads_quads_of_rope_pairs_against_int8_groups() {
     }
 }
 
+/// Asserts that an int8-group kernel streams the groups of its `mats`
+/// matrices: the entry calls `first_group` (as `call`) before it stages the
+/// input, and each iteration loads the next group's words (4 rows of a group
+/// of 32) before the current group's products.
+fn streams_groups(wgsl: &str, mats: usize, call: &str) {
+    let at = |what: &str| wgsl.find(what).unwrap_or_else(|| panic!("no {what:?}"));
+    assert!(at(call) < at("    load_input(t);\n"), "the first group's loads come before the input's");
+    for i in 0..mats {
+        assert!(wgsl.contains(&format!("    m{i}_s_first = ")), "first_group loads matrix {i}");
+        assert!(
+            wgsl.contains(&format!("    var m{i}_s = m{i}_s_first;")),
+            "the loop starts from matrix {i}'s first group"
+        );
+        for k in 0..4 {
+            let next = format!("let m{i}_w{k}_next = ");
+            assert!(at(&next) < at("_qdot4(m0_w0, x0)"), "{next} before the products");
+            assert!(wgsl.contains(&format!("_qdot4(m{i}_w{k}, x{k})")), "matrix {i} row {k}");
+            assert!(wgsl.contains(&format!("m{i}_w{k} = m{i}_w{k}_next;")), "matrix {i} row {k} moves on");
+        }
+    }
+    assert!(!wgsl.contains("m2_"), "no third matrix");
+}
+
 /// Wide enough to read four outputs at a load, where INT4 products meet the
 /// input's int8 groups through dot4I8Packed.
 #[test]
@@ -401,8 +424,10 @@ fn snapshot_int4_gate_up_quads_f16() {
     let int4 = QuantFormat::Int4 { group_size: 32, symmetric: false };
     let spec = KernelSpec::RmsGateUp { hidden: 4096, ffn: 11008, eps: 1e-5, gate: int4, up: int4, target: f16_sg() };
     let text = snapshot_spec(spec);
-    assert!(text.contains("w_gate_qdot4(gw, x)"), "int8 products in the fused four-output path");
+    assert!(text.contains("w_gate_qdot4(m0_w0, x0)"), "int8 products in the fused four-output path");
+    assert!(text.contains("w_gate_qdot4(m1_w3, x3)"), "up's words meet the same input rows");
     assert!(text.contains("    stage_int8_groups();\n}"), "load_input ends by staging the int8 groups");
+    streams_groups(&text, 2, "first_group(oc, slice_begin(W_GATE_BLOCKS, ks));");
     assert!(!text.contains("fn w_gate_dot4("), "no per-matrix dot4 beside the fused one");
     assert!(!text.contains("fn w_up_qdot4("), "the up matrix uses the gate matrix's helpers");
     insta::assert_snapshot!("int4_gate_up_quads_f16_sg", text);
@@ -507,7 +532,7 @@ fn snapshot_int4_down_wide_int8_groups() {
     let kernel = generate(&spec).unwrap();
     let module = validate(&kernel, &target).unwrap();
     assert!(llama5_codegen::workgroup_bytes(&kernel, &module).unwrap() <= 16384);
-    assert!(kernel.wgsl.contains("qx += w_qdot4(w[r * W_STRIDE4 + o4], xq_groups[r]);"));
+    streams_groups(&kernel.wgsl, 1, "first_group(min(o4, OUT4 - 1u), slice_begin(W_BLOCKS, ks));");
     assert_eq!(kernel.workgroup_size, [512, 1, 1]);
     insta::assert_snapshot!("down_int4_wide_int8_groups_f16_sg", snapshot_spec(spec));
 }
