@@ -1213,9 +1213,19 @@ fn rms_gate_up(
     let wg_ = WeightMatrix { ident: "w_gate", format: gate, out: ffn, in_features: hidden };
     let wu = WeightMatrix { ident: "w_up", format: up, out: ffn, in_features: hidden };
     let (quads, units) = output_units(ffn);
-    let shape = MatvecShape::choose(units, wg_.blocks(), &target);
     let fused = tcal::fuses_gate_up(&wg_, &wu);
-    let int8_groups = if quads && fused { tcal::int8_groups(&[gate, up], hidden, &shape, 0, &target) } else { None };
+    // int8 groups where they fit: streamed in a shape of their own where the
+    // groups allow (GroupStream), else in MatvecShape::choose's
+    let streamed = MatvecShape::streamed(units, wg_.blocks(), &target);
+    let can_stream = quads && fused && GroupStream::new(&[&wg_, &wu]).is_some();
+    let (shape, int8_groups) = match can_stream.then(|| tcal::int8_groups(&[gate, up], hidden, &streamed, 0, &target)) {
+        Some(Some(group)) => (streamed, Some(group)),
+        _ => {
+            let shape = MatvecShape::choose(units, wg_.blocks(), &target);
+            let groups = if quads && fused { tcal::int8_groups(&[gate, up], hidden, &shape, 0, &target) } else { None };
+            (shape, groups)
+        }
+    };
     let (products, staging) = match int8_groups {
         Some(group) => (Products::Int8Groups, InputStaging::int8_groups(group, &target)),
         None => (Products::for_target(&target), tcal::staging(&[gate, up], hidden)),
@@ -1247,7 +1257,7 @@ fn rms_gate_up(
         Norm::None | Norm::Inputs => ("", ""),
     };
     // the first group's loads before the input's where gate_up_dot4 streams
-    let streams = products == Products::Int8Groups && GroupStream::new(&[&wg_, &wu]).is_some();
+    let streams = products == Products::Int8Groups && can_stream;
     let (input, first) = if streams {
         ("", "    first_group(oc, slice_begin(W_GATE_BLOCKS, ks));\n    load_input(t);\n")
     } else {

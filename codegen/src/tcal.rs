@@ -1442,6 +1442,17 @@ pub(crate) struct MatvecShape {
 /// large GPU, so that small matrices still keep every unit reading.
 pub(crate) const TARGET_WORKGROUPS: usize = 512;
 
+/// Workgroups the gate/up kernel aims for where it streams its int8 groups
+/// ([`GroupStream`]): fewer, wider tiles with longer k-slices, whose next
+/// group's loads overlap the current one's products, and fewer workgroups
+/// staging the input row. On the H100, Llama-2-7B INT4 (2752 quads, 128
+/// groups) in tiles of 16 quads and 16 k-slices: 30.2 us a call against 31.3
+/// in [`MatvecShape::choose`]'s 8 and 32 (decode 2.77 to 2.69 ms a token);
+/// 32 and 16: 30.1; 32 and 8: 31.3; 16 and 8: 32.4; 16 and 32: 33.3; 4 and
+/// 64: 39.5. Llama-3.2-1B INT4 (2048 quads, 64 groups) takes 16 and 16 too:
+/// 15.5 to 15.9 us against 15.5, decode unchanged at 0.77 ms.
+pub(crate) const STREAMED_TARGET_WORKGROUPS: usize = 128;
+
 /// Fewest outputs per workgroup: 8 consecutive words of a packed row are one
 /// 32-byte memory sector.
 const MIN_TILE: u32 = 8;
@@ -1569,6 +1580,12 @@ impl MatvecShape {
         // a slot per k-slice would take 8 KiB of workgroup memory, too much
         // beside an input row staged there
         (shape.slices_per_subgroup(target) >= 2).then_some(shape)
+    }
+
+    /// [`MatvecShape::choose`] for gate/up where it streams its int8 groups
+    /// ([`GroupStream`]): aiming for [`STREAMED_TARGET_WORKGROUPS`].
+    pub fn streamed(outputs: usize, blocks: usize, target: &Target) -> MatvecShape {
+        Self::fit(outputs, blocks, target.workgroup_limit(), STREAMED_TARGET_WORKGROUPS)
     }
 
     /// The shape for `outputs` outputs (or output units) over `blocks` input blocks:

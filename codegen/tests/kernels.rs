@@ -423,6 +423,9 @@ fn streams_groups(wgsl: &str, mats: usize, call: &str) {
 fn snapshot_int4_gate_up_quads_f16() {
     let int4 = QuantFormat::Int4 { group_size: 32, symmetric: false };
     let spec = KernelSpec::RmsGateUp { hidden: 4096, ffn: 11008, eps: 1e-5, gate: int4, up: int4, target: f16_sg() };
+    // streamed groups: tiles of 16 quads, 16 k-slices of 8 groups
+    let kernel = generate(&spec).unwrap();
+    assert_eq!((kernel.workgroup_size, kernel.dispatch), ([256, 1, 1], [172, 1, 1]));
     let text = snapshot_spec(spec);
     assert!(text.contains("w_gate_qdot4(m0_w0, x0)"), "int8 products in the fused four-output path");
     assert!(text.contains("w_gate_qdot4(m1_w3, x3)"), "up's words meet the same input rows");
