@@ -342,9 +342,17 @@ fn $W_qdot4(w: vec4<u32>, x: vec2<u32>) -> vec4<i32> {
 /// as gate/up reads its two matrices ([`int4_dot4_pair`]): QKV's RoPE
 /// partners, four pairs at a time. `helpers` names the matrix whose `_qdot4`
 /// it calls (one of the same format).
-pub(crate) fn pair_dot4_int8_groups(w: &WeightMatrix<'_>, helpers: &str) -> String {
-    format!("fn {}_pair_dot4(oa: u32, ob: u32, ks: u32) -> array<vec4<f32>, 2> {{\n", w.ident)
-        + &int4_dot4_pair([(w, "oa"), (w, "ob")], helpers, Products::Int8Groups)
+pub(crate) fn pair_dot4_int8_groups(w: &WeightMatrix<'_>, helpers: &str, streamed: bool) -> String {
+    let head = format!("fn {}_pair_dot4(oa: u32, ob: u32, ks: u32) -> array<vec4<f32>, 2> {{\n", w.ident);
+    match GroupStream::at(&[(w, "oa"), (w, "ob")]).filter(|_| streamed) {
+        Some(stream) => {
+            let p = w.prefix();
+            head + &format!("    let b0 = slice_begin({p}_BLOCKS, ks);\n    let b1 = slice_end({p}_BLOCKS, ks);\n")
+                + &stream.group_loop(helpers, false)
+                + "    return array<vec4<f32>, 2>(acc0, acc1);\n}\n"
+        }
+        None => head + &int4_dot4_pair([(w, "oa"), (w, "ob")], helpers, Products::Int8Groups),
+    }
 }
 
 /// `gate_up_dot4(o4, ks)`: outputs `4 o4 ..` of two matrices over k-slice `ks`,
@@ -363,7 +371,7 @@ pub(crate) fn gate_up_dot4(gate: &WeightMatrix<'_>, up: &WeightMatrix<'_>, produ
             let stream = stream.expect("matched");
             head + &format!(
                 "    let b0 = slice_begin({gp}_BLOCKS, ks);\n    let b1 = slice_end({gp}_BLOCKS, ks);\n{}    return array<vec4<f32>, 2>(acc0, acc1);\n}}\n\n{}",
-                stream.group_loop(g),
+                stream.group_loop(g, true),
                 stream.first_group()
             )
         }
@@ -457,17 +465,21 @@ fn int4_dot4_pair(
 /// registers (20 vec4 at 4 rows); wider groups keep the plain loop.
 const STREAMED_GROUP_ROWS: usize = 4;
 
-/// The int8-group loop of a kernel reading four outputs of one or two INT4
-/// matrices (a projection, or gate and up) at once, its weights streamed: the
-/// first group's words are loaded by `first_group(o4, b0)`, which the entry
-/// calls before it stages the input (the loads need not wait for the staging),
-/// and each iteration loads the next group's words before the current group's
-/// products. On the H100, Llama-2-7B INT4 decode went from 2.82 to 2.73 ms a
-/// token (gate/up 32.0 to 31.0 us, down 20.2 to 19.7, output projection 13.6
-/// to 12.8), Llama-3.2-1B INT4 from 0.79 to 0.76. QKV's quads keep the plain
-/// loop: their k-slices hold two groups, and streaming took 22.8 to 24.2 us.
+/// The int8-group loop of a kernel reading quads of one or two INT4 matrices
+/// (a projection, gate and up, or a QKV matrix at a quad and its RoPE
+/// partner), its weights streamed: each iteration loads the next group's words
+/// before the current group's products. Gate/up and the projections load the
+/// first group's words in `first_group(o4, b0)`, which the entry calls before
+/// it stages the input (the loads need not wait for the staging); QKV, whose
+/// invocations pick their matrix, loads it in the loop's function. On the
+/// H100, Llama-2-7B INT4 decode went from 2.82 to 2.73 ms a token (gate/up
+/// 32.0 to 31.0 us, down 20.2 to 19.7, output projection 13.6 to 12.8),
+/// Llama-3.2-1B INT4 from 0.79 to 0.76. Streamed kernels take shapes of their
+/// own ([`STREAMED_TARGET_WORKGROUPS`]).
 pub(crate) struct GroupStream<'a> {
     mats: Vec<&'a WeightMatrix<'a>>,
+    /// Each matrix's quad: an expression.
+    quads: Vec<&'a str>,
     rows: usize,
 }
 
@@ -478,18 +490,30 @@ impl<'a> GroupStream<'a> {
         let QuantFormat::Int4 { group_size, .. } = mats.first()?.format else { return None };
         let rows = group_size as usize / 8;
         let same = mats.iter().all(|m| matches!(m.format, QuantFormat::Int4 { group_size: g, .. } if g == group_size));
-        (same && rows <= STREAMED_GROUP_ROWS).then(|| GroupStream { mats: mats.to_vec(), rows })
+        (same && rows <= STREAMED_GROUP_ROWS).then(|| GroupStream {
+            mats: mats.to_vec(),
+            quads: vec!["o4"; mats.len()],
+            rows,
+        })
+    }
+
+    /// The stream over `(matrix, quad)` pairs, each matrix read at its own quad.
+    pub fn at(mats: &[(&'a WeightMatrix<'a>, &'a str)]) -> Option<GroupStream<'a>> {
+        let ms: Vec<&'a WeightMatrix<'a>> = mats.iter().map(|(m, _)| *m).collect();
+        let mut stream = GroupStream::new(&ms)?;
+        stream.quads = mats.iter().map(|(_, q)| *q).collect();
+        Some(stream)
     }
 
     /// `let` (or `var`) bindings `m<i>_s<suffix>` and `m<i>_w<k><suffix>`:
     /// each matrix's scales and words of group `g` at quad `o4`.
     fn loads(&self, g: &str, suffix: &str, decl: &str) -> String {
         let mut s = String::new();
-        for (i, m) in self.mats.iter().enumerate() {
+        for (i, (m, o4)) in self.mats.iter().zip(&self.quads).enumerate() {
             let (w, p) = (m.ident, m.prefix());
-            s += &format!("{decl}m{i}_s{suffix} = {w}[{p}_SCALES4 + {g} * {p}_SCALE_STRIDE4 + o4];\n");
+            s += &format!("{decl}m{i}_s{suffix} = {w}[{p}_SCALES4 + {g} * {p}_SCALE_STRIDE4 + {o4}];\n");
             for k in 0..self.rows {
-                s += &format!("{decl}m{i}_w{k}{suffix} = {w}[({g} * {p}_GROUP_ROWS + {k}u) * {p}_STRIDE4 + o4];\n");
+                s += &format!("{decl}m{i}_w{k}{suffix} = {w}[({g} * {p}_GROUP_ROWS + {k}u) * {p}_STRIDE4 + {o4}];\n");
             }
         }
         s
@@ -513,14 +537,21 @@ impl<'a> GroupStream<'a> {
 
     /// The loop over groups `[b0, b1)` of quad `o4`, leaving each matrix's
     /// sums in `acc0`, `acc1`; `helpers` names the matrix whose `_qdot4` it calls.
-    pub fn group_loop(&self, helpers: &str) -> String {
+    pub fn group_loop(&self, helpers: &str, hoisted: bool) -> String {
         let p = self.mats[0].prefix();
         let mut s = String::new();
         for i in 0..self.mats.len() {
-            s += &format!("    var acc{i} = vec4<f32>(0.0);\n    var m{i}_s = m{i}_s_first;\n");
-            for k in 0..self.rows {
-                s += &format!("    var m{i}_w{k} = m{i}_w{k}_first;\n");
+            s += &format!("    var acc{i} = vec4<f32>(0.0);\n");
+            if hoisted {
+                s += &format!("    var m{i}_s = m{i}_s_first;\n");
+                for k in 0..self.rows {
+                    s += &format!("    var m{i}_w{k} = m{i}_w{k}_first;\n");
+                }
             }
+        }
+        if !hoisted {
+            s += &format!("    let first = min(b0, {p}_BLOCKS - 1u);\n");
+            s += &indent(&self.loads("first", "", "var "), 4);
         }
         s += "    for (var g = b0; g < b1; g++) {\n        // the last group loads itself again: cached\n        let next = min(g + 1u, b1 - 1u);\n";
         s += &indent(&self.loads("next", "_next", "let "), 8);
@@ -1134,7 +1165,7 @@ impl WeightMatrix<'_> {
                 let stream = GroupStream::new(&[self]).expect("matched");
                 format!(
                     "{INT4_INT8_HELPERS}// Blocks are groups: w = scale * q + min; against the input's int8 groups\n// (x = d * xq) a group contributes scale * d * dot(q, xq) + min * d * sum(xq).\nfn $W_dot4(o4: u32, b0: u32, b1: u32) -> vec4<f32> {{\n{}    return acc0;\n}}\n\n{}",
-                    stream.group_loop("$W"),
+                    stream.group_loop("$W", true),
                     stream.first_group()
                 )
             }
@@ -1443,7 +1474,8 @@ pub(crate) struct MatvecShape {
 pub(crate) const TARGET_WORKGROUPS: usize = 512;
 
 /// Workgroups the gate/up kernel aims for where it streams its int8 groups
-/// ([`GroupStream`]): fewer, wider tiles with longer k-slices, whose next
+/// ([`GroupStream`]), and QKV's quads take their tile from
+/// ([`MatvecShape::rope_pair_quads`]): fewer, wider tiles with longer k-slices, whose next
 /// group's loads overlap the current one's products, and fewer workgroups
 /// staging the input row. On the H100, Llama-2-7B INT4 (2752 quads, 128
 /// groups) in tiles of 16 quads and 16 k-slices: 30.2 us a call against 31.3
@@ -1552,19 +1584,25 @@ impl MatvecShape {
         int8_groups(&[format], in_features, &shape, other_bytes, target).map(|group| (shape, group))
     }
 
-    /// The shape of the QKV decode kernel that reads quads of RoPE pairs
-    /// against int8 input groups, over `blocks` input groups: tiles of
-    /// [`WIDE_QUAD_TILE`] quads, k-slices of [`WIDE_QUAD_MIN_SLICE`] groups as
-    /// the workgroup limit allows, and at least [`ROPE_PAIR_QUADS_MIN_INVOCATIONS`]
-    /// invocations however short the input. On the H100, Llama-2-7B INT4 (1536
-    /// quads, 128 groups): 22.9 us a call in tiles of 4 quads and 64 k-slices,
-    /// 23.0 in tiles of 8 and 64, 24.4 in [`MatvecShape::choose`]'s 8 and 32,
-    /// 24.1 in 4 and 128, 28.9 in 2 and 128.
-    pub fn rope_pair_quads(blocks: usize, target: &Target) -> MatvecShape {
-        let tile = WIDE_QUAD_TILE;
+    /// The shape of the QKV decode kernel that reads `quads` quads of RoPE
+    /// pairs against int8 input groups, over `blocks` input groups: tiles of
+    /// [`WIDE_QUAD_TILE`] quads, or where it streams its groups
+    /// ([`GroupStream`]) [`MatvecShape::streamed`]'s; then k-slices of
+    /// [`WIDE_QUAD_MIN_SLICE`] groups as the workgroup limit allows, and at
+    /// least [`ROPE_PAIR_QUADS_MIN_INVOCATIONS`] invocations however short the
+    /// input. On the H100, Llama-2-7B INT4 (1536 quads, 128 groups), us a call
+    /// from the profile and decode ms a token:
+    /// - plain loop: 22.9 us (2.69 ms) in tiles of 4 quads and 64 k-slices,
+    ///   23.0 in 8 and 64, 24.4 in 8 and 32, 24.1 in 4 and 128, 28.9 in 2 and
+    ///   128, 31.9 (2.94 ms) in 16 and 16;
+    /// - streamed: 23.2 us (2.65 ms) in 8 and 32, 23.6 (2.64) in 16 and 16,
+    ///   24.1 (2.72) in 4 and 64, 24.3 (2.68) in 8 and 16, 27.2 (2.77) in 16
+    ///   and 8. The profile's timestamps favour the plain loop; the tokens do not.
+    pub fn rope_pair_quads(quads: usize, blocks: usize, streamed: bool, target: &Target) -> MatvecShape {
+        let tile = if streamed { Self::streamed(quads, blocks, target).tile } else { WIDE_QUAD_TILE };
         let most = prev_power_of_two(target.workgroup_limit()) / tile;
-        let fewest = ROPE_PAIR_QUADS_MIN_INVOCATIONS / tile;
-        let slices = (blocks / WIDE_QUAD_MIN_SLICE).clamp(fewest as usize, most as usize);
+        let fewest = (ROPE_PAIR_QUADS_MIN_INVOCATIONS / tile).max(1);
+        let slices = (blocks / WIDE_QUAD_MIN_SLICE).clamp(fewest as usize, most.max(fewest) as usize);
         MatvecShape { tile, ksplit: prev_power_of_two(slices as u32) }
     }
 

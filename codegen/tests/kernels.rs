@@ -380,9 +380,21 @@ fn int4_qkv_reads_quads_of_rope_pairs_against_int8_groups() {
     assert!(llama5_codegen::workgroup_bytes(&kernel, &module).unwrap() <= 16384);
     assert!(kernel.wgsl.contains("parts = wk_pair_dot4(oa, ob, ks);"));
     assert!(kernel.wgsl.contains("    stage_int8_groups();\n"));
-    // 6144 RoPE pairs, four an invocation: 4 quads a workgroup x 64 k-slices
-    assert_eq!((kernel.workgroup_size, kernel.dispatch), ([256, 1, 1], [384, 1, 1]));
+    // 6144 RoPE pairs, four an invocation, groups streamed: 8 quads a
+    // workgroup x 32 k-slices, each quad and its partner loading the next group
+    // before the current one's products
+    assert_eq!((kernel.workgroup_size, kernel.dispatch), ([256, 1, 1], [192, 1, 1]));
+    let wgsl = &kernel.wgsl;
+    let wk = &wgsl[wgsl.find("fn wk_pair_dot4(").unwrap()..wgsl.find("fn wv_pair_dot4(").unwrap()];
+    let at = |what: &str| wk.find(what).unwrap_or_else(|| panic!("no {what:?}"));
+    assert!(at("var m0_s = wk[WK_SCALES4 + first * WK_SCALE_STRIDE4 + oa];") < at("for (var g = b0; g < b1; g++)"));
+    assert!(at("let m1_w3_next = wk[(next * WK_GROUP_ROWS + 3u) * WK_STRIDE4 + ob];") < at("wq_qdot4(m0_w0, x0)"));
     insta::assert_snapshot!("qkv_int4_pair_quads_f16_sg", kernel.wgsl);
+    // groups of 64 keep the plain loop, in tiles of 4 quads x 64 k-slices
+    let int4_64 = QuantFormat::Int4 { group_size: 64, symmetric: false };
+    let wide_groups = generate(&llama2_7b_qkv([int4_64; 3], wide_f16_sg())).unwrap();
+    assert_eq!(wide_groups.dispatch, [384, 1, 1]);
+    assert!(wide_groups.wgsl.contains("_pair_dot4(") && !wide_groups.wgsl.contains("_next"));
     let mixed = generate(&qkv(QuantFormat::Int8 { per_tensor: false }, wide_f16_sg())).unwrap();
     assert!(!mixed.wgsl.contains("_pair_dot4") && mixed.wgsl.contains("ab = wk_dot2(o1, o2, b0, b1);"));
     // mixed formats take two tiles in prefill too, an input loop per matrix
