@@ -166,6 +166,26 @@ fn main(
     var l = 0.0;
     for (var base = lo; base < hi; base += WG) {
         let start = (first + base) % step.ctx;
+        let count = min(WG, hi - base);
+        // this invocation's lane d and slice jt0: its first value rows
+        let d = lid % LANES;
+        let jt0 = lid / LANES;
+        let j0 = min(jt0 + 0u * SLICES, count - 1u);
+        let v0 = vec4<f32>(v_cache[ring_slot(start, j0) * KV_LANES + kv_base + d]);
+        let j1 = min(jt0 + 1u * SLICES, count - 1u);
+        let v1 = vec4<f32>(v_cache[ring_slot(start, j1) * KV_LANES + kv_base + d]);
+        let j2 = min(jt0 + 2u * SLICES, count - 1u);
+        let v2 = vec4<f32>(v_cache[ring_slot(start, j2) * KV_LANES + kv_base + d]);
+        let j3 = min(jt0 + 3u * SLICES, count - 1u);
+        let v3 = vec4<f32>(v_cache[ring_slot(start, j3) * KV_LANES + kv_base + d]);
+        let j4 = min(jt0 + 4u * SLICES, count - 1u);
+        let v4 = vec4<f32>(v_cache[ring_slot(start, j4) * KV_LANES + kv_base + d]);
+        let j5 = min(jt0 + 5u * SLICES, count - 1u);
+        let v5 = vec4<f32>(v_cache[ring_slot(start, j5) * KV_LANES + kv_base + d]);
+        let j6 = min(jt0 + 6u * SLICES, count - 1u);
+        let v6 = vec4<f32>(v_cache[ring_slot(start, j6) * KV_LANES + kv_base + d]);
+        let j7 = min(jt0 + 7u * SLICES, count - 1u);
+        let v7 = vec4<f32>(v_cache[ring_slot(start, j7) * KV_LANES + kv_base + d]);
         let j = base + lid;
         var s = -BIG;
         if (j < hi) {
@@ -188,55 +208,74 @@ fn main(
         probs[lid] = e;
         l = l * correction + wg_sum(e);
         m = m_new;
-        let count = min(WG, hi - base);
-        // slice sl sums positions sl, sl + SLICES, ... of the tile for lane d
-        for (var w = lid; w < SLICES * LANES; w += WG) {
-            let d = w % LANES;
-            var a = vec4<f32>(0.0);
-            for (var jt = w / LANES; jt < count; jt += 8u * SLICES) {
-                let j0 = min(jt + 0u * SLICES, count - 1u);
-                let v0 = vec4<f32>(v_cache[ring_slot(start, j0) * KV_LANES + kv_base + d]);
-                let j1 = min(jt + 1u * SLICES, count - 1u);
-                let v1 = vec4<f32>(v_cache[ring_slot(start, j1) * KV_LANES + kv_base + d]);
-                let j2 = min(jt + 2u * SLICES, count - 1u);
-                let v2 = vec4<f32>(v_cache[ring_slot(start, j2) * KV_LANES + kv_base + d]);
-                let j3 = min(jt + 3u * SLICES, count - 1u);
-                let v3 = vec4<f32>(v_cache[ring_slot(start, j3) * KV_LANES + kv_base + d]);
-                let j4 = min(jt + 4u * SLICES, count - 1u);
-                let v4 = vec4<f32>(v_cache[ring_slot(start, j4) * KV_LANES + kv_base + d]);
-                let j5 = min(jt + 5u * SLICES, count - 1u);
-                let v5 = vec4<f32>(v_cache[ring_slot(start, j5) * KV_LANES + kv_base + d]);
-                let j6 = min(jt + 6u * SLICES, count - 1u);
-                let v6 = vec4<f32>(v_cache[ring_slot(start, j6) * KV_LANES + kv_base + d]);
-                let j7 = min(jt + 7u * SLICES, count - 1u);
-                let v7 = vec4<f32>(v_cache[ring_slot(start, j7) * KV_LANES + kv_base + d]);
-                if (jt + 0u * SLICES < count) {
-                    a += probs[j0] * v0;
-                }
-                if (jt + 1u * SLICES < count) {
-                    a += probs[j1] * v1;
-                }
-                if (jt + 2u * SLICES < count) {
-                    a += probs[j2] * v2;
-                }
-                if (jt + 3u * SLICES < count) {
-                    a += probs[j3] * v3;
-                }
-                if (jt + 4u * SLICES < count) {
-                    a += probs[j4] * v4;
-                }
-                if (jt + 5u * SLICES < count) {
-                    a += probs[j5] * v5;
-                }
-                if (jt + 6u * SLICES < count) {
-                    a += probs[j6] * v6;
-                }
-                if (jt + 7u * SLICES < count) {
-                    a += probs[j7] * v7;
-                }
-            }
-            part[w] = a;
+        var a = vec4<f32>(0.0);
+        if (jt0 + 0u * SLICES < count) {
+            a += probs[j0] * v0;
         }
+        if (jt0 + 1u * SLICES < count) {
+            a += probs[j1] * v1;
+        }
+        if (jt0 + 2u * SLICES < count) {
+            a += probs[j2] * v2;
+        }
+        if (jt0 + 3u * SLICES < count) {
+            a += probs[j3] * v3;
+        }
+        if (jt0 + 4u * SLICES < count) {
+            a += probs[j4] * v4;
+        }
+        if (jt0 + 5u * SLICES < count) {
+            a += probs[j5] * v5;
+        }
+        if (jt0 + 6u * SLICES < count) {
+            a += probs[j6] * v6;
+        }
+        if (jt0 + 7u * SLICES < count) {
+            a += probs[j7] * v7;
+        }
+        for (var jt = jt0 + 8u * SLICES; jt < count; jt += 8u * SLICES) {
+            let j0 = min(jt + 0u * SLICES, count - 1u);
+            let v0 = vec4<f32>(v_cache[ring_slot(start, j0) * KV_LANES + kv_base + d]);
+            let j1 = min(jt + 1u * SLICES, count - 1u);
+            let v1 = vec4<f32>(v_cache[ring_slot(start, j1) * KV_LANES + kv_base + d]);
+            let j2 = min(jt + 2u * SLICES, count - 1u);
+            let v2 = vec4<f32>(v_cache[ring_slot(start, j2) * KV_LANES + kv_base + d]);
+            let j3 = min(jt + 3u * SLICES, count - 1u);
+            let v3 = vec4<f32>(v_cache[ring_slot(start, j3) * KV_LANES + kv_base + d]);
+            let j4 = min(jt + 4u * SLICES, count - 1u);
+            let v4 = vec4<f32>(v_cache[ring_slot(start, j4) * KV_LANES + kv_base + d]);
+            let j5 = min(jt + 5u * SLICES, count - 1u);
+            let v5 = vec4<f32>(v_cache[ring_slot(start, j5) * KV_LANES + kv_base + d]);
+            let j6 = min(jt + 6u * SLICES, count - 1u);
+            let v6 = vec4<f32>(v_cache[ring_slot(start, j6) * KV_LANES + kv_base + d]);
+            let j7 = min(jt + 7u * SLICES, count - 1u);
+            let v7 = vec4<f32>(v_cache[ring_slot(start, j7) * KV_LANES + kv_base + d]);
+            if (jt + 0u * SLICES < count) {
+                a += probs[j0] * v0;
+            }
+            if (jt + 1u * SLICES < count) {
+                a += probs[j1] * v1;
+            }
+            if (jt + 2u * SLICES < count) {
+                a += probs[j2] * v2;
+            }
+            if (jt + 3u * SLICES < count) {
+                a += probs[j3] * v3;
+            }
+            if (jt + 4u * SLICES < count) {
+                a += probs[j4] * v4;
+            }
+            if (jt + 5u * SLICES < count) {
+                a += probs[j5] * v5;
+            }
+            if (jt + 6u * SLICES < count) {
+                a += probs[j6] * v6;
+            }
+            if (jt + 7u * SLICES < count) {
+                a += probs[j7] * v7;
+            }
+        }
+        part[lid] = a;
         workgroupBarrier();
         for (var d = lid; d < LANES; d += WG) {
             var a = acc[d] * correction;
