@@ -209,11 +209,28 @@ impl KernelSet {
         Ok(Some(self.insert(kernel.name.clone(), kernel)?))
     }
 
+    /// Adds a kernel; [`KernelSet::validated`] validates them all at the end.
     fn insert(&mut self, name: String, kernel: Kernel) -> Result<usize, CodegenError> {
-        validate(&kernel, &self.target)?;
         self.kernels.push(kernel);
         self.by_name.insert(name, self.kernels.len() - 1);
         Ok(self.kernels.len() - 1)
+    }
+
+    /// The kernels, each validated with naga: on native targets in parallel
+    /// (a plan's few dozen kernels are part of every model load); the error
+    /// is the first failing kernel's, in plan order.
+    fn validated(self) -> Result<Vec<Kernel>, CodegenError> {
+        let target = self.target;
+        #[cfg(not(target_arch = "wasm32"))]
+        let results: Vec<Result<(), CodegenError>> = {
+            use rayon::prelude::*;
+            self.kernels.par_iter().map(|k| validate(k, &target).map(|_| ())).collect()
+        };
+        #[cfg(target_arch = "wasm32")]
+        let results: Vec<Result<(), CodegenError>> =
+            self.kernels.iter().map(|k| validate(k, &target).map(|_| ())).collect();
+        results.into_iter().collect::<Result<(), _>>()?;
+        Ok(self.kernels)
     }
 
     fn refs(&self, kernel: usize, pairs: &[(&str, String)], part: usize) -> Vec<TensorRef> {
@@ -386,7 +403,7 @@ impl Plan {
             tensors: Vec::new(),
         });
 
-        Ok(Plan { target: *target, kernels: set.kernels, steps, argmax_shares })
+        Ok(Plan { target: *target, kernels: set.validated()?, steps, argmax_shares })
     }
 
     /// Dispatches per decoded token, its choice (argmax or sampling) included.
