@@ -327,9 +327,8 @@ impl GpuBackend {
         // Pipelines, one per distinct kernel, each validated by codegen first.
         let pipeline_start = web_time_now();
         let disk_cache = pipeline_cache_dir.and_then(|dir| pipeline_cache::DiskCache::open(device, &gpu.info, dir));
-        let mut layouts = Vec::new();
-        let mut pipelines = Vec::new();
-        for k in &plan.kernels {
+        let cache = disk_cache.as_ref().map(|c| &c.cache);
+        let build_one = |k: &llama5_codegen::Kernel| {
             let kernel_error =
                 |e: llama5_codegen::CodegenError| RuntimeError::Kernel { name: k.name.clone(), message: e.to_string() };
             let module = llama5_codegen::validate(k, &gpu.target).map_err(kernel_error)?;
@@ -343,10 +342,19 @@ impl GpuBackend {
                     ),
                 });
             }
-            let (bgl, pipeline) = create_pipeline(device, k, disk_cache.as_ref().map(|c| &c.cache));
-            layouts.push(bgl);
-            pipelines.push(pipeline);
-        }
+            Ok(create_pipeline(device, k, cache))
+        };
+        // natively, in parallel: each pipeline is translated (and, with a cold
+        // cache, compiled) on the thread that creates it
+        #[cfg(not(target_arch = "wasm32"))]
+        let built: Vec<_> = {
+            use rayon::prelude::*;
+            plan.kernels.par_iter().map(build_one).collect()
+        };
+        #[cfg(target_arch = "wasm32")]
+        let built: Vec<_> = plan.kernels.iter().map(build_one).collect();
+        let (layouts, pipelines): (Vec<_>, Vec<_>) =
+            built.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
         let pipeline_ms = web_time_now() - pipeline_start;
         if let Some(cache) = &disk_cache {
             cache.save();
