@@ -1245,8 +1245,9 @@ fn rms_gate_up(
     let wu = WeightMatrix { ident: "w_up", format: up, out: ffn, in_features: hidden };
     let (quads, units) = output_units(ffn);
     let fused = tcal::fuses_gate_up(&wg_, &wu);
-    // int8 groups where they fit: streamed in a shape of their own where the
-    // groups allow (GroupStream), else in MatvecShape::choose's
+    // int8 groups where they fit: where the groups stream (GroupStream), in
+    // their own shape if the groups fit it; else (streamed or not) in
+    // MatvecShape::choose's
     let streamed = MatvecShape::streamed(units, wg_.blocks(), &target);
     let can_stream = quads && fused && GroupStream::new(&[&wg_, &wu]).is_some();
     let (shape, int8_groups) = match can_stream.then(|| tcal::int8_groups(&[gate, up], hidden, &streamed, 0, &target)) {

@@ -474,8 +474,9 @@ const STREAMED_GROUP_ROWS: usize = 4;
 /// invocations pick their matrix, loads it in the loop's function. On the
 /// H100, Llama-2-7B INT4 decode went from 2.82 to 2.73 ms a token (gate/up
 /// 32.0 to 31.0 us, down 20.2 to 19.7, output projection 13.6 to 12.8),
-/// Llama-3.2-1B INT4 from 0.79 to 0.76. Streamed kernels take shapes of their
-/// own ([`STREAMED_TARGET_WORKGROUPS`]).
+/// Llama-3.2-1B INT4 from 0.79 to 0.76. Streamed gate/up and QKV take shapes
+/// of their own ([`STREAMED_TARGET_WORKGROUPS`]); the projections keep those
+/// of [`MatvecShape::int8_group_quads`].
 pub(crate) struct GroupStream<'a> {
     mats: Vec<&'a WeightMatrix<'a>>,
     /// Each matrix's quad: an expression.
@@ -535,8 +536,10 @@ impl<'a> GroupStream<'a> {
         )
     }
 
-    /// The loop over groups `[b0, b1)` of quad `o4`, leaving each matrix's
-    /// sums in `acc0`, `acc1`; `helpers` names the matrix whose `_qdot4` it calls.
+    /// The loop over groups `[b0, b1)`, each matrix at its own quad, leaving
+    /// their sums in `acc0`, `acc1`; `helpers` names the matrix whose `_qdot4`
+    /// it calls. With `hoisted`, the first group's words come from
+    /// [`GroupStream::first_group`]'s registers, else the loop loads them.
     pub fn group_loop(&self, helpers: &str, hoisted: bool) -> String {
         let p = self.mats[0].prefix();
         let mut s = String::new();
@@ -1479,10 +1482,11 @@ pub(crate) const TARGET_WORKGROUPS: usize = 512;
 /// group's loads overlap the current one's products, and fewer workgroups
 /// staging the input row. On the H100, Llama-2-7B INT4 (2752 quads, 128
 /// groups) in tiles of 16 quads and 16 k-slices: 30.2 us a call against 31.3
-/// in [`MatvecShape::choose`]'s 8 and 32 (decode 2.77 to 2.69 ms a token);
-/// 32 and 16: 30.1; 32 and 8: 31.3; 16 and 8: 32.4; 16 and 32: 33.3; 4 and
-/// 64: 39.5. Llama-3.2-1B INT4 (2048 quads, 64 groups) takes 16 and 16 too:
-/// 15.5 to 15.9 us against 15.5, decode unchanged at 0.77 ms.
+/// in [`MatvecShape::choose`]'s 8 and 32 (decode 2.77 to 2.69 ms a token, in
+/// another device call than [`GroupStream`]'s figures); 32 and 16: 30.1; 32
+/// and 8: 31.3; 16 and 8: 32.4; 16 and 32: 33.3; 4 and 64: 39.5. Llama-3.2-1B
+/// INT4 (2048 quads, 64 groups) takes 16 and 16 too: 15.9 us a call against
+/// 15.5, decode unchanged at 0.77 ms.
 pub(crate) const STREAMED_TARGET_WORKGROUPS: usize = 128;
 
 /// Fewest outputs per workgroup: 8 consecutive words of a packed row are one
@@ -1602,7 +1606,8 @@ impl MatvecShape {
         let tile = if streamed { Self::streamed(quads, blocks, target).tile } else { WIDE_QUAD_TILE };
         let most = prev_power_of_two(target.workgroup_limit()) / tile;
         let fewest = (ROPE_PAIR_QUADS_MIN_INVOCATIONS / tile).max(1);
-        let slices = (blocks / WIDE_QUAD_MIN_SLICE).clamp(fewest as usize, most.max(fewest) as usize);
+        // (the workgroup limit is 64 or more, so most >= fewest)
+        let slices = (blocks / WIDE_QUAD_MIN_SLICE).clamp(fewest as usize, most as usize);
         MatvecShape { tile, ksplit: prev_power_of_two(slices as u32) }
     }
 
@@ -1620,8 +1625,9 @@ impl MatvecShape {
         (shape.slices_per_subgroup(target) >= 2).then_some(shape)
     }
 
-    /// [`MatvecShape::choose`] for gate/up where it streams its int8 groups
-    /// ([`GroupStream`]): aiming for [`STREAMED_TARGET_WORKGROUPS`].
+    /// [`MatvecShape::choose`] for kernels that stream their int8 groups
+    /// ([`GroupStream`]): aiming for [`STREAMED_TARGET_WORKGROUPS`]. Gate/up
+    /// takes it whole, QKV's quads its tile ([`MatvecShape::rope_pair_quads`]).
     pub fn streamed(outputs: usize, blocks: usize, target: &Target) -> MatvecShape {
         Self::fit(outputs, blocks, target.workgroup_limit(), STREAMED_TARGET_WORKGROUPS)
     }

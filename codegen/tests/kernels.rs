@@ -157,12 +157,18 @@ fn large_model_shape_validates_for_every_target() {
     // and on devices of 1024-invocation workgroups, where the one-output kernels widen
     let targets: Vec<Target> =
         Target::all_with_coop().into_iter().flat_map(|t| [t, Target { max_workgroup_size: 1024, ..t }]).collect();
-    for format in [QuantFormat::F16, QuantFormat::Int4 { group_size: 32, symmetric: false }] {
+    // groups of 32 stream their int8 groups, groups of 64 keep the plain loops
+    let int4 = |group_size| QuantFormat::Int4 { group_size, symmetric: false };
+    for format in [QuantFormat::F16, int4(32), int4(64)] {
         let manifest = common::manifest(&cfg, format, 1);
         for &target in &targets {
             let plan = Plan::from_manifest(&manifest, &target).unwrap();
             for k in &plan.kernels {
                 within_workgroup_memory(k, &validate(k, &target).unwrap_or_else(|e| panic!("{}: {e}", k.name)));
+                // registers first_group fills are read as the first group: a
+                // kernel defining it must call it
+                let entry = &k.wgsl[k.wgsl.find("fn main(").unwrap()..];
+                assert_eq!(k.wgsl.contains("fn first_group("), entry.contains("first_group("), "{}", k.name);
                 validated += 1;
             }
         }
@@ -438,6 +444,20 @@ fn snapshot_int4_gate_up_quads_f16() {
     // streamed groups: tiles of 16 quads, 16 k-slices of 8 groups
     let kernel = generate(&spec).unwrap();
     assert_eq!((kernel.workgroup_size, kernel.dispatch), ([256, 1, 1], [172, 1, 1]));
+    // groups of 64 keep the plain loop, in MatvecShape::choose's 8 quads x 32 k-slices
+    let int4_64 = QuantFormat::Int4 { group_size: 64, symmetric: false };
+    let plain = generate(&KernelSpec::RmsGateUp {
+        hidden: 4096,
+        ffn: 11008,
+        eps: 1e-5,
+        gate: int4_64,
+        up: int4_64,
+        target: f16_sg(),
+    })
+    .unwrap();
+    validate(&plain, &f16_sg()).unwrap();
+    assert_eq!((plain.workgroup_size, plain.dispatch), ([256, 1, 1], [344, 1, 1]));
+    assert!(plain.wgsl.contains("w_gate_qdot4(gw, x)") && !plain.wgsl.contains("first_group"));
     let text = snapshot_spec(spec);
     assert!(text.contains("w_gate_qdot4(m0_w0, x0)"), "int8 products in the fused four-output path");
     assert!(text.contains("w_gate_qdot4(m1_w3, x3)"), "up's words meet the same input rows");
@@ -549,6 +569,19 @@ fn snapshot_int4_down_wide_int8_groups() {
     assert!(llama5_codegen::workgroup_bytes(&kernel, &module).unwrap() <= 16384);
     streams_groups(&kernel.wgsl, 1, "first_group(min(o4, OUT4 - 1u), slice_begin(W_BLOCKS, ks));");
     assert_eq!(kernel.workgroup_size, [512, 1, 1]);
+    // groups of 64 keep the plain loop, the input staged first
+    let plain = generate(&KernelSpec::MatvecAdd {
+        input: Activation::Ffn,
+        in_features: 11008,
+        out_features: 4096,
+        format: QuantFormat::Int4 { group_size: 64, symmetric: false },
+        target,
+    })
+    .unwrap();
+    validate(&plain, &target).unwrap();
+    assert!(
+        plain.wgsl.contains("    load_input(t);\n    let place = tile_place();") && !plain.wgsl.contains("first_group")
+    );
     insta::assert_snapshot!("down_int4_wide_int8_groups_f16_sg", snapshot_spec(spec));
 }
 

@@ -349,7 +349,22 @@ impl GpuBackend {
         #[cfg(not(target_arch = "wasm32"))]
         let built: Vec<_> = {
             use rayon::prelude::*;
-            plan.kernels.par_iter().map(build_one).collect()
+            // wgpu's error scopes belong to the thread that pushed them: each
+            // pipeline's thread opens its own, so its errors reach this load
+            plan.kernels
+                .par_iter()
+                .map(|k| {
+                    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+                    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+                    let built = build_one(k);
+                    let oom_error = block_on(oom.pop());
+                    let validation_error = block_on(validation.pop());
+                    match oom_error.or(validation_error) {
+                        Some(e) => Err(convert_error(&format!("loading the model (kernel {})", k.name), e)),
+                        None => built,
+                    }
+                })
+                .collect()
         };
         #[cfg(target_arch = "wasm32")]
         let built: Vec<_> = plan.kernels.iter().map(build_one).collect();
