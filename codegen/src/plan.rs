@@ -11,7 +11,7 @@ use crate::manifest::{names, Manifest, ManifestError, ModelConfig, QuantFormat};
 use crate::ops::{generate, generate_batch};
 use crate::spec::{Activation, Kernel, KernelSpec};
 use crate::target::Target;
-use crate::validate::validate;
+use crate::validate::{validate, workgroup_bytes};
 
 /// The formats of one layer's matrices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +109,9 @@ pub struct Plan {
     pub target: Target,
     /// Distinct kernels, each validated with naga.
     pub kernels: Vec<Kernel>,
+    /// The workgroup memory each kernel takes, in bytes (from its validated
+    /// module), for the runtime to check against the adapter's limit.
+    pub workgroup_bytes: Vec<u32>,
     pub steps: Vec<PlanStep>,
     /// Slots of the logits kernel's argmax shares ([`crate::spec::Resource::ArgmaxShares`]);
     /// 0 where it leaves none.
@@ -216,21 +219,22 @@ impl KernelSet {
         Ok(self.kernels.len() - 1)
     }
 
-    /// The kernels, each validated with naga: on native targets in parallel
-    /// (a plan's few dozen kernels are part of every model load); the error
-    /// is the first failing kernel's, in plan order.
-    fn validated(self) -> Result<Vec<Kernel>, CodegenError> {
+    /// The kernels, each validated with naga, and the workgroup memory each
+    /// takes: on native targets in parallel (a plan's few dozen kernels are
+    /// part of every model load); the error is the first failing kernel's, in
+    /// plan order.
+    fn validated(self) -> Result<(Vec<Kernel>, Vec<u32>), CodegenError> {
         let target = self.target;
+        let check = |k: &Kernel| validate(k, &target).and_then(|module| workgroup_bytes(k, &module));
         #[cfg(not(target_arch = "wasm32"))]
-        let results: Vec<Result<(), CodegenError>> = {
+        let results: Vec<Result<u32, CodegenError>> = {
             use rayon::prelude::*;
-            self.kernels.par_iter().map(|k| validate(k, &target).map(|_| ())).collect()
+            self.kernels.par_iter().map(check).collect()
         };
         #[cfg(target_arch = "wasm32")]
-        let results: Vec<Result<(), CodegenError>> =
-            self.kernels.iter().map(|k| validate(k, &target).map(|_| ())).collect();
-        results.into_iter().collect::<Result<(), _>>()?;
-        Ok(self.kernels)
+        let results: Vec<Result<u32, CodegenError>> = self.kernels.iter().map(check).collect();
+        let bytes = results.into_iter().collect::<Result<Vec<u32>, _>>()?;
+        Ok((self.kernels, bytes))
     }
 
     fn refs(&self, kernel: usize, pairs: &[(&str, String)], part: usize) -> Vec<TensorRef> {
@@ -403,7 +407,8 @@ impl Plan {
             tensors: Vec::new(),
         });
 
-        Ok(Plan { target: *target, kernels: set.validated()?, steps, argmax_shares })
+        let (kernels, workgroup_bytes) = set.validated()?;
+        Ok(Plan { target: *target, kernels, workgroup_bytes, steps, argmax_shares })
     }
 
     /// Dispatches per decoded token, its choice (argmax or sampling) included.

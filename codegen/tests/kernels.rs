@@ -163,8 +163,12 @@ fn large_model_shape_validates_for_every_target() {
         let manifest = common::manifest(&cfg, format, 1);
         for &target in &targets {
             let plan = Plan::from_manifest(&manifest, &target).unwrap();
-            for k in &plan.kernels {
-                within_workgroup_memory(k, &validate(k, &target).unwrap_or_else(|e| panic!("{}: {e}", k.name)));
+            assert_eq!(plan.workgroup_bytes.len(), plan.kernels.len());
+            for (k, &bytes) in plan.kernels.iter().zip(&plan.workgroup_bytes) {
+                let module = validate(k, &target).unwrap_or_else(|e| panic!("{}: {e}", k.name));
+                // the plan's figure is what the runtime checks against the adapter's limit
+                assert_eq!(bytes, llama5_codegen::workgroup_bytes(k, &module).unwrap(), "{}", k.name);
+                within_workgroup_memory(k, &module);
                 // registers first_group fills are read as the first group: a
                 // kernel defining it must call it
                 let entry = &k.wgsl[k.wgsl.find("fn main(").unwrap()..];

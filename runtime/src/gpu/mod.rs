@@ -324,15 +324,11 @@ impl GpuBackend {
         let readback = readback_buffer(device, cfg.vocab_size, 1);
         let upload_ms = web_time_now() - upload_start;
 
-        // Pipelines, one per distinct kernel, each validated by codegen first.
+        // Pipelines, one per distinct kernel (the plan validated each).
         let pipeline_start = web_time_now();
         let disk_cache = pipeline_cache_dir.and_then(|dir| pipeline_cache::DiskCache::open(device, &gpu.info, dir));
         let cache = disk_cache.as_ref().map(|c| &c.cache);
-        let build_one = |k: &llama5_codegen::Kernel| {
-            let kernel_error =
-                |e: llama5_codegen::CodegenError| RuntimeError::Kernel { name: k.name.clone(), message: e.to_string() };
-            let module = llama5_codegen::validate(k, &gpu.target).map_err(kernel_error)?;
-            let shared = llama5_codegen::workgroup_bytes(k, &module).map_err(kernel_error)?;
+        let build_one = |(k, &shared): (&llama5_codegen::Kernel, &u32)| {
             if shared > gpu.limits.max_compute_workgroup_storage_size {
                 return Err(RuntimeError::Kernel {
                     name: k.name.clone(),
@@ -353,10 +349,11 @@ impl GpuBackend {
             // pipeline's thread opens its own, so its errors reach this load
             plan.kernels
                 .par_iter()
-                .map(|k| {
+                .zip(&plan.workgroup_bytes)
+                .map(|(k, shared)| {
                     let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
                     let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-                    let built = build_one(k);
+                    let built = build_one((k, shared));
                     let oom_error = block_on(oom.pop());
                     let validation_error = block_on(validation.pop());
                     match oom_error.or(validation_error) {
@@ -367,7 +364,7 @@ impl GpuBackend {
                 .collect()
         };
         #[cfg(target_arch = "wasm32")]
-        let built: Vec<_> = plan.kernels.iter().map(build_one).collect();
+        let built: Vec<_> = plan.kernels.iter().zip(&plan.workgroup_bytes).map(build_one).collect();
         let (layouts, pipelines): (Vec<_>, Vec<_>) =
             built.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
         let pipeline_ms = web_time_now() - pipeline_start;
