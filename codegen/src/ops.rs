@@ -999,12 +999,8 @@ fn matvec_entry(target: &Target, store: &str) -> String {
 /// the dot product of output `o` for token `t`. Where `<w>_dot4` streams its
 /// groups ([`GroupStream`]), the first group's loads come before the input's.
 fn matvec_entry4(target: &Target, store: &str, streams: bool) -> String {
-    let first = if streams {
-        "    first_group(min(o4, OUT4 - 1u), slice_begin(W_BLOCKS, ks));\n    load_input($TOKEN);\n"
-    } else {
-        ""
-    };
-    let input = if streams { "" } else { "    load_input($TOKEN);\n" };
+    let (input, first) =
+        staging_order(streams.then_some("first_group(min(o4, OUT4 - 1u), slice_begin(W_BLOCKS, ks));"), "$TOKEN");
     entry_signature(target, "WG")
         + &fill(
             r#"    let t = wid.y;
@@ -1025,8 +1021,20 @@ $FIRST    let part = w_dot4(min(o4, OUT4 - 1u), slice_begin(W_BLOCKS, ks), slice
     }
 }
 "#,
-            &[("STORE", &store.replace('\n', "\n                ")), ("INPUT", input), ("FIRST", first)],
+            &[("STORE", &store.replace('\n', "\n                ")), ("INPUT", &input), ("FIRST", &first)],
         )
+}
+
+/// An entry's `$INPUT` and `$FIRST`, around its place in the tile: the input
+/// of `token` staged first; or, where the kernel streams its groups
+/// ([`GroupStream`]), after `first`, its `first_group` call, so that the first
+/// group's loads need not wait for the input's.
+fn staging_order(first: Option<&str>, token: &str) -> (String, String) {
+    let stage = format!("    load_input({token});\n");
+    match first {
+        Some(call) => (String::new(), format!("    {call}\n{stage}")),
+        None => (stage, String::new()),
+    }
 }
 
 /// The k-slice helpers of a matrix-vector kernel, for four outputs per
@@ -1290,12 +1298,8 @@ fn rms_gate_up(
     };
     // the first group's loads before the input's where gate_up_dot4 streams
     let streams = products == Products::Int8Groups && can_stream;
-    let (input, first) = if streams {
-        ("", "    first_group(oc, slice_begin(W_GATE_BLOCKS, ks));\n    load_input(t);\n")
-    } else {
-        ("    load_input(t);\n", "")
-    };
-    let vars = [("SCALE", scale), ("TIMES", times), ("INPUT", input), ("FIRST", first)];
+    let (input, first) = staging_order(streams.then_some("first_group(oc, slice_begin(W_GATE_BLOCKS, ks));"), "t");
+    let vars = [("SCALE", scale), ("TIMES", times), ("INPUT", &input), ("FIRST", &first)];
     let entry = if quads {
         entry_signature(&target, "WG")
             + &fill(

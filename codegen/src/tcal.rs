@@ -345,12 +345,7 @@ fn $W_qdot4(w: vec4<u32>, x: vec2<u32>) -> vec4<i32> {
 pub(crate) fn pair_dot4_int8_groups(w: &WeightMatrix<'_>, helpers: &str, streamed: bool) -> String {
     let head = format!("fn {}_pair_dot4(oa: u32, ob: u32, ks: u32) -> array<vec4<f32>, 2> {{\n", w.ident);
     match GroupStream::at(&[(w, "oa"), (w, "ob")]).filter(|_| streamed) {
-        Some(stream) => {
-            let p = w.prefix();
-            head + &format!("    let b0 = slice_begin({p}_BLOCKS, ks);\n    let b1 = slice_end({p}_BLOCKS, ks);\n")
-                + &stream.group_loop(helpers, false)
-                + "    return array<vec4<f32>, 2>(acc0, acc1);\n}\n"
-        }
+        Some(stream) => head + &stream.pair_body(helpers, false),
         None => head + &int4_dot4_pair([(w, "oa"), (w, "ob")], helpers, Products::Int8Groups),
     }
 }
@@ -369,11 +364,7 @@ pub(crate) fn gate_up_dot4(gate: &WeightMatrix<'_>, up: &WeightMatrix<'_>, produ
     match gate.format {
         QuantFormat::Int4 { .. } if fused && stream.is_some() => {
             let stream = stream.expect("matched");
-            head + &format!(
-                "    let b0 = slice_begin({gp}_BLOCKS, ks);\n    let b1 = slice_end({gp}_BLOCKS, ks);\n{}    return array<vec4<f32>, 2>(acc0, acc1);\n}}\n\n{}",
-                stream.group_loop(g, true),
-                stream.first_group()
-            )
+            head + &stream.pair_body(g, true) + "\n" + &stream.first_group()
         }
         QuantFormat::Int4 { .. } if fused => head + &int4_dot4_pair([(gate, "o4"), (up, "o4")], g, products),
         QuantFormat::Int8 { per_tensor } if fused => {
@@ -533,6 +524,16 @@ impl<'a> GroupStream<'a> {
         s + &format!(
             "\nfn first_group(o4: u32, b0: u32) {{\n    let g = min(b0, {p}_BLOCKS - 1u);\n{}}}\n",
             indent(&self.loads("g", "_first", ""), 4)
+        )
+    }
+
+    /// The body of a function of k-slice `ks` returning the sums of two
+    /// matrices: [`GroupStream::group_loop`] over the slice's groups.
+    pub fn pair_body(&self, helpers: &str, hoisted: bool) -> String {
+        let p = self.mats[0].prefix();
+        format!(
+            "    let b0 = slice_begin({p}_BLOCKS, ks);\n    let b1 = slice_end({p}_BLOCKS, ks);\n{}    return array<vec4<f32>, 2>(acc0, acc1);\n}}\n",
+            self.group_loop(helpers, hoisted)
         )
     }
 
