@@ -198,7 +198,7 @@ impl KernelSet {
             return Ok(i);
         }
         let kernel = generate(spec)?;
-        self.insert(name, kernel)
+        Ok(self.insert(name, kernel))
     }
 
     /// The batch variant of `spec`, if it has one.
@@ -209,14 +209,14 @@ impl KernelSet {
         if let Some(&i) = self.by_name.get(&kernel.name) {
             return Ok(Some(i));
         }
-        Ok(Some(self.insert(kernel.name.clone(), kernel)?))
+        Ok(Some(self.insert(kernel.name.clone(), kernel)))
     }
 
     /// Adds a kernel; [`KernelSet::validated`] validates them all at the end.
-    fn insert(&mut self, name: String, kernel: Kernel) -> Result<usize, CodegenError> {
+    fn insert(&mut self, name: String, kernel: Kernel) -> usize {
         self.kernels.push(kernel);
         self.by_name.insert(name, self.kernels.len() - 1);
-        Ok(self.kernels.len() - 1)
+        self.kernels.len() - 1
     }
 
     /// The kernels, each validated with naga, and the workgroup memory each
