@@ -62,8 +62,11 @@ const BK: u32 = {BK}u;
 const TX: u32 = BO / 4u;
 var<private> lid: u32;
 
-// Staged inputs: element (t, k) is xt[k * BT / 4 + t / 4][t % 4].
-var<workgroup> xt: array<vec4<f32>, BK * BT / 4u>;
+// Staged inputs: element (t, k) is xt[k * XS + t / 4][t % 4]. The row stride
+// is one past the token quads so that store_x's invocations, one input row
+// apart, write to different banks.
+const XS: u32 = BT / 4u + 1u;
+var<workgroup> xt: array<vec4<f32>, BK * XS>;
 "#,
             wg = self.wg,
             bt = self.bt,
@@ -99,7 +102,7 @@ fn load_x(t0: u32, n: u32, k0: u32) {{
 
 // Stores px into the input tile (the loads' first use).
 fn store_x() {{{square}
-    xt[(lid % BK) * (BT / 4u) + lid / BK] = px{scale};
+    xt[(lid % BK) * XS + lid / BK] = px{scale};
 }}
 "#
             ),
@@ -133,7 +136,7 @@ fn main(
             s += &format!("    var acc_{acc}: array<vec4<f32>, 4>;\n");
         }
         let mut products = String::from("        for (var kk = 0u; kk < BK; kk++) {\n");
-        products += "            let a = xt[kk * (BT / 4u) + ty];\n";
+        products += "            let a = xt[kk * XS + ty];\n";
         for (acc, tile) in accs.iter().zip(&staging.tiles) {
             products += &format!("            let b_{acc} = {tile}[kk * (BO / 4u) + tx];\n");
             for (i, c) in ["x", "y", "z", "w"].iter().enumerate() {

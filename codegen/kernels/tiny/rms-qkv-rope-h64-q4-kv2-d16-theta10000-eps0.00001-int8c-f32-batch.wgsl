@@ -219,8 +219,11 @@ const BK: u32 = 16u;
 const TX: u32 = BO / 4u;
 var<private> lid: u32;
 
-// Staged inputs: element (t, k) is xt[k * BT / 4 + t / 4][t % 4].
-var<workgroup> xt: array<vec4<f32>, BK * BT / 4u>;
+// Staged inputs: element (t, k) is xt[k * XS + t / 4][t % 4]. The row stride
+// is one past the token quads so that store_x's invocations, one input row
+// apart, write to different banks.
+const XS: u32 = BT / 4u + 1u;
+var<workgroup> xt: array<vec4<f32>, BK * XS>;
 // Sums of squares of the inputs this invocation staged, for its 4 tokens.
 var<private> ssq: vec4<f32>;
 // The norm weight of the input in flight.
@@ -252,7 +255,7 @@ fn load_x(t0: u32, n: u32, k0: u32) {
 // Stores px into the input tile (the loads' first use).
 fn store_x() {
     ssq += px * px;
-    xt[(lid % BK) * (BT / 4u) + lid / BK] = px * nk;
+    xt[(lid % BK) * XS + lid / BK] = px * nk;
 }
 
 // 1/rms of tokens 4 ty .. 4 ty + 4 of the tile, from the sums of squares
@@ -391,7 +394,7 @@ fn main(
             }
         }
         for (var kk = 0u; kk < BK; kk++) {
-            let a = xt[kk * (BT / 4u) + ty];
+            let a = xt[kk * XS + ty];
             let b_y = wt[kk * (BO / 4u) + tx];
             acc_y[0] += a.x * b_y;
             acc_y[1] += a.y * b_y;
