@@ -570,6 +570,49 @@ fn residual_projections_hold_unnormalised_inputs() {
     }
 }
 
+/// Residual streams far from unit scale (tiny rows with small norm weights,
+/// as in a first layer, and large ones): the normalising kernels stage the
+/// input times the norm weights and divide by the rms at the end, so products
+/// kept in f16 would leave its range (f16 products summed 16 at a time in the
+/// plain tiled kernels gave 2e-5 at the smallest scale here).
+#[test]
+fn normalising_kernels_hold_any_input_scale() {
+    let _gpu = gpu_lock();
+    let eps = 1e-5;
+    for runner in runners() {
+        let target = *runner.target();
+        let format = QuantFormat::F16;
+        let (hidden, tokens, ffn) = (input_size(format, 1024), 66, 70);
+        for (x_scale, norm_scale) in [(0.003, 0.02), (0.01, 0.05), (300.0, 1.0)] {
+            let mut rng = Rng(11);
+            let (g_bytes, g) = packed(&mut rng, format, ffn, hidden);
+            let (u_bytes, u) = packed(&mut rng, format, ffn, hidden);
+            let x = rng.vec(tokens * hidden, x_scale);
+            let norm = rng.vec(hidden, norm_scale);
+            let spec = KernelSpec::RmsGateUp { hidden, ffn, eps, gate: format, up: format, target };
+            let contents = vec![
+                step(0, tokens, 1, 0, 0),
+                f32_bytes(&x),
+                f32_bytes(&norm),
+                g_bytes,
+                u_bytes,
+                vec![0; tokens * ffn * 4],
+            ];
+            let mut want = Vec::new();
+            for t in 0..tokens {
+                let mut xn = vec![0.0; hidden];
+                cpu::rmsnorm(&mut xn, &x[t * hidden..(t + 1) * hidden], &norm, eps);
+                let (gv, uv) = (matvec(&g, &xn, ffn), matvec(&u, &xn, ffn));
+                want.extend(gv.iter().zip(&uv).map(|(a, b)| cpu::silu(*a) * b));
+            }
+            for (kernel, result) in run_all(runner, &spec, &contents, 0) {
+                let what = format!("{} at input scale {x_scale}, norm {norm_scale}", kernel.name);
+                assert_close(&what, &to_f32(&result[5]), &want, kernel_limit(&kernel, nmse_for(format)));
+            }
+        }
+    }
+}
+
 #[test]
 fn rms_gate_up_matches_cpu() {
     let _gpu = gpu_lock();
