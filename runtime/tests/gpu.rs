@@ -570,6 +570,53 @@ fn residual_projections_hold_unnormalised_inputs() {
     }
 }
 
+/// Runs every variant of the gate/up kernel over `tokens` rows of `hidden`
+/// inputs (scaled by `x_scale`, norm weights by `norm_scale`) and checks
+/// SiLU(gate) * up against the CPU; `what` names the case.
+#[allow(clippy::too_many_arguments)]
+fn check_gate_up(
+    runner: &KernelRunner,
+    format: QuantFormat,
+    hidden: usize,
+    ffn: usize,
+    tokens: usize,
+    x_scale: f32,
+    norm_scale: f32,
+    what: &str,
+) {
+    let eps = 1e-5;
+    let mut rng = Rng(7);
+    let (g_bytes, g) = packed(&mut rng, format, ffn, hidden);
+    let (u_bytes, u) = packed(&mut rng, format, ffn, hidden);
+    let x = rng.vec(tokens * hidden, x_scale);
+    let norm = rng.vec(hidden, norm_scale);
+    let spec = KernelSpec::RmsGateUp { hidden, ffn, eps, gate: format, up: format, target: *runner.target() };
+    let contents =
+        vec![step(0, tokens, 1, 0, 0), f32_bytes(&x), f32_bytes(&norm), g_bytes, u_bytes, vec![0; tokens * ffn * 4]];
+    let mut want = Vec::new();
+    for t in 0..tokens {
+        let mut xn = vec![0.0; hidden];
+        cpu::rmsnorm(&mut xn, &x[t * hidden..(t + 1) * hidden], &norm, eps);
+        let (gv, uv) = (matvec(&g, &xn, ffn), matvec(&u, &xn, ffn));
+        want.extend(gv.iter().zip(&uv).map(|(a, b)| cpu::silu(*a) * b));
+    }
+    for (kernel, result) in run_all(runner, &spec, &contents, 0) {
+        let name = format!("{}{what}", kernel.name);
+        assert_close(&name, &to_f32(&result[5]), &want, kernel_limit(&kernel, nmse_for(format)));
+    }
+}
+
+#[test]
+fn rms_gate_up_matches_cpu() {
+    let _gpu = gpu_lock();
+    for runner in runners() {
+        // a batch tile's worth of tokens; and outputs enough to be read four at a load
+        for (format, tokens, ffn) in FORMATS.iter().flat_map(|&f| [(f, 2, 70), (f, 66, 70), (f, 2, 8198)]) {
+            check_gate_up(runner, format, input_size(format, 90), ffn, tokens, 3.0, 1.0, "");
+        }
+    }
+}
+
 /// Residual streams far from unit scale (tiny rows with small norm weights,
 /// as in a first layer, and large ones): the normalising kernels stage the
 /// input times the norm weights and divide by the rms at the end, so products
@@ -578,74 +625,11 @@ fn residual_projections_hold_unnormalised_inputs() {
 #[test]
 fn normalising_kernels_hold_any_input_scale() {
     let _gpu = gpu_lock();
-    let eps = 1e-5;
     for runner in runners() {
-        let target = *runner.target();
         let format = QuantFormat::F16;
-        let (hidden, tokens, ffn) = (input_size(format, 1024), 66, 70);
         for (x_scale, norm_scale) in [(0.003, 0.02), (0.01, 0.05), (300.0, 1.0)] {
-            let mut rng = Rng(11);
-            let (g_bytes, g) = packed(&mut rng, format, ffn, hidden);
-            let (u_bytes, u) = packed(&mut rng, format, ffn, hidden);
-            let x = rng.vec(tokens * hidden, x_scale);
-            let norm = rng.vec(hidden, norm_scale);
-            let spec = KernelSpec::RmsGateUp { hidden, ffn, eps, gate: format, up: format, target };
-            let contents = vec![
-                step(0, tokens, 1, 0, 0),
-                f32_bytes(&x),
-                f32_bytes(&norm),
-                g_bytes,
-                u_bytes,
-                vec![0; tokens * ffn * 4],
-            ];
-            let mut want = Vec::new();
-            for t in 0..tokens {
-                let mut xn = vec![0.0; hidden];
-                cpu::rmsnorm(&mut xn, &x[t * hidden..(t + 1) * hidden], &norm, eps);
-                let (gv, uv) = (matvec(&g, &xn, ffn), matvec(&u, &xn, ffn));
-                want.extend(gv.iter().zip(&uv).map(|(a, b)| cpu::silu(*a) * b));
-            }
-            for (kernel, result) in run_all(runner, &spec, &contents, 0) {
-                let what = format!("{} at input scale {x_scale}, norm {norm_scale}", kernel.name);
-                assert_close(&what, &to_f32(&result[5]), &want, kernel_limit(&kernel, nmse_for(format)));
-            }
-        }
-    }
-}
-
-#[test]
-fn rms_gate_up_matches_cpu() {
-    let _gpu = gpu_lock();
-    let eps = 1e-5;
-    for runner in runners() {
-        let target = *runner.target();
-        // a batch tile's worth of tokens; and outputs enough to be read four at a load
-        for (format, tokens, ffn) in FORMATS.iter().flat_map(|&f| [(f, 2, 70), (f, 66, 70), (f, 2, 8198)]) {
-            let mut rng = Rng(7);
-            let hidden = input_size(format, 90);
-            let (g_bytes, g) = packed(&mut rng, format, ffn, hidden);
-            let (u_bytes, u) = packed(&mut rng, format, ffn, hidden);
-            let x = rng.vec(tokens * hidden, 3.0);
-            let norm = rng.vec(hidden, 1.0);
-            let spec = KernelSpec::RmsGateUp { hidden, ffn, eps, gate: format, up: format, target };
-            let contents = vec![
-                step(0, tokens, 1, 0, 0),
-                f32_bytes(&x),
-                f32_bytes(&norm),
-                g_bytes,
-                u_bytes,
-                vec![0; tokens * ffn * 4],
-            ];
-            let mut want = Vec::new();
-            for t in 0..tokens {
-                let mut xn = vec![0.0; hidden];
-                cpu::rmsnorm(&mut xn, &x[t * hidden..(t + 1) * hidden], &norm, eps);
-                let (gv, uv) = (matvec(&g, &xn, ffn), matvec(&u, &xn, ffn));
-                want.extend(gv.iter().zip(&uv).map(|(a, b)| cpu::silu(*a) * b));
-            }
-            for (kernel, result) in run_all(runner, &spec, &contents, 0) {
-                assert_close(&kernel.name, &to_f32(&result[5]), &want, kernel_limit(&kernel, nmse_for(format)));
-            }
+            let what = format!(" at input scale {x_scale}, norm {norm_scale}");
+            check_gate_up(runner, format, input_size(format, 1024), 70, 66, x_scale, norm_scale, &what);
         }
     }
 }
