@@ -28,6 +28,32 @@ pub(crate) fn take_error(errors: &SharedErrors) -> Result<(), RuntimeError> {
     }
 }
 
+/// A validation and an out-of-memory error scope, pushed together on the
+/// calling thread (wgpu's scopes belong to it) and closed together.
+pub(crate) struct ErrorScopes {
+    validation: wgpu::ErrorScopeGuard,
+    oom: wgpu::ErrorScopeGuard,
+}
+
+impl ErrorScopes {
+    pub fn push(device: &wgpu::Device) -> ErrorScopes {
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        ErrorScopes { validation, oom }
+    }
+
+    /// Closes both scopes; an error caught in either, out of memory first,
+    /// becomes the error of `context`.
+    pub async fn pop(self, context: &str) -> Result<(), RuntimeError> {
+        let oom = self.oom.pop().await;
+        let validation = self.validation.pop().await;
+        match oom.or(validation) {
+            Some(e) => Err(convert_error(context, e)),
+            None => Ok(()),
+        }
+    }
+}
+
 pub(crate) fn convert_error(context: &str, e: wgpu::Error) -> RuntimeError {
     match e {
         wgpu::Error::OutOfMemory { .. } => RuntimeError::OutOfMemory(context.to_string()),

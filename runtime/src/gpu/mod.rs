@@ -25,7 +25,7 @@ use crate::backend::{Backend, BackendInfo, Logits};
 use crate::error::RuntimeError;
 use crate::model::Model;
 use crate::sampling::SamplingParams;
-use device::{convert_error, take_error, Gpu};
+use device::{convert_error, take_error, ErrorScopes, Gpu};
 pub use device::{has_coop_config, probe, AdapterProbe, NO_COOP_ENV};
 pub use fit::check_fits;
 
@@ -226,18 +226,11 @@ impl GpuBackend {
         let plan = Plan::from_manifest(&model.manifest, &gpu.target)
             .map_err(|e| RuntimeError::Kernel { name: "plan".into(), message: e.to_string() })?;
 
-        let validation = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let oom = gpu.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let scopes = ErrorScopes::push(&gpu.device);
         let built = Self::build(gpu, plan, model, opts.ctx, opts.pipeline_cache_dir.as_deref());
-        let oom_error = oom.pop().await;
-        let validation_error = validation.pop().await;
+        let scoped = scopes.pop("loading the model").await;
         let backend = built?;
-        if let Some(e) = oom_error {
-            return Err(convert_error("loading the model", e));
-        }
-        if let Some(e) = validation_error {
-            return Err(convert_error("loading the model", e));
-        }
+        scoped?;
         take_error(&backend.gpu.errors)?;
         Ok(backend)
     }
@@ -351,15 +344,9 @@ impl GpuBackend {
                 .par_iter()
                 .zip(&plan.workgroup_bytes)
                 .map(|(k, shared)| {
-                    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
-                    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+                    let scopes = ErrorScopes::push(device);
                     let built = build_one((k, shared));
-                    let oom_error = block_on(oom.pop());
-                    let validation_error = block_on(validation.pop());
-                    match oom_error.or(validation_error) {
-                        Some(e) => Err(convert_error(&format!("loading the model (kernel {})", k.name), e)),
-                        None => built,
-                    }
+                    block_on(scopes.pop(&format!("loading the model (kernel {})", k.name))).and(built)
                 })
                 .collect()
         };
@@ -760,32 +747,21 @@ impl GpuBackend {
 
     /// The error scopes the backend's first call runs in (validation and out
     /// of memory), so that its errors come back as errors of that call.
-    fn first_call_scopes(&self) -> Option<(wgpu::ErrorScopeGuard, wgpu::ErrorScopeGuard)> {
-        let device = &self.gpu.device;
-        (!self.warmed_up).then(|| {
-            (
-                device.push_error_scope(wgpu::ErrorFilter::Validation),
-                device.push_error_scope(wgpu::ErrorFilter::OutOfMemory),
-            )
-        })
+    fn first_call_scopes(&self) -> Option<ErrorScopes> {
+        (!self.warmed_up).then(|| ErrorScopes::push(&self.gpu.device))
     }
 
     /// Submits `encoder`, closes the first call's error `scopes`, and returns
     /// the first `read_bytes` of the readback buffer, or waits when there are none.
     async fn submit_and_read(
         &mut self,
-        scopes: Option<(wgpu::ErrorScopeGuard, wgpu::ErrorScopeGuard)>,
+        scopes: Option<ErrorScopes>,
         encoder: wgpu::CommandEncoder,
         read_bytes: u64,
     ) -> Result<Vec<u8>, RuntimeError> {
         self.gpu.queue.submit([encoder.finish()]);
-        if let Some((validation, oom)) = scopes {
-            if let Some(e) = oom.pop().await {
-                return Err(convert_error("first forward step", e));
-            }
-            if let Some(e) = validation.pop().await {
-                return Err(convert_error("first forward step", e));
-            }
+        if let Some(scopes) = scopes {
+            scopes.pop("first forward step").await?;
         }
         let bytes = if read_bytes > 0 {
             self.read_back(read_bytes).await?
