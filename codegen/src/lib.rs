@@ -25,7 +25,7 @@ pub use plan::{
 };
 pub use spec::{
     attention_splits, split_limit, Access, Activation, Binding, Kernel, KernelSpec, Resource, Rows, StepUniform,
-    ATTENTION_SPLIT_LEN, MAX_ATTENTION_SPLITS,
+    ATTENTION_SPLIT_LEN, MAX_ATTENTION_SPLITS, SUM_SQUARES_PART,
 };
 pub use target::{capabilities, Target};
 pub use validate::{validate, workgroup_bytes};

@@ -32,10 +32,21 @@ pub enum Activation {
     FfnHalf,
     /// Logits, `[rows, vocab]` f32.
     Logits,
+    /// Sums of squares of the residual stream by parts of
+    /// [`SUM_SQUARES_PART`] values, `[tokens, hidden / SUM_SQUARES_PART]` f32
+    /// (rounded up): written beside [`Activation::Hidden`] by the tiled output
+    /// projection where the plain tiled gate/up stages f16 (`tiled::f16_products`),
+    /// so that gate/up divides each token's inputs by its rms before staging
+    /// them.
+    SumSquares,
 }
 
+/// Values of the residual stream per part of [`Activation::SumSquares`]: a
+/// tiled kernel's outputs per tile.
+pub const SUM_SQUARES_PART: usize = crate::tiled::BO as usize;
+
 impl Activation {
-    pub const ALL: [Activation; 8] = [
+    pub const ALL: [Activation; 9] = [
         Activation::Hidden,
         Activation::HiddenHalf,
         Activation::Q,
@@ -44,6 +55,7 @@ impl Activation {
         Activation::Ffn,
         Activation::FfnHalf,
         Activation::Logits,
+        Activation::SumSquares,
     ];
 
     /// The WGSL name of its binding.
@@ -57,6 +69,7 @@ impl Activation {
             Activation::Ffn => "ffn",
             Activation::FfnHalf => "ffn_half",
             Activation::Logits => "logits",
+            Activation::SumSquares => "ssq_parts",
         }
     }
 }

@@ -17,6 +17,14 @@
 //! An RMSNorm on the input is folded in: the norm weights scale the inputs as
 //! they are staged, their sums of squares are gathered on the way, and each
 //! token's outputs are scaled by 1/rms at the end (a dot product is linear).
+//!
+//! The plain gate/up on targets with shader-f16 ([`f16_products`]) instead
+//! stages f16 tiles and sums each step's products in f16 before its f32
+//! accumulators. Its inputs are divided by their rms before they are staged,
+//! so the f16 products keep their precision whatever the residual stream's
+//! scale: each token's rms comes from the sums of squares by parts the output
+//! projection leaves beside the stream
+//! ([`crate::spec::Activation::SumSquares`], [`Tiling::part_sums`]).
 
 use crate::coop::{self, CoopTiling};
 use crate::target::Target;
@@ -34,12 +42,78 @@ pub(crate) struct Tiling {
     pub wg: u32,
     /// Tokens per tile.
     pub bt: u32,
+    /// f16 tiles and step sums ([`Tiling::with_f16_sums`]).
+    pub half: bool,
 }
 
 impl Tiling {
+    /// f32 tiles; [`Tiling::with_f16_sums`] for gate/up.
     pub fn for_target(target: &Target) -> Tiling {
         let wg = prev_power_of_two(target.workgroup_limit());
-        Tiling { wg, bt: wg * 4 / (BO / 4) }
+        Tiling { wg, bt: wg * 4 / (BO / 4), half: false }
+    }
+
+    /// The tiling of gate/up: f16 tiles and step sums where
+    /// [`f16_products`], its inputs normalised first. Its inputs are then
+    /// within a few times their norm weights, where f16 sums are safe; the
+    /// residual projections' are not (a row of SiLU(gate) * up may hold
+    /// values near f16's largest, whose sums of 16 products would overflow).
+    /// QKV and the logits keep f32 tiles for precision (see [`f16_products`]).
+    pub fn with_f16_sums(target: &Target) -> Tiling {
+        Tiling { half: f16_products(target), ..Tiling::for_target(target) }
+    }
+
+    /// `part_sums(v)`: the sums over each token quad's row of invocations (a
+    /// tile's BO outputs) of `v`, one per token, for a kernel writing the
+    /// residual stream's sums of squares by parts. Call it from every
+    /// invocation.
+    pub fn part_sums(&self) -> String {
+        let scratch = self.scratch();
+        format!(
+            r#"// The sums of v over the invocations of this one's token quad (a tile's
+// outputs), through {scratch}.
+fn part_sums(v: vec4<f32>) -> vec4<f32> {{
+    workgroupBarrier();
+    {scratch}[lid] = v;
+    workgroupBarrier();
+    var s = vec4<f32>(0.0);
+    for (var j = 0u; j < TX; j++) {{
+        s += {scratch}[(lid / TX) * TX + j];
+    }}
+    return s;
+}}
+
+"#
+        )
+    }
+
+    /// The workgroup array of at least WG `vec4<f32>` the epilogues trade
+    /// sums through: the input tile in f32, else `red`.
+    fn scratch(&self) -> &'static str {
+        if self.half {
+            "red"
+        } else {
+            "xt"
+        }
+    }
+
+    /// The WGSL type of a tile's elements.
+    fn element(&self) -> &'static str {
+        if self.half {
+            "vec4<f16>"
+        } else {
+            "vec4<f32>"
+        }
+    }
+
+    /// `v` (a `vec4<f32>`) as a tile element: rounded to f16 with f16 tiles
+    /// (values past 65504 overflow, as on cooperative matrices).
+    fn tile_value(&self, v: &str) -> String {
+        if self.half {
+            format!("vec4<f16>({v})")
+        } else {
+            v.to_string()
+        }
     }
 
     /// Weight quads each invocation stages per tile.
@@ -49,9 +123,13 @@ impl Tiling {
 
     /// Constants, the input tile, `load_x(t0, n, k0)`, `store_x()` and, with `norm`,
     /// `inv_rms(ty)`; `x` is the input binding (`array<f32>`, rows of `IN`).
+    /// With f16 tiles (and `norm`), also `begin_tile(t0, n)`, which the entry
+    /// calls first, reading the residual stream's sums of squares by parts
+    /// ([`crate::spec::Activation::SumSquares`]) bound as `ssq_parts`.
     pub fn prelude(&self, x: &str, norm: bool) -> String {
         // load_x gives each invocation one (input, token quad) of the tile
         debug_assert_eq!(BK * self.bt / 4, self.wg);
+        debug_assert!(norm || !self.half, "f16 tiles hold normalised inputs");
         let mut s = format!(
             r#"// Tiles of BT tokens x BO outputs, inputs staged BK at a time. Invocation
 // (tx, ty) owns tokens 4 ty .. 4 ty + 4 and outputs 4 tx .. 4 tx + 4 of its tile.
@@ -66,16 +144,23 @@ var<private> lid: u32;
 // is one past the token quads so that store_x's invocations, one input row
 // apart, write to different banks.
 const XS: u32 = BT / 4u + 1u;
-var<workgroup> xt: array<vec4<f32>, BK * XS>;
+var<workgroup> xt: array<{element}, BK * XS>;
 "#,
             wg = self.wg,
             bt = self.bt,
+            element = self.element(),
         );
-        if norm {
+        if self.half {
+            s += "// Sums traded between invocations, in f32.\nvar<workgroup> red: array<vec4<f32>, WG>;\n";
+        }
+        if norm && !self.half {
             s += NORM_SUMS;
         }
-        let (square, scale_load, scale) =
-            if norm { ("\n    ssq += px * px;", "    nk = norm[min(k, IN - 1u)];\n", " * nk") } else { ("", "", "") };
+        let (square, scale_load, scale) = match (norm, self.half) {
+            (false, _) => ("", "", ""),
+            (true, false) => ("\n    ssq += px * px;", "    nk = norm[min(k, IN - 1u)];\n", " * nk"),
+            (true, true) => ("", "    nk = norm[min(k, IN - 1u)];\n", " * rs * nk"),
+        };
         if norm {
             s += "// The norm weight of the input in flight.\nvar<private> nk: f32;\n";
         }
@@ -102,14 +187,17 @@ fn load_x(t0: u32, n: u32, k0: u32) {{
 
 // Stores px into the input tile (the loads' first use).
 fn store_x() {{{square}
-    xt[(lid % BK) * XS + lid / BK] = px{scale};
+    xt[(lid % BK) * XS + lid / BK] = {value};
 }}
-"#
+"#,
+                value = self.tile_value(&format!("px{scale}"))
             ),
             &[("X", x)],
         );
-        if norm {
-            s += INV_RMS;
+        match (norm, self.half) {
+            (false, _) => {}
+            (true, false) => s += INV_RMS,
+            (true, true) => s += STAGE_RMS,
         }
         s
     }
@@ -132,23 +220,43 @@ fn main(
 "#;
         s += TILE_IDS;
         s += setup;
+        if self.half {
+            s += "    begin_tile(t0, n);\n";
+        }
         for acc in accs {
             s += &format!("    var acc_{acc}: array<vec4<f32>, 4>;\n");
         }
-        // f32 products: f16 tiles with each step's 16 products summed in f16
-        // took Llama-2-7B F16's prefill on the H100 from 201 to 185 ms, but
-        // the staged inputs are not yet divided by their rms, so the f16 sums
-        // lose precision with the residual stream's scale; a pass for the rms
-        // first left 197 ms, and SmolLM2 slower than in f32
-        let mut products = String::from("        for (var kk = 0u; kk < BK; kk++) {\n");
+        // With f16 tiles, each step's BK products are summed in f16 (twice
+        // the rate of f32 where the GPU packs f16 pairs), then added to the
+        // f32 accumulators: the error of a sum of BK f16 products, not of
+        // the whole row. The inputs are normalised before they are staged
+        // (STAGE_RMS), so the products' scale does not follow the residual
+        // stream's.
+        let sum = |acc: &str| if self.half { format!("s_{acc}") } else { format!("acc_{acc}") };
+        let mut products = String::new();
+        if self.half {
+            products += "        {\n";
+            for acc in accs {
+                products += &format!("        var s_{acc}: array<vec4<f16>, 4>;\n");
+            }
+        }
+        products += "        for (var kk = 0u; kk < BK; kk++) {\n";
         products += "            let a = xt[kk * XS + ty];\n";
         for (acc, tile) in accs.iter().zip(&staging.tiles) {
             products += &format!("            let b_{acc} = {tile}[kk * (BO / 4u) + tx];\n");
             for (i, c) in ["x", "y", "z", "w"].iter().enumerate() {
-                products += &format!("            acc_{acc}[{i}] += a.{c} * b_{acc};\n");
+                products += &format!("            {}[{i}] += a.{c} * b_{acc};\n", sum(acc));
             }
         }
         products += "        }\n";
+        if self.half {
+            for acc in accs {
+                for i in 0..4 {
+                    products += &format!("        acc_{acc}[{i}] += vec4<f32>(s_{acc}[{i}]);\n");
+                }
+            }
+            products += "        }\n";
+        }
         s += &staging.steps(&products);
         s += epilogue;
         s += "}\n";
@@ -232,15 +340,21 @@ impl std::ops::Add for Staging {
     }
 }
 
-const PLAIN_EXCHANGE: &str = r#"// Trades v with invocation `partner` through xt.
-fn exchange(v: vec4<f32>, partner: u32) -> vec4<f32> {
+/// `exchange(v, partner)` of the plain skeleton, through `array` (of WG
+/// `vec4<f32>` or more).
+fn plain_exchange(array: &str) -> String {
+    format!(
+        r#"// Trades v with invocation `partner` through {array}.
+fn exchange(v: vec4<f32>, partner: u32) -> vec4<f32> {{
     workgroupBarrier();
-    xt[lid] = v;
+    {array}[lid] = v;
     workgroupBarrier();
-    return xt[partner];
-}
+    return {array}[partner];
+}}
 
-"#;
+"#
+    )
+}
 
 /// The private sums of squares `store_x` gathers for an RMSNorm on the input.
 const NORM_SUMS: &str =
@@ -263,9 +377,48 @@ fn inv_rms(ty: u32) -> vec4<f32> {
 }
 "#;
 
-/// A weight tile in workgroup memory.
-pub(crate) fn weight_tile(name: &str) -> String {
-    format!("\n// A weight tile: element (k, c) is {name}[k * BO / 4 + c / 4][c % 4].\nvar<workgroup> {name}: array<vec4<f32>, BK * BO / 4u>;\n")
+/// `begin_tile(t0, n)` and `inv_rms(ty)` of the plain skeleton with f16
+/// tiles: each token's 1/rms, before the first step, from the sums of squares
+/// of its residual row by parts that the output projection leaves; store_x
+/// stages the inputs normalised.
+const STAGE_RMS: &str = r#"
+// The residual stream's parts of BO inputs per token.
+const PARTS: u32 = (IN + BO - 1u) / BO;
+// 1/rms of the 4 tokens whose inputs this invocation stages.
+var<private> rs: vec4<f32>;
+
+// Sets rs from the sums of squares by parts: the BK invocations staging a
+// token quad take every BK-th part, then add up each other's sums.
+fn begin_tile(t0: u32, n: u32) {
+    let tq = lid / BK;
+    var s = vec4<f32>(0.0);
+    for (var p = lid % BK; p < PARTS; p += BK) {
+        for (var j = 0u; j < 4u; j++) {
+            let t = t0 + 4u * tq + j;
+            if (t < n) {
+                s[j] += ssq_parts[t * PARTS + p];
+            }
+        }
+    }
+    red[lid] = s;
+    workgroupBarrier();
+    var ss = vec4<f32>(0.0);
+    for (var kk = 0u; kk < BK; kk++) {
+        ss += red[tq * BK + kk];
+    }
+    rs = inverseSqrt(ss / f32(IN) + EPS);
+    workgroupBarrier();
+}
+
+// The staged inputs are normalised already.
+fn inv_rms(ty: u32) -> vec4<f32> {
+    return vec4<f32>(1.0);
+}
+"#;
+
+/// A weight tile in workgroup memory, of `element`s.
+fn weight_tile(name: &str, element: &str) -> String {
+    format!("\n// A weight tile: element (k, c) is {name}[k * BO / 4 + c / 4][c % 4].\nvar<workgroup> {name}: array<{element}, BK * BO / 4u>;\n")
 }
 
 /// Declares the private registers `names` of type `ty` (separate variables:
@@ -300,6 +453,18 @@ pub(crate) fn per_token(token: &str, body: &str) -> String {
             text.replace("$I", &i.to_string())
         })
         .collect()
+}
+
+/// Whether the plain tiled gate/up of `target` stages f16 tiles and sums each
+/// step's products in f16: where the target has shader-f16. On the H100
+/// (Llama-2-7B F16, prefill of 512 tokens) gate/up took 2319 us a layer
+/// instead of 2759, the prefill 188 ms instead of 202. QKV in f16 too saved 4
+/// ms more, but on the real SmolLM2 (256 positions, llvmpipe) the largest
+/// logit difference from the CPU backend grew from 0.04-0.05 to 0.18-0.24
+/// (0.11-0.12 with gate/up alone) and INT8's top-1 agreement fell to 0.992;
+/// with the logits kernel in f16 as well, to 0.988.
+pub(crate) fn f16_products(target: &Target) -> bool {
+    target.shader_f16 && !target.uses_coop()
 }
 
 /// Whether the tiled kernels of `target` pass activations of `width` to each
@@ -339,6 +504,24 @@ impl Skeleton {
         match self {
             Skeleton::Plain(t) => t.wg,
             Skeleton::Coop(c) => c.wg(),
+        }
+    }
+
+    /// The skeleton of gate/up on `target` ([`Tiling::with_f16_sums`] for
+    /// the plain one).
+    pub fn with_f16_sums(target: &Target) -> Skeleton {
+        match Skeleton::for_target(target) {
+            Skeleton::Plain(_) => Skeleton::Plain(Tiling::with_f16_sums(target)),
+            coop => coop,
+        }
+    }
+
+    /// See [`Tiling::part_sums`] (the plain skeleton only: where
+    /// [`f16_products`]).
+    pub fn part_sums(&self) -> String {
+        match self {
+            Skeleton::Plain(t) => t.part_sums(),
+            Skeleton::Coop(_) => unreachable!("the cooperative-matrix kernels leave no sums of squares"),
         }
     }
 
@@ -383,17 +566,17 @@ impl Skeleton {
     /// `v` and gets invocation `partner`'s, through workgroup memory the input
     /// loop is done with (the plain skeleton's input tile, the coop one's
     /// accumulator store). Call it from every invocation.
-    pub fn exchange(&self) -> &'static str {
+    pub fn exchange(&self) -> String {
         match self {
-            Skeleton::Plain(_) => PLAIN_EXCHANGE,
-            Skeleton::Coop(_) => coop::EXCHANGE,
+            Skeleton::Plain(t) => plain_exchange(t.scratch()),
+            Skeleton::Coop(_) => coop::EXCHANGE.to_string(),
         }
     }
 
     /// A weight tile named `name` in workgroup memory.
     pub fn weight_tile(&self, name: &str) -> String {
         match self {
-            Skeleton::Plain(_) => weight_tile(name),
+            Skeleton::Plain(t) => weight_tile(name, t.element()),
             Skeleton::Coop(_) => coop::weight_tile(name),
         }
     }
@@ -490,7 +673,7 @@ fn plain_words(t: &Tiling, src: &TileSource<'_>) -> Staging {
     });
     let dequant =
         select_chain(src.sel, src.matrices, &|w| format!("v = {w}_dequant(pre_{tile}_w$IT, pre_{tile}_s$IT, kk);\n"));
-    let flush = format!("var v = vec4<f32>(0.0);\n{dequant}{tile}[kk * (BO / 4u) + q] = v;\n");
+    let flush = format!("var v = vec4<f32>(0.0);\n{dequant}{tile}[kk * (BO / 4u) + q] = {};\n", t.tile_value("v"));
     let its = 0..t.stage_iters();
     Staging {
         tiles: vec![tile.to_string()],
@@ -511,7 +694,10 @@ fn plain_staging(t: &Tiling, tile: &str, body: &str) -> Staging {
         tiles: vec![tile.to_string()],
         registers: registers((0..t.stage_iters()).map(|it| format!("pre_{tile}_{it}")), "vec4<f32>"),
         load: stage_quads(t.stage_iters(), &indent(&load, 12)),
-        flush: stage_quads(t.stage_iters(), &format!("            {tile}[kk * (BO / 4u) + q] = pre_{tile}_$IT;\n")),
+        flush: stage_quads(
+            t.stage_iters(),
+            &format!("            {tile}[kk * (BO / 4u) + q] = {};\n", t.tile_value(&format!("pre_{tile}_$IT"))),
+        ),
         versions: None,
     }
 }

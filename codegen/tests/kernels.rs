@@ -21,16 +21,18 @@ fn within_workgroup_memory(kernel: &llama5_codegen::Kernel, module: &naga::Modul
     assert!(bytes <= limit, "{}: {bytes} bytes of workgroup memory, more than {limit}", kernel.name);
 }
 
-/// `bindings` with the f16 pairs tiled kernels pass as the decode kernels
-/// bind their f32 activations: the residual stream where its copy is read,
-/// nothing where the copy is written beside it, and SiLU(gate) * up.
-fn without_f16_pairs(bindings: &[Binding]) -> Vec<Binding> {
+/// `bindings` of a tiled kernel as the decode kernel binds them: the f16
+/// pairs tiled kernels pass as the f32 activations (the residual stream where
+/// its copy is read, nothing where the copy is written beside it, and
+/// SiLU(gate) * up), and without the stream's sums of squares by parts.
+fn as_decode_bindings(bindings: &[Binding]) -> Vec<Binding> {
     let copy = Resource::Activation(Activation::HiddenHalf);
     let f32_binding =
         |b: &Binding, a: Activation| Binding { name: a.ident().into(), resource: Resource::Activation(a), ..b.clone() };
     bindings
         .iter()
         .filter(|b| !(b.resource == copy && b.access == Access::ReadWrite))
+        .filter(|b| b.resource != Resource::Activation(Activation::SumSquares))
         .map(|b| match b.resource {
             Resource::Activation(Activation::HiddenHalf) => f32_binding(b, Activation::Hidden),
             Resource::Activation(Activation::FfnHalf) => f32_binding(b, Activation::Ffn),
@@ -65,6 +67,34 @@ fn f16_pairs_are_current_where_read(plan: &Plan, coop: bool) {
             if binds(batch, Activation::Hidden, Access::ReadWrite) {
                 assert_eq!(binds(batch, Activation::HiddenHalf, Access::ReadWrite), coop, "{}", batch.name);
             }
+        }
+    }
+}
+
+/// The tiled gate/up reads the residual stream's sums of squares by parts
+/// exactly where the plain kernels stage f16 (`plain_f16`), and they are
+/// current there: the tiled output projection before it writes them (all of a
+/// step's layer kernels run tiled, or none), and no other kernel binds them.
+fn sum_squares_are_current_where_read(plan: &Plan, plain_f16: bool) {
+    let binds = |k: &llama5_codegen::Kernel, access: Access| {
+        k.bindings.iter().any(|b| b.resource == Resource::Activation(Activation::SumSquares) && b.access == access)
+    };
+    for step in &plan.steps {
+        let decode = &plan.kernels[step.kernel];
+        assert!(!binds(decode, Access::ReadOnly) && !binds(decode, Access::ReadWrite), "{}", decode.name);
+        if let Some(batch) = step.batch_kernel.map(|b| &plan.kernels[b]) {
+            let gate_up = batch.name.starts_with("rms-gate-up-");
+            let attn_output = batch.name.starts_with("attn-output-");
+            assert_eq!(binds(batch, Access::ReadOnly), plain_f16 && gate_up, "{}", batch.name);
+            assert_eq!(binds(batch, Access::ReadWrite), plain_f16 && attn_output, "{}", batch.name);
+        }
+    }
+    // in each layer, the output projection runs before gate/up, with nothing
+    // writing the stream between them
+    for pair in plan.steps.windows(2) {
+        let name = |s: &llama5_codegen::PlanStep| plan.kernels[s.kernel].name.clone();
+        if name(&pair[1]).starts_with("rms-gate-up-") {
+            assert!(name(&pair[0]).starts_with("attn-output-"), "{} before {}", name(&pair[0]), name(&pair[1]));
         }
     }
 }
@@ -111,13 +141,13 @@ fn real_model_shape_validates_for_every_precision_and_target() {
                     // the tiled logits kernel leaves no shares
                     let shares = |b: &Binding| b.resource == Resource::ArgmaxShares;
                     assert_eq!(decode.bindings.iter().filter(|b| shares(b)).count(), 1, "{}", decode.name);
-                    let bindings = without_f16_pairs(&batch.bindings);
+                    let bindings = as_decode_bindings(&batch.bindings);
                     assert!(bindings.iter().all(|b| !shares(b) && decode.bindings.contains(b)), "{}", batch.name);
                     assert_eq!(bindings.len() + 1, decode.bindings.len(), "{}", batch.name);
                 }
                 assert_eq!(batch.name, format!("{}-batch", decode.name));
                 if step.stage != Stage::Logits {
-                    assert_eq!(without_f16_pairs(&batch.bindings), decode.bindings, "{}", batch.name);
+                    assert_eq!(as_decode_bindings(&batch.bindings), decode.bindings, "{}", batch.name);
                 }
                 let tiled = match decode.rows {
                     Rows::Tokens | Rows::TokensSplits { .. } => matches!(batch.rows, Rows::TokenTiles(t) if t > 1),
@@ -129,6 +159,7 @@ fn real_model_shape_validates_for_every_precision_and_target() {
             let batched = plan.steps.iter().filter(|s| s.batch_kernel.is_some()).count();
             assert_eq!(batched, 5 * cfg.num_layers + 2, "{format:?} {}", target.name());
             f16_pairs_are_current_where_read(&plan, target.cooperative_matrix);
+            sum_squares_are_current_where_read(&plan, target.shader_f16 && !target.cooperative_matrix);
         }
     }
     // attention (and its batch variant), argmax and the sampler do not depend on the weight format;
@@ -618,6 +649,20 @@ fn snapshot_tiled_prefill_kernels() {
     insta::assert_snapshot!("gate_up_int4_batch_f32", snapshot_batch(specs[3].clone()));
     assert!(matches!(specs[1], KernelSpec::Attention { .. }));
     insta::assert_snapshot!("attention_batch_f32", snapshot_batch(specs[1].clone()));
+}
+
+/// With shader-f16, the plain tiled gate/up stages f16 inputs divided by each
+/// token's rms, from the sums of squares by parts the output projection
+/// leaves.
+#[test]
+fn snapshot_tiled_prefill_f16() {
+    let cfg = common::smollm2_config();
+    let formats = llama5_codegen::LayerFormats::uniform(QuantFormat::F16);
+    let target = Target { shader_f16: true, ..Target::portable() };
+    let specs = llama5_codegen::plan::layer_specs(&cfg, &formats, &target);
+    assert!(matches!(specs[2], KernelSpec::AttnOutput { .. }));
+    insta::assert_snapshot!("attn_output_f16_batch_f16", snapshot_batch(specs[2].clone()));
+    insta::assert_snapshot!("gate_up_f16_batch_f16", snapshot_batch(specs[3].clone()));
 }
 
 #[test]

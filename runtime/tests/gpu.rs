@@ -10,7 +10,7 @@ use llama5_codegen::manifest::{Precision, QuantFormat};
 use llama5_codegen::target::COOP_SUBGROUP_SIZE;
 use llama5_codegen::{
     attention_splits, generate, generate_batch, split_limit, Access, Activation, Kernel, KernelSpec, Resource,
-    StepUniform, Target, ATTENTION_SPLIT_LEN, MAX_ATTENTION_SPLITS,
+    StepUniform, Target, ATTENTION_SPLIT_LEN, MAX_ATTENTION_SPLITS, SUM_SQUARES_PART,
 };
 use llama5_runtime::cpu;
 use llama5_runtime::gpu::harness::KernelRunner;
@@ -34,6 +34,11 @@ const NMSE_MODEL_F16_KV: f64 = 1e-4;
 /// as f16 (2^-11 relative rounding of each, f32 accumulation): about 2e-7 on
 /// these random values, allowed with margin on top of the precision's own limit.
 const NMSE_COOP_F16_INPUTS: f64 = 1e-5;
+/// The plain tiled gate/up on targets with shader-f16 stages its inputs
+/// (normalised) and dequantised weights as f16 and sums each step's 16
+/// products in f16 before adding them to f32: 4e-7 to 1e-6 on these random
+/// values, at every input scale.
+const NMSE_F16_TILES: f64 = 1e-5;
 /// Whole-model logits when the prefill ran on cooperative matrices.
 const NMSE_MODEL_COOP: f64 = 1e-3;
 /// INT4 matrix-vector products in f16 (targets with shader-f16): the input
@@ -49,12 +54,16 @@ const NMSE_INT8_INPUTS: f64 = 1e-4;
 const NMSE_F16_INPUT_ROW: f64 = 1e-6;
 
 /// The limit for `kernel`: `limit`, plus [`NMSE_COOP_F16_INPUTS`] for a
-/// cooperative-matrix kernel, [`NMSE_F16_PRODUCTS`] for f16 products and
+/// cooperative-matrix kernel, [`NMSE_F16_TILES`] for a plain tiled kernel
+/// with f16 tiles, [`NMSE_F16_PRODUCTS`] for f16 products and
 /// [`NMSE_INT8_INPUTS`] for int8 inputs.
 fn kernel_limit(kernel: &Kernel, limit: f64) -> f64 {
     let mut limit = limit;
     if kernel.wgsl.contains("coopMultiplyAdd") || kernel.wgsl.contains("emu_mma_") {
         limit += NMSE_COOP_F16_INPUTS;
+    }
+    if kernel.wgsl.contains("fn begin_tile(") {
+        limit += NMSE_F16_TILES;
     }
     if kernel.wgsl.contains("_qdot(") {
         limit += NMSE_F16_PRODUCTS;
@@ -294,9 +303,15 @@ const F16_SUBNORMAL_STEP: f32 = 5.960_464_5e-8;
 /// after the others for the stream's copy written beside the stream. Pairs
 /// written in place come back as f32; a copy written beside the stream must
 /// hold the written stream, rounded.
+///
+/// The residual stream's sums of squares by parts, bound last where a kernel
+/// binds them, are likewise computed from the stream, and where written must
+/// hold the written stream's (rows the kernel leaves keep both).
 fn run_kernel(runner: &KernelRunner, kernel: &Kernel, contents: &[Vec<u8>], rows: u32) -> Vec<Vec<u8>> {
     let written = |b: &&llama5_codegen::Binding| b.resource == RESIDUAL_COPY && b.access == Access::ReadWrite;
-    let mut contents = contents[..kernel.bindings.len() - kernel.bindings.iter().filter(written).count()].to_vec();
+    let sums = kernel.bindings.iter().find(|b| b.resource == SUM_SQUARES);
+    let derived = kernel.bindings.iter().filter(written).count() + usize::from(sums.is_some());
+    let mut contents = contents[..kernel.bindings.len() - derived].to_vec();
     let stream = kernel.bindings.iter().find(|b| b.resource == Resource::Activation(Activation::Hidden));
     let in_place =
         |b: &&llama5_codegen::Binding| b.resource == FFN_PAIRS || (b.resource == RESIDUAL_COPY && !written(b));
@@ -308,8 +323,28 @@ fn run_kernel(runner: &KernelRunner, kernel: &Kernel, contents: &[Vec<u8>], rows
             contents.push(f16_pairs(&to_f32(&contents[stream.unwrap().index as usize])));
         }
     }
+    if let Some(b) = sums {
+        assert_eq!(b.index as usize, contents.len(), "{}: the sums' binding comes last", kernel.name);
+        let stream = to_f32(&contents[stream.unwrap().index as usize]);
+        contents.push(f32_bytes(&part_sums(&stream, stream_width(kernel))));
+    }
     let grid = kernel.dispatch_for(&step_of(&contents), rows);
     let mut out = runner.run(kernel, &contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
+    if let Some(b) = sums.filter(|b| b.access == Access::ReadWrite) {
+        // the step's tokens, whose rows the kernel wrote
+        let n = step_of(&contents).n_tokens as usize;
+        let width = stream_width(kernel);
+        let parts = width.div_ceil(SUM_SQUARES_PART);
+        let want = part_sums(&to_f32(&out[stream.unwrap().index as usize]), width);
+        let got = to_f32(&out[b.index as usize]);
+        for (i, (w, g)) in want.iter().zip(&got).take(n * parts).enumerate() {
+            assert!(
+                (w - g).abs() <= w.abs() * 1e-5 + 1e-30,
+                "{}: sum of squares {i}: {g}, the stream's {w}",
+                kernel.name
+            );
+        }
+    }
     for b in kernel.bindings.iter().filter(in_place) {
         out[b.index as usize] = f32_bytes(&from_f16_pairs(&out[b.index as usize]));
     }
@@ -325,6 +360,26 @@ fn run_kernel(runner: &KernelRunner, kernel: &Kernel, contents: &[Vec<u8>], rows
         }
     }
     out
+}
+
+const SUM_SQUARES: Resource = Resource::Activation(Activation::SumSquares);
+
+/// The width of the residual stream a kernel binds (its `IN`, `OUT` or `HIDDEN`).
+fn stream_width(kernel: &Kernel) -> usize {
+    let stream = kernel.bindings.iter().find(|b| b.resource == Resource::Activation(Activation::Hidden));
+    let name = match stream.map(|b| b.access) {
+        Some(Access::ReadWrite) if kernel.wgsl.contains("const OUT: u32") => "OUT",
+        Some(Access::ReadWrite) => "HIDDEN",
+        _ => "IN",
+    };
+    let line = kernel.wgsl.lines().find_map(|l| l.strip_prefix(&format!("const {name}: u32 = ")));
+    line.and_then(|v| v.trim_end_matches("u;").parse().ok()).unwrap_or_else(|| panic!("{}: no {name}", kernel.name))
+}
+
+/// Sums of squares of each row of `stream` (rows of `width`) by parts of
+/// [`SUM_SQUARES_PART`].
+fn part_sums(stream: &[f32], width: usize) -> Vec<f32> {
+    stream.chunks(width).flat_map(|row| row.chunks(SUM_SQUARES_PART).map(|p| p.iter().map(|v| v * v).sum())).collect()
 }
 
 fn f16_pairs(v: &[f32]) -> Vec<u8> {

@@ -8,6 +8,7 @@
 //   2: w (read): the projection; int8 x4 with an f32 scale per output, 64 x 64
 //   3: hidden (read_write): [tokens, OUT] residual stream
 //   4: lse (read): [MAX_SPLITS, HEADS] log-sum-exp of each split's scores
+//   5: ssq_parts (read_write): [tokens, PARTS] sums of squares of the residual stream's parts of BO
 
 enable f16;
 
@@ -32,9 +33,11 @@ struct Step {
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read_write> hidden: array<f32>;
 @group(0) @binding(4) var<storage, read> lse: array<f32>;
+@group(0) @binding(5) var<storage, read_write> ssq_parts: array<f32>;
 
 const IN: u32 = 64u;
 const OUT: u32 = 64u;
+const PARTS: u32 = 1u;
 
 // w: int8 x4 with an f32 scale per output, 64 outputs x 64 inputs, column-major packed.
 const W_STRIDE: u32 = 64u;
@@ -111,6 +114,19 @@ fn load_x(t0: u32, n: u32, k0: u32) {
 fn store_x() {
     xt[(lid % BK) * XS + lid / BK] = px;
 }
+// The sums of v over the invocations of this one's token quad (a tile's
+// outputs), through xt.
+fn part_sums(v: vec4<f32>) -> vec4<f32> {
+    workgroupBarrier();
+    xt[lid] = v;
+    workgroupBarrier();
+    var s = vec4<f32>(0.0);
+    for (var j = 0u; j < TX; j++) {
+        s += xt[(lid / TX) * TX + j];
+    }
+    return s;
+}
+
 
 // A weight tile: element (k, c) is wt[k * BO / 4 + c / 4][c % 4].
 var<workgroup> wt: array<vec4<f32>, BK * BO / 4u>;
@@ -201,46 +217,70 @@ fn main(
         }
         workgroupBarrier();
     }
+    var sq_y = vec4<f32>(0.0);
     {
         let t = t0 + 4u * ty + 0u;
         if (t < n) {
+            var h = vec4<f32>(0.0);
             for (var j = 0u; j < 4u; j++) {
                 let o = o0 + 4u * tx + j;
                 if (o < OUT) {
-                    hidden[t * OUT + o] += acc_y[0][j];
+                    h[j] = hidden[t * OUT + o] + acc_y[0][j];
+                    hidden[t * OUT + o] = h[j];
                 }
             }
+            sq_y[0] = dot(h, h);
         }
     }
     {
         let t = t0 + 4u * ty + 1u;
         if (t < n) {
+            var h = vec4<f32>(0.0);
             for (var j = 0u; j < 4u; j++) {
                 let o = o0 + 4u * tx + j;
                 if (o < OUT) {
-                    hidden[t * OUT + o] += acc_y[1][j];
+                    h[j] = hidden[t * OUT + o] + acc_y[1][j];
+                    hidden[t * OUT + o] = h[j];
                 }
             }
+            sq_y[1] = dot(h, h);
         }
     }
     {
         let t = t0 + 4u * ty + 2u;
         if (t < n) {
+            var h = vec4<f32>(0.0);
             for (var j = 0u; j < 4u; j++) {
                 let o = o0 + 4u * tx + j;
                 if (o < OUT) {
-                    hidden[t * OUT + o] += acc_y[2][j];
+                    h[j] = hidden[t * OUT + o] + acc_y[2][j];
+                    hidden[t * OUT + o] = h[j];
                 }
             }
+            sq_y[2] = dot(h, h);
         }
     }
     {
         let t = t0 + 4u * ty + 3u;
         if (t < n) {
+            var h = vec4<f32>(0.0);
             for (var j = 0u; j < 4u; j++) {
                 let o = o0 + 4u * tx + j;
                 if (o < OUT) {
-                    hidden[t * OUT + o] += acc_y[3][j];
+                    h[j] = hidden[t * OUT + o] + acc_y[3][j];
+                    hidden[t * OUT + o] = h[j];
+                }
+            }
+            sq_y[3] = dot(h, h);
+        }
+    }
+    {
+        let s = part_sums(sq_y);
+        if (tx == 0u) {
+            for (var j = 0u; j < 4u; j++) {
+                let t = t0 + 4u * ty + j;
+                if (t < n) {
+                    ssq_parts[t * PARTS + o0 / BO] = s[j];
                 }
             }
         }

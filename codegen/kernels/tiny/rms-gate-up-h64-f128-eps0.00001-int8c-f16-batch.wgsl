@@ -9,6 +9,7 @@
 //   3: w_gate (read): gate_proj; int8 x4 with an f32 scale per output, 128 x 64
 //   4: w_up (read): up_proj; int8 x4 with an f32 scale per output, 128 x 64
 //   5: ffn (read_write): [tokens, OUT] SiLU(gate) * up
+//   6: ssq_parts (read): [tokens, PARTS] sums of squares of the residual stream's parts of BO
 
 enable f16;
 
@@ -34,6 +35,7 @@ struct Step {
 @group(0) @binding(3) var<storage, read> w_gate: array<vec4<u32>>;
 @group(0) @binding(4) var<storage, read> w_up: array<vec4<u32>>;
 @group(0) @binding(5) var<storage, read_write> ffn: array<f32>;
+@group(0) @binding(6) var<storage, read> ssq_parts: array<f32>;
 
 const IN: u32 = 64u;
 const OUT: u32 = 128u;
@@ -120,9 +122,9 @@ var<private> lid: u32;
 // is one past the token quads so that store_x's invocations, one input row
 // apart, write to different banks.
 const XS: u32 = BT / 4u + 1u;
-var<workgroup> xt: array<vec4<f32>, BK * XS>;
-// Sums of squares of the inputs this invocation staged, for its 4 tokens.
-var<private> ssq: vec4<f32>;
+var<workgroup> xt: array<vec4<f16>, BK * XS>;
+// Sums traded between invocations, in f32.
+var<workgroup> red: array<vec4<f32>, WG>;
 // The norm weight of the input in flight.
 var<private> nk: f32;
 // The next step's inputs in flight: input lid % BK of 4 tokens.
@@ -151,28 +153,47 @@ fn load_x(t0: u32, n: u32, k0: u32) {
 
 // Stores px into the input tile (the loads' first use).
 fn store_x() {
-    ssq += px * px;
-    xt[(lid % BK) * XS + lid / BK] = px * nk;
+    xt[(lid % BK) * XS + lid / BK] = vec4<f16>(px * rs * nk);
 }
 
-// 1/rms of tokens 4 ty .. 4 ty + 4 of the tile, from the sums of squares
-// store_x gathered. Reuses xt: call after the last step, from every invocation.
-fn inv_rms(ty: u32) -> vec4<f32> {
-    workgroupBarrier();
-    xt[(lid % BK) * (BT / 4u) + lid / BK] = ssq;
+// The residual stream's parts of BO inputs per token.
+const PARTS: u32 = (IN + BO - 1u) / BO;
+// 1/rms of the 4 tokens whose inputs this invocation stages.
+var<private> rs: vec4<f32>;
+
+// Sets rs from the sums of squares by parts: the BK invocations staging a
+// token quad take every BK-th part, then add up each other's sums.
+fn begin_tile(t0: u32, n: u32) {
+    let tq = lid / BK;
+    var s = vec4<f32>(0.0);
+    for (var p = lid % BK; p < PARTS; p += BK) {
+        for (var j = 0u; j < 4u; j++) {
+            let t = t0 + 4u * tq + j;
+            if (t < n) {
+                s[j] += ssq_parts[t * PARTS + p];
+            }
+        }
+    }
+    red[lid] = s;
     workgroupBarrier();
     var ss = vec4<f32>(0.0);
     for (var kk = 0u; kk < BK; kk++) {
-        ss += xt[kk * (BT / 4u) + ty];
+        ss += red[tq * BK + kk];
     }
-    return inverseSqrt(ss / f32(IN) + EPS);
+    rs = inverseSqrt(ss / f32(IN) + EPS);
+    workgroupBarrier();
+}
+
+// The staged inputs are normalised already.
+fn inv_rms(ty: u32) -> vec4<f32> {
+    return vec4<f32>(1.0);
 }
 
 // A weight tile: element (k, c) is wt_gate[k * BO / 4 + c / 4][c % 4].
-var<workgroup> wt_gate: array<vec4<f32>, BK * BO / 4u>;
+var<workgroup> wt_gate: array<vec4<f16>, BK * BO / 4u>;
 
 // A weight tile: element (k, c) is wt_up[k * BO / 4 + c / 4][c % 4].
-var<workgroup> wt_up: array<vec4<f32>, BK * BO / 4u>;
+var<workgroup> wt_up: array<vec4<f16>, BK * BO / 4u>;
 
 fn half_lo(x: vec4<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(x.x).x, unpack2x16float(x.y).x, unpack2x16float(x.z).x, unpack2x16float(x.w).x);
@@ -203,6 +224,7 @@ fn main(
     let tile_o = tile_linear / nwg.y;
     let t0 = tile_t * BT;
     let o0 = tile_o * BO;
+    begin_tile(t0, n);
     var acc_g: array<vec4<f32>, 4>;
     var acc_u: array<vec4<f32>, 4>;
     // step 0
@@ -230,7 +252,7 @@ fn main(
             let kk = i / (BO / 4u);
             var v = vec4<f32>(0.0);
             v = w_gate_dequant(pre_wt_gate_w0, pre_wt_gate_s0, kk);
-            wt_gate[kk * (BO / 4u) + q] = v;
+            wt_gate[kk * (BO / 4u) + q] = vec4<f16>(v);
         }
         {
             let i = lid + 0u * WG;
@@ -238,7 +260,7 @@ fn main(
             let kk = i / (BO / 4u);
             var v = vec4<f32>(0.0);
             v = w_up_dequant(pre_wt_up_w0, pre_wt_up_s0, kk);
-            wt_up[kk * (BO / 4u) + q] = v;
+            wt_up[kk * (BO / 4u) + q] = vec4<f16>(v);
         }
     }
     workgroupBarrier();
@@ -263,18 +285,30 @@ fn main(
                 pre_wt_up_s0 = w_up_scales(o0 + 4u * q, k0 + kk);
             }
         }
+        {
+        var s_g: array<vec4<f16>, 4>;
+        var s_u: array<vec4<f16>, 4>;
         for (var kk = 0u; kk < BK; kk++) {
             let a = xt[kk * XS + ty];
             let b_g = wt_gate[kk * (BO / 4u) + tx];
-            acc_g[0] += a.x * b_g;
-            acc_g[1] += a.y * b_g;
-            acc_g[2] += a.z * b_g;
-            acc_g[3] += a.w * b_g;
+            s_g[0] += a.x * b_g;
+            s_g[1] += a.y * b_g;
+            s_g[2] += a.z * b_g;
+            s_g[3] += a.w * b_g;
             let b_u = wt_up[kk * (BO / 4u) + tx];
-            acc_u[0] += a.x * b_u;
-            acc_u[1] += a.y * b_u;
-            acc_u[2] += a.z * b_u;
-            acc_u[3] += a.w * b_u;
+            s_u[0] += a.x * b_u;
+            s_u[1] += a.y * b_u;
+            s_u[2] += a.z * b_u;
+            s_u[3] += a.w * b_u;
+        }
+        acc_g[0] += vec4<f32>(s_g[0]);
+        acc_g[1] += vec4<f32>(s_g[1]);
+        acc_g[2] += vec4<f32>(s_g[2]);
+        acc_g[3] += vec4<f32>(s_g[3]);
+        acc_u[0] += vec4<f32>(s_u[0]);
+        acc_u[1] += vec4<f32>(s_u[1]);
+        acc_u[2] += vec4<f32>(s_u[2]);
+        acc_u[3] += vec4<f32>(s_u[3]);
         }
         workgroupBarrier();
         if (more) {
@@ -285,7 +319,7 @@ fn main(
                 let kk = i / (BO / 4u);
                 var v = vec4<f32>(0.0);
                 v = w_gate_dequant(pre_wt_gate_w0, pre_wt_gate_s0, kk);
-                wt_gate[kk * (BO / 4u) + q] = v;
+                wt_gate[kk * (BO / 4u) + q] = vec4<f16>(v);
             }
             {
                 let i = lid + 0u * WG;
@@ -293,7 +327,7 @@ fn main(
                 let kk = i / (BO / 4u);
                 var v = vec4<f32>(0.0);
                 v = w_up_dequant(pre_wt_up_w0, pre_wt_up_s0, kk);
-                wt_up[kk * (BO / 4u) + q] = v;
+                wt_up[kk * (BO / 4u) + q] = vec4<f16>(v);
             }
         }
         workgroupBarrier();

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 use llama5_codegen::{
     Access, Activation, Binding, Kernel, Plan, PlanStep, Resource, Rows, Stage, StepUniform, Target,
-    MAX_ATTENTION_SPLITS,
+    MAX_ATTENTION_SPLITS, SUM_SQUARES_PART,
 };
 
 use crate::backend::{Backend, BackendInfo, Logits};
@@ -75,6 +75,7 @@ pub(crate) fn activation_bytes(cfg: &llama5_codegen::manifest::ModelConfig, a: A
         Activation::Ffn => (batch, cfg.intermediate_size),
         Activation::FfnHalf => (batch, cfg.intermediate_size.div_ceil(2)),
         Activation::Logits => (logit_rows, cfg.vocab_size),
+        Activation::SumSquares => (batch, cfg.hidden_size.div_ceil(SUM_SQUARES_PART)),
     };
     (rows * per_row * 4) as u64
 }
