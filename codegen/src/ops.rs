@@ -1715,7 +1715,7 @@ fn rms_qkv_rope_tiled_aligned(
         && (q_dim / 2).is_multiple_of(2 * tile_units)
         && (kv_dim / 2).is_multiple_of(2 * tile_units);
     let tiles = &declare_tiles(&mut m, &tiling, wide, ["u0", "u1"])[..];
-    m.helpers += &tiling.exchange();
+    m.helpers += tiling.exchange();
     m.helpers += &fill(
         r#"// Stores half `half` of unit `unit` of token t (position p): `own` is this half's
 // sum, `other` its partner's; q and k rotated, k and v into cache slot p % ctx.
@@ -1875,17 +1875,21 @@ fn matmul_add_tiled(
     if half {
         bind_residual_copy(&mut m, "OUT");
     }
-    // the stream the tiled gate/up normalises next
-    let parts = matches!(input, AddInput::AttnSplits { .. }) && bind_sum_squares(&mut m, &target, Access::ReadWrite);
+    // the stream the tiled gate/up normalises next (the plain skeleton's: the
+    // cooperative-matrix gate/up sums in f32)
+    let parts = match tiling {
+        Skeleton::Plain(t) if matches!(input, AddInput::AttnSplits { .. }) => {
+            bind_sum_squares(&mut m, &target, Access::ReadWrite).then_some(t)
+        }
+        _ => None,
+    };
     m.konst("IN", "u32", in_features);
     m.konst("OUT", "u32", out_features);
-    if parts {
-        m.konst("PARTS", "u32", out_features.div_ceil(BO as usize));
-    }
     m.helpers += &tiling.prelude(x, false, half_input);
-    if parts {
-        m.helpers += &tiling.part_sums();
+    if let Some(t) = parts {
+        m.helpers += t.part_sums();
     }
+    let parts = parts.is_some();
     // wide: two tiles of the matrix per workgroup, outputs o0 .. o0 + BO and
     // o1 .. o1 + BO, so each step's input tile serves twice the products
     let wide = out_features >= WIDE_TILES_MIN_OUT && out_features.is_multiple_of(2 * BO as usize);

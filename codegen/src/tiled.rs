@@ -43,63 +43,39 @@ pub(crate) struct Tiling {
     /// Tokens per tile.
     pub bt: u32,
     /// f16 tiles and step sums ([`Tiling::with_f16_sums`]).
-    pub half: bool,
+    pub f16_tiles: bool,
 }
 
 impl Tiling {
     /// f32 tiles; [`Tiling::with_f16_sums`] for gate/up.
     pub fn for_target(target: &Target) -> Tiling {
         let wg = prev_power_of_two(target.workgroup_limit());
-        Tiling { wg, bt: wg * 4 / (BO / 4), half: false }
+        Tiling { wg, bt: wg * 4 / (BO / 4), f16_tiles: false }
     }
 
     /// The tiling of gate/up: f16 tiles and step sums where
     /// [`f16_products`], its inputs normalised first. Its inputs are then
-    /// within a few times their norm weights, where f16 sums are safe; the
+    /// within sqrt(IN) times their norm weights, where f16 sums are safe; the
     /// residual projections' are not (a row of SiLU(gate) * up may hold
     /// values near f16's largest, whose sums of 16 products would overflow).
     /// QKV and the logits keep f32 tiles for precision (see [`f16_products`]).
     pub fn with_f16_sums(target: &Target) -> Tiling {
-        Tiling { half: f16_products(target), ..Tiling::for_target(target) }
+        Tiling { f16_tiles: f16_products(target), ..Tiling::for_target(target) }
     }
 
-    /// `part_sums(v)`: the sums over each token quad's row of invocations (a
-    /// tile's BO outputs) of `v`, one per token, for a kernel writing the
-    /// residual stream's sums of squares by parts. Call it from every
-    /// invocation.
-    pub fn part_sums(&self) -> String {
-        let scratch = self.scratch();
-        format!(
-            r#"// The sums of v over the invocations of this one's token quad (a tile's
-// outputs), through {scratch}.
-fn part_sums(v: vec4<f32>) -> vec4<f32> {{
-    workgroupBarrier();
-    {scratch}[lid] = v;
-    workgroupBarrier();
-    var s = vec4<f32>(0.0);
-    for (var j = 0u; j < TX; j++) {{
-        s += {scratch}[(lid / TX) * TX + j];
-    }}
-    return s;
-}}
-
-"#
-        )
-    }
-
-    /// The workgroup array of at least WG `vec4<f32>` the epilogues trade
-    /// sums through: the input tile in f32, else `red`.
-    fn scratch(&self) -> &'static str {
-        if self.half {
-            "red"
-        } else {
-            "xt"
-        }
+    /// `PARTS` and `part_sums(v)`: the sums over each token quad's row of
+    /// invocations (a tile's BO outputs) of `v`, one per token, for the
+    /// output projection writing the residual stream's sums of squares by
+    /// parts (rows of `OUT`). Call it from every invocation, after the input
+    /// loop (it trades through the input tile).
+    pub fn part_sums(&self) -> &'static str {
+        debug_assert!(!self.f16_tiles, "sums are traded through an f32 input tile");
+        PART_SUMS
     }
 
     /// The WGSL type of a tile's elements.
     fn element(&self) -> &'static str {
-        if self.half {
+        if self.f16_tiles {
             "vec4<f16>"
         } else {
             "vec4<f32>"
@@ -109,7 +85,7 @@ fn part_sums(v: vec4<f32>) -> vec4<f32> {{
     /// `v` (a `vec4<f32>`) as a tile element: rounded to f16 with f16 tiles
     /// (values past 65504 overflow, as on cooperative matrices).
     fn tile_value(&self, v: &str) -> String {
-        if self.half {
+        if self.f16_tiles {
             format!("vec4<f16>({v})")
         } else {
             v.to_string()
@@ -129,7 +105,7 @@ fn part_sums(v: vec4<f32>) -> vec4<f32> {{
     pub fn prelude(&self, x: &str, norm: bool) -> String {
         // load_x gives each invocation one (input, token quad) of the tile
         debug_assert_eq!(BK * self.bt / 4, self.wg);
-        debug_assert!(norm || !self.half, "f16 tiles hold normalised inputs");
+        debug_assert!(norm || !self.f16_tiles, "f16 tiles hold normalised inputs");
         let mut s = format!(
             r#"// Tiles of BT tokens x BO outputs, inputs staged BK at a time. Invocation
 // (tx, ty) owns tokens 4 ty .. 4 ty + 4 and outputs 4 tx .. 4 tx + 4 of its tile.
@@ -150,13 +126,13 @@ var<workgroup> xt: array<{element}, BK * XS>;
             bt = self.bt,
             element = self.element(),
         );
-        if self.half {
-            s += "// Sums traded between invocations, in f32.\nvar<workgroup> red: array<vec4<f32>, WG>;\n";
+        if self.f16_tiles {
+            s += "// Each token quad's sums of squares, traded in f32.\nvar<workgroup> red: array<vec4<f32>, WG>;\n";
         }
-        if norm && !self.half {
+        if norm && !self.f16_tiles {
             s += NORM_SUMS;
         }
-        let (square, scale_load, scale) = match (norm, self.half) {
+        let (square, scale_load, scale) = match (norm, self.f16_tiles) {
             (false, _) => ("", "", ""),
             (true, false) => ("\n    ssq += px * px;", "    nk = norm[min(k, IN - 1u)];\n", " * nk"),
             (true, true) => ("", "    nk = norm[min(k, IN - 1u)];\n", " * rs * nk"),
@@ -194,7 +170,7 @@ fn store_x() {{{square}
             ),
             &[("X", x)],
         );
-        match (norm, self.half) {
+        match (norm, self.f16_tiles) {
             (false, _) => {}
             (true, false) => s += INV_RMS,
             (true, true) => s += STAGE_RMS,
@@ -220,7 +196,7 @@ fn main(
 "#;
         s += TILE_IDS;
         s += setup;
-        if self.half {
+        if self.f16_tiles {
             s += "    begin_tile(t0, n);\n";
         }
         for acc in accs {
@@ -232,9 +208,9 @@ fn main(
         // the whole row. The inputs are normalised before they are staged
         // (STAGE_RMS), so the products' scale does not follow the residual
         // stream's.
-        let sum = |acc: &str| if self.half { format!("s_{acc}") } else { format!("acc_{acc}") };
+        let sum = |acc: &str| if self.f16_tiles { format!("s_{acc}") } else { format!("acc_{acc}") };
         let mut products = String::new();
-        if self.half {
+        if self.f16_tiles {
             products += "        {\n";
             for acc in accs {
                 products += &format!("        var s_{acc}: array<vec4<f16>, 4>;\n");
@@ -249,7 +225,7 @@ fn main(
             }
         }
         products += "        }\n";
-        if self.half {
+        if self.f16_tiles {
             for acc in accs {
                 for i in 0..4 {
                     products += &format!("        acc_{acc}[{i}] += vec4<f32>(s_{acc}[{i}]);\n");
@@ -340,21 +316,35 @@ impl std::ops::Add for Staging {
     }
 }
 
-/// `exchange(v, partner)` of the plain skeleton, through `array` (of WG
-/// `vec4<f32>` or more).
-fn plain_exchange(array: &str) -> String {
-    format!(
-        r#"// Trades v with invocation `partner` through {array}.
-fn exchange(v: vec4<f32>, partner: u32) -> vec4<f32> {{
+const PLAIN_EXCHANGE: &str = r#"// Trades v with invocation `partner` through xt.
+fn exchange(v: vec4<f32>, partner: u32) -> vec4<f32> {
     workgroupBarrier();
-    {array}[lid] = v;
+    xt[lid] = v;
     workgroupBarrier();
-    return {array}[partner];
-}}
-
-"#
-    )
+    return xt[partner];
 }
+
+"#;
+
+/// See [`Tiling::part_sums`]: xt holds BK * (BT / 4 + 1) = WG + BK vec4s.
+const PART_SUMS: &str = r#"
+// The residual stream's parts of BO outputs per token.
+const PARTS: u32 = (OUT + BO - 1u) / BO;
+
+// The sums of v over the invocations of this one's token quad (a tile's
+// outputs), through xt.
+fn part_sums(v: vec4<f32>) -> vec4<f32> {
+    workgroupBarrier();
+    xt[lid] = v;
+    workgroupBarrier();
+    var s = vec4<f32>(0.0);
+    for (var j = 0u; j < TX; j++) {
+        s += xt[(lid / TX) * TX + j];
+    }
+    return s;
+}
+
+"#;
 
 /// The private sums of squares `store_x` gathers for an RMSNorm on the input.
 const NORM_SUMS: &str =
@@ -516,15 +506,6 @@ impl Skeleton {
         }
     }
 
-    /// See [`Tiling::part_sums`] (the plain skeleton only: where
-    /// [`f16_products`]).
-    pub fn part_sums(&self) -> String {
-        match self {
-            Skeleton::Plain(t) => t.part_sums(),
-            Skeleton::Coop(_) => unreachable!("the cooperative-matrix kernels leave no sums of squares"),
-        }
-    }
-
     /// Tokens per tile.
     pub fn bt(&self) -> u32 {
         match self {
@@ -566,10 +547,10 @@ impl Skeleton {
     /// `v` and gets invocation `partner`'s, through workgroup memory the input
     /// loop is done with (the plain skeleton's input tile, the coop one's
     /// accumulator store). Call it from every invocation.
-    pub fn exchange(&self) -> String {
+    pub fn exchange(&self) -> &'static str {
         match self {
-            Skeleton::Plain(t) => plain_exchange(t.scratch()),
-            Skeleton::Coop(_) => coop::EXCHANGE.to_string(),
+            Skeleton::Plain(_) => PLAIN_EXCHANGE,
+            Skeleton::Coop(_) => coop::EXCHANGE,
         }
     }
 

@@ -305,8 +305,8 @@ const F16_SUBNORMAL_STEP: f32 = 5.960_464_5e-8;
 /// hold the written stream, rounded.
 ///
 /// The residual stream's sums of squares by parts, bound last where a kernel
-/// binds them, are likewise computed from the stream, and where written must
-/// hold the written stream's (rows the kernel leaves keep both).
+/// binds them, are likewise computed from the stream where read, and where
+/// written must hold the written stream's for every token of the step.
 fn run_kernel(runner: &KernelRunner, kernel: &Kernel, contents: &[Vec<u8>], rows: u32) -> Vec<Vec<u8>> {
     let written = |b: &&llama5_codegen::Binding| b.resource == RESIDUAL_COPY && b.access == Access::ReadWrite;
     let sums = kernel.bindings.iter().find(|b| b.resource == SUM_SQUARES);
@@ -325,8 +325,10 @@ fn run_kernel(runner: &KernelRunner, kernel: &Kernel, contents: &[Vec<u8>], rows
     }
     if let Some(b) = sums {
         assert_eq!(b.index as usize, contents.len(), "{}: the sums' binding comes last", kernel.name);
-        let stream = to_f32(&contents[stream.unwrap().index as usize]);
-        contents.push(f32_bytes(&part_sums(&stream, stream_width(kernel))));
+        let stream = part_sums(&to_f32(&contents[stream.unwrap().index as usize]), stream_width(kernel));
+        // NaN where the kernel must write them, so a part it skips fails below
+        let sums = if b.access == Access::ReadWrite { vec![f32::NAN; stream.len()] } else { stream };
+        contents.push(f32_bytes(&sums));
     }
     let grid = kernel.dispatch_for(&step_of(&contents), rows);
     let mut out = runner.run(kernel, &contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
@@ -364,14 +366,11 @@ fn run_kernel(runner: &KernelRunner, kernel: &Kernel, contents: &[Vec<u8>], rows
 
 const SUM_SQUARES: Resource = Resource::Activation(Activation::SumSquares);
 
-/// The width of the residual stream a kernel binds (its `IN`, `OUT` or `HIDDEN`).
+/// The width of the residual stream a kernel binds: its `OUT` where it writes
+/// the stream, else its `IN`.
 fn stream_width(kernel: &Kernel) -> usize {
     let stream = kernel.bindings.iter().find(|b| b.resource == Resource::Activation(Activation::Hidden));
-    let name = match stream.map(|b| b.access) {
-        Some(Access::ReadWrite) if kernel.wgsl.contains("const OUT: u32") => "OUT",
-        Some(Access::ReadWrite) => "HIDDEN",
-        _ => "IN",
-    };
+    let name = if stream.is_some_and(|b| b.access == Access::ReadWrite) { "OUT" } else { "IN" };
     let line = kernel.wgsl.lines().find_map(|l| l.strip_prefix(&format!("const {name}: u32 = ")));
     line.and_then(|v| v.trim_end_matches("u;").parse().ok()).unwrap_or_else(|| panic!("{}: no {name}", kernel.name))
 }
@@ -945,12 +944,16 @@ fn attn_output_combines_splits_then_matches_cpu() {
             // read), each with heads of a multiple of 4 dimensions and not (a vec4 spans two
             // heads); scalar rows (18 inputs); and enough outputs for four at a load in
             // wide workgroups (INT4's input then staged as int8 groups where two of
-            // them make a k-slice: tiles of 4 quads at 2050 outputs, of 8 at 4100)
+            // them make a k-slice: tiles of 4 quads at 2050 outputs, of 8 at 4100);
+            // 4096 outputs, where the tiled kernel takes two tiles a workgroup
+            // (and writes two parts of the stream's sums of squares)
             let shapes: &[(usize, usize, usize)] = match format {
                 QuantFormat::F16 | QuantFormat::Bf16 => {
                     &[(6, 16, 50), (6, 352, 50), (32, 80, 50), (6, 10, 50), (2, 1030, 50), (3, 6, 50), (32, 80, 2050)]
                 }
-                QuantFormat::Int4 { .. } => &[(6, 16, 50), (6, 352, 50), (32, 80, 50), (32, 80, 2050), (26, 80, 4100)],
+                QuantFormat::Int4 { .. } => {
+                    &[(6, 16, 50), (6, 352, 50), (32, 80, 50), (32, 80, 2050), (26, 80, 4100), (2, 64, 4096)]
+                }
                 _ => &[(6, 16, 50), (6, 352, 50), (32, 80, 50), (32, 80, 2050)],
             };
             for &(heads, head_dim, hidden_base) in shapes {

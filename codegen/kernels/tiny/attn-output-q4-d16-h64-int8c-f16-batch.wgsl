@@ -37,7 +37,6 @@ struct Step {
 
 const IN: u32 = 64u;
 const OUT: u32 = 64u;
-const PARTS: u32 = 1u;
 
 // w: int8 x4 with an f32 scale per output, 64 outputs x 64 inputs, column-major packed.
 const W_STRIDE: u32 = 64u;
@@ -114,6 +113,10 @@ fn load_x(t0: u32, n: u32, k0: u32) {
 fn store_x() {
     xt[(lid % BK) * XS + lid / BK] = px;
 }
+
+// The residual stream's parts of BO outputs per token.
+const PARTS: u32 = (OUT + BO - 1u) / BO;
+
 // The sums of v over the invocations of this one's token quad (a tile's
 // outputs), through xt.
 fn part_sums(v: vec4<f32>) -> vec4<f32> {

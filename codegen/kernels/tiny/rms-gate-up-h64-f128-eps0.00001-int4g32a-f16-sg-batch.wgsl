@@ -123,7 +123,7 @@ var<private> lid: u32;
 // apart, write to different banks.
 const XS: u32 = BT / 4u + 1u;
 var<workgroup> xt: array<vec4<f16>, BK * XS>;
-// Sums traded between invocations, in f32.
+// Each token quad's sums of squares, traded in f32.
 var<workgroup> red: array<vec4<f32>, WG>;
 // The norm weight of the input in flight.
 var<private> nk: f32;
