@@ -201,6 +201,9 @@ fn main(
         }
         for acc in accs {
             s += &format!("    var acc_{acc}: array<vec4<f32>, 4>;\n");
+            if self.f16_tiles {
+                s += &format!("    var s_{acc}: array<vec4<f16>, 4>;\n");
+            }
         }
         // With f16 tiles, each step's BK products are summed in f16 (twice
         // the rate of f32 where the GPU packs f16 pairs), then added to the
@@ -209,14 +212,7 @@ fn main(
         // (STAGE_RMS), so the products' scale does not follow the residual
         // stream's.
         let sum = |acc: &str| if self.f16_tiles { format!("s_{acc}") } else { format!("acc_{acc}") };
-        let mut products = String::new();
-        if self.f16_tiles {
-            products += "        {\n";
-            for acc in accs {
-                products += &format!("        var s_{acc}: array<vec4<f16>, 4>;\n");
-            }
-        }
-        products += "        for (var kk = 0u; kk < BK; kk++) {\n";
+        let mut products = String::from("        for (var kk = 0u; kk < BK; kk++) {\n");
         products += "            let a = xt[kk * XS + ty];\n";
         for (acc, tile) in accs.iter().zip(&staging.tiles) {
             products += &format!("            let b_{acc} = {tile}[kk * (BO / 4u) + tx];\n");
@@ -226,12 +222,16 @@ fn main(
         }
         products += "        }\n";
         if self.f16_tiles {
+            // the step sums are zeroed by hand: a `var` declared in the loop
+            // would be zeroed only once by naga before the fix of wgpu #9489
+            // (Firefox's, at least), and carry each step's sums into the next
             for acc in accs {
                 for i in 0..4 {
-                    products += &format!("        acc_{acc}[{i}] += vec4<f32>(s_{acc}[{i}]);\n");
+                    products += &format!(
+                        "        acc_{acc}[{i}] += vec4<f32>(s_{acc}[{i}]);\n        s_{acc}[{i}] = vec4<f16>(0.0);\n"
+                    );
                 }
             }
-            products += "        }\n";
         }
         s += &staging.steps(&products);
         s += epilogue;

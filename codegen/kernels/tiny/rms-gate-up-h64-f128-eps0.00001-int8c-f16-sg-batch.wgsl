@@ -226,7 +226,9 @@ fn main(
     let o0 = tile_o * BO;
     begin_tile(t0, n);
     var acc_g: array<vec4<f32>, 4>;
+    var s_g: array<vec4<f16>, 4>;
     var acc_u: array<vec4<f32>, 4>;
+    var s_u: array<vec4<f16>, 4>;
     // step 0
     {
         let k0 = 0u;
@@ -285,9 +287,6 @@ fn main(
                 pre_wt_up_s0 = w_up_scales(o0 + 4u * q, k0 + kk);
             }
         }
-        {
-        var s_g: array<vec4<f16>, 4>;
-        var s_u: array<vec4<f16>, 4>;
         for (var kk = 0u; kk < BK; kk++) {
             let a = xt[kk * XS + ty];
             let b_g = wt_gate[kk * (BO / 4u) + tx];
@@ -302,14 +301,21 @@ fn main(
             s_u[3] += a.w * b_u;
         }
         acc_g[0] += vec4<f32>(s_g[0]);
+        s_g[0] = vec4<f16>(0.0);
         acc_g[1] += vec4<f32>(s_g[1]);
+        s_g[1] = vec4<f16>(0.0);
         acc_g[2] += vec4<f32>(s_g[2]);
+        s_g[2] = vec4<f16>(0.0);
         acc_g[3] += vec4<f32>(s_g[3]);
+        s_g[3] = vec4<f16>(0.0);
         acc_u[0] += vec4<f32>(s_u[0]);
+        s_u[0] = vec4<f16>(0.0);
         acc_u[1] += vec4<f32>(s_u[1]);
+        s_u[1] = vec4<f16>(0.0);
         acc_u[2] += vec4<f32>(s_u[2]);
+        s_u[2] = vec4<f16>(0.0);
         acc_u[3] += vec4<f32>(s_u[3]);
-        }
+        s_u[3] = vec4<f16>(0.0);
         workgroupBarrier();
         if (more) {
             store_x();
