@@ -672,10 +672,11 @@ fn rms_gate_up_matches_cpu() {
 }
 
 /// Residual streams far from unit scale (tiny rows with small norm weights,
-/// as in a first layer, and large ones): the normalising kernels stage the
-/// input times the norm weights and divide by the rms at the end, so products
-/// kept in f16 would leave its range (f16 products summed 16 at a time in the
-/// plain tiled kernels gave 2e-5 at the smallest scale here).
+/// as in a first layer, and large ones). Most gate/up variants stage the
+/// input times the norm weights and divide by the rms at the end, where
+/// products kept in f16 would leave its range (staged so, the plain tiled
+/// kernel's f16 sums gave 2e-5 at the smallest scale here); the plain tiled
+/// one with f16 tiles divides by the rms before staging, and must hold too.
 #[test]
 fn normalising_kernels_hold_any_input_scale() {
     let _gpu = gpu_lock();
