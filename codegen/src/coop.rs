@@ -97,7 +97,12 @@ pub(crate) const fn workgroup_bytes(tiles: u32) -> u32 {
 
 /// [`crate::tiled::Skeleton::exchange`]: through the accumulator store, a
 /// vec4 per invocation, component j of invocation i at `cs[j * WG + i]`.
-pub(crate) const EXCHANGE: &str = r#"// Trades v with invocation `partner` through the accumulator store.
+pub(crate) const EXCHANGE: &str = r#"// The local index of invocation (x, y).
+fn tile_lid(x: u32, y: u32) -> u32 {
+    return y * TX + x;
+}
+
+// Trades v with invocation `partner` through the accumulator store.
 fn exchange(v: vec4<f32>, partner: u32) -> vec4<f32> {
     workgroupBarrier();
     for (var j = 0u; j < 4u; j++) {

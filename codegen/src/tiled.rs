@@ -3,11 +3,12 @@
 //! A workgroup computes a tile of `BT` tokens x `BO` outputs. It walks the
 //! inputs `BK` at a time: the step's input rows and the weight words
 //! (dequantised by [`crate::tcal`]) are staged in workgroup memory, and every
-//! invocation accumulates its 4 tokens x 4 outputs from there, so each weight
-//! word is read once per `BT` tokens instead of once per token.
+//! invocation accumulates its 4 tokens x 4 outputs (or two such token quads,
+//! [`Tiling::with_two_quads`]) from there, so each weight word is read once
+//! per `BT` tokens instead of once per token.
 //!
 //! Workgroup memory is written and read in whole vec4s only: an invocation
-//! stages one input of four tokens, and four outputs of one input.
+//! stages inputs of four tokens, and four outputs of one input.
 //!
 //! Both skeletons run the same pipelined input loop ([`pipelined_steps`]):
 //! each step's loads from device memory go into registers before the
@@ -27,6 +28,7 @@
 //! ([`crate::spec::Activation::SumSquares`], [`Tiling::part_sums`]).
 
 use crate::coop::{self, CoopTiling};
+use crate::manifest::QuantFormat;
 use crate::target::Target;
 use crate::tcal::{fill, indent, prev_power_of_two};
 
@@ -38,10 +40,12 @@ pub(crate) const BK: u32 = 16;
 /// How a tiled kernel is laid out on a target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Tiling {
-    /// Invocations per workgroup: `BO / 4` across outputs times `bt / 4` across tokens.
+    /// Invocations per workgroup: `BO / 4` across outputs times `bt / (4 quads)` across tokens.
     pub wg: u32,
     /// Tokens per tile.
     pub bt: u32,
+    /// Token quads per invocation.
+    pub quads: u32,
     /// f16 tiles and step sums ([`Tiling::with_f16_sums`]).
     pub f16_tiles: bool,
 }
@@ -50,7 +54,20 @@ impl Tiling {
     /// f32 tiles; [`Tiling::with_f16_sums`] for gate/up.
     pub fn for_target(target: &Target) -> Tiling {
         let wg = prev_power_of_two(target.workgroup_limit());
-        Tiling { wg, bt: wg * 4 / (BO / 4), f16_tiles: false }
+        Tiling { wg, bt: wg * 4 / (BO / 4), quads: 1, f16_tiles: false }
+    }
+
+    /// The same tile with half the invocations, each taking two token quads:
+    /// twice the products per weight read from workgroup memory, and twice
+    /// the staging per invocation. Where staging is cheap (16-bit weights,
+    /// and gate/up's f16 tiles) that gains: on the H100, Llama-2-7B F16's
+    /// prefill QKV took 1383 us a layer instead of 1493 and gate/up 2182
+    /// instead of 2265; INT4's QKV 1872 instead of 1553, so it keeps one quad.
+    pub fn with_two_quads(self) -> Tiling {
+        if self.wg < 128 {
+            return self;
+        }
+        Tiling { wg: self.wg / 2, quads: 2, ..self }
     }
 
     /// The tiling of gate/up: f16 tiles and step sums where
@@ -60,7 +77,11 @@ impl Tiling {
     /// values near f16's largest, whose sums of 16 products would overflow).
     /// QKV and the logits keep f32 tiles for precision (see [`f16_products`]).
     pub fn with_f16_sums(target: &Target) -> Tiling {
-        Tiling { f16_tiles: f16_products(target), ..Tiling::for_target(target) }
+        if f16_products(target) {
+            Tiling { f16_tiles: true, ..Tiling::for_target(target).with_two_quads() }
+        } else {
+            Tiling::for_target(target)
+        }
     }
 
     /// `PARTS` and `part_sums(v)`: the sums over each token quad's row of
@@ -103,19 +124,24 @@ impl Tiling {
     /// calls first, reading the residual stream's sums of squares by parts
     /// ([`crate::spec::Activation::SumSquares`]) bound as `ssq_parts`.
     pub fn prelude(&self, x: &str, norm: bool) -> String {
-        // load_x gives each invocation one (input, token quad) of the tile
-        debug_assert_eq!(BK * self.bt / 4, self.wg);
+        // load_x gives each invocation `quads` (input, token quad)s of the
+        // tile: as many as it owns, since BK = TX
+        const { assert!(BK == BO / 4) };
+        debug_assert_eq!(BK * self.bt / 4, self.wg * self.quads);
         debug_assert!(norm || !self.f16_tiles, "f16 tiles hold normalised inputs");
         let mut s = format!(
             r#"// Tiles of BT tokens x BO outputs, inputs staged BK at a time. Invocation
-// (tx, ty) owns tokens 4 ty .. 4 ty + 4 and outputs 4 tx .. 4 tx + 4 of its tile.
+// (tx, ty) owns the token quads ty + TY r (r < QUADS) and outputs 4 tx .. 4 tx + 4
+// of its tile.
 const WG: u32 = {wg}u;
 const BT: u32 = {bt}u;
 const BO: u32 = {BO}u;
 const BK: u32 = {BK}u;
 const TX: u32 = BO / 4u;
+const TY: u32 = WG / TX;
+const QUADS: u32 = {quads}u;
 var<private> lid: u32;
-
+{layout}
 // Staged inputs: element (t, k) is xt[k * XS + t / 4][t % 4]. The row stride
 // is one past the token quads so that store_x's invocations, one input row
 // apart, write to different banks.
@@ -124,56 +150,67 @@ var<workgroup> xt: array<{element}, BK * XS>;
 "#,
             wg = self.wg,
             bt = self.bt,
+            quads = self.quads,
+            layout = INVOCATIONS,
             element = self.element(),
         );
         if self.f16_tiles {
             s += "// Each token quad's sums of squares, traded in f32.\nvar<workgroup> red: array<vec4<f32>, WG>;\n";
         }
+        let quads = 0..self.quads;
         if norm && !self.f16_tiles {
-            s += NORM_SUMS;
+            s += "// Sums of squares of the inputs this invocation staged, for its token quads.\n";
+            s += &registers(quads.clone().map(|r| format!("ssq{r}")), "vec4<f32>");
         }
-        let (square, scale_load, scale) = match (norm, self.f16_tiles) {
-            (false, _) => ("", "", ""),
-            (true, false) => ("\n    ssq += px * px;", "    nk = norm[min(k, IN - 1u)];\n", " * nk"),
-            (true, true) => ("", "    nk = norm[min(k, IN - 1u)];\n", " * rs * nk"),
-        };
         if norm {
             s += "// The norm weight of the input in flight.\nvar<private> nk: f32;\n";
         }
         // unrolled: a runtime index into px would move it out of registers
-        let loads: String = ["x", "y", "z", "w"]
-            .iter()
-            .enumerate()
-            .map(|(j, c)| {
-                format!("    if (t0 + 4u * tq + {j}u < n && k < IN) {{\n        px.{c} = $X[(t0 + 4u * tq + {j}u) * IN + k];\n    }}\n")
-            })
-            .collect();
+        let mut loads = String::new();
+        let mut stores = String::new();
+        for r in quads.clone() {
+            loads += &format!("    px{r} = vec4<f32>(0.0);\n");
+            for (j, c) in ["x", "y", "z", "w"].iter().enumerate() {
+                let t = format!("t0 + 4u * (tq + {r}u * (WG / BK)) + {j}u");
+                loads += &format!("    if ({t} < n && k < IN) {{\n        px{r}.{c} = $X[({t}) * IN + k];\n    }}\n");
+            }
+            let value = match (norm, self.f16_tiles) {
+                (false, _) => format!("px{r}"),
+                (true, false) => {
+                    stores += &format!("    ssq{r} += px{r} * px{r};\n");
+                    format!("px{r} * nk")
+                }
+                (true, true) => format!("px{r} * rs{r} * nk"),
+            };
+            stores +=
+                &format!("    xt[(lid % BK) * XS + lid / BK + {r}u * (WG / BK)] = {};\n", self.tile_value(&value));
+        }
+        if norm {
+            loads += "    nk = norm[min(k, IN - 1u)];\n";
+        }
+        s += "// The next step's inputs in flight: input lid % BK of the token quads lid / BK + r WG / BK.\n";
+        s += &registers(quads.clone().map(|r| format!("px{r}")), "vec4<f32>");
         s += &fill(
             &format!(
-                r#"// The next step's inputs in flight: input lid % BK of 4 tokens.
-var<private> px: vec4<f32>;
-
-// Loads input k0 + lid % BK of tokens t0 + 4 (lid / BK) .. + 4 into px; zeros
-// past n tokens or IN inputs.
+                r#"
+// Loads input k0 + lid % BK of the invocation's token quads of tokens t0 ..
+// into px; zeros past n tokens or IN inputs.
 fn load_x(t0: u32, n: u32, k0: u32) {{
     let k = k0 + lid % BK;
     let tq = lid / BK;
-    px = vec4<f32>(0.0);
-{loads}{scale_load}}}
+{loads}}}
 
 // Stores px into the input tile (the loads' first use).
-fn store_x() {{{square}
-    xt[(lid % BK) * XS + lid / BK] = {value};
-}}
-"#,
-                value = self.tile_value(&format!("px{scale}"))
+fn store_x() {{
+{stores}}}
+"#
             ),
             &[("X", x)],
         );
         match (norm, self.f16_tiles) {
             (false, _) => {}
-            (true, false) => s += INV_RMS,
-            (true, true) => s += STAGE_RMS,
+            (true, false) => s += &self.inv_rms(),
+            (true, true) => s += &self.stage_rms(),
         }
         s
     }
@@ -191,48 +228,58 @@ fn main(
 ) {
     lid = lid_in;
     let n = step.n_tokens;
-    let tx = lid % TX;
-    let ty = lid / TX;
+    let tx = tile_x(lid);
+    let ty = tile_y(lid);
 "#;
         s += TILE_IDS;
         s += setup;
         if self.f16_tiles {
             s += "    begin_tile(t0, n);\n";
         }
+        let n = 4 * self.quads;
         for acc in accs {
-            s += &format!("    var acc_{acc}: array<vec4<f32>, 4>;\n");
+            s += &format!("    var acc_{acc}: array<vec4<f32>, {n}>;\n");
             if self.f16_tiles {
-                s += &format!("    var s_{acc}: array<vec4<f16>, 4>;\n");
+                s += &format!("    var s_{acc}: array<vec4<f16>, {n}>;\n");
             }
         }
         // With f16 tiles, each step's BK products are summed in f16 (twice
         // the rate of f32 where the GPU packs f16 pairs), then added to the
         // f32 accumulators: the error of a sum of BK f16 products, not of
         // the whole row. The inputs are normalised before they are staged
-        // (STAGE_RMS), so the products' scale does not follow the residual
+        // (`Tiling::stage_rms`), so the products' scale does not follow the residual
         // stream's.
         let sum = |acc: &str| if self.f16_tiles { format!("s_{acc}") } else { format!("acc_{acc}") };
-        let mut products = String::from("        for (var kk = 0u; kk < BK; kk++) {\n");
-        products += "            let a = xt[kk * XS + ty];\n";
-        for (acc, tile) in accs.iter().zip(&staging.tiles) {
-            products += &format!("            let b_{acc} = {tile}[kk * (BO / 4u) + tx];\n");
-            for (i, c) in ["x", "y", "z", "w"].iter().enumerate() {
-                products += &format!("            {}[{i}] += a.{c} * b_{acc};\n", sum(acc));
-            }
+        let mut body = String::new();
+        for r in 0..self.quads {
+            body += &format!("    let a{r} = xt[kk * XS + ty + {r}u * TY];\n");
         }
-        products += "        }\n";
-        if self.f16_tiles {
-            // the step sums are zeroed by hand: a `var` declared in the loop
-            // would be zeroed only once by naga before the fix of wgpu #9489
-            // (Firefox's, at least), and carry each step's sums into the next
-            for acc in accs {
-                for i in 0..4 {
-                    products += &format!(
-                        "        acc_{acc}[{i}] += vec4<f32>(s_{acc}[{i}]);\n        s_{acc}[{i}] = vec4<f16>(0.0);\n"
-                    );
+        for (acc, tile) in accs.iter().zip(&staging.tiles) {
+            body += &format!("    let b_{acc} = {tile}[kk * (BO / 4u) + tx];\n");
+            for r in 0..self.quads {
+                for (i, c) in ["x", "y", "z", "w"].iter().enumerate() {
+                    body += &format!("    {}[{}] += a{r}.{c} * b_{acc};\n", sum(acc), 4 * r + i as u32);
                 }
             }
         }
+        let products = if self.f16_tiles {
+            // the step sums are zeroed by hand: a `var` declared in the loop
+            // would be zeroed only once by naga before the fix of wgpu #9489
+            // (Firefox's, at least), and carry each step's sums into the next
+            let mut flush = String::new();
+            for acc in accs {
+                for i in 0..n {
+                    flush += &format!("acc_{acc}[{i}] += vec4<f32>(s_{acc}[{i}]);\ns_{acc}[{i}] = vec4<f16>(0.0);\n");
+                }
+            }
+            format!(
+                "        for (var kk = 0u; kk < BK; kk++) {{\n{}        }}\n{}",
+                indent(&body, 8),
+                indent(&flush, 8)
+            )
+        } else {
+            format!("        for (var kk = 0u; kk < BK; kk++) {{\n{}        }}\n", indent(&body, 8))
+        };
         s += &staging.steps(&products);
         s += epilogue;
         s += "}\n";
@@ -316,6 +363,25 @@ impl std::ops::Add for Staging {
     }
 }
 
+/// Invocation (tx, ty) of the plain skeleton: each 32 consecutive
+/// invocations (a subgroup on most GPUs) take 8 output quads x 4 token quads,
+/// so that their reads of a step's weight tile are 128 bytes, not 256 (on
+/// the H100, Llama-2-7B F16's prefill gate/up took 2265 us a layer instead
+/// of 2316). Needs WG a multiple of 64.
+const INVOCATIONS: &str = r#"
+// The invocation (tile_x(l), tile_y(l)) of local index l, and back: each
+// 32 invocations take 8 x 4 of them.
+fn tile_x(l: u32) -> u32 {
+    return l % 8u + 8u * ((l / 32u) % 2u);
+}
+fn tile_y(l: u32) -> u32 {
+    return (l % 32u) / 8u + 4u * (l / 64u);
+}
+fn tile_lid(x: u32, y: u32) -> u32 {
+    return x % 8u + 32u * (x / 8u) + 8u * (y % 4u) + 64u * (y / 4u);
+}
+"#;
+
 const PLAIN_EXCHANGE: &str = r#"// Trades v with invocation `partner` through xt.
 fn exchange(v: vec4<f32>, partner: u32) -> vec4<f32> {
     workgroupBarrier();
@@ -339,72 +405,101 @@ fn part_sums(v: vec4<f32>) -> vec4<f32> {
     workgroupBarrier();
     var s = vec4<f32>(0.0);
     for (var j = 0u; j < TX; j++) {
-        s += xt[(lid / TX) * TX + j];
+        s += xt[tile_lid(j, tile_y(lid))];
     }
     return s;
 }
 
 "#;
 
-/// The private sums of squares `store_x` gathers for an RMSNorm on the input.
-const NORM_SUMS: &str =
-    "// Sums of squares of the inputs this invocation staged, for its 4 tokens.\nvar<private> ssq: vec4<f32>;\n";
-
-/// `inv_rms(ty)` of the plain skeleton: the BK invocations staging each token
-/// quad keep their sums in `ssq`.
-const INV_RMS: &str = r#"
-// 1/rms of tokens 4 ty .. 4 ty + 4 of the tile, from the sums of squares
-// store_x gathered. Reuses xt: call after the last step, from every invocation.
-fn inv_rms(ty: u32) -> vec4<f32> {
+impl Tiling {
+    /// `inv_rms(ty)` of the plain skeleton: each token quad's BK stagers keep
+    /// their sums in `ssq<r>`. It returns 1/rms of the invocation's tokens,
+    /// in accumulator order.
+    fn inv_rms(&self) -> String {
+        let n = 4 * self.quads;
+        let mut writes = String::new();
+        let mut reads = String::new();
+        for r in 0..self.quads {
+            writes += &format!("    xt[(lid % BK) * (BT / 4u) + lid / BK + {r}u * (WG / BK)] = ssq{r};\n");
+        }
+        for r in 0..self.quads {
+            reads += &format!(
+                "    {{\n        var ss = vec4<f32>(0.0);\n        for (var kk = 0u; kk < BK; kk++) {{\n            ss += xt[kk * (BT / 4u) + ty + {r}u * TY];\n        }}\n        let v = inverseSqrt(ss / f32(IN) + EPS);\n"
+            );
+            for (j, c) in ["x", "y", "z", "w"].iter().enumerate() {
+                reads += &format!("        out[{}] = v.{c};\n", 4 * r + j as u32);
+            }
+            reads += "    }\n";
+        }
+        format!(
+            r#"
+// 1/rms of the invocation's tokens (quads ty + TY r), from the sums of
+// squares store_x gathered. Reuses xt: call after the last step, from every
+// invocation.
+fn inv_rms(ty: u32) -> array<f32, {n}> {{
     workgroupBarrier();
-    xt[(lid % BK) * (BT / 4u) + lid / BK] = ssq;
-    workgroupBarrier();
-    var ss = vec4<f32>(0.0);
-    for (var kk = 0u; kk < BK; kk++) {
-        ss += xt[kk * (BT / 4u) + ty];
+{writes}    workgroupBarrier();
+    var out: array<f32, {n}>;
+{reads}    return out;
+}}
+"#
+        )
     }
-    return inverseSqrt(ss / f32(IN) + EPS);
-}
-"#;
 
-/// `begin_tile(t0, n)` and `inv_rms(ty)` of the plain skeleton with f16
-/// tiles: each token's 1/rms, before the first step, from the sums of squares
-/// of its residual row by parts that the output projection leaves; store_x
-/// stages the inputs normalised.
-const STAGE_RMS: &str = r#"
+    /// `begin_tile(t0, n)` and `inv_rms(ty)` of the plain skeleton with f16
+    /// tiles: each token's 1/rms, before the first step, from the sums of
+    /// squares of its residual row by parts that the output projection
+    /// leaves; store_x stages the inputs normalised.
+    fn stage_rms(&self) -> String {
+        let n = 4 * self.quads;
+        let mut quads = String::new();
+        for r in 0..self.quads {
+            quads += &format!(
+                r#"    {{
+        let tq = lid / BK + {r}u * (WG / BK);
+        var s = vec4<f32>(0.0);
+        for (var p = lid % BK; p < PARTS; p += BK) {{
+            for (var j = 0u; j < 4u; j++) {{
+                let t = t0 + 4u * tq + j;
+                if (t < n) {{
+                    s[j] += ssq_parts[t * PARTS + p];
+                }}
+            }}
+        }}
+        red[lid] = s;
+        workgroupBarrier();
+        var ss = vec4<f32>(0.0);
+        for (var kk = 0u; kk < BK; kk++) {{
+            ss += red[(lid / BK) * BK + kk];
+        }}
+        rs{r} = inverseSqrt(ss / f32(IN) + EPS);
+        workgroupBarrier();
+    }}
+"#
+            );
+        }
+        let ones = vec!["1.0"; n as usize].join(", ");
+        format!(
+            r#"
 // The residual stream's parts of BO inputs per token.
 const PARTS: u32 = (IN + BO - 1u) / BO;
-// 1/rms of the 4 tokens whose inputs this invocation stages.
-var<private> rs: vec4<f32>;
-
+// 1/rms of the token quads whose inputs this invocation stages.
+{registers}
 // Sets rs from the sums of squares by parts: the BK invocations staging a
 // token quad take every BK-th part, then add up each other's sums.
-fn begin_tile(t0: u32, n: u32) {
-    let tq = lid / BK;
-    var s = vec4<f32>(0.0);
-    for (var p = lid % BK; p < PARTS; p += BK) {
-        for (var j = 0u; j < 4u; j++) {
-            let t = t0 + 4u * tq + j;
-            if (t < n) {
-                s[j] += ssq_parts[t * PARTS + p];
-            }
-        }
-    }
-    red[lid] = s;
-    workgroupBarrier();
-    var ss = vec4<f32>(0.0);
-    for (var kk = 0u; kk < BK; kk++) {
-        ss += red[tq * BK + kk];
-    }
-    rs = inverseSqrt(ss / f32(IN) + EPS);
-    workgroupBarrier();
-}
+fn begin_tile(t0: u32, n: u32) {{
+{quads}}}
 
 // The staged inputs are normalised already.
-fn inv_rms(ty: u32) -> vec4<f32> {
-    return vec4<f32>(1.0);
+fn inv_rms(ty: u32) -> array<f32, {n}> {{
+    return array<f32, {n}>({ones});
+}}
+"#,
+            registers = registers((0..self.quads).map(|r| format!("rs{r}")), "vec4<f32>"),
+        )
+    }
 }
-"#;
 
 /// A weight tile in workgroup memory, of `element`s.
 fn weight_tile(name: &str, element: &str) -> String {
@@ -432,17 +527,21 @@ pub(crate) fn stage_quads(iters: u32, body: &str) -> String {
         .collect()
 }
 
-/// The epilogue run for each of the invocation's 4 tokens `t` (skipping tokens
-/// past `n`), with `$I` its index; `body` reads `acc_<name>[$I]`.
-pub(crate) fn per_token(token: &str, body: &str) -> String {
-    (0..4)
-        .map(|i| {
+/// The epilogue run for each of `quads` token quads' 4 tokens `t` (skipping
+/// tokens past `n`), with `$I` the token's accumulator index; `body` reads
+/// `acc_<name>[$I]`. Quad r of invocation row ty is ty + TY r.
+fn per_token(quads: u32, token: &str, body: &str) -> String {
+    let mut s = String::new();
+    for r in 0..quads {
+        let quad = if r == 0 { "ty".to_string() } else { format!("(ty + {r}u * TY)") };
+        for i in 0..4 {
             let text = format!(
-                "    {{\n        let t = {token} + 4u * ty + {i}u;\n        if (t < n) {{\n{body}        }}\n    }}\n"
+                "    {{\n        let t = {token} + 4u * {quad} + {i}u;\n        if (t < n) {{\n{body}        }}\n    }}\n"
             );
-            text.replace("$I", &i.to_string())
-        })
-        .collect()
+            s += &text.replace("$I", &(4 * r + i).to_string());
+        }
+    }
+    s
 }
 
 /// Whether the plain tiled gate/up of `target` stages f16 tiles and sums each
@@ -499,6 +598,17 @@ impl Skeleton {
 
     /// The skeleton of gate/up on `target` ([`Tiling::with_f16_sums`] for
     /// the plain one).
+    /// The skeleton of QKV on `target` for weights of `formats`: the plain
+    /// one [`Tiling::with_two_quads`] where they are all 16-bit floats.
+    pub fn for_qkv(target: &Target, formats: &[QuantFormat]) -> Skeleton {
+        match Skeleton::for_target(target) {
+            Skeleton::Plain(t) if formats.iter().all(|f| matches!(f, QuantFormat::F16 | QuantFormat::Bf16)) => {
+                Skeleton::Plain(t.with_two_quads())
+            }
+            other => other,
+        }
+    }
+
     pub fn with_f16_sums(target: &Target) -> Skeleton {
         match Skeleton::for_target(target) {
             Skeleton::Plain(_) => Skeleton::Plain(Tiling::with_f16_sums(target)),
@@ -533,6 +643,22 @@ impl Skeleton {
             Skeleton::Plain(t) => t.entry(setup, accs, staging, epilogue),
             Skeleton::Coop(c) => c.entry(setup, accs, staging, epilogue),
         }
+    }
+
+    /// Token quads per invocation: the accumulators `acc_<name>[0 .. 4 quads]`.
+    pub fn quads(&self) -> u32 {
+        match self {
+            Skeleton::Plain(t) => t.quads,
+            Skeleton::Coop(_) => 1,
+        }
+    }
+
+    /// The epilogue run for each of the invocation's tokens `t` (skipping
+    /// tokens past `n`), from `token` on, with `$I` the token's accumulator
+    /// index; `body` reads `acc_<name>[$I]`, and `r[$I]` after
+    /// `let r = inv_rms(ty);`.
+    pub fn per_token(&self, token: &str, body: &str) -> String {
+        per_token(self.quads(), token, body)
     }
 
     /// Inputs staged per step.

@@ -670,8 +670,16 @@ fn snapshot_tiled_prefill_f16() {
     for sums in ["var s_g:", "var s_u:"] {
         assert!(entry.find(sums).is_some_and(|i| i < first_loop), "{sums} inside the loop");
     }
-    assert_eq!(entry.matches("] = vec4<f16>(0.0);").count(), 8);
+    // two accumulators of two token quads x 4 tokens
+    assert!(gate_up.contains("const QUADS: u32 = 2u;"));
+    assert_eq!(entry.matches("] = vec4<f16>(0.0);").count(), 16);
     insta::assert_snapshot!("gate_up_f16_batch_f16", gate_up);
+    // Llama-2-7B's QKV of F16 weights: two tiles of one matrix per
+    // workgroup, two token quads per invocation
+    let spec = llama2_7b_qkv([QuantFormat::F16; 3], target);
+    let qkv = snapshot_batch(spec);
+    assert!(qkv.contains("const QUADS: u32 = 2u;") && qkv.contains("const WG: u32 = 128u;"));
+    insta::assert_snapshot!("qkv_f16_wide_batch_f16", qkv);
 }
 
 #[test]

@@ -69,45 +69,60 @@ fn w_dequant(w: vec4<u32>, s: vec4<u32>, k: u32) -> vec4<f32> {
 }
 
 // Tiles of BT tokens x BO outputs, inputs staged BK at a time. Invocation
-// (tx, ty) owns tokens 4 ty .. 4 ty + 4 and outputs 4 tx .. 4 tx + 4 of its tile.
+// (tx, ty) owns the token quads ty + TY r (r < QUADS) and outputs 4 tx .. 4 tx + 4
+// of its tile.
 const WG: u32 = 256u;
 const BT: u32 = 64u;
 const BO: u32 = 64u;
 const BK: u32 = 16u;
 const TX: u32 = BO / 4u;
+const TY: u32 = WG / TX;
+const QUADS: u32 = 1u;
 var<private> lid: u32;
+
+// The invocation (tile_x(l), tile_y(l)) of local index l, and back: each
+// 32 invocations take 8 x 4 of them.
+fn tile_x(l: u32) -> u32 {
+    return l % 8u + 8u * ((l / 32u) % 2u);
+}
+fn tile_y(l: u32) -> u32 {
+    return (l % 32u) / 8u + 4u * (l / 64u);
+}
+fn tile_lid(x: u32, y: u32) -> u32 {
+    return x % 8u + 32u * (x / 8u) + 8u * (y % 4u) + 64u * (y / 4u);
+}
 
 // Staged inputs: element (t, k) is xt[k * XS + t / 4][t % 4]. The row stride
 // is one past the token quads so that store_x's invocations, one input row
 // apart, write to different banks.
 const XS: u32 = BT / 4u + 1u;
 var<workgroup> xt: array<vec4<f32>, BK * XS>;
-// The next step's inputs in flight: input lid % BK of 4 tokens.
-var<private> px: vec4<f32>;
+// The next step's inputs in flight: input lid % BK of the token quads lid / BK + r WG / BK.
+var<private> px0: vec4<f32>;
 
-// Loads input k0 + lid % BK of tokens t0 + 4 (lid / BK) .. + 4 into px; zeros
-// past n tokens or IN inputs.
+// Loads input k0 + lid % BK of the invocation's token quads of tokens t0 ..
+// into px; zeros past n tokens or IN inputs.
 fn load_x(t0: u32, n: u32, k0: u32) {
     let k = k0 + lid % BK;
     let tq = lid / BK;
-    px = vec4<f32>(0.0);
-    if (t0 + 4u * tq + 0u < n && k < IN) {
-        px.x = attn[(t0 + 4u * tq + 0u) * IN + k];
+    px0 = vec4<f32>(0.0);
+    if (t0 + 4u * (tq + 0u * (WG / BK)) + 0u < n && k < IN) {
+        px0.x = attn[(t0 + 4u * (tq + 0u * (WG / BK)) + 0u) * IN + k];
     }
-    if (t0 + 4u * tq + 1u < n && k < IN) {
-        px.y = attn[(t0 + 4u * tq + 1u) * IN + k];
+    if (t0 + 4u * (tq + 0u * (WG / BK)) + 1u < n && k < IN) {
+        px0.y = attn[(t0 + 4u * (tq + 0u * (WG / BK)) + 1u) * IN + k];
     }
-    if (t0 + 4u * tq + 2u < n && k < IN) {
-        px.z = attn[(t0 + 4u * tq + 2u) * IN + k];
+    if (t0 + 4u * (tq + 0u * (WG / BK)) + 2u < n && k < IN) {
+        px0.z = attn[(t0 + 4u * (tq + 0u * (WG / BK)) + 2u) * IN + k];
     }
-    if (t0 + 4u * tq + 3u < n && k < IN) {
-        px.w = attn[(t0 + 4u * tq + 3u) * IN + k];
+    if (t0 + 4u * (tq + 0u * (WG / BK)) + 3u < n && k < IN) {
+        px0.w = attn[(t0 + 4u * (tq + 0u * (WG / BK)) + 3u) * IN + k];
     }
 }
 
 // Stores px into the input tile (the loads' first use).
 fn store_x() {
-    xt[(lid % BK) * XS + lid / BK] = px;
+    xt[(lid % BK) * XS + lid / BK + 0u * (WG / BK)] = px0;
 }
 
 // A weight tile: element (k, c) is wt[k * BO / 4 + c / 4][c % 4].
@@ -133,8 +148,8 @@ fn main(
 ) {
     lid = lid_in;
     let n = step.n_tokens;
-    let tx = lid % TX;
-    let ty = lid / TX;
+    let tx = tile_x(lid);
+    let ty = tile_y(lid);
     let tile_linear = wid.x + wid.y * nwg.x;
     let tile_t = tile_linear % nwg.y;
     let tile_o = tile_linear / nwg.y;
@@ -178,12 +193,12 @@ fn main(
             }
         }
         for (var kk = 0u; kk < BK; kk++) {
-            let a = xt[kk * XS + ty];
+            let a0 = xt[kk * XS + ty + 0u * TY];
             let b_y = wt[kk * (BO / 4u) + tx];
-            acc_y[0] += a.x * b_y;
-            acc_y[1] += a.y * b_y;
-            acc_y[2] += a.z * b_y;
-            acc_y[3] += a.w * b_y;
+            acc_y[0] += a0.x * b_y;
+            acc_y[1] += a0.y * b_y;
+            acc_y[2] += a0.z * b_y;
+            acc_y[3] += a0.w * b_y;
         }
         workgroupBarrier();
         if (more) {

@@ -110,13 +110,28 @@ fn w_up_dequant(w: vec4<u32>, s: vec4<u32>, k: u32) -> vec4<f32> {
 }
 
 // Tiles of BT tokens x BO outputs, inputs staged BK at a time. Invocation
-// (tx, ty) owns tokens 4 ty .. 4 ty + 4 and outputs 4 tx .. 4 tx + 4 of its tile.
-const WG: u32 = 256u;
+// (tx, ty) owns the token quads ty + TY r (r < QUADS) and outputs 4 tx .. 4 tx + 4
+// of its tile.
+const WG: u32 = 128u;
 const BT: u32 = 64u;
 const BO: u32 = 64u;
 const BK: u32 = 16u;
 const TX: u32 = BO / 4u;
+const TY: u32 = WG / TX;
+const QUADS: u32 = 2u;
 var<private> lid: u32;
+
+// The invocation (tile_x(l), tile_y(l)) of local index l, and back: each
+// 32 invocations take 8 x 4 of them.
+fn tile_x(l: u32) -> u32 {
+    return l % 8u + 8u * ((l / 32u) % 2u);
+}
+fn tile_y(l: u32) -> u32 {
+    return (l % 32u) / 8u + 4u * (l / 64u);
+}
+fn tile_lid(x: u32, y: u32) -> u32 {
+    return x % 8u + 32u * (x / 8u) + 8u * (y % 4u) + 64u * (y / 4u);
+}
 
 // Staged inputs: element (t, k) is xt[k * XS + t / 4][t % 4]. The row stride
 // is one past the token quads so that store_x's invocations, one input row
@@ -127,66 +142,104 @@ var<workgroup> xt: array<vec4<f16>, BK * XS>;
 var<workgroup> red: array<vec4<f32>, WG>;
 // The norm weight of the input in flight.
 var<private> nk: f32;
-// The next step's inputs in flight: input lid % BK of 4 tokens.
-var<private> px: vec4<f32>;
+// The next step's inputs in flight: input lid % BK of the token quads lid / BK + r WG / BK.
+var<private> px0: vec4<f32>;
+var<private> px1: vec4<f32>;
 
-// Loads input k0 + lid % BK of tokens t0 + 4 (lid / BK) .. + 4 into px; zeros
-// past n tokens or IN inputs.
+// Loads input k0 + lid % BK of the invocation's token quads of tokens t0 ..
+// into px; zeros past n tokens or IN inputs.
 fn load_x(t0: u32, n: u32, k0: u32) {
     let k = k0 + lid % BK;
     let tq = lid / BK;
-    px = vec4<f32>(0.0);
-    if (t0 + 4u * tq + 0u < n && k < IN) {
-        px.x = hidden[(t0 + 4u * tq + 0u) * IN + k];
+    px0 = vec4<f32>(0.0);
+    if (t0 + 4u * (tq + 0u * (WG / BK)) + 0u < n && k < IN) {
+        px0.x = hidden[(t0 + 4u * (tq + 0u * (WG / BK)) + 0u) * IN + k];
     }
-    if (t0 + 4u * tq + 1u < n && k < IN) {
-        px.y = hidden[(t0 + 4u * tq + 1u) * IN + k];
+    if (t0 + 4u * (tq + 0u * (WG / BK)) + 1u < n && k < IN) {
+        px0.y = hidden[(t0 + 4u * (tq + 0u * (WG / BK)) + 1u) * IN + k];
     }
-    if (t0 + 4u * tq + 2u < n && k < IN) {
-        px.z = hidden[(t0 + 4u * tq + 2u) * IN + k];
+    if (t0 + 4u * (tq + 0u * (WG / BK)) + 2u < n && k < IN) {
+        px0.z = hidden[(t0 + 4u * (tq + 0u * (WG / BK)) + 2u) * IN + k];
     }
-    if (t0 + 4u * tq + 3u < n && k < IN) {
-        px.w = hidden[(t0 + 4u * tq + 3u) * IN + k];
+    if (t0 + 4u * (tq + 0u * (WG / BK)) + 3u < n && k < IN) {
+        px0.w = hidden[(t0 + 4u * (tq + 0u * (WG / BK)) + 3u) * IN + k];
+    }
+    px1 = vec4<f32>(0.0);
+    if (t0 + 4u * (tq + 1u * (WG / BK)) + 0u < n && k < IN) {
+        px1.x = hidden[(t0 + 4u * (tq + 1u * (WG / BK)) + 0u) * IN + k];
+    }
+    if (t0 + 4u * (tq + 1u * (WG / BK)) + 1u < n && k < IN) {
+        px1.y = hidden[(t0 + 4u * (tq + 1u * (WG / BK)) + 1u) * IN + k];
+    }
+    if (t0 + 4u * (tq + 1u * (WG / BK)) + 2u < n && k < IN) {
+        px1.z = hidden[(t0 + 4u * (tq + 1u * (WG / BK)) + 2u) * IN + k];
+    }
+    if (t0 + 4u * (tq + 1u * (WG / BK)) + 3u < n && k < IN) {
+        px1.w = hidden[(t0 + 4u * (tq + 1u * (WG / BK)) + 3u) * IN + k];
     }
     nk = norm[min(k, IN - 1u)];
 }
 
 // Stores px into the input tile (the loads' first use).
 fn store_x() {
-    xt[(lid % BK) * XS + lid / BK] = vec4<f16>(px * rs * nk);
+    xt[(lid % BK) * XS + lid / BK + 0u * (WG / BK)] = vec4<f16>(px0 * rs0 * nk);
+    xt[(lid % BK) * XS + lid / BK + 1u * (WG / BK)] = vec4<f16>(px1 * rs1 * nk);
 }
 
 // The residual stream's parts of BO inputs per token.
 const PARTS: u32 = (IN + BO - 1u) / BO;
-// 1/rms of the 4 tokens whose inputs this invocation stages.
-var<private> rs: vec4<f32>;
+// 1/rms of the token quads whose inputs this invocation stages.
+var<private> rs0: vec4<f32>;
+var<private> rs1: vec4<f32>;
 
 // Sets rs from the sums of squares by parts: the BK invocations staging a
 // token quad take every BK-th part, then add up each other's sums.
 fn begin_tile(t0: u32, n: u32) {
-    let tq = lid / BK;
-    var s = vec4<f32>(0.0);
-    for (var p = lid % BK; p < PARTS; p += BK) {
-        for (var j = 0u; j < 4u; j++) {
-            let t = t0 + 4u * tq + j;
-            if (t < n) {
-                s[j] += ssq_parts[t * PARTS + p];
+    {
+        let tq = lid / BK + 0u * (WG / BK);
+        var s = vec4<f32>(0.0);
+        for (var p = lid % BK; p < PARTS; p += BK) {
+            for (var j = 0u; j < 4u; j++) {
+                let t = t0 + 4u * tq + j;
+                if (t < n) {
+                    s[j] += ssq_parts[t * PARTS + p];
+                }
             }
         }
+        red[lid] = s;
+        workgroupBarrier();
+        var ss = vec4<f32>(0.0);
+        for (var kk = 0u; kk < BK; kk++) {
+            ss += red[(lid / BK) * BK + kk];
+        }
+        rs0 = inverseSqrt(ss / f32(IN) + EPS);
+        workgroupBarrier();
     }
-    red[lid] = s;
-    workgroupBarrier();
-    var ss = vec4<f32>(0.0);
-    for (var kk = 0u; kk < BK; kk++) {
-        ss += red[tq * BK + kk];
+    {
+        let tq = lid / BK + 1u * (WG / BK);
+        var s = vec4<f32>(0.0);
+        for (var p = lid % BK; p < PARTS; p += BK) {
+            for (var j = 0u; j < 4u; j++) {
+                let t = t0 + 4u * tq + j;
+                if (t < n) {
+                    s[j] += ssq_parts[t * PARTS + p];
+                }
+            }
+        }
+        red[lid] = s;
+        workgroupBarrier();
+        var ss = vec4<f32>(0.0);
+        for (var kk = 0u; kk < BK; kk++) {
+            ss += red[(lid / BK) * BK + kk];
+        }
+        rs1 = inverseSqrt(ss / f32(IN) + EPS);
+        workgroupBarrier();
     }
-    rs = inverseSqrt(ss / f32(IN) + EPS);
-    workgroupBarrier();
 }
 
 // The staged inputs are normalised already.
-fn inv_rms(ty: u32) -> vec4<f32> {
-    return vec4<f32>(1.0);
+fn inv_rms(ty: u32) -> array<f32, 8> {
+    return array<f32, 8>(1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0);
 }
 
 // A weight tile: element (k, c) is wt_gate[k * BO / 4 + c / 4][c % 4].
@@ -206,8 +259,12 @@ fn half_hi(x: vec4<u32>) -> vec4<f32> {
 // The next step's weights in flight.
 var<private> pre_wt_gate_w0: vec4<u32>;
 var<private> pre_wt_gate_s0: vec4<u32>;
+var<private> pre_wt_gate_w1: vec4<u32>;
+var<private> pre_wt_gate_s1: vec4<u32>;
 var<private> pre_wt_up_w0: vec4<u32>;
 var<private> pre_wt_up_s0: vec4<u32>;
+var<private> pre_wt_up_w1: vec4<u32>;
+var<private> pre_wt_up_s1: vec4<u32>;
 
 @compute @workgroup_size(WG)
 fn main(
@@ -217,18 +274,18 @@ fn main(
 ) {
     lid = lid_in;
     let n = step.n_tokens;
-    let tx = lid % TX;
-    let ty = lid / TX;
+    let tx = tile_x(lid);
+    let ty = tile_y(lid);
     let tile_linear = wid.x + wid.y * nwg.x;
     let tile_t = tile_linear % nwg.y;
     let tile_o = tile_linear / nwg.y;
     let t0 = tile_t * BT;
     let o0 = tile_o * BO;
     begin_tile(t0, n);
-    var acc_g: array<vec4<f32>, 4>;
-    var s_g: array<vec4<f16>, 4>;
-    var acc_u: array<vec4<f32>, 4>;
-    var s_u: array<vec4<f16>, 4>;
+    var acc_g: array<vec4<f32>, 8>;
+    var s_g: array<vec4<f16>, 8>;
+    var acc_u: array<vec4<f32>, 8>;
+    var s_u: array<vec4<f16>, 8>;
     // step 0
     {
         let k0 = 0u;
@@ -241,11 +298,25 @@ fn main(
             pre_wt_gate_s0 = w_gate_scales(o0 + 4u * q, k0 + kk);
         }
         {
+            let i = lid + 1u * WG;
+            let q = i % (BO / 4u);
+            let kk = i / (BO / 4u);
+            pre_wt_gate_w1 = w_gate_words(o0 + 4u * q, k0 + kk);
+            pre_wt_gate_s1 = w_gate_scales(o0 + 4u * q, k0 + kk);
+        }
+        {
             let i = lid + 0u * WG;
             let q = i % (BO / 4u);
             let kk = i / (BO / 4u);
             pre_wt_up_w0 = w_up_words(o0 + 4u * q, k0 + kk);
             pre_wt_up_s0 = w_up_scales(o0 + 4u * q, k0 + kk);
+        }
+        {
+            let i = lid + 1u * WG;
+            let q = i % (BO / 4u);
+            let kk = i / (BO / 4u);
+            pre_wt_up_w1 = w_up_words(o0 + 4u * q, k0 + kk);
+            pre_wt_up_s1 = w_up_scales(o0 + 4u * q, k0 + kk);
         }
         store_x();
         {
@@ -257,11 +328,27 @@ fn main(
             wt_gate[kk * (BO / 4u) + q] = vec4<f16>(v);
         }
         {
+            let i = lid + 1u * WG;
+            let q = i % (BO / 4u);
+            let kk = i / (BO / 4u);
+            var v = vec4<f32>(0.0);
+            v = w_gate_dequant(pre_wt_gate_w1, pre_wt_gate_s1, kk);
+            wt_gate[kk * (BO / 4u) + q] = vec4<f16>(v);
+        }
+        {
             let i = lid + 0u * WG;
             let q = i % (BO / 4u);
             let kk = i / (BO / 4u);
             var v = vec4<f32>(0.0);
             v = w_up_dequant(pre_wt_up_w0, pre_wt_up_s0, kk);
+            wt_up[kk * (BO / 4u) + q] = vec4<f16>(v);
+        }
+        {
+            let i = lid + 1u * WG;
+            let q = i % (BO / 4u);
+            let kk = i / (BO / 4u);
+            var v = vec4<f32>(0.0);
+            v = w_up_dequant(pre_wt_up_w1, pre_wt_up_s1, kk);
             wt_up[kk * (BO / 4u) + q] = vec4<f16>(v);
         }
     }
@@ -280,25 +367,48 @@ fn main(
                 pre_wt_gate_s0 = w_gate_scales(o0 + 4u * q, k0 + kk);
             }
             {
+                let i = lid + 1u * WG;
+                let q = i % (BO / 4u);
+                let kk = i / (BO / 4u);
+                pre_wt_gate_w1 = w_gate_words(o0 + 4u * q, k0 + kk);
+                pre_wt_gate_s1 = w_gate_scales(o0 + 4u * q, k0 + kk);
+            }
+            {
                 let i = lid + 0u * WG;
                 let q = i % (BO / 4u);
                 let kk = i / (BO / 4u);
                 pre_wt_up_w0 = w_up_words(o0 + 4u * q, k0 + kk);
                 pre_wt_up_s0 = w_up_scales(o0 + 4u * q, k0 + kk);
             }
+            {
+                let i = lid + 1u * WG;
+                let q = i % (BO / 4u);
+                let kk = i / (BO / 4u);
+                pre_wt_up_w1 = w_up_words(o0 + 4u * q, k0 + kk);
+                pre_wt_up_s1 = w_up_scales(o0 + 4u * q, k0 + kk);
+            }
         }
         for (var kk = 0u; kk < BK; kk++) {
-            let a = xt[kk * XS + ty];
+            let a0 = xt[kk * XS + ty + 0u * TY];
+            let a1 = xt[kk * XS + ty + 1u * TY];
             let b_g = wt_gate[kk * (BO / 4u) + tx];
-            s_g[0] += a.x * b_g;
-            s_g[1] += a.y * b_g;
-            s_g[2] += a.z * b_g;
-            s_g[3] += a.w * b_g;
+            s_g[0] += a0.x * b_g;
+            s_g[1] += a0.y * b_g;
+            s_g[2] += a0.z * b_g;
+            s_g[3] += a0.w * b_g;
+            s_g[4] += a1.x * b_g;
+            s_g[5] += a1.y * b_g;
+            s_g[6] += a1.z * b_g;
+            s_g[7] += a1.w * b_g;
             let b_u = wt_up[kk * (BO / 4u) + tx];
-            s_u[0] += a.x * b_u;
-            s_u[1] += a.y * b_u;
-            s_u[2] += a.z * b_u;
-            s_u[3] += a.w * b_u;
+            s_u[0] += a0.x * b_u;
+            s_u[1] += a0.y * b_u;
+            s_u[2] += a0.z * b_u;
+            s_u[3] += a0.w * b_u;
+            s_u[4] += a1.x * b_u;
+            s_u[5] += a1.y * b_u;
+            s_u[6] += a1.z * b_u;
+            s_u[7] += a1.w * b_u;
         }
         acc_g[0] += vec4<f32>(s_g[0]);
         s_g[0] = vec4<f16>(0.0);
@@ -308,6 +418,14 @@ fn main(
         s_g[2] = vec4<f16>(0.0);
         acc_g[3] += vec4<f32>(s_g[3]);
         s_g[3] = vec4<f16>(0.0);
+        acc_g[4] += vec4<f32>(s_g[4]);
+        s_g[4] = vec4<f16>(0.0);
+        acc_g[5] += vec4<f32>(s_g[5]);
+        s_g[5] = vec4<f16>(0.0);
+        acc_g[6] += vec4<f32>(s_g[6]);
+        s_g[6] = vec4<f16>(0.0);
+        acc_g[7] += vec4<f32>(s_g[7]);
+        s_g[7] = vec4<f16>(0.0);
         acc_u[0] += vec4<f32>(s_u[0]);
         s_u[0] = vec4<f16>(0.0);
         acc_u[1] += vec4<f32>(s_u[1]);
@@ -316,6 +434,14 @@ fn main(
         s_u[2] = vec4<f16>(0.0);
         acc_u[3] += vec4<f32>(s_u[3]);
         s_u[3] = vec4<f16>(0.0);
+        acc_u[4] += vec4<f32>(s_u[4]);
+        s_u[4] = vec4<f16>(0.0);
+        acc_u[5] += vec4<f32>(s_u[5]);
+        s_u[5] = vec4<f16>(0.0);
+        acc_u[6] += vec4<f32>(s_u[6]);
+        s_u[6] = vec4<f16>(0.0);
+        acc_u[7] += vec4<f32>(s_u[7]);
+        s_u[7] = vec4<f16>(0.0);
         workgroupBarrier();
         if (more) {
             store_x();
@@ -328,11 +454,27 @@ fn main(
                 wt_gate[kk * (BO / 4u) + q] = vec4<f16>(v);
             }
             {
+                let i = lid + 1u * WG;
+                let q = i % (BO / 4u);
+                let kk = i / (BO / 4u);
+                var v = vec4<f32>(0.0);
+                v = w_gate_dequant(pre_wt_gate_w1, pre_wt_gate_s1, kk);
+                wt_gate[kk * (BO / 4u) + q] = vec4<f16>(v);
+            }
+            {
                 let i = lid + 0u * WG;
                 let q = i % (BO / 4u);
                 let kk = i / (BO / 4u);
                 var v = vec4<f32>(0.0);
                 v = w_up_dequant(pre_wt_up_w0, pre_wt_up_s0, kk);
+                wt_up[kk * (BO / 4u) + q] = vec4<f16>(v);
+            }
+            {
+                let i = lid + 1u * WG;
+                let q = i % (BO / 4u);
+                let kk = i / (BO / 4u);
+                var v = vec4<f32>(0.0);
+                v = w_up_dequant(pre_wt_up_w1, pre_wt_up_s1, kk);
                 wt_up[kk * (BO / 4u) + q] = vec4<f16>(v);
             }
         }
@@ -386,6 +528,62 @@ fn main(
         if (t < n) {
             let g = acc_g[3] * r[3];
             let u = acc_u[3] * r[3];
+            let y = g / (1.0 + exp(-g)) * u;
+            for (var j = 0u; j < 4u; j++) {
+                let o = o0 + 4u * tx + j;
+                if (o < OUT) {
+                    ffn[t * OUT + o] = y[j];
+                }
+            }
+        }
+    }
+    {
+        let t = t0 + 4u * (ty + 1u * TY) + 0u;
+        if (t < n) {
+            let g = acc_g[4] * r[4];
+            let u = acc_u[4] * r[4];
+            let y = g / (1.0 + exp(-g)) * u;
+            for (var j = 0u; j < 4u; j++) {
+                let o = o0 + 4u * tx + j;
+                if (o < OUT) {
+                    ffn[t * OUT + o] = y[j];
+                }
+            }
+        }
+    }
+    {
+        let t = t0 + 4u * (ty + 1u * TY) + 1u;
+        if (t < n) {
+            let g = acc_g[5] * r[5];
+            let u = acc_u[5] * r[5];
+            let y = g / (1.0 + exp(-g)) * u;
+            for (var j = 0u; j < 4u; j++) {
+                let o = o0 + 4u * tx + j;
+                if (o < OUT) {
+                    ffn[t * OUT + o] = y[j];
+                }
+            }
+        }
+    }
+    {
+        let t = t0 + 4u * (ty + 1u * TY) + 2u;
+        if (t < n) {
+            let g = acc_g[6] * r[6];
+            let u = acc_u[6] * r[6];
+            let y = g / (1.0 + exp(-g)) * u;
+            for (var j = 0u; j < 4u; j++) {
+                let o = o0 + 4u * tx + j;
+                if (o < OUT) {
+                    ffn[t * OUT + o] = y[j];
+                }
+            }
+        }
+    }
+    {
+        let t = t0 + 4u * (ty + 1u * TY) + 3u;
+        if (t < n) {
+            let g = acc_g[7] * r[7];
+            let u = acc_u[7] * r[7];
             let y = g / (1.0 + exp(-g)) * u;
             for (var j = 0u; j < 4u; j++) {
                 let o = o0 + 4u * tx + j;
