@@ -14,9 +14,10 @@
 //!
 //! At the end the accumulators are stored to workgroup memory, 32 tokens at a
 //! time, and each invocation (tx, ty) loads its 4 tokens x 4 outputs into
-//! `acc_<name>: array<vec4<f32>, 4>`, the layout the plain skeleton leaves
-//! (with `ty` over 32 token quads instead of 16), so the epilogues of
-//! [`crate::ops`] are shared.
+//! `acc_<name>: array<vec4<f32>, 4>`, the accumulators of the plain skeleton
+//! with one token quad (with `ty` over 32 token quads instead of 16), so the
+//! epilogues of [`crate::ops`] are shared: they reach other invocations only
+//! through `tile_lid(x, y)`, which each skeleton defines for its own layout.
 //!
 //! Precision: inputs and weights are rounded to f16 when staged (11-bit
 //! significands; values past 65504 overflow), products are accumulated in f32.
@@ -97,12 +98,7 @@ pub(crate) const fn workgroup_bytes(tiles: u32) -> u32 {
 
 /// [`crate::tiled::Skeleton::exchange`]: through the accumulator store, a
 /// vec4 per invocation, component j of invocation i at `cs[j * WG + i]`.
-pub(crate) const EXCHANGE: &str = r#"// The local index of invocation (x, y).
-fn tile_lid(x: u32, y: u32) -> u32 {
-    return y * TX + x;
-}
-
-// Trades v with invocation `partner` through the accumulator store.
+pub(crate) const EXCHANGE: &str = r#"// Trades v with invocation `partner` through the accumulator store.
 fn exchange(v: vec4<f32>, partner: u32) -> vec4<f32> {
     workgroupBarrier();
     for (var j = 0u; j < 4u; j++) {
@@ -155,6 +151,11 @@ const XS: u32 = {XS}u;
 const WS: u32 = {WS}u;
 const CS: u32 = {CS}u;
 var<private> lid: u32;
+
+// The local index of invocation (x, y).
+fn tile_lid(x: u32, y: u32) -> u32 {{
+    return y * TX + x;
+}}
 
 // Staged inputs, row-major by token: element (t, k) is xh[t * XS + k].
 var<workgroup> xh: array<f16, BT * XS>;

@@ -1781,12 +1781,13 @@ fn rope_store_half(t: u32, p: u32, unit: u32, half: u32, own: f32, other: f32) {
     // unrolled, with constant indices only: a runtime index into the
     // accumulators would move them out of registers for the whole kernel;
     // one tile at a time, so only its sums are live
-    let mut epilogue = String::from("    let r = inv_rms(ty);\n    let half = tx / (BO / 8u);\n");
+    let mut epilogue = String::from(
+        "    let r = inv_rms(ty);\n    let half = tx / (BO / 8u);\n    let partner = tile_lid(tx ^ (BO / 8u), ty);\n",
+    );
     for (acc, _, base) in tiles {
         let mut block = format!("let first_unit = {base} + 4u * (tx % (BO / 8u));\n");
         for i in 0..4 * tiling.quads() {
-            block +=
-                &format!("let own{i} = acc_{acc}[{i}] * r[{i}];\nlet other{i} = exchange(own{i}, tile_lid(tx ^ (BO / 8u), ty));\n");
+            block += &format!("let own{i} = acc_{acc}[{i}] * r[{i}];\nlet other{i} = exchange(own{i}, partner);\n");
         }
         let stores: String = ["x", "y", "z", "w"]
             .iter()

@@ -64,7 +64,7 @@ impl Tiling {
     /// prefill QKV took 1383 us a layer instead of 1493 and gate/up 2182
     /// instead of 2265; INT4's QKV 1872 instead of 1553, so it keeps one quad.
     pub fn with_two_quads(self) -> Tiling {
-        if self.wg < 128 {
+        if self.quads > 1 || self.wg < 128 {
             return self;
         }
         Tiling { wg: self.wg / 2, quads: 2, ..self }
@@ -128,6 +128,7 @@ impl Tiling {
         // tile: as many as it owns, since BK = TX
         const { assert!(BK == BO / 4) };
         debug_assert_eq!(BK * self.bt / 4, self.wg * self.quads);
+        debug_assert!(self.wg.is_multiple_of(64), "INVOCATIONS lays out 64 at a time");
         debug_assert!(norm || !self.f16_tiles, "f16 tiles hold normalised inputs");
         let mut s = format!(
             r#"// Tiles of BT tokens x BO outputs, inputs staged BK at a time. Invocation
@@ -157,10 +158,9 @@ var<workgroup> xt: array<{element}, BK * XS>;
         if self.f16_tiles {
             s += "// Each token quad's sums of squares, traded in f32.\nvar<workgroup> red: array<vec4<f32>, WG>;\n";
         }
-        let quads = 0..self.quads;
         if norm && !self.f16_tiles {
             s += "// Sums of squares of the inputs this invocation staged, for its token quads.\n";
-            s += &registers(quads.clone().map(|r| format!("ssq{r}")), "vec4<f32>");
+            s += &registers((0..self.quads).map(|r| format!("ssq{r}")), "vec4<f32>");
         }
         if norm {
             s += "// The norm weight of the input in flight.\nvar<private> nk: f32;\n";
@@ -168,7 +168,7 @@ var<workgroup> xt: array<{element}, BK * XS>;
         // unrolled: a runtime index into px would move it out of registers
         let mut loads = String::new();
         let mut stores = String::new();
-        for r in quads.clone() {
+        for r in 0..self.quads {
             loads += &format!("    px{r} = vec4<f32>(0.0);\n");
             for (j, c) in ["x", "y", "z", "w"].iter().enumerate() {
                 let t = format!("t0 + 4u * (tq + {r}u * (WG / BK)) + {j}u");
@@ -189,12 +189,12 @@ var<workgroup> xt: array<{element}, BK * XS>;
             loads += "    nk = norm[min(k, IN - 1u)];\n";
         }
         s += "// The next step's inputs in flight: input lid % BK of the token quads lid / BK + r WG / BK.\n";
-        s += &registers(quads.clone().map(|r| format!("px{r}")), "vec4<f32>");
+        s += &registers((0..self.quads).map(|r| format!("px{r}")), "vec4<f32>");
         s += &fill(
             &format!(
                 r#"
 // Loads input k0 + lid % BK of the invocation's token quads of tokens t0 ..
-// into px; zeros past n tokens or IN inputs.
+// into px<r>; zeros past n tokens or IN inputs.
 fn load_x(t0: u32, n: u32, k0: u32) {{
     let k = k0 + lid % BK;
     let tq = lid / BK;
@@ -216,7 +216,7 @@ fn store_x() {{
     }
 
     /// The entry point: `setup` (which defines `t0`, the tile's first token), the accumulators
-    /// `acc_<name>[4]` for each of `accs` (one per weight tile of `staging`, in
+    /// `acc_<name>[4 * quads]` for each of `accs` (one per weight tile of `staging`, in
     /// order), the input loop, then `epilogue`.
     pub fn entry(&self, setup: &str, accs: &[&str], staging: &Staging, epilogue: &str) -> String {
         let mut s = staging.declarations();
@@ -262,24 +262,19 @@ fn main(
                 }
             }
         }
-        let products = if self.f16_tiles {
+        let mut products = format!("        for (var kk = 0u; kk < BK; kk++) {{\n{}        }}\n", indent(&body, 8));
+        if self.f16_tiles {
             // the step sums are zeroed by hand: a `var` declared in the loop
             // would be zeroed only once by naga before the fix of wgpu #9489
             // (Firefox's, at least), and carry each step's sums into the next
-            let mut flush = String::new();
             for acc in accs {
                 for i in 0..n {
-                    flush += &format!("acc_{acc}[{i}] += vec4<f32>(s_{acc}[{i}]);\ns_{acc}[{i}] = vec4<f16>(0.0);\n");
+                    products += &format!(
+                        "        acc_{acc}[{i}] += vec4<f32>(s_{acc}[{i}]);\n        s_{acc}[{i}] = vec4<f16>(0.0);\n"
+                    );
                 }
             }
-            format!(
-                "        for (var kk = 0u; kk < BK; kk++) {{\n{}        }}\n{}",
-                indent(&body, 8),
-                indent(&flush, 8)
-            )
-        } else {
-            format!("        for (var kk = 0u; kk < BK; kk++) {{\n{}        }}\n", indent(&body, 8))
-        };
+        }
         s += &staging.steps(&products);
         s += epilogue;
         s += "}\n";
@@ -392,7 +387,7 @@ fn exchange(v: vec4<f32>, partner: u32) -> vec4<f32> {
 
 "#;
 
-/// See [`Tiling::part_sums`]: xt holds BK * (BT / 4 + 1) = WG + BK vec4s.
+/// See [`Tiling::part_sums`]: xt holds BK * (BT / 4 + 1) = WG * QUADS + BK vec4s.
 const PART_SUMS: &str = r#"
 // The residual stream's parts of BO outputs per token.
 const PARTS: u32 = (OUT + BO - 1u) / BO;
@@ -486,7 +481,7 @@ fn inv_rms(ty: u32) -> array<f32, {n}> {{
 const PARTS: u32 = (IN + BO - 1u) / BO;
 // 1/rms of the token quads whose inputs this invocation stages.
 {registers}
-// Sets rs from the sums of squares by parts: the BK invocations staging a
+// Sets rs<r> from the sums of squares by parts: the BK invocations staging a
 // token quad take every BK-th part, then add up each other's sums.
 fn begin_tile(t0: u32, n: u32) {{
 {quads}}}
@@ -596,8 +591,6 @@ impl Skeleton {
         }
     }
 
-    /// The skeleton of gate/up on `target` ([`Tiling::with_f16_sums`] for
-    /// the plain one).
     /// The skeleton of QKV on `target` for weights of `formats`: the plain
     /// one [`Tiling::with_two_quads`] where they are all 16-bit floats.
     pub fn for_qkv(target: &Target, formats: &[QuantFormat]) -> Skeleton {
@@ -609,6 +602,8 @@ impl Skeleton {
         }
     }
 
+    /// The skeleton of gate/up on `target` ([`Tiling::with_f16_sums`] for
+    /// the plain one).
     pub fn with_f16_sums(target: &Target) -> Skeleton {
         match Skeleton::for_target(target) {
             Skeleton::Plain(_) => Skeleton::Plain(Tiling::with_f16_sums(target)),

@@ -105,7 +105,7 @@ var<workgroup> xt: array<vec4<f32>, BK * XS>;
 var<private> px0: vec4<f32>;
 
 // Loads input k0 + lid % BK of the invocation's token quads of tokens t0 ..
-// into px; zeros past n tokens or IN inputs.
+// into px<r>; zeros past n tokens or IN inputs.
 fn load_x(t0: u32, n: u32, k0: u32) {
     let k = k0 + lid % BK;
     let tq = lid / BK;

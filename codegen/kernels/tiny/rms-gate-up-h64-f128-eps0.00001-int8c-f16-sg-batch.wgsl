@@ -147,7 +147,7 @@ var<private> px0: vec4<f32>;
 var<private> px1: vec4<f32>;
 
 // Loads input k0 + lid % BK of the invocation's token quads of tokens t0 ..
-// into px; zeros past n tokens or IN inputs.
+// into px<r>; zeros past n tokens or IN inputs.
 fn load_x(t0: u32, n: u32, k0: u32) {
     let k = k0 + lid % BK;
     let tq = lid / BK;
@@ -192,7 +192,7 @@ const PARTS: u32 = (IN + BO - 1u) / BO;
 var<private> rs0: vec4<f32>;
 var<private> rs1: vec4<f32>;
 
-// Sets rs from the sums of squares by parts: the BK invocations staging a
+// Sets rs<r> from the sums of squares by parts: the BK invocations staging a
 // token quad take every BK-th part, then add up each other's sums.
 fn begin_tile(t0: u32, n: u32) {
     {

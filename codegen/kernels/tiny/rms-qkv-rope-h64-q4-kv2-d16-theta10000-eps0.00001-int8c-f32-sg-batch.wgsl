@@ -247,7 +247,7 @@ var<private> nk: f32;
 var<private> px0: vec4<f32>;
 
 // Loads input k0 + lid % BK of the invocation's token quads of tokens t0 ..
-// into px; zeros past n tokens or IN inputs.
+// into px<r>; zeros past n tokens or IN inputs.
 fn load_x(t0: u32, n: u32, k0: u32) {
     let k = k0 + lid % BK;
     let tq = lid / BK;
@@ -447,16 +447,17 @@ fn main(
     }
     let r = inv_rms(ty);
     let half = tx / (BO / 8u);
+    let partner = tile_lid(tx ^ (BO / 8u), ty);
     {
         let first_unit = u0 + 4u * (tx % (BO / 8u));
         let own0 = acc_y[0] * r[0];
-        let other0 = exchange(own0, tile_lid(tx ^ (BO / 8u), ty));
+        let other0 = exchange(own0, partner);
         let own1 = acc_y[1] * r[1];
-        let other1 = exchange(own1, tile_lid(tx ^ (BO / 8u), ty));
+        let other1 = exchange(own1, partner);
         let own2 = acc_y[2] * r[2];
-        let other2 = exchange(own2, tile_lid(tx ^ (BO / 8u), ty));
+        let other2 = exchange(own2, partner);
         let own3 = acc_y[3] * r[3];
-        let other3 = exchange(own3, tile_lid(tx ^ (BO / 8u), ty));
+        let other3 = exchange(own3, partner);
         {
             let t = t0 + 4u * ty + 0u;
             if (t < n) {
