@@ -39,14 +39,20 @@ pub enum Activation {
     /// so that gate/up divides each token's inputs by its rms before staging
     /// them.
     SumSquares,
+    /// Sums of squares of [`Activation::Ffn`] by parts of
+    /// [`SUM_SQUARES_PART`] values, `[tokens, intermediate / SUM_SQUARES_PART]`
+    /// f32 (rounded up): written beside it by the plain tiled gate/up where
+    /// it stages f16, so that the down projection stages its inputs divided
+    /// by their rms.
+    FfnSumSquares,
 }
 
-/// Values of the residual stream per part of [`Activation::SumSquares`]: a
-/// tiled kernel's outputs per tile.
+/// Values per part of [`Activation::SumSquares`] and
+/// [`Activation::FfnSumSquares`]: a tiled kernel's outputs per tile.
 pub const SUM_SQUARES_PART: usize = crate::tiled::BO as usize;
 
 impl Activation {
-    pub const ALL: [Activation; 9] = [
+    pub const ALL: [Activation; 10] = [
         Activation::Hidden,
         Activation::HiddenHalf,
         Activation::Q,
@@ -56,6 +62,7 @@ impl Activation {
         Activation::FfnHalf,
         Activation::Logits,
         Activation::SumSquares,
+        Activation::FfnSumSquares,
     ];
 
     /// The WGSL name of its binding.
@@ -70,6 +77,7 @@ impl Activation {
             Activation::FfnHalf => "ffn_half",
             Activation::Logits => "logits",
             Activation::SumSquares => "ssq_parts",
+            Activation::FfnSumSquares => "ffn_ssq_parts",
         }
     }
 }

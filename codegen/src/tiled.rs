@@ -19,13 +19,17 @@
 //! they are staged, their sums of squares are gathered on the way, and each
 //! token's outputs are scaled by 1/rms at the end (a dot product is linear).
 //!
-//! The plain gate/up on targets with shader-f16 ([`f16_products`]) instead
-//! stages f16 tiles and sums each step's products in f16 before its f32
-//! accumulators. Its inputs are divided by their rms before they are staged,
-//! so the f16 products keep their precision whatever the residual stream's
-//! scale: each token's rms comes from the sums of squares by parts the output
-//! projection leaves beside the stream
-//! ([`crate::spec::Activation::SumSquares`], [`Tiling::part_sums`]).
+//! The plain gate/up and down projection on targets with shader-f16
+//! ([`f16_products`]) instead stage f16 tiles and sum each step's products in
+//! f16 before their f32 accumulators. Their inputs are divided by their rms
+//! before they are staged, so the f16 products keep their precision whatever
+//! the inputs' scale: each token's rms comes from the sums of squares by parts
+//! the kernel before leaves beside its output ([`Tiling::part_sums`]): the
+//! output projection beside the residual stream
+//! ([`crate::spec::Activation::SumSquares`]), gate/up beside SiLU(gate) * up
+//! ([`crate::spec::Activation::FfnSumSquares`]). Gate/up's RMSNorm then needs
+//! only the norm weights; the down projection multiplies its outputs back by
+//! the rms ([`Tiling::prelude`]'s unit inputs).
 
 use crate::coop::{self, CoopTiling};
 use crate::manifest::QuantFormat;
@@ -46,7 +50,7 @@ pub(crate) struct Tiling {
     pub bt: u32,
     /// Token quads per invocation.
     pub quads: u32,
-    /// f16 tiles and step sums ([`Tiling::with_f16_sums`]).
+    /// f16 tiles and step sums ([`Tiling::with_f16_sums`], [`Tiling::with_f16_tiles`]).
     pub f16_tiles: bool,
 }
 
@@ -72,26 +76,35 @@ impl Tiling {
 
     /// The tiling of gate/up: f16 tiles and step sums where
     /// [`f16_products`], its inputs normalised first. Its inputs are then
-    /// within sqrt(IN) times their norm weights, where f16 sums are safe; the
-    /// residual projections' are not (a row of SiLU(gate) * up may hold
-    /// values near f16's largest, whose sums of 16 products would overflow).
+    /// within sqrt(IN) times their norm weights, where f16 sums are safe.
     /// QKV and the logits keep f32 tiles for precision (see [`f16_products`]).
     pub fn with_f16_sums(target: &Target) -> Tiling {
         if f16_products(target) {
-            Tiling { f16_tiles: true, ..Tiling::for_target(target).with_two_quads() }
+            Tiling::with_f16_tiles(target).with_two_quads()
         } else {
             Tiling::for_target(target)
         }
     }
 
-    /// `PARTS` and `part_sums(v)`: the sums over each token quad's row of
-    /// invocations (a tile's BO outputs) of `v`, one per token, for the
-    /// output projection writing the residual stream's sums of squares by
-    /// parts (rows of `OUT`). Call it from every invocation, after the input
-    /// loop (it trades through the input tile).
-    pub fn part_sums(&self) -> &'static str {
-        debug_assert!(!self.f16_tiles, "sums are traded through an f32 input tile");
-        PART_SUMS
+    /// f16 tiles and step sums on one token quad, for a kernel staging unit
+    /// inputs ([`Tiling::prelude`]) where [`f16_products`]: each within
+    /// sqrt(IN), whatever the row (a row of SiLU(gate) * up may hold values
+    /// near f16's largest, whose sums of 16 products would overflow). The down
+    /// projection keeps one quad: with two, its 256 workgroups (two tiles
+    /// each) leave too few warps an SM (on the H100, Llama-2-7B F16 at 512
+    /// tokens, 1263 us a layer against 1175).
+    pub fn with_f16_tiles(target: &Target) -> Tiling {
+        debug_assert!(f16_products(target));
+        Tiling { f16_tiles: true, ..Tiling::for_target(target) }
+    }
+
+    /// `OUT_PARTS` and `part_sums(v)`: the sums over each token quad's row of
+    /// invocations (a tile's BO outputs) of `v`, one per token, for a kernel
+    /// writing its output's sums of squares by parts (rows of `OUT`) for the
+    /// f16 tiles of the next. Call it from every invocation, after the input
+    /// loop (it trades through the input tile, or `red` where that is f16).
+    pub fn part_sums(&self) -> String {
+        PART_SUMS.replace("$R", if self.f16_tiles { "red" } else { "xt" })
     }
 
     /// The WGSL type of a tile's elements.
@@ -120,16 +133,17 @@ impl Tiling {
 
     /// Constants, the input tile, `load_x(t0, n, k0)`, `store_x()` and, with `norm`,
     /// `inv_rms(ty)`; `x` is the input binding (`array<f32>`, rows of `IN`).
-    /// With f16 tiles (and `norm`), also `begin_tile(t0, n)`, which the entry
-    /// calls first, reading the residual stream's sums of squares by parts
-    /// ([`crate::spec::Activation::SumSquares`]) bound as `ssq_parts`.
+    /// With f16 tiles, also `begin_tile(t0, n)`, which the entry calls first,
+    /// reading the input's sums of squares by parts (`IN_PARTS` of them a
+    /// token, bound as `in_ssq`), and dividing the staged inputs by their rms.
+    /// Without `norm` they are unit inputs, and `rms(ty)` gives the factor that
+    /// restores the outputs' scale.
     pub fn prelude(&self, x: &str, norm: bool) -> String {
         // load_x gives each invocation `quads` (input, token quad)s of the
         // tile: as many as it owns, since BK = TX
         const { assert!(BK == BO / 4) };
         debug_assert_eq!(BK * self.bt / 4, self.wg * self.quads);
         debug_assert!(self.wg.is_multiple_of(64), "INVOCATIONS lays out 64 at a time");
-        debug_assert!(norm || !self.f16_tiles, "f16 tiles hold normalised inputs");
         let mut s = format!(
             r#"// Tiles of BT tokens x BO outputs, inputs staged BK at a time. Invocation
 // (tx, ty) owns the token quads ty + TY r (r < QUADS) and outputs 4 tx .. 4 tx + 4
@@ -175,12 +189,13 @@ var<workgroup> xt: array<{element}, BK * XS>;
                 loads += &format!("    if ({t} < n && k < IN) {{\n        px{r}.{c} = $X[({t}) * IN + k];\n    }}\n");
             }
             let value = match (norm, self.f16_tiles) {
-                (false, _) => format!("px{r}"),
+                (false, false) => format!("px{r}"),
                 (true, false) => {
                     stores += &format!("    ssq{r} += px{r} * px{r};\n");
                     format!("px{r} * nk")
                 }
                 (true, true) => format!("px{r} * rs{r} * nk"),
+                (false, true) => format!("px{r} * rs{r}"),
             };
             stores +=
                 &format!("    xt[(lid % BK) * XS + lid / BK + {r}u * (WG / BK)] = {};\n", self.tile_value(&value));
@@ -208,9 +223,9 @@ fn store_x() {{
             &[("X", x)],
         );
         match (norm, self.f16_tiles) {
-            (false, _) => {}
+            (false, false) => {}
             (true, false) => s += &self.inv_rms(),
-            (true, true) => s += &self.stage_rms(),
+            (_, true) => s += &self.stage_rms(norm),
         }
         s
     }
@@ -387,20 +402,21 @@ fn exchange(v: vec4<f32>, partner: u32) -> vec4<f32> {
 
 "#;
 
-/// See [`Tiling::part_sums`]: xt holds BK * (BT / 4 + 1) = WG * QUADS + BK vec4s.
+/// See [`Tiling::part_sums`], trading through `$R`: xt holds
+/// BK * (BT / 4 + 1) = WG * QUADS + BK vec4s, red WG.
 const PART_SUMS: &str = r#"
-// The residual stream's parts of BO outputs per token.
-const PARTS: u32 = (OUT + BO - 1u) / BO;
+// The output's parts of BO per token.
+const OUT_PARTS: u32 = (OUT + BO - 1u) / BO;
 
 // The sums of v over the invocations of this one's token quad (a tile's
-// outputs), through xt.
+// outputs), through $R.
 fn part_sums(v: vec4<f32>) -> vec4<f32> {
     workgroupBarrier();
-    xt[lid] = v;
+    $R[lid] = v;
     workgroupBarrier();
     var s = vec4<f32>(0.0);
     for (var j = 0u; j < TX; j++) {
-        s += xt[tile_lid(j, tile_y(lid))];
+        s += $R[tile_lid(j, tile_y(lid))];
     }
     return s;
 }
@@ -442,23 +458,27 @@ fn inv_rms(ty: u32) -> array<f32, {n}> {{
         )
     }
 
-    /// `begin_tile(t0, n)` and `inv_rms(ty)` of the plain skeleton with f16
-    /// tiles: each token's 1/rms, before the first step, from the sums of
-    /// squares of its residual row by parts that the output projection
-    /// leaves; store_x stages the inputs normalised.
-    fn stage_rms(&self) -> String {
+    /// `begin_tile(t0, n)` of the plain skeleton with f16 tiles: each
+    /// token's 1/rms, before the first step, from the sums of squares of its
+    /// input row by parts that the kernel before leaves; store_x stages the
+    /// inputs normalised. With `norm`, `inv_rms(ty)` (ones: the norm is
+    /// applied already); without, `rms(ty)`, each token's rms in accumulator
+    /// order, for the epilogue to restore the outputs' scale.
+    fn stage_rms(&self, norm: bool) -> String {
         let n = 4 * self.quads;
+        let keep =
+            if norm { "" } else { "        if (lid % BK == 0u) {\n            tile_rs[tq] = rs$R;\n        }\n" };
         let mut quads = String::new();
         for r in 0..self.quads {
             quads += &format!(
                 r#"    {{
         let tq = lid / BK + {r}u * (WG / BK);
         var s = vec4<f32>(0.0);
-        for (var p = lid % BK; p < PARTS; p += BK) {{
+        for (var p = lid % BK; p < IN_PARTS; p += BK) {{
             for (var j = 0u; j < 4u; j++) {{
                 let t = t0 + 4u * tq + j;
                 if (t < n) {{
-                    s[j] += ssq_parts[t * PARTS + p];
+                    s[j] += in_ssq[t * IN_PARTS + p];
                 }}
             }}
         }}
@@ -469,28 +489,51 @@ fn inv_rms(ty: u32) -> array<f32, {n}> {{
             ss += red[(lid / BK) * BK + kk];
         }}
         rs{r} = inverseSqrt(ss / f32(IN) + EPS);
-        workgroupBarrier();
+{keep}        workgroupBarrier();
     }}
-"#
+"#,
+                keep = keep.replace("$R", &r.to_string()),
             );
         }
-        let ones = vec!["1.0"; n as usize].join(", ");
+        let scale = if norm {
+            let ones = vec!["1.0"; n as usize].join(", ");
+            format!("\n// The staged inputs are normalised already.\nfn inv_rms(ty: u32) -> array<f32, {n}> {{\n    return array<f32, {n}>({ones});\n}}\n")
+        } else {
+            let mut reads = String::new();
+            for r in 0..self.quads {
+                reads += &format!("    {{\n        let v = 1.0 / tile_rs[ty + {r}u * TY];\n");
+                for (j, c) in ["x", "y", "z", "w"].iter().enumerate() {
+                    reads += &format!("        out[{}] = v.{c};\n", 4 * r + j as u32);
+                }
+                reads += "    }\n";
+            }
+            format!(
+                r#"
+// The rms of the invocation's tokens (quads ty + TY r), which the staged
+// unit inputs were divided by.
+fn rms(ty: u32) -> array<f32, {n}> {{
+    var out: array<f32, {n}>;
+{reads}    return out;
+}}
+"#
+            )
+        };
+        let unit = if norm {
+            ""
+        } else {
+            "// Unit inputs: keeps a row of zeros zeros.\nconst EPS: f32 = 1e-30;\n// 1/rms of each token quad of the tile.\nvar<workgroup> tile_rs: array<vec4<f32>, BT / 4u>;\n"
+        };
         format!(
             r#"
-// The residual stream's parts of BO inputs per token.
-const PARTS: u32 = (IN + BO - 1u) / BO;
-// 1/rms of the token quads whose inputs this invocation stages.
+// The input's parts of BO per token.
+const IN_PARTS: u32 = (IN + BO - 1u) / BO;
+{unit}// 1/rms of the token quads whose inputs this invocation stages.
 {registers}
 // Sets rs<r> from the sums of squares by parts: the BK invocations staging a
 // token quad take every BK-th part, then add up each other's sums.
 fn begin_tile(t0: u32, n: u32) {{
 {quads}}}
-
-// The staged inputs are normalised already.
-fn inv_rms(ty: u32) -> array<f32, {n}> {{
-    return array<f32, {n}>({ones});
-}}
-"#,
+{scale}"#,
             registers = registers((0..self.quads).map(|r| format!("rs{r}")), "vec4<f32>"),
         )
     }

@@ -24,7 +24,7 @@ fn within_workgroup_memory(kernel: &llama5_codegen::Kernel, module: &naga::Modul
 /// `bindings` of a tiled kernel as the decode kernel binds them: the f16
 /// pairs tiled kernels pass as the f32 activations (the residual stream where
 /// its copy is read, nothing where the copy is written beside it, and
-/// SiLU(gate) * up), and without the stream's sums of squares by parts.
+/// SiLU(gate) * up), and without sums of squares by parts.
 fn as_decode_bindings(bindings: &[Binding]) -> Vec<Binding> {
     let copy = Resource::Activation(Activation::HiddenHalf);
     let f32_binding =
@@ -32,7 +32,7 @@ fn as_decode_bindings(bindings: &[Binding]) -> Vec<Binding> {
     bindings
         .iter()
         .filter(|b| !(b.resource == copy && b.access == Access::ReadWrite))
-        .filter(|b| b.resource != Resource::Activation(Activation::SumSquares))
+        .filter(|b| !SUMS.iter().any(|&a| b.resource == Resource::Activation(a)))
         .map(|b| match b.resource {
             Resource::Activation(Activation::HiddenHalf) => f32_binding(b, Activation::Hidden),
             Resource::Activation(Activation::FfnHalf) => f32_binding(b, Activation::Ffn),
@@ -71,30 +71,44 @@ fn f16_pairs_are_current_where_read(plan: &Plan, coop: bool) {
     }
 }
 
-/// The tiled gate/up reads the residual stream's sums of squares by parts
-/// exactly where the plain kernels stage f16 (`plain_f16`), and they are
-/// current there: the tiled output projection before it writes them (all of a
-/// step's layer kernels run tiled, or none), and no other kernel binds them.
+/// The activations' sums of squares by parts.
+const SUMS: [Activation; 2] = [Activation::SumSquares, Activation::FfnSumSquares];
+
+/// The plain tiled kernels staging f16 read sums of squares by parts exactly
+/// where the plain kernels stage f16 (`plain_f16`), and they are current
+/// there: the tiled kernel before writes them (all of a step's layer kernels
+/// run tiled, or none), and no other kernel binds them. Gate/up reads the
+/// residual stream's, which the output projection writes; the down
+/// projection reads SiLU(gate) * up's, which gate/up writes.
 fn sum_squares_are_current_where_read(plan: &Plan, plain_f16: bool) {
-    let binds = |k: &llama5_codegen::Kernel, access: Access| {
-        k.bindings.iter().any(|b| b.resource == Resource::Activation(Activation::SumSquares) && b.access == access)
+    let binds = |k: &llama5_codegen::Kernel, a: Activation, access: Access| {
+        k.bindings.iter().any(|b| b.resource == Resource::Activation(a) && b.access == access)
     };
+    // (sums, the kernel writing them, the kernel reading them next)
+    let pairs = [
+        (Activation::SumSquares, "attn-output-", "rms-gate-up-"),
+        (Activation::FfnSumSquares, "rms-gate-up-", "matvec-add-ffn-"),
+    ];
     for step in &plan.steps {
         let decode = &plan.kernels[step.kernel];
-        assert!(!binds(decode, Access::ReadOnly) && !binds(decode, Access::ReadWrite), "{}", decode.name);
+        for a in SUMS {
+            assert!(!binds(decode, a, Access::ReadOnly) && !binds(decode, a, Access::ReadWrite), "{}", decode.name);
+        }
         if let Some(batch) = step.batch_kernel.map(|b| &plan.kernels[b]) {
-            let gate_up = batch.name.starts_with("rms-gate-up-");
-            let attn_output = batch.name.starts_with("attn-output-");
-            assert_eq!(binds(batch, Access::ReadOnly), plain_f16 && gate_up, "{}", batch.name);
-            assert_eq!(binds(batch, Access::ReadWrite), plain_f16 && attn_output, "{}", batch.name);
+            for (a, writer, reader) in pairs {
+                let (writes, reads) = (batch.name.starts_with(writer), batch.name.starts_with(reader));
+                assert_eq!(binds(batch, a, Access::ReadOnly), plain_f16 && reads, "{} {a:?}", batch.name);
+                assert_eq!(binds(batch, a, Access::ReadWrite), plain_f16 && writes, "{} {a:?}", batch.name);
+            }
         }
     }
-    // in each layer, the output projection runs before gate/up, with nothing
-    // writing the stream between them
+    // in each layer, the writer runs right before the reader
     for pair in plan.steps.windows(2) {
         let name = |s: &llama5_codegen::PlanStep| plan.kernels[s.kernel].name.clone();
-        if name(&pair[1]).starts_with("rms-gate-up-") {
-            assert!(name(&pair[0]).starts_with("attn-output-"), "{} before {}", name(&pair[0]), name(&pair[1]));
+        for (_, writer, reader) in pairs {
+            if name(&pair[1]).starts_with(reader) {
+                assert!(name(&pair[0]).starts_with(writer), "{} before {}", name(&pair[0]), name(&pair[1]));
+            }
         }
     }
 }
@@ -651,9 +665,10 @@ fn snapshot_tiled_prefill_kernels() {
     insta::assert_snapshot!("attention_batch_f32", snapshot_batch(specs[1].clone()));
 }
 
-/// With shader-f16, the plain tiled gate/up stages f16 inputs divided by each
-/// token's rms, from the sums of squares by parts the output projection
-/// leaves.
+/// With shader-f16, the plain tiled gate/up and down projection stage f16
+/// inputs divided by each token's rms, from the sums of squares by parts the
+/// kernel before leaves (the output projection, gate/up); down multiplies its
+/// outputs back by the rms.
 #[test]
 fn snapshot_tiled_prefill_f16() {
     let cfg = common::smollm2_config();
@@ -674,6 +689,11 @@ fn snapshot_tiled_prefill_f16() {
     assert!(gate_up.contains("const QUADS: u32 = 2u;"));
     assert_eq!(entry.matches("] = vec4<f16>(0.0);").count(), 16);
     insta::assert_snapshot!("gate_up_f16_batch_f16", gate_up);
+    assert!(matches!(specs[4], KernelSpec::MatvecAdd { input: llama5_codegen::Activation::Ffn, .. }));
+    let down = snapshot_batch(specs[4].clone());
+    assert!(down.contains("vec4<f16>(px0 * rs0)") && down.contains("let r = rms(ty);"));
+    assert_eq!(down.matches("] = vec4<f16>(0.0);").count(), 4, "one accumulator of one token quad");
+    insta::assert_snapshot!("down_f16_batch_f16", down);
     // Llama-2-7B's QKV of F16 weights: two tiles of one matrix per
     // workgroup, two token quads per invocation
     let spec = llama2_7b_qkv([QuantFormat::F16; 3], target);

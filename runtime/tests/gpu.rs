@@ -304,13 +304,23 @@ const F16_SUBNORMAL_STEP: f32 = 5.960_464_5e-8;
 /// written in place come back as f32; a copy written beside the stream must
 /// hold the written stream, rounded.
 ///
-/// The residual stream's sums of squares by parts, bound last where a kernel
-/// binds them, are likewise computed from the stream where read, and where
-/// written must hold the written stream's for every token of the step.
+/// Sums of squares by parts (of the residual stream, of SiLU(gate) * up),
+/// bound last where a kernel binds them, are likewise computed from their
+/// activation where read, and where written must hold the written
+/// activation's for every token of the step.
 fn run_kernel(runner: &KernelRunner, kernel: &Kernel, contents: &[Vec<u8>], rows: u32) -> Vec<Vec<u8>> {
     let written = |b: &&llama5_codegen::Binding| b.resource == RESIDUAL_COPY && b.access == Access::ReadWrite;
-    let sums = kernel.bindings.iter().find(|b| b.resource == SUM_SQUARES);
-    let derived = kernel.bindings.iter().filter(written).count() + usize::from(sums.is_some());
+    // each sums binding, with that of the activation it sums
+    let sums: Vec<_> = kernel
+        .bindings
+        .iter()
+        .filter_map(|b| {
+            let of = summed(&b.resource)?;
+            let of = kernel.bindings.iter().find(|a| a.resource == Resource::Activation(of));
+            Some((b, of.unwrap_or_else(|| panic!("{}: {} without its activation", kernel.name, b.name))))
+        })
+        .collect();
+    let derived = kernel.bindings.iter().filter(written).count() + sums.len();
     let mut contents = contents[..kernel.bindings.len() - derived].to_vec();
     let stream = kernel.bindings.iter().find(|b| b.resource == Resource::Activation(Activation::Hidden));
     let in_place =
@@ -323,27 +333,28 @@ fn run_kernel(runner: &KernelRunner, kernel: &Kernel, contents: &[Vec<u8>], rows
             contents.push(f16_pairs(&to_f32(&contents[stream.unwrap().index as usize])));
         }
     }
-    if let Some(b) = sums {
-        assert_eq!(b.index as usize, contents.len(), "{}: the sums' binding comes last", kernel.name);
-        let stream = part_sums(&to_f32(&contents[stream.unwrap().index as usize]), stream_width(kernel));
+    for &(b, of) in &sums {
+        assert_eq!(b.index as usize, contents.len(), "{}: the sums' bindings come last", kernel.name);
+        let values = part_sums(&to_f32(&contents[of.index as usize]), width(kernel, of));
         // NaN where the kernel must write them, so a part it skips fails below
-        let sums = if b.access == Access::ReadWrite { vec![f32::NAN; stream.len()] } else { stream };
-        contents.push(f32_bytes(&sums));
+        let values = if b.access == Access::ReadWrite { vec![f32::NAN; values.len()] } else { values };
+        contents.push(f32_bytes(&values));
     }
     let grid = kernel.dispatch_for(&step_of(&contents), rows);
     let mut out = runner.run(kernel, &contents, grid).unwrap_or_else(|e| panic!("{}: {e}", kernel.name));
-    if let Some(b) = sums.filter(|b| b.access == Access::ReadWrite) {
+    for &(b, of) in sums.iter().filter(|(b, _)| b.access == Access::ReadWrite) {
         // the step's tokens, whose rows the kernel wrote
         let n = step_of(&contents).n_tokens as usize;
-        let width = stream_width(kernel);
+        let width = width(kernel, of);
         let parts = width.div_ceil(SUM_SQUARES_PART);
-        let want = part_sums(&to_f32(&out[stream.unwrap().index as usize]), width);
+        let want = part_sums(&to_f32(&out[of.index as usize]), width);
         let got = to_f32(&out[b.index as usize]);
         for (i, (w, g)) in want.iter().zip(&got).take(n * parts).enumerate() {
             assert!(
                 (w - g).abs() <= w.abs() * 1e-5 + 1e-30,
-                "{}: sum of squares {i}: {g}, the stream's {w}",
-                kernel.name
+                "{}: sum of squares {i} of {}: {g}, the activation's {w}",
+                kernel.name,
+                of.name
             );
         }
     }
@@ -364,13 +375,19 @@ fn run_kernel(runner: &KernelRunner, kernel: &Kernel, contents: &[Vec<u8>], rows
     out
 }
 
-const SUM_SQUARES: Resource = Resource::Activation(Activation::SumSquares);
+/// The activation whose sums of squares by parts `resource` holds.
+fn summed(resource: &Resource) -> Option<Activation> {
+    match resource {
+        Resource::Activation(Activation::SumSquares) => Some(Activation::Hidden),
+        Resource::Activation(Activation::FfnSumSquares) => Some(Activation::Ffn),
+        _ => None,
+    }
+}
 
-/// The width of the residual stream a kernel binds: its `OUT` where it writes
-/// the stream, else its `IN`.
-fn stream_width(kernel: &Kernel) -> usize {
-    let stream = kernel.bindings.iter().find(|b| b.resource == Resource::Activation(Activation::Hidden));
-    let name = if stream.is_some_and(|b| b.access == Access::ReadWrite) { "OUT" } else { "IN" };
+/// The width of the activation `binding` of a kernel: its `OUT` where it
+/// writes it, else its `IN`.
+fn width(kernel: &Kernel, binding: &llama5_codegen::Binding) -> usize {
+    let name = if binding.access == Access::ReadWrite { "OUT" } else { "IN" };
     let line = kernel.wgsl.lines().find_map(|l| l.strip_prefix(&format!("const {name}: u32 = ")));
     line.and_then(|v| v.trim_end_matches("u;").parse().ok()).unwrap_or_else(|| panic!("{}: no {name}", kernel.name))
 }

@@ -76,6 +76,7 @@ pub(crate) fn activation_bytes(cfg: &llama5_codegen::manifest::ModelConfig, a: A
         Activation::FfnHalf => (batch, cfg.intermediate_size.div_ceil(2)),
         Activation::Logits => (logit_rows, cfg.vocab_size),
         Activation::SumSquares => (batch, cfg.hidden_size.div_ceil(SUM_SQUARES_PART)),
+        Activation::FfnSumSquares => (batch, cfg.intermediate_size.div_ceil(SUM_SQUARES_PART)),
     };
     (rows * per_row * 4) as u64
 }
