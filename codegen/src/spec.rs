@@ -42,8 +42,8 @@ pub enum Activation {
     /// Sums of squares of [`Activation::Ffn`] by parts of
     /// [`SUM_SQUARES_PART`] values, `[tokens, intermediate / SUM_SQUARES_PART]`
     /// f32 (rounded up): written beside it by the plain tiled gate/up where
-    /// it stages f16, so that the down projection stages its inputs divided
-    /// by their rms.
+    /// the down projection stages f16 (shader-f16, and a residual stream of
+    /// 2048 or more), so that down stages its inputs divided by their rms.
     FfnSumSquares,
 }
 

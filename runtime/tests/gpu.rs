@@ -520,13 +520,14 @@ fn adapter_report_lists_an_adapter() {
 fn matvec_add_matches_cpu() {
     let _gpu = gpu_lock();
     for runner in runners() {
-        let target = *runner.target();
         for format in FORMATS {
             // a short input (cached in workgroup memory), a long one (read from storage),
             // one long enough for runs of blocks to end inside a slice, enough outputs
             // for the widest tile, more tokens than one batch tile, and enough outputs for
             // four at a load in wide workgroups (the last quad part padding; INT4 in
-            // tiles of 4 or 8 quads); and enough for two tiles a workgroup (4096 or more)
+            // tiles of 4 or 8 quads); and enough for two tiles a workgroup (4096 or more);
+            // and a residual stream wide enough for f16 tiles in the tiled kernel (2048
+            // or more), over two token tiles
             for (in_base, out, tokens) in [
                 (90, 77, 3),
                 (2300, 33, 2),
@@ -536,27 +537,44 @@ fn matvec_add_matches_cpu() {
                 (300, 4098, 2),
                 (300, 2050, 1),
                 (90, 4224, 3),
+                (90, 2050, 70),
             ] {
-                let mut rng = Rng(in_base as u64 * 31 + out as u64);
-                let in_features = input_size(format, in_base);
-                let (w_bytes, w) = packed(&mut rng, format, out, in_features);
-                let x = rng.vec(tokens * in_features, 1.0);
-                let hidden = rng.vec(tokens * out, 1.0);
-                let spec =
-                    KernelSpec::MatvecAdd { input: Activation::Ffn, in_features, out_features: out, format, target };
-                let contents = vec![step(0, tokens, 1, 0, 0), f32_bytes(&x), w_bytes, f32_bytes(&hidden)];
-                let mut want = hidden.clone();
-                for t in 0..tokens {
-                    let y = matvec(&w, &x[t * in_features..(t + 1) * in_features], out);
-                    for o in 0..out {
-                        want[t * out + o] += y[o];
-                    }
-                }
-                for (kernel, result) in run_all(runner, &spec, &contents, 0) {
-                    assert_close(&kernel.name, &to_f32(&result[3]), &want, kernel_limit(&kernel, nmse_for(format)));
-                }
+                check_down(runner, format, input_size(format, in_base), out, tokens, 1.0, "");
             }
         }
+    }
+}
+
+/// Runs every variant of the down projection (and residual add) over `tokens`
+/// rows of `in_features` inputs scaled by `x_scale` against the CPU; `what`
+/// names the case.
+fn check_down(
+    runner: &KernelRunner,
+    format: QuantFormat,
+    in_features: usize,
+    out: usize,
+    tokens: usize,
+    x_scale: f32,
+    what: &str,
+) {
+    let mut rng = Rng(in_features as u64 * 31 + out as u64);
+    let (w_bytes, w) = packed(&mut rng, format, out, in_features);
+    let x = rng.vec(tokens * in_features, x_scale);
+    let hidden = rng.vec(tokens * out, 1.0);
+    let target = *runner.target();
+    let spec = KernelSpec::MatvecAdd { input: Activation::Ffn, in_features, out_features: out, format, target };
+    let contents = vec![step(0, tokens, 1, 0, 0), f32_bytes(&x), w_bytes, f32_bytes(&hidden)];
+    let mut want = hidden.clone();
+    for t in 0..tokens {
+        let y = matvec(&w, &x[t * in_features..(t + 1) * in_features], out);
+        for o in 0..out {
+            want[t * out + o] += y[o];
+        }
+    }
+    for (kernel, result) in run_all(runner, &spec, &contents, 0) {
+        let got = to_f32(&result[3]);
+        assert!(got.iter().all(|v| v.is_finite()), "{}{what}: non-finite output", kernel.name);
+        assert_close(&format!("{}{what}", kernel.name), &got, &want, kernel_limit(&kernel, nmse_for(format)));
     }
 }
 
@@ -694,6 +712,9 @@ fn rms_gate_up_matches_cpu() {
 /// products kept in f16 would leave its range (staged so, the plain tiled
 /// kernel's f16 sums gave 2e-5 at the smallest scale here); the plain tiled
 /// one with f16 tiles divides by the rms before staging, and must hold too.
+/// Its residual stream is wide enough that it writes the sums of squares of
+/// its outputs, for the down projection's f16 tiles: that one divides its
+/// inputs by their rms too, and must hold at any scale of SiLU(gate) * up.
 #[test]
 fn normalising_kernels_hold_any_input_scale() {
     let _gpu = gpu_lock();
@@ -701,7 +722,10 @@ fn normalising_kernels_hold_any_input_scale() {
         let format = QuantFormat::F16;
         for (x_scale, norm_scale) in [(0.003, 0.02), (0.01, 0.05), (300.0, 1.0)] {
             let what = format!(" at input scale {x_scale}, norm {norm_scale}");
-            check_gate_up(runner, format, input_size(format, 1024), 70, 66, x_scale, norm_scale, &what);
+            check_gate_up(runner, format, 2048, 70, 66, x_scale, norm_scale, &what);
+        }
+        for x_scale in [1e-4, 3000.0] {
+            check_down(runner, format, 70, 2050, 66, x_scale, &format!(" at input scale {x_scale}"));
         }
     }
 }

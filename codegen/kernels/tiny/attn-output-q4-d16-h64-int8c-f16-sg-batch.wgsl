@@ -8,7 +8,7 @@
 //   2: w (read): the projection; int8 x4 with an f32 scale per output, 64 x 64
 //   3: hidden (read_write): [tokens, OUT] residual stream
 //   4: lse (read): [MAX_SPLITS, HEADS] log-sum-exp of each split's scores
-//   5: ssq_parts (read_write): [tokens, PARTS] sums of squares of the residual stream's parts of BO
+//   5: ssq_parts (read_write): [tokens, parts] sums of squares by parts of BO values
 
 enable f16;
 
@@ -129,8 +129,8 @@ fn store_x() {
     xt[(lid % BK) * XS + lid / BK + 0u * (WG / BK)] = px0;
 }
 
-// The residual stream's parts of BO outputs per token.
-const PARTS: u32 = (OUT + BO - 1u) / BO;
+// The output's parts of BO per token.
+const OUT_PARTS: u32 = (OUT + BO - 1u) / BO;
 
 // The sums of v over the invocations of this one's token quad (a tile's
 // outputs), through xt.
@@ -298,7 +298,7 @@ fn main(
             for (var j = 0u; j < 4u; j++) {
                 let t = t0 + 4u * (ty + 0u * TY) + j;
                 if (t < n) {
-                    ssq_parts[t * PARTS + o0 / BO] = s[j];
+                    ssq_parts[t * OUT_PARTS + o0 / BO] = s[j];
                 }
             }
         }

@@ -9,7 +9,7 @@
 //   3: w_gate (read): gate_proj; int8 x4 with an f32 scale per output, 128 x 64
 //   4: w_up (read): up_proj; int8 x4 with an f32 scale per output, 128 x 64
 //   5: ffn (read_write): [tokens, OUT] SiLU(gate) * up
-//   6: ssq_parts (read): [tokens, PARTS] sums of squares of the residual stream's parts of BO
+//   6: in_ssq (read): [tokens, parts] sums of squares by parts of BO values
 
 enable f16;
 
@@ -35,7 +35,7 @@ struct Step {
 @group(0) @binding(3) var<storage, read> w_gate: array<vec4<u32>>;
 @group(0) @binding(4) var<storage, read> w_up: array<vec4<u32>>;
 @group(0) @binding(5) var<storage, read_write> ffn: array<f32>;
-@group(0) @binding(6) var<storage, read> ssq_parts: array<f32>;
+@group(0) @binding(6) var<storage, read> in_ssq: array<f32>;
 
 const IN: u32 = 64u;
 const OUT: u32 = 128u;
@@ -139,7 +139,7 @@ fn tile_lid(x: u32, y: u32) -> u32 {
 const XS: u32 = BT / 4u + 1u;
 var<workgroup> xt: array<vec4<f16>, BK * XS>;
 // Each token quad's sums of squares, traded in f32.
-var<workgroup> red: array<vec4<f32>, WG>;
+var<workgroup> red: array<vec4<f32>, WG * QUADS>;
 // The norm weight of the input in flight.
 var<private> nk: f32;
 // The next step's inputs in flight: input lid % BK of the token quads lid / BK + r WG / BK.
@@ -186,8 +186,8 @@ fn store_x() {
     xt[(lid % BK) * XS + lid / BK + 1u * (WG / BK)] = vec4<f16>(px1 * rs1 * nk);
 }
 
-// The residual stream's parts of BO inputs per token.
-const PARTS: u32 = (IN + BO - 1u) / BO;
+// The input's parts of BO per token.
+const IN_PARTS: u32 = (IN + BO - 1u) / BO;
 // 1/rms of the token quads whose inputs this invocation stages.
 var<private> rs0: vec4<f32>;
 var<private> rs1: vec4<f32>;
@@ -198,11 +198,11 @@ fn begin_tile(t0: u32, n: u32) {
     {
         let tq = lid / BK + 0u * (WG / BK);
         var s = vec4<f32>(0.0);
-        for (var p = lid % BK; p < PARTS; p += BK) {
+        for (var p = lid % BK; p < IN_PARTS; p += BK) {
             for (var j = 0u; j < 4u; j++) {
                 let t = t0 + 4u * tq + j;
                 if (t < n) {
-                    s[j] += ssq_parts[t * PARTS + p];
+                    s[j] += in_ssq[t * IN_PARTS + p];
                 }
             }
         }
@@ -218,11 +218,11 @@ fn begin_tile(t0: u32, n: u32) {
     {
         let tq = lid / BK + 1u * (WG / BK);
         var s = vec4<f32>(0.0);
-        for (var p = lid % BK; p < PARTS; p += BK) {
+        for (var p = lid % BK; p < IN_PARTS; p += BK) {
             for (var j = 0u; j < 4u; j++) {
                 let t = t0 + 4u * tq + j;
                 if (t < n) {
-                    s[j] += ssq_parts[t * PARTS + p];
+                    s[j] += in_ssq[t * IN_PARTS + p];
                 }
             }
         }
