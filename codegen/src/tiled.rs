@@ -464,10 +464,7 @@ impl Tiling {
             reads += &format!(
                 "    {{\n        var ss = vec4<f32>(0.0);\n        for (var kk = 0u; kk < BK; kk++) {{\n            ss += xt[kk * (BT / 4u) + ty + {r}u * TY];\n        }}\n        let v = inverseSqrt(ss / f32(IN) + EPS);\n"
             );
-            for (j, c) in ["x", "y", "z", "w"].iter().enumerate() {
-                reads += &format!("        out[{}] = v.{c};\n", 4 * r + j as u32);
-            }
-            reads += "    }\n";
+            reads += &spread(r);
         }
         format!(
             r#"
@@ -528,10 +525,7 @@ fn inv_rms(ty: u32) -> array<f32, {n}> {{
             let mut reads = String::new();
             for r in 0..self.quads {
                 reads += &format!("    {{\n        let v = 1.0 / tile_rs[ty + {r}u * TY];\n");
-                for (j, c) in ["x", "y", "z", "w"].iter().enumerate() {
-                    reads += &format!("        out[{}] = v.{c};\n", 4 * r + j as u32);
-                }
-                reads += "    }\n";
+                reads += &spread(r);
             }
             format!(
                 r#"
@@ -563,6 +557,16 @@ fn begin_tile(t0: u32, n: u32) {{
             registers = registers((0..self.quads).map(|r| format!("rs{r}")), "vec4<f32>"),
         )
     }
+}
+
+/// The end of a block setting token quad `r`'s values `out[4 r ..]` (an
+/// `array<f32, 4 * quads>`) from the vec4 `v`.
+fn spread(r: u32) -> String {
+    let mut s = String::new();
+    for (j, c) in ["x", "y", "z", "w"].iter().enumerate() {
+        s += &format!("        out[{}] = v.{c};\n", 4 * r + j as u32);
+    }
+    s + "    }\n"
 }
 
 /// A weight tile in workgroup memory, of `element`s.
