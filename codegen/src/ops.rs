@@ -1578,36 +1578,6 @@ fn bind_sum_squares(m: &mut ModuleText, target: &Target, sums: Activation, acces
     bound
 }
 
-/// The epilogue writing an output's sums of squares by parts into `ssq`
-/// (bound by [`bind_sum_squares`], with [`crate::tiled::Tiling::part_sums`]
-/// declared): `sq_<acc>[$I]` holds each of the invocation's tokens' squares
-/// of its 4 outputs of the tile at `base`, whose sums are part `base / BO`.
-fn write_part_sums(tiling: &Skeleton, ssq: &str, acc: &str, base: &str) -> String {
-    let mut s = String::new();
-    for r in 0..tiling.quads() {
-        let sq = |j: u32| format!("sq_{acc}[{}]", 4 * r + j);
-        s += &format!(
-            r#"    {{
-        let s = part_sums(vec4<f32>({}, {}, {}, {}));
-        if (tx == 0u) {{
-            for (var j = 0u; j < 4u; j++) {{
-                let t = t0 + 4u * (ty + {r}u * TY) + j;
-                if (t < n) {{
-                    {ssq}[t * OUT_PARTS + {base} / BO] = s[j];
-                }}
-            }}
-        }}
-    }}
-"#,
-            sq(0),
-            sq(1),
-            sq(2),
-            sq(3)
-        );
-    }
-    s
-}
-
 /// An epilogue's store of the quad `v` (token t, outputs `base` + 4 tx ..) as
 /// two f16 pairs of `array`, rows of OUT / 2 words: OUT and `base` + 4 tx are
 /// even, so the quad is two whole words.
@@ -1874,7 +1844,7 @@ const WIDE_TILES_MIN_OUT: usize = 4096;
 /// tiles of SiLU(gate) * up divided by each token's rms, where
 /// [`f16_products`], and gate/up leaves the sums of squares that takes
 /// ([`unit_ffn`]). On the H100 at 512 tokens, us a layer, f32 tiles to f16:
-/// Llama-2-7B's 4096, F16 1331 to 1181, INT4 1415 to 1248; Llama-3.2-1B's
+/// Llama-2-7B's 4096, F16 1330 to 1180, INT4 1413 to 1248; Llama-3.2-1B's
 /// 2048, F16 653 to 508, INT4 579 to 519; SmolLM2's 576, F16 104 both, INT4
 /// 80 to 97.
 const UNIT_FFN_MIN_HIDDEN: usize = 2048;
@@ -1944,7 +1914,7 @@ fn matmul_add_tiled(
     m.konst("OUT", "u32", out_features);
     m.helpers += &tiling.prelude(x, false, half_input);
     if let Some(t) = parts {
-        m.helpers += &t.part_sums();
+        m.helpers += t.part_sums();
     }
     let parts = parts.is_some();
     // wide: two tiles of the matrix per workgroup, outputs o0 .. o0 + BO and
@@ -2008,7 +1978,27 @@ fn matmul_add_tiled(
     };
     if parts {
         for (acc, _, base) in tiles {
-            epilogue += &write_part_sums(&tiling, Activation::SumSquares.ident(), acc, base);
+            for r in 0..tiling.quads() {
+                let sq = |j: u32| format!("sq_{acc}[{}]", 4 * r + j);
+                epilogue += &format!(
+                    r#"    {{
+        let s = part_sums(vec4<f32>({}, {}, {}, {}));
+        if (tx == 0u) {{
+            for (var j = 0u; j < 4u; j++) {{
+                let t = t0 + 4u * (ty + {r}u * TY) + j;
+                if (t < n) {{
+                    ssq_parts[t * OUT_PARTS + {base} / BO] = s[j];
+                }}
+            }}
+        }}
+    }}
+"#,
+                    sq(0),
+                    sq(1),
+                    sq(2),
+                    sq(3)
+                );
+            }
         }
     }
     let outs: Vec<String> = tiles.iter().map(|(_, _, base)| format!("{base} + 4u * q")).collect();

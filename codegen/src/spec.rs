@@ -65,7 +65,8 @@ impl Activation {
         Activation::FfnSumSquares,
     ];
 
-    /// The WGSL name of its binding.
+    /// The WGSL name of its binding (a kernel reading sums of squares by
+    /// parts to normalise its input binds them as `in_ssq`).
     pub fn ident(self) -> &'static str {
         match self {
             Activation::Hidden => "hidden",

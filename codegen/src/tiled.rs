@@ -19,17 +19,18 @@
 //! they are staged, their sums of squares are gathered on the way, and each
 //! token's outputs are scaled by 1/rms at the end (a dot product is linear).
 //!
-//! The plain gate/up and down projection on targets with shader-f16
-//! ([`f16_products`]) instead stage f16 tiles and sum each step's products in
-//! f16 before their f32 accumulators. Their inputs are divided by their rms
-//! before they are staged, so the f16 products keep their precision whatever
-//! the inputs' scale: each token's rms comes from the sums of squares by parts
-//! the kernel before leaves beside its output ([`Tiling::part_sums`]): the
-//! output projection beside the residual stream
-//! ([`crate::spec::Activation::SumSquares`]), gate/up beside SiLU(gate) * up
-//! ([`crate::spec::Activation::FfnSumSquares`]). Gate/up's RMSNorm then needs
-//! only the norm weights; the down projection multiplies its outputs back by
-//! the rms ([`Tiling::prelude`]'s unit inputs).
+//! The plain gate/up on targets with shader-f16 ([`f16_products`]), and the
+//! down projection there where the residual stream is wide enough, instead
+//! stage f16 tiles and sum each step's products in f16 before their f32
+//! accumulators. Their inputs are divided by their rms before they are
+//! staged, so the f16 products keep their precision whatever the inputs'
+//! scale: each token's rms comes from the sums of squares by parts the kernel
+//! before leaves beside its output: the output projection beside the residual
+//! stream ([`crate::spec::Activation::SumSquares`], [`Tiling::part_sums`]),
+//! gate/up beside SiLU(gate) * up ([`crate::spec::Activation::FfnSumSquares`],
+//! [`Tiling::keep`]). Gate/up's RMSNorm then needs only the norm weights; the
+//! down projection multiplies its outputs back by the rms
+//! ([`Tiling::prelude`]'s unit inputs).
 
 use crate::coop::{self, CoopTiling};
 use crate::manifest::QuantFormat;
@@ -86,8 +87,9 @@ impl Tiling {
         }
     }
 
-    /// f16 tiles and step sums on one token quad, for a kernel staging unit
-    /// inputs ([`Tiling::prelude`]) where [`f16_products`]: each within
+    /// f16 tiles and step sums on one token quad where [`f16_products`]
+    /// ([`Tiling::with_f16_sums`] takes two). Unit inputs
+    /// ([`Tiling::prelude`]) are each within
     /// sqrt(IN), whatever the row (a row of SiLU(gate) * up may hold values
     /// near f16's largest, whose sums of 16 products would overflow). The down
     /// projection keeps one quad: with two, its 256 workgroups (two tiles
@@ -99,22 +101,26 @@ impl Tiling {
     }
 
     /// `OUT_PARTS` and `part_sums(v)`: the sums over each token quad's row of
-    /// invocations (a tile's BO outputs) of `v`, one per token, for a kernel
-    /// writing its output's sums of squares by parts (rows of `OUT`) for the
-    /// f16 tiles of the next. Call it from every invocation, after the input
-    /// loop (it trades through the input tile, or `red` where that is f16).
-    pub fn part_sums(&self) -> String {
-        PART_SUMS.replace("$R", if self.f16_tiles { "red" } else { "xt" })
+    /// invocations (a tile's BO outputs) of `v`, one per token, for the output
+    /// projection writing the residual stream's sums of squares by parts (rows
+    /// of `OUT`). Call it from every invocation, after the input loop (it
+    /// trades through the input tile).
+    pub fn part_sums(&self) -> &'static str {
+        debug_assert!(!self.f16_tiles, "sums are traded through an f32 input tile");
+        PART_SUMS
     }
 
     /// With f16 tiles, an epilogue's sums over each tile row of a value per
     /// token (its outputs' sums of squares, say) through `red`: `keep(v)`
     /// (in [`Skeleton::per_token`]) leaves the token's `v`, then
     /// `row_sums(write)` (after it, from every invocation) runs `write` for
-    /// each of the tile's tokens `t` with their sum `s`, on one invocation of
-    /// the row. Nothing stays in registers across the stores (a register
-    /// array of the values, summed afterwards through `part_sums`, cost
-    /// Llama-2-7B's gate/up 108 us a layer on the H100).
+    /// each of the tile's tokens `t`, on one invocation of the row, with the
+    /// sums of the token's quad in `s` (the token's is `s[j]`). Nothing stays
+    /// in registers across the stores (a register array of the values, summed
+    /// afterwards through the output projection's `part_sums`, cost
+    /// Llama-2-7B's gate/up 108 us a layer on the H100). `keep` stores single
+    /// components, against this module's rule: each vec4 has one writer, so a
+    /// driver widening the store cannot race.
     pub fn keep(&self, v: &str) -> String {
         debug_assert!(self.f16_tiles);
         format!("            red[lid + ($Iu / 4u) * WG][$Iu % 4u] = {v};\n")
@@ -428,21 +434,20 @@ fn exchange(v: vec4<f32>, partner: u32) -> vec4<f32> {
 
 "#;
 
-/// See [`Tiling::part_sums`], trading through `$R`: xt holds
-/// BK * (BT / 4 + 1) = WG * QUADS + BK vec4s, red WG.
+/// See [`Tiling::part_sums`]: xt holds BK * (BT / 4 + 1) = WG * QUADS + BK vec4s.
 const PART_SUMS: &str = r#"
 // The output's parts of BO per token.
 const OUT_PARTS: u32 = (OUT + BO - 1u) / BO;
 
 // The sums of v over the invocations of this one's token quad (a tile's
-// outputs), through $R.
+// outputs), through xt.
 fn part_sums(v: vec4<f32>) -> vec4<f32> {
     workgroupBarrier();
-    $R[lid] = v;
+    xt[lid] = v;
     workgroupBarrier();
     var s = vec4<f32>(0.0);
     for (var j = 0u; j < TX; j++) {
-        s += $R[tile_lid(j, tile_y(lid))];
+        s += xt[tile_lid(j, tile_y(lid))];
     }
     return s;
 }
@@ -465,6 +470,7 @@ impl Tiling {
                 "    {{\n        var ss = vec4<f32>(0.0);\n        for (var kk = 0u; kk < BK; kk++) {{\n            ss += xt[kk * (BT / 4u) + ty + {r}u * TY];\n        }}\n        let v = inverseSqrt(ss / f32(IN) + EPS);\n"
             );
             reads += &spread(r);
+            reads += "    }\n";
         }
         format!(
             r#"
@@ -511,7 +517,7 @@ fn inv_rms(ty: u32) -> array<f32, {n}> {{
         for (var kk = 0u; kk < BK; kk++) {{
             ss += red[(lid / BK) * BK + kk];
         }}
-        rs{r} = inverseSqrt(ss / f32(IN) + EPS);
+        rs{r} = inverseSqrt(min(ss / f32(IN), vec4<f32>(F32_MAX)) + EPS);
 {keep}        workgroupBarrier();
     }}
 "#,
@@ -526,6 +532,7 @@ fn inv_rms(ty: u32) -> array<f32, {n}> {{
             for r in 0..self.quads {
                 reads += &format!("    {{\n        let v = 1.0 / tile_rs[ty + {r}u * TY];\n");
                 reads += &spread(r);
+                reads += "    }\n";
             }
             format!(
                 r#"
@@ -541,12 +548,14 @@ fn rms(ty: u32) -> array<f32, {n}> {{
         let unit = if norm {
             ""
         } else {
-            "// Unit inputs: keeps a row of zeros zeros.\nconst EPS: f32 = 1e-30;\n// 1/rms of each token quad of the tile.\nvar<workgroup> tile_rs: array<vec4<f32>, BT / 4u>;\n"
+            "// Unit inputs: keeps a row of zeros at zero (not 0 * inf).\nconst EPS: f32 = 1e-30;\n// 1/rms of each token quad of the tile.\nvar<workgroup> tile_rs: array<vec4<f32>, BT / 4u>;\n"
         };
         format!(
             r#"
 // The input's parts of BO per token.
 const IN_PARTS: u32 = (IN + BO - 1u) / BO;
+// A sum of squares past f32's range still gives a finite rms.
+const F32_MAX: f32 = 3.4028235e38;
 {unit}// 1/rms of the token quads whose inputs this invocation stages.
 {registers}
 // Sets rs<r> from the sums of squares by parts: the BK invocations staging a
@@ -559,14 +568,14 @@ fn begin_tile(t0: u32, n: u32) {{
     }
 }
 
-/// The end of a block setting token quad `r`'s values `out[4 r ..]` (an
-/// `array<f32, 4 * quads>`) from the vec4 `v`.
+/// Sets token quad `r`'s values `out[4 r ..]` (an `array<f32, 4 * quads>`)
+/// from the vec4 `v`.
 fn spread(r: u32) -> String {
     let mut s = String::new();
     for (j, c) in ["x", "y", "z", "w"].iter().enumerate() {
         s += &format!("        out[{}] = v.{c};\n", 4 * r + j as u32);
     }
-    s + "    }\n"
+    s
 }
 
 /// A weight tile in workgroup memory, of `element`s.
@@ -613,7 +622,8 @@ fn per_token(quads: u32, token: &str, body: &str) -> String {
 }
 
 /// Whether the plain tiled gate/up of `target` stages f16 tiles and sums each
-/// step's products in f16: where the target has shader-f16. On the H100
+/// step's products in f16 (and the down projection, of a residual stream wide
+/// enough, `ops::UNIT_FFN_MIN_HIDDEN`): where the target has shader-f16. On the H100
 /// (Llama-2-7B F16, prefill of 512 tokens) gate/up took 2319 us a layer
 /// instead of 2759, the prefill 188 ms instead of 202. QKV in f16 too saved 4
 /// ms more, but on the real SmolLM2 (256 positions, llvmpipe) the largest

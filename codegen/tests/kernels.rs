@@ -85,7 +85,6 @@ fn sum_squares_are_current_where_read(plan: &Plan, expected: [bool; 2]) {
     let binds = |k: &llama5_codegen::Kernel, a: Activation, access: Access| {
         k.bindings.iter().any(|b| b.resource == Resource::Activation(a) && b.access == access)
     };
-    // (sums, the kernel writing them, the kernel reading them next)
     // (sums, the kernel writing them, the kernel reading them next, whether bound)
     let pairs = [
         (Activation::SumSquares, "attn-output-", "rms-gate-up-", expected[0]),

@@ -188,6 +188,8 @@ fn store_x() {
 
 // The input's parts of BO per token.
 const IN_PARTS: u32 = (IN + BO - 1u) / BO;
+// A sum of squares past f32's range still gives a finite rms.
+const F32_MAX: f32 = 3.4028235e38;
 // 1/rms of the token quads whose inputs this invocation stages.
 var<private> rs0: vec4<f32>;
 var<private> rs1: vec4<f32>;
@@ -212,7 +214,7 @@ fn begin_tile(t0: u32, n: u32) {
         for (var kk = 0u; kk < BK; kk++) {
             ss += red[(lid / BK) * BK + kk];
         }
-        rs0 = inverseSqrt(ss / f32(IN) + EPS);
+        rs0 = inverseSqrt(min(ss / f32(IN), vec4<f32>(F32_MAX)) + EPS);
         workgroupBarrier();
     }
     {
@@ -232,7 +234,7 @@ fn begin_tile(t0: u32, n: u32) {
         for (var kk = 0u; kk < BK; kk++) {
             ss += red[(lid / BK) * BK + kk];
         }
-        rs1 = inverseSqrt(ss / f32(IN) + EPS);
+        rs1 = inverseSqrt(min(ss / f32(IN), vec4<f32>(F32_MAX)) + EPS);
         workgroupBarrier();
     }
 }
