@@ -89,12 +89,12 @@ impl Tiling {
 
     /// f16 tiles and step sums on one token quad where [`f16_products`]
     /// ([`Tiling::with_f16_sums`] takes two). Unit inputs
-    /// ([`Tiling::prelude`]) are each within
-    /// sqrt(IN), whatever the row (a row of SiLU(gate) * up may hold values
-    /// near f16's largest, whose sums of 16 products would overflow). The down
-    /// projection keeps one quad: with two, its 256 workgroups (two tiles
-    /// each) leave too few warps an SM (on the H100, Llama-2-7B F16 at 512
-    /// tokens, 1263 us a layer against 1175).
+    /// ([`Tiling::prelude`]) are each within sqrt(IN), whatever the row (a
+    /// row of SiLU(gate) * up may hold values near f16's largest, whose sums
+    /// of 16 products would overflow). The down projection keeps one quad:
+    /// with two, its 256 workgroups (two tiles each) leave too few warps an
+    /// SM (on the H100, Llama-2-7B F16 at 512 tokens, 1263 us a layer against
+    /// 1175).
     pub fn with_f16_tiles(target: &Target) -> Tiling {
         debug_assert!(f16_products(target));
         Tiling { f16_tiles: true, ..Tiling::for_target(target) }
