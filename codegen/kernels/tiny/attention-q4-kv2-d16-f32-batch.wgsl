@@ -4,9 +4,10 @@
 // as the decode kernel computes it: token t at position p = pos + t attends to positions
 // max(0, p + 1 - ctx) ..= p of the ring-buffer cache. The block walks the positions its
 // tokens attend in tiles of BKV keys staged in workgroup memory (then their values, in
-// the same place), with an online softmax per token; ROW_LANES invocations share a token
-// and compute its softmax alike, each scoring keys c, c + ROW_LANES, ... and summing
-// lanes c, c + ROW_LANES, ... of the values.
+// the same place; each loaded into registers while the tile before is computed), with an
+// online softmax per token; ROW_LANES invocations share a token, each scoring keys c,
+// c + ROW_LANES, ... (and taking their exponentials) and summing lanes c, c + ROW_LANES,
+// ... of the values.
 //
 // Bindings (group 0):
 //   0: step (uniform): per-step values
@@ -53,23 +54,21 @@ const ROW_LANES: u32 = 16u;
 const KS: u32 = 5u;
 
 
-// The block's queries (times SCALE), a tile of keys or values, and the tile's scores.
+// The block's queries (times SCALE), a tile of keys or values, the tile's
+// scores and their exponentials.
 var<workgroup> qs: array<vec4<f32>, BQ * LANES>;
 var<workgroup> kv: array<vec4<f32>, BKV * KS>;
 var<workgroup> scores: array<f32, BQ * BKV>;
+var<workgroup> probs: array<f32, BQ * BKV>;
 
-// Stages the key (keys) or value rows of positions kb .. kb + BKV (clamped to
-// position last) into kv.
-fn stage_rows(kb: u32, last: u32, kv_base: u32, lid: u32, keys: bool) {
-    for (var e = lid; e < BKV * LANES; e += WG) {
-        let row = (min(kb + e / LANES, last) % step.ctx) * KV_LANES + kv_base + e % LANES;
-        let to = (e / LANES) * KS + e % LANES;
-        if (keys) {
-            kv[to] = k_cache[row];
-        } else {
-            kv[to] = v_cache[row];
-        }
-    }
+// Element e of a tile of positions kb .. kb + BKV (clamped to position
+// last): its index in the cache and in kv.
+fn cache_index(kb: u32, last: u32, kv_base: u32, e: u32) -> u32 {
+    return (min(kb + e / LANES, last) % step.ctx) * KV_LANES + kv_base + e % LANES;
+}
+
+fn tile_index(e: u32) -> u32 {
+    return (e / LANES) * KS + e % LANES;
 }
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -101,8 +100,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var m = -BIG;
     var l = 0.0;
     var o0 = vec4<f32>(0.0);
+    var pk0 = vec4<f32>(0.0);
+    var pv0 = vec4<f32>(0.0);
+    pk0 = k_cache[cache_index(lo, last, kv_base, lid + 0u * WG)];
     for (var kb = lo; kb <= last; kb += BKV) {
-        stage_rows(kb, last, kv_base, lid, true);
+        kv[tile_index(lid + 0u * WG)] = pk0;
+        pv0 = v_cache[cache_index(kb, last, kv_base, lid + 0u * WG)];
         workgroupBarrier();
         {
             let j = c + 0u;
@@ -133,142 +136,121 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             }
         }
         workgroupBarrier();
-        stage_rows(kb, last, kv_base, lid, false);
         var mt = -BIG;
-        let s0 = scores[i * BKV + 0u];
-        mt = max(mt, s0);
-        let s1 = scores[i * BKV + 1u];
-        mt = max(mt, s1);
-        let s2 = scores[i * BKV + 2u];
-        mt = max(mt, s2);
-        let s3 = scores[i * BKV + 3u];
-        mt = max(mt, s3);
-        let s4 = scores[i * BKV + 4u];
-        mt = max(mt, s4);
-        let s5 = scores[i * BKV + 5u];
-        mt = max(mt, s5);
-        let s6 = scores[i * BKV + 6u];
-        mt = max(mt, s6);
-        let s7 = scores[i * BKV + 7u];
-        mt = max(mt, s7);
-        let s8 = scores[i * BKV + 8u];
-        mt = max(mt, s8);
-        let s9 = scores[i * BKV + 9u];
-        mt = max(mt, s9);
-        let s10 = scores[i * BKV + 10u];
-        mt = max(mt, s10);
-        let s11 = scores[i * BKV + 11u];
-        mt = max(mt, s11);
-        let s12 = scores[i * BKV + 12u];
-        mt = max(mt, s12);
-        let s13 = scores[i * BKV + 13u];
-        mt = max(mt, s13);
-        let s14 = scores[i * BKV + 14u];
-        mt = max(mt, s14);
-        let s15 = scores[i * BKV + 15u];
-        mt = max(mt, s15);
-        let s16 = scores[i * BKV + 16u];
-        mt = max(mt, s16);
-        let s17 = scores[i * BKV + 17u];
-        mt = max(mt, s17);
-        let s18 = scores[i * BKV + 18u];
-        mt = max(mt, s18);
-        let s19 = scores[i * BKV + 19u];
-        mt = max(mt, s19);
-        let s20 = scores[i * BKV + 20u];
-        mt = max(mt, s20);
-        let s21 = scores[i * BKV + 21u];
-        mt = max(mt, s21);
-        let s22 = scores[i * BKV + 22u];
-        mt = max(mt, s22);
-        let s23 = scores[i * BKV + 23u];
-        mt = max(mt, s23);
-        let s24 = scores[i * BKV + 24u];
-        mt = max(mt, s24);
-        let s25 = scores[i * BKV + 25u];
-        mt = max(mt, s25);
-        let s26 = scores[i * BKV + 26u];
-        mt = max(mt, s26);
-        let s27 = scores[i * BKV + 27u];
-        mt = max(mt, s27);
-        let s28 = scores[i * BKV + 28u];
-        mt = max(mt, s28);
-        let s29 = scores[i * BKV + 29u];
-        mt = max(mt, s29);
-        let s30 = scores[i * BKV + 30u];
-        mt = max(mt, s30);
-        let s31 = scores[i * BKV + 31u];
-        mt = max(mt, s31);
+        mt = max(mt, scores[i * BKV + 0u]);
+        mt = max(mt, scores[i * BKV + 1u]);
+        mt = max(mt, scores[i * BKV + 2u]);
+        mt = max(mt, scores[i * BKV + 3u]);
+        mt = max(mt, scores[i * BKV + 4u]);
+        mt = max(mt, scores[i * BKV + 5u]);
+        mt = max(mt, scores[i * BKV + 6u]);
+        mt = max(mt, scores[i * BKV + 7u]);
+        mt = max(mt, scores[i * BKV + 8u]);
+        mt = max(mt, scores[i * BKV + 9u]);
+        mt = max(mt, scores[i * BKV + 10u]);
+        mt = max(mt, scores[i * BKV + 11u]);
+        mt = max(mt, scores[i * BKV + 12u]);
+        mt = max(mt, scores[i * BKV + 13u]);
+        mt = max(mt, scores[i * BKV + 14u]);
+        mt = max(mt, scores[i * BKV + 15u]);
+        mt = max(mt, scores[i * BKV + 16u]);
+        mt = max(mt, scores[i * BKV + 17u]);
+        mt = max(mt, scores[i * BKV + 18u]);
+        mt = max(mt, scores[i * BKV + 19u]);
+        mt = max(mt, scores[i * BKV + 20u]);
+        mt = max(mt, scores[i * BKV + 21u]);
+        mt = max(mt, scores[i * BKV + 22u]);
+        mt = max(mt, scores[i * BKV + 23u]);
+        mt = max(mt, scores[i * BKV + 24u]);
+        mt = max(mt, scores[i * BKV + 25u]);
+        mt = max(mt, scores[i * BKV + 26u]);
+        mt = max(mt, scores[i * BKV + 27u]);
+        mt = max(mt, scores[i * BKV + 28u]);
+        mt = max(mt, scores[i * BKV + 29u]);
+        mt = max(mt, scores[i * BKV + 30u]);
+        mt = max(mt, scores[i * BKV + 31u]);
         let m_new = max(m, mt);
         let correction = exp(m - m_new);
+        if (c + 0u < BKV) {
+            let s = scores[i * BKV + c + 0u];
+            probs[i * BKV + c + 0u] = select(0.0, exp(s - m_new), s > -BIG);
+        }
+        if (c + 16u < BKV) {
+            let s = scores[i * BKV + c + 16u];
+            probs[i * BKV + c + 16u] = select(0.0, exp(s - m_new), s > -BIG);
+        }
+        kv[tile_index(lid + 0u * WG)] = pv0;
+        if (kb + BKV <= last) {
+            pk0 = k_cache[cache_index(kb + BKV, last, kv_base, lid + 0u * WG)];
+        }
+        workgroupBarrier();
         var sum = 0.0;
-        let e0 = select(0.0, exp(s0 - m_new), s0 > -BIG);
+        let e0 = probs[i * BKV + 0u];
         sum += e0;
-        let e1 = select(0.0, exp(s1 - m_new), s1 > -BIG);
+        let e1 = probs[i * BKV + 1u];
         sum += e1;
-        let e2 = select(0.0, exp(s2 - m_new), s2 > -BIG);
+        let e2 = probs[i * BKV + 2u];
         sum += e2;
-        let e3 = select(0.0, exp(s3 - m_new), s3 > -BIG);
+        let e3 = probs[i * BKV + 3u];
         sum += e3;
-        let e4 = select(0.0, exp(s4 - m_new), s4 > -BIG);
+        let e4 = probs[i * BKV + 4u];
         sum += e4;
-        let e5 = select(0.0, exp(s5 - m_new), s5 > -BIG);
+        let e5 = probs[i * BKV + 5u];
         sum += e5;
-        let e6 = select(0.0, exp(s6 - m_new), s6 > -BIG);
+        let e6 = probs[i * BKV + 6u];
         sum += e6;
-        let e7 = select(0.0, exp(s7 - m_new), s7 > -BIG);
+        let e7 = probs[i * BKV + 7u];
         sum += e7;
-        let e8 = select(0.0, exp(s8 - m_new), s8 > -BIG);
+        let e8 = probs[i * BKV + 8u];
         sum += e8;
-        let e9 = select(0.0, exp(s9 - m_new), s9 > -BIG);
+        let e9 = probs[i * BKV + 9u];
         sum += e9;
-        let e10 = select(0.0, exp(s10 - m_new), s10 > -BIG);
+        let e10 = probs[i * BKV + 10u];
         sum += e10;
-        let e11 = select(0.0, exp(s11 - m_new), s11 > -BIG);
+        let e11 = probs[i * BKV + 11u];
         sum += e11;
-        let e12 = select(0.0, exp(s12 - m_new), s12 > -BIG);
+        let e12 = probs[i * BKV + 12u];
         sum += e12;
-        let e13 = select(0.0, exp(s13 - m_new), s13 > -BIG);
+        let e13 = probs[i * BKV + 13u];
         sum += e13;
-        let e14 = select(0.0, exp(s14 - m_new), s14 > -BIG);
+        let e14 = probs[i * BKV + 14u];
         sum += e14;
-        let e15 = select(0.0, exp(s15 - m_new), s15 > -BIG);
+        let e15 = probs[i * BKV + 15u];
         sum += e15;
-        let e16 = select(0.0, exp(s16 - m_new), s16 > -BIG);
+        let e16 = probs[i * BKV + 16u];
         sum += e16;
-        let e17 = select(0.0, exp(s17 - m_new), s17 > -BIG);
+        let e17 = probs[i * BKV + 17u];
         sum += e17;
-        let e18 = select(0.0, exp(s18 - m_new), s18 > -BIG);
+        let e18 = probs[i * BKV + 18u];
         sum += e18;
-        let e19 = select(0.0, exp(s19 - m_new), s19 > -BIG);
+        let e19 = probs[i * BKV + 19u];
         sum += e19;
-        let e20 = select(0.0, exp(s20 - m_new), s20 > -BIG);
+        let e20 = probs[i * BKV + 20u];
         sum += e20;
-        let e21 = select(0.0, exp(s21 - m_new), s21 > -BIG);
+        let e21 = probs[i * BKV + 21u];
         sum += e21;
-        let e22 = select(0.0, exp(s22 - m_new), s22 > -BIG);
+        let e22 = probs[i * BKV + 22u];
         sum += e22;
-        let e23 = select(0.0, exp(s23 - m_new), s23 > -BIG);
+        let e23 = probs[i * BKV + 23u];
         sum += e23;
-        let e24 = select(0.0, exp(s24 - m_new), s24 > -BIG);
+        let e24 = probs[i * BKV + 24u];
         sum += e24;
-        let e25 = select(0.0, exp(s25 - m_new), s25 > -BIG);
+        let e25 = probs[i * BKV + 25u];
         sum += e25;
-        let e26 = select(0.0, exp(s26 - m_new), s26 > -BIG);
+        let e26 = probs[i * BKV + 26u];
         sum += e26;
-        let e27 = select(0.0, exp(s27 - m_new), s27 > -BIG);
+        let e27 = probs[i * BKV + 27u];
         sum += e27;
-        let e28 = select(0.0, exp(s28 - m_new), s28 > -BIG);
+        let e28 = probs[i * BKV + 28u];
         sum += e28;
-        let e29 = select(0.0, exp(s29 - m_new), s29 > -BIG);
+        let e29 = probs[i * BKV + 29u];
         sum += e29;
-        let e30 = select(0.0, exp(s30 - m_new), s30 > -BIG);
+        let e30 = probs[i * BKV + 30u];
         sum += e30;
-        let e31 = select(0.0, exp(s31 - m_new), s31 > -BIG);
+        let e31 = probs[i * BKV + 31u];
         sum += e31;
         l = l * correction + sum;
         m = m_new;
-        workgroupBarrier();
         if (c + 0u < LANES) {
             var a = o0 * correction;
             a += e0 * vec4<f32>(kv[0u * KS + c + 0u]);
