@@ -45,14 +45,22 @@ pub enum Activation {
     /// the down projection stages f16 (shader-f16, and a residual stream of
     /// 2048 or more), so that down stages its inputs divided by their rms.
     FfnSumSquares,
+    /// Sums of squares of [`Activation::Attn`] by parts of
+    /// [`SUM_SQUARES_PART`] values, `[tokens, q_dim / SUM_SQUARES_PART]` f32:
+    /// written beside it by the tiled attention where the output projection
+    /// stages f16 (as the down projection, and heads of a multiple of
+    /// [`SUM_SQUARES_PART`] dimensions, so each part lies in one head), so
+    /// that the output projection stages its inputs divided by their rms.
+    AttnSumSquares,
 }
 
-/// Values per part of [`Activation::SumSquares`] and
-/// [`Activation::FfnSumSquares`]: a tiled kernel's outputs per tile.
+/// Values per part of [`Activation::SumSquares`],
+/// [`Activation::FfnSumSquares`] and [`Activation::AttnSumSquares`]: a tiled
+/// kernel's outputs per tile.
 pub const SUM_SQUARES_PART: usize = crate::tiled::BO as usize;
 
 impl Activation {
-    pub const ALL: [Activation; 10] = [
+    pub const ALL: [Activation; 11] = [
         Activation::Hidden,
         Activation::HiddenHalf,
         Activation::Q,
@@ -63,6 +71,7 @@ impl Activation {
         Activation::Logits,
         Activation::SumSquares,
         Activation::FfnSumSquares,
+        Activation::AttnSumSquares,
     ];
 
     /// The WGSL name of its binding (a kernel reading sums of squares by
@@ -79,6 +88,7 @@ impl Activation {
             Activation::Logits => "logits",
             Activation::SumSquares => "ssq_parts",
             Activation::FfnSumSquares => "ffn_ssq_parts",
+            Activation::AttnSumSquares => "attn_ssq_parts",
         }
     }
 }

@@ -20,17 +20,18 @@
 //! token's outputs are scaled by 1/rms at the end (a dot product is linear).
 //!
 //! The plain gate/up on targets with shader-f16 ([`f16_products`]), and the
-//! down projection there where the residual stream is wide enough, instead
-//! stage f16 tiles and sum each step's products in f16 before their f32
+//! down and output projections there where their inputs are wide enough,
+//! instead stage f16 tiles and sum each step's products in f16 before their f32
 //! accumulators. Their inputs are divided by their rms before they are
 //! staged, so the f16 products keep their precision whatever the inputs'
 //! scale: each token's rms comes from the sums of squares by parts the kernel
 //! before leaves beside its output: the output projection beside the residual
 //! stream ([`crate::spec::Activation::SumSquares`], [`Tiling::part_sums`]),
 //! gate/up beside SiLU(gate) * up ([`crate::spec::Activation::FfnSumSquares`],
-//! [`Tiling::keep`]). Gate/up's RMSNorm then needs only the norm weights; the
-//! down projection multiplies its outputs back by the rms
-//! ([`Tiling::prelude`]'s unit inputs).
+//! [`Tiling::keep`]), the tiled attention beside its output
+//! ([`crate::spec::Activation::AttnSumSquares`]). Gate/up's RMSNorm then
+//! needs only the norm weights; the down and output projections multiply
+//! their outputs back by the rms ([`Tiling::prelude`]'s unit inputs).
 
 use crate::coop::{self, CoopTiling};
 use crate::manifest::QuantFormat;
@@ -104,10 +105,10 @@ impl Tiling {
     /// invocations (a tile's BO outputs) of `v`, one per token, for the output
     /// projection writing the residual stream's sums of squares by parts (rows
     /// of `OUT`). Call it from every invocation, after the input loop (it
-    /// trades through the input tile).
-    pub fn part_sums(&self) -> &'static str {
-        debug_assert!(!self.f16_tiles, "sums are traded through an f32 input tile");
-        PART_SUMS
+    /// trades through the input tile, or with f16 tiles through `red`).
+    pub fn part_sums(&self) -> String {
+        debug_assert!(self.quads == 1, "one vec4 an invocation");
+        PART_SUMS.replace("$TILE", if self.f16_tiles { "red" } else { "xt" })
     }
 
     /// With f16 tiles, an epilogue's sums over each tile row of a value per
@@ -434,20 +435,21 @@ fn exchange(v: vec4<f32>, partner: u32) -> vec4<f32> {
 
 "#;
 
-/// See [`Tiling::part_sums`]: xt holds BK * (BT / 4 + 1) = WG * QUADS + BK vec4s.
+/// See [`Tiling::part_sums`]: xt holds BK * (BT / 4 + 1) = WG * QUADS + BK
+/// vec4s, red WG * QUADS.
 const PART_SUMS: &str = r#"
 // The output's parts of BO per token.
 const OUT_PARTS: u32 = (OUT + BO - 1u) / BO;
 
 // The sums of v over the invocations of this one's token quad (a tile's
-// outputs), through xt.
+// outputs), through $TILE.
 fn part_sums(v: vec4<f32>) -> vec4<f32> {
     workgroupBarrier();
-    xt[lid] = v;
+    $TILE[lid] = v;
     workgroupBarrier();
     var s = vec4<f32>(0.0);
     for (var j = 0u; j < TX; j++) {
-        s += xt[tile_lid(j, tile_y(lid))];
+        s += $TILE[tile_lid(j, tile_y(lid))];
     }
     return s;
 }
@@ -622,8 +624,9 @@ fn per_token(quads: u32, token: &str, body: &str) -> String {
 }
 
 /// Whether the plain tiled gate/up of `target` stages f16 tiles and sums each
-/// step's products in f16 (and the down projection, of a residual stream wide
-/// enough, `ops::UNIT_FFN_MIN_HIDDEN`): where the target has shader-f16. On the H100
+/// step's products in f16 (and the down and output projections, of inputs
+/// wide enough, `ops::unit_ffn` and `ops::unit_attn`): where the target has
+/// shader-f16. On the H100
 /// (Llama-2-7B F16, prefill of 512 tokens) gate/up took 2319 us a layer
 /// instead of 2759, the prefill 188 ms instead of 202. QKV in f16 too saved 4
 /// ms more, but on the real SmolLM2 (256 positions, llvmpipe) the largest

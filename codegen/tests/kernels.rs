@@ -72,16 +72,18 @@ fn f16_pairs_are_current_where_read(plan: &Plan, coop: bool) {
 }
 
 /// The activations' sums of squares by parts.
-const SUMS: [Activation; 2] = [Activation::SumSquares, Activation::FfnSumSquares];
+const SUMS: [Activation; 3] = [Activation::SumSquares, Activation::FfnSumSquares, Activation::AttnSumSquares];
 
 /// The plain tiled kernels staging f16 read sums of squares by parts exactly
-/// where expected (`[residual, ffn]`: the plain kernels stage f16, and the
-/// down projection of a residual stream that wide too), and they are current
-/// there: the tiled kernel before writes them (all of a step's layer kernels
-/// run tiled, or none), and no other kernel binds them. Gate/up reads the
-/// residual stream's, which the output projection writes; the down
-/// projection reads SiLU(gate) * up's, which gate/up writes.
-fn sum_squares_are_current_where_read(plan: &Plan, expected: [bool; 2]) {
+/// where expected (`[residual, ffn, attn]`: the plain kernels stage f16, and
+/// the down and output projections of a residual stream that wide too), and
+/// they are current there: the tiled kernel before writes them (all of a
+/// step's layer kernels run tiled, or none), and no other kernel binds them.
+/// Gate/up reads the residual stream's, which the output projection writes;
+/// the down projection reads SiLU(gate) * up's, which gate/up writes; the
+/// output projection reads the attention output's, which the attention
+/// writes.
+fn sum_squares_are_current_where_read(plan: &Plan, expected: [bool; 3]) {
     let binds = |k: &llama5_codegen::Kernel, a: Activation, access: Access| {
         k.bindings.iter().any(|b| b.resource == Resource::Activation(a) && b.access == access)
     };
@@ -89,6 +91,7 @@ fn sum_squares_are_current_where_read(plan: &Plan, expected: [bool; 2]) {
     let pairs = [
         (Activation::SumSquares, "attn-output-", "rms-gate-up-", expected[0]),
         (Activation::FfnSumSquares, "rms-gate-up-", "matvec-add-ffn-", expected[1]),
+        (Activation::AttnSumSquares, "attention-", "attn-output-", expected[2]),
     ];
     for step in &plan.steps {
         let decode = &plan.kernels[step.kernel];
@@ -176,7 +179,7 @@ fn real_model_shape_validates_for_every_precision_and_target() {
             f16_pairs_are_current_where_read(&plan, target.cooperative_matrix);
             // SmolLM2's residual stream is too narrow for f16 tiles in down
             let plain_f16 = target.shader_f16 && !target.cooperative_matrix;
-            sum_squares_are_current_where_read(&plan, [plain_f16, false]);
+            sum_squares_are_current_where_read(&plan, [plain_f16, false, false]);
         }
     }
     // attention (and its batch variant), argmax and the sampler do not depend on the weight format;
@@ -212,7 +215,7 @@ fn large_model_shape_validates_for_every_target() {
         for &target in &targets {
             let plan = Plan::from_manifest(&manifest, &target).unwrap();
             let plain_f16 = target.shader_f16 && !target.cooperative_matrix;
-            sum_squares_are_current_where_read(&plan, [plain_f16, plain_f16]);
+            sum_squares_are_current_where_read(&plan, [plain_f16; 3]);
             assert_eq!(plan.workgroup_bytes.len(), plan.kernels.len());
             for (k, &bytes) in plan.kernels.iter().zip(&plan.workgroup_bytes) {
                 let module = validate(k, &target).unwrap_or_else(|e| panic!("{}: {e}", k.name));
@@ -718,6 +721,21 @@ fn snapshot_tiled_prefill_f16() {
     // two tiles' accumulators of one token quad
     assert_eq!(down.matches("] = vec4<f16>(0.0);").count(), 8);
     insta::assert_snapshot!("down_f16_wide_batch_f16", down);
+    // Llama-2-7B's attention leaves its output's sums of squares, which its
+    // output projection stages unit inputs by (and it leaves the residual
+    // stream's, through red)
+    let attention = snapshot_batch(KernelSpec::Attention { heads: 32, kv_heads: 32, head_dim: 128, target });
+    assert!(attention.contains("attn_ssq_parts[t * OUT_PARTS + h * HEAD_PARTS + c] = s;"));
+    insta::assert_snapshot!("attention_sums_batch_f16", attention);
+    let o_proj = snapshot_batch(KernelSpec::AttnOutput {
+        heads: 32,
+        head_dim: 128,
+        hidden: 4096,
+        format: QuantFormat::F16,
+        target,
+    });
+    assert!(o_proj.contains("vec4<f16>(px0 * rs0)") && o_proj.contains("red[lid] = v;"));
+    insta::assert_snapshot!("attn_output_f16_wide_batch_f16", o_proj);
     // Llama-2-7B's QKV of F16 weights: two tiles of one matrix per
     // workgroup, two token quads per invocation
     let spec = llama2_7b_qkv([QuantFormat::F16; 3], target);

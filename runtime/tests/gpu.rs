@@ -381,6 +381,7 @@ fn summed(resource: &Resource) -> Option<Activation> {
     match resource {
         Resource::Activation(Activation::SumSquares) => Some(Activation::Hidden),
         Resource::Activation(Activation::FfnSumSquares) => Some(Activation::Ffn),
+        Resource::Activation(Activation::AttnSumSquares) => Some(Activation::Attn),
         _ => None,
     }
 }
@@ -903,9 +904,11 @@ fn attention_matches_cpu() {
     let _gpu = gpu_lock();
     // heads of 10 and 34 dimensions are read one at a time, of 16 four at a time; 32
     // heads of 80 split fewer ways (split_limit); 34 ends its key rows past the last
-    // full run of loads (ATTENTION_KEY_LOADS lanes)
+    // full run of loads (ATTENTION_KEY_LOADS lanes); 16 heads of 128, an output 2048
+    // wide, for which the batch kernel on f16 leaves sums of squares by parts (two a
+    // head)
     for (runner, head_dim, heads, kv_heads) in
-        runners().iter().flat_map(|r| [(r, 10, 6, 2), (r, 34, 6, 2), (r, 16, 6, 2), (r, 80, 32, 8)])
+        runners().iter().flat_map(|r| [(r, 10, 6, 2), (r, 34, 6, 2), (r, 16, 6, 2), (r, 80, 32, 8), (r, 128, 16, 4)])
     {
         let (q_dim, kv_dim, group) = (heads * head_dim, kv_heads * head_dim, heads / kv_heads);
         let target = *runner.target();
@@ -963,8 +966,9 @@ fn attention_matches_cpu() {
             assert_close(&what, &got[..tokens * q_dim], &want, NMSE_F16);
             if tokens > 1 {
                 let batch = generate_batch(&spec).unwrap().expect("attention has a batch variant");
-                let grid = batch.dispatch_for(&step_of(&contents), 0);
-                let result = runner.run(&batch, &contents, grid).unwrap_or_else(|e| panic!("{}: {e}", batch.name));
+                let sums = batch.bindings.iter().any(|b| summed(&b.resource) == Some(Activation::Attn));
+                assert_eq!(sums, target.shader_f16 && q_dim == 2048, "{}: sums of squares", batch.name);
+                let result = run_kernel(runner, &batch, &contents, 0);
                 let what = format!("{} pos {pos} ctx {ctx}", batch.name);
                 assert_close(&what, &to_f32(&result[4])[..tokens * q_dim], &want, NMSE_F16);
             }
@@ -1006,21 +1010,39 @@ fn attn_output_combines_splits_then_matches_cpu() {
             // wide workgroups (INT4's input then staged as int8 groups where two of
             // them make a k-slice: tiles of 4 quads at 2050 outputs, of 8 at 4100);
             // 4096 outputs, where the tiled kernel takes two tiles a workgroup
-            // (and writes two parts of the stream's sums of squares)
+            // (and writes two parts of the stream's sums of squares); 16 heads of
+            // 128, whose tiled kernel on f16 stages unit inputs
             let shapes: &[(usize, usize, usize)] = match format {
-                QuantFormat::F16 | QuantFormat::Bf16 => {
-                    &[(6, 16, 50), (6, 352, 50), (32, 80, 50), (6, 10, 50), (2, 1030, 50), (3, 6, 50), (32, 80, 2050)]
-                }
-                QuantFormat::Int4 { .. } => {
-                    &[(6, 16, 50), (6, 352, 50), (32, 80, 50), (32, 80, 2050), (26, 80, 4100), (2, 64, 4096)]
-                }
-                _ => &[(6, 16, 50), (6, 352, 50), (32, 80, 50), (32, 80, 2050)],
+                QuantFormat::F16 | QuantFormat::Bf16 => &[
+                    (6, 16, 50),
+                    (6, 352, 50),
+                    (32, 80, 50),
+                    (6, 10, 50),
+                    (2, 1030, 50),
+                    (3, 6, 50),
+                    (32, 80, 2050),
+                    (16, 128, 4096),
+                ],
+                QuantFormat::Int4 { .. } => &[
+                    (6, 16, 50),
+                    (6, 352, 50),
+                    (32, 80, 50),
+                    (32, 80, 2050),
+                    (26, 80, 4100),
+                    (2, 64, 4096),
+                    (16, 128, 70),
+                ],
+                _ => &[(6, 16, 50), (6, 352, 50), (32, 80, 50), (32, 80, 2050), (16, 128, 70)],
             };
             for &(heads, head_dim, hidden_base) in shapes {
                 let in_features = heads * head_dim;
                 let hidden_size = input_size(format, hidden_base);
                 // steps of several tokens (never split), of one short token, and split 2 and 32 ways
                 for (pos, tokens, ctx) in [(0, 3, 64), (5, 1, 64), (300, 1, 400), (9000, 1, 9001)] {
+                    // the unit-input shapes are for the tiled kernel, which splits no step
+                    if in_features == 2048 && tokens == 1 {
+                        continue;
+                    }
                     let st = step(pos, tokens, ctx, 0, 0);
                     let splits =
                         attention_splits(&step_of(std::slice::from_ref(&st)), split_limit(heads, head_dim)) as usize;
@@ -1045,6 +1067,9 @@ fn attn_output_combines_splits_then_matches_cpu() {
                     } else {
                         vec![run(runner, &spec, &contents, 0)]
                     };
+                    let unit = results.iter().any(|(k, _)| k.wgsl.contains("let r = rms(ty);"));
+                    let plain_f16 = target.shader_f16 && !target.cooperative_matrix;
+                    assert_eq!(unit, tokens > 1 && plain_f16 && in_features == 2048, "{heads} heads of {head_dim}");
                     for (kernel, result) in results {
                         let what = format!("{} pos {pos}, {tokens} tokens, {splits} splits", kernel.name);
                         assert_close(&what, &to_f32(&result[3]), &want, kernel_limit(&kernel, nmse_for(format)));

@@ -77,6 +77,7 @@ pub(crate) fn activation_bytes(cfg: &llama5_codegen::manifest::ModelConfig, a: A
         Activation::Logits => (logit_rows, cfg.vocab_size),
         Activation::SumSquares => (batch, cfg.hidden_size.div_ceil(SUM_SQUARES_PART)),
         Activation::FfnSumSquares => (batch, cfg.intermediate_size.div_ceil(SUM_SQUARES_PART)),
+        Activation::AttnSumSquares => (batch, cfg.q_dim().div_ceil(SUM_SQUARES_PART)),
     };
     (rows * per_row * 4) as u64
 }
