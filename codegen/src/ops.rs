@@ -2008,6 +2008,8 @@ fn matmul_add_tiled(
     m.konst("OUT", "u32", out_features);
     m.helpers += &tiling.prelude(x, false, half_input);
     if let Some(t) = parts {
+        // the stream's parts of BO per token
+        m.konst("OUT_PARTS", "u32", out_features.div_ceil(BO as usize));
         m.helpers += &t.part_sums();
     }
     let parts = parts.is_some();

@@ -101,10 +101,10 @@ impl Tiling {
         Tiling { f16_tiles: true, ..Tiling::for_target(target) }
     }
 
-    /// `OUT_PARTS` and `part_sums(v)`: the sums over each token quad's row of
-    /// invocations (a tile's BO outputs) of `v`, one per token, for the output
-    /// projection writing the residual stream's sums of squares by parts (rows
-    /// of `OUT`). Call it from every invocation, after the input loop (it
+    /// `part_sums(v)`: the sums over each token quad's row of invocations (a
+    /// tile's BO outputs) of `v`, one per token, for the output projection
+    /// writing the residual stream's sums of squares by parts (`OUT_PARTS` of
+    /// them a token, which the kernel defines). Call it from every invocation, after the input loop (it
     /// trades through the input tile, or with f16 tiles through `red`).
     pub fn part_sums(&self) -> String {
         debug_assert!(self.quads == 1, "one vec4 an invocation");
@@ -438,9 +438,6 @@ fn exchange(v: vec4<f32>, partner: u32) -> vec4<f32> {
 /// See [`Tiling::part_sums`]: xt holds BK * (BT / 4 + 1) = WG * QUADS + BK
 /// vec4s, red WG * QUADS.
 const PART_SUMS: &str = r#"
-// The output's parts of BO per token.
-const OUT_PARTS: u32 = (OUT + BO - 1u) / BO;
-
 // The sums of v over the invocations of this one's token quad (a tile's
 // outputs), through $TILE.
 fn part_sums(v: vec4<f32>) -> vec4<f32> {
