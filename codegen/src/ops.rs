@@ -755,9 +755,9 @@ const ATTENTION_FEW_HEADS: usize = 16;
 /// in tiles of keys staged once in workgroup memory for every query of the
 /// block (the decode kernel reads each key row once per query: on the H100
 /// a 512-token prefill of Llama-2-7B spent 0.74 ms a layer in attention).
-/// Each tile's rows are loaded into registers while the tile before is
-/// computed, and each exponential is taken once, by the invocation that
-/// scored it (on the H100, 512 tokens, F16: Llama-2-7B 205 to 184 us a layer,
+/// Each tile's keys are loaded into registers while the tile before is
+/// computed (its values while its scores are), and each exponential is taken
+/// once, by the invocation that scored it (on the H100, 512 tokens, F16: Llama-2-7B 205 to 184 us a layer,
 /// Llama-3.2-1B 116 to 102, SmolLM2 52 to 44).
 fn attention_tiled(
     name: String,
@@ -790,7 +790,7 @@ fn attention_tiled(
             "as the decode kernel computes it: token t at position p = pos + t attends to positions",
             "max(0, p + 1 - ctx) ..= p of the ring-buffer cache. The block walks the positions its",
             "tokens attend in tiles of BKV keys staged in workgroup memory (then their values, in",
-            "the same place; each loaded into registers while the tile before is computed), with an",
+            "the same place; keys loaded into registers a tile ahead, values during the scores), with an",
             "online softmax per token; ROW_LANES invocations share a token, each scoring keys c,",
             "c + ROW_LANES, ... (and taking their exponentials) and summing lanes c, c + ROW_LANES,",
             "... of the values.",
@@ -915,6 +915,8 @@ fn tile_index(e: u32) -> u32 {{
         // invocation leaves its slots' squares in a vec4, and invocation c
         // adds up part c's
         debug_assert!(lanes == row * lane_slots && lane_slots <= 4 && width == 4);
+        debug_assert_eq!(row * width, SUM_SQUARES_PART, "a slot's lanes are one part");
+        // OUT: the output's width, as the tiled kernels name it
         m.konst("OUT", "u32", heads * head_dim);
         m.konst("OUT_PARTS", "u32", heads * lane_slots);
         m.konst("HEAD_PARTS", "u32", lane_slots);
@@ -1638,18 +1640,19 @@ fn residual(half: bool) -> &'static str {
 }
 
 /// Binds the sums of squares by parts `sums` (the residual stream's,
-/// [`Activation::SumSquares`], or SiLU(gate) * up's,
-/// [`Activation::FfnSumSquares`]) where [`f16_products`]: read as `in_ssq`
-/// by the plain tiled kernel staging f16 tiles of that input (gate/up, down),
-/// written (`Access::ReadWrite`) beside it by the tiled kernel before (the
-/// output projection, gate/up). Bound after every binding the kernel has
+/// [`Activation::SumSquares`], SiLU(gate) * up's,
+/// [`Activation::FfnSumSquares`], or the attention output's,
+/// [`Activation::AttnSumSquares`]) where [`f16_products`]: read as `in_ssq`
+/// by the plain tiled kernel staging f16 tiles of that input (gate/up, down,
+/// the output projection), written (`Access::ReadWrite`) beside it by the
+/// tiled kernel before (the output projection, gate/up, the attention). Bound after every binding the kernel has
 /// without them, the sums read before those written. The return says whether
 /// they were bound.
 fn bind_sum_squares(m: &mut ModuleText, target: &Target, sums: Activation, access: Access) -> bool {
     let bound = f16_products(target);
     if bound {
         let name = if access == Access::ReadOnly { "in_ssq" } else { sums.ident() };
-        let what = "[tokens, parts] sums of squares by parts of BO values";
+        let what = "[tokens, parts] sums of squares by parts of 64 values";
         m.bind(name, access, Resource::Activation(sums), "f32", what);
     }
     bound

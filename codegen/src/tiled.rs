@@ -20,8 +20,8 @@
 //! token's outputs are scaled by 1/rms at the end (a dot product is linear).
 //!
 //! The plain gate/up on targets with shader-f16 ([`f16_products`]), and the
-//! down and output projections there where their inputs are wide enough,
-//! instead stage f16 tiles and sum each step's products in f16 before their f32
+//! down projection there where the residual stream is wide enough, and the
+//! output projection where the attention output is, instead stage f16 tiles and sum each step's products in f16 before their f32
 //! accumulators. Their inputs are divided by their rms before they are
 //! staged, so the f16 products keep their precision whatever the inputs'
 //! scale: each token's rms comes from the sums of squares by parts the kernel
@@ -621,9 +621,9 @@ fn per_token(quads: u32, token: &str, body: &str) -> String {
 }
 
 /// Whether the plain tiled gate/up of `target` stages f16 tiles and sums each
-/// step's products in f16 (and the down and output projections, of inputs
-/// wide enough, `ops::unit_ffn` and `ops::unit_attn`): where the target has
-/// shader-f16. On the H100
+/// step's products in f16 (and the down projection of a residual stream
+/// wide enough, `ops::unit_ffn`, and the output projection of an attention
+/// output wide enough, `ops::unit_attn`): where the target has shader-f16. On the H100
 /// (Llama-2-7B F16, prefill of 512 tokens) gate/up took 2319 us a layer
 /// instead of 2759, the prefill 188 ms instead of 202. QKV in f16 too saved 4
 /// ms more, but on the real SmolLM2 (256 positions, llvmpipe) the largest

@@ -76,7 +76,8 @@ const SUMS: [Activation; 3] = [Activation::SumSquares, Activation::FfnSumSquares
 
 /// The plain tiled kernels staging f16 read sums of squares by parts exactly
 /// where expected (`[residual, ffn, attn]`: the plain kernels stage f16, and
-/// the down and output projections of a residual stream that wide too), and
+/// the down and output projections of a residual stream and an attention
+/// output that wide too, of heads of a multiple of 64 dimensions), and
 /// they are current there: the tiled kernel before writes them (all of a
 /// step's layer kernels run tiled, or none), and no other kernel binds them.
 /// Gate/up reads the residual stream's, which the output projection writes;

@@ -305,8 +305,8 @@ const F16_SUBNORMAL_STEP: f32 = 5.960_464_5e-8;
 /// written in place come back as f32; a copy written beside the stream must
 /// hold the written stream, rounded.
 ///
-/// Sums of squares by parts (of the residual stream, of SiLU(gate) * up),
-/// bound last where a kernel binds them, are likewise computed from their
+/// Sums of squares by parts (of the residual stream, of SiLU(gate) * up, of
+/// the attention output), bound last where a kernel binds them, are likewise computed from their
 /// activation where read, and where written must hold the written
 /// activation's for every token of the step.
 fn run_kernel(runner: &KernelRunner, kernel: &Kernel, contents: &[Vec<u8>], rows: u32) -> Vec<Vec<u8>> {
@@ -541,7 +541,7 @@ fn matvec_add_matches_cpu() {
                 (90, 4224, 3),
                 (90, 2050, 70),
             ] {
-                check_down(runner, format, input_size(format, in_base), out, tokens, 1.0, false, "");
+                check_down(runner, format, input_size(format, in_base), out, tokens, 1.0, None, false, "");
             }
         }
     }
@@ -550,9 +550,11 @@ fn matvec_add_matches_cpu() {
 /// Runs every variant of the down projection (and residual add) over `tokens`
 /// rows of `in_features` inputs scaled by `x_scale` against the CPU, the
 /// residual stream at the same scale (so the products weigh in the error);
-/// `what` names the case. With `unit_only`, only the variants staging unit
-/// inputs (f16 tiles of inputs divided by their rms) are held to the
-/// tolerance, and the runner must have one.
+/// with `heads_of` (a head's dimensions), the output projection instead, of
+/// an attention output of that many inputs. `what` names the case. With
+/// `unit_only`, only the variants staging unit inputs (f16 tiles of inputs
+/// divided by their rms) are held to the tolerance, and the runner must have
+/// one.
 #[allow(clippy::too_many_arguments)]
 fn check_down(
     runner: &KernelRunner,
@@ -561,6 +563,7 @@ fn check_down(
     out: usize,
     tokens: usize,
     x_scale: f32,
+    heads_of: Option<usize>,
     unit_only: bool,
     what: &str,
 ) {
@@ -569,8 +572,22 @@ fn check_down(
     let x = rng.vec(tokens * in_features, x_scale);
     let hidden = rng.vec(tokens * out, x_scale);
     let target = *runner.target();
-    let spec = KernelSpec::MatvecAdd { input: Activation::Ffn, in_features, out_features: out, format, target };
-    let contents = vec![step(0, tokens, 1, 0, 0), f32_bytes(&x), w_bytes, f32_bytes(&hidden)];
+    let st = step(0, tokens, 1, 0, 0);
+    let (spec, contents) = match heads_of {
+        None => (
+            KernelSpec::MatvecAdd { input: Activation::Ffn, in_features, out_features: out, format, target },
+            vec![st, f32_bytes(&x), w_bytes, f32_bytes(&hidden)],
+        ),
+        Some(head_dim) => {
+            let heads = in_features / head_dim;
+            // a step of several tokens is never split: the log-sum-exps go unread
+            let lse = vec![0; MAX_ATTENTION_SPLITS as usize * heads * 4];
+            (
+                KernelSpec::AttnOutput { heads, head_dim, hidden: out, format, target },
+                vec![st, f32_bytes(&x), w_bytes, f32_bytes(&hidden), lse],
+            )
+        }
+    };
     let mut want = hidden.clone();
     for t in 0..tokens {
         let y = matvec(&w, &x[t * in_features..(t + 1) * in_features], out);
@@ -730,7 +747,8 @@ fn rms_gate_up_matches_cpu() {
 /// its outputs, for the down projection's f16 tiles: that one divides its
 /// inputs by their rms too, and must hold at any scale of SiLU(gate) * up
 /// (f16 would hold neither scale here as it is: the small ones in its
-/// subnormals, the large ones' step sums past its largest value). The
+/// subnormals, the large ones' step sums past its largest value); so must the
+/// output projection of an attention output 2048 wide. The
 /// cooperative-matrix down projection stages its inputs as f16 as they are,
 /// so the small scale holds only the unit-input kernels (the emulated coop
 /// one gave 7.5e-4 there).
@@ -744,7 +762,10 @@ fn normalising_kernels_hold_any_input_scale() {
             check_gate_up(runner, format, 2048, 70, 66, x_scale, norm_scale, &what);
         }
         for (x_scale, unit_only) in [(1e-6, true), (3e4, false)] {
-            check_down(runner, format, 70, 2050, 66, x_scale, unit_only, &format!(" at input scale {x_scale}"));
+            let what = format!(" at input scale {x_scale}");
+            check_down(runner, format, 70, 2050, 66, x_scale, None, unit_only, &what);
+            // the output projection of 16 heads of 128
+            check_down(runner, format, 2048, 70, 66, x_scale, Some(128), unit_only, &what);
         }
     }
 }
@@ -904,11 +925,12 @@ fn attention_matches_cpu() {
     let _gpu = gpu_lock();
     // heads of 10 and 34 dimensions are read one at a time, of 16 four at a time; 32
     // heads of 80 split fewer ways (split_limit); 34 ends its key rows past the last
-    // full run of loads (ATTENTION_KEY_LOADS lanes); 16 heads of 128, an output 2048
-    // wide, for which the batch kernel on f16 leaves sums of squares by parts (two a
-    // head)
-    for (runner, head_dim, heads, kv_heads) in
-        runners().iter().flat_map(|r| [(r, 10, 6, 2), (r, 34, 6, 2), (r, 16, 6, 2), (r, 80, 32, 8), (r, 128, 16, 4)])
+    // full run of loads (ATTENTION_KEY_LOADS lanes); 16 heads of 128 and 32 of 64,
+    // outputs 2048 wide, for which the batch kernel on f16 leaves sums of squares by
+    // parts (two a head, one)
+    for (runner, head_dim, heads, kv_heads) in runners()
+        .iter()
+        .flat_map(|r| [(r, 10, 6, 2), (r, 34, 6, 2), (r, 16, 6, 2), (r, 80, 32, 8), (r, 128, 16, 4), (r, 64, 32, 8)])
     {
         let (q_dim, kv_dim, group) = (heads * head_dim, kv_heads * head_dim, heads / kv_heads);
         let target = *runner.target();

@@ -4,7 +4,7 @@
 // as the decode kernel computes it: token t at position p = pos + t attends to positions
 // max(0, p + 1 - ctx) ..= p of the ring-buffer cache. The block walks the positions its
 // tokens attend in tiles of BKV keys staged in workgroup memory (then their values, in
-// the same place; each loaded into registers while the tile before is computed), with an
+// the same place; keys loaded into registers a tile ahead, values during the scores), with an
 // online softmax per token; ROW_LANES invocations share a token, each scoring keys c,
 // c + ROW_LANES, ... (and taking their exponentials) and summing lanes c, c + ROW_LANES,
 // ... of the values.

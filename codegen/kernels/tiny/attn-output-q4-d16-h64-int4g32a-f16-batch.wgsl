@@ -8,7 +8,7 @@
 //   2: w (read): the projection; int4 x8, groups of 32 inputs with (scale, min) f16 pairs, 64 x 64
 //   3: hidden (read_write): [tokens, OUT] residual stream
 //   4: lse (read): [MAX_SPLITS, HEADS] log-sum-exp of each split's scores
-//   5: ssq_parts (read_write): [tokens, parts] sums of squares by parts of BO values
+//   5: ssq_parts (read_write): [tokens, parts] sums of squares by parts of 64 values
 
 enable f16;
 

@@ -9,7 +9,7 @@
 //   3: w_gate (read): gate_proj; int4 x8, groups of 32 inputs with (scale, min) f16 pairs, 128 x 64
 //   4: w_up (read): up_proj; int4 x8, groups of 32 inputs with (scale, min) f16 pairs, 128 x 64
 //   5: ffn (read_write): [tokens, OUT] SiLU(gate) * up
-//   6: in_ssq (read): [tokens, parts] sums of squares by parts of BO values
+//   6: in_ssq (read): [tokens, parts] sums of squares by parts of 64 values
 
 enable f16;
 

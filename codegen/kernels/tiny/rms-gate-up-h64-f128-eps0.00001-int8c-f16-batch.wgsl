@@ -9,7 +9,7 @@
 //   3: w_gate (read): gate_proj; int8 x4 with an f32 scale per output, 128 x 64
 //   4: w_up (read): up_proj; int8 x4 with an f32 scale per output, 128 x 64
 //   5: ffn (read_write): [tokens, OUT] SiLU(gate) * up
-//   6: in_ssq (read): [tokens, parts] sums of squares by parts of BO values
+//   6: in_ssq (read): [tokens, parts] sums of squares by parts of 64 values
 
 enable f16;
 
