@@ -757,8 +757,9 @@ const ATTENTION_FEW_HEADS: usize = 16;
 /// a 512-token prefill of Llama-2-7B spent 0.74 ms a layer in attention).
 /// Each tile's keys are loaded into registers while the tile before is
 /// computed (its values while its scores are), and each exponential is taken
-/// once, by the invocation that scored it (on the H100, 512 tokens, F16: Llama-2-7B 205 to 184 us a layer,
-/// Llama-3.2-1B 116 to 102, SmolLM2 52 to 44).
+/// once, by the invocation that scored it (on the H100, 512 tokens, F16:
+/// Llama-2-7B 205 to 184 us a layer, Llama-3.2-1B 116 to 103, SmolLM2 52 to
+/// 44).
 fn attention_tiled(
     name: String,
     heads: usize,
@@ -924,7 +925,7 @@ fn tile_index(e: u32) -> u32 {{
             .map(|slot| format!("        let y{slot} = o{slot} / l;\n        sq[{slot}] = dot(y{slot}, y{slot});\n"))
             .collect();
         format!(
-            r#"    // the output's sums of squares by parts of BO, through qs
+            r#"    // the output's sums of squares by parts of 64, through qs
     var sq = vec4<f32>(0.0);
     if (t < n) {{
 {squares}    }}
@@ -1645,8 +1646,9 @@ fn residual(half: bool) -> &'static str {
 /// [`Activation::AttnSumSquares`]) where [`f16_products`]: read as `in_ssq`
 /// by the plain tiled kernel staging f16 tiles of that input (gate/up, down,
 /// the output projection), written (`Access::ReadWrite`) beside it by the
-/// tiled kernel before (the output projection, gate/up, the attention). Bound after every binding the kernel has
-/// without them, the sums read before those written. The return says whether
+/// tiled kernel before (the output projection, gate/up, the attention).
+/// Bound after every binding the kernel has without them, the sums read
+/// before those written. The return says whether
 /// they were bound.
 fn bind_sum_squares(m: &mut ModuleText, target: &Target, sums: Activation, access: Access) -> bool {
     let bound = f16_products(target);
