@@ -291,11 +291,13 @@ impl Plan {
 
         let embed = check_matrix(names::EMBED, cfg.vocab_size, h)?;
         for (i, rows) in embed.parts.iter().enumerate() {
-            let k = set.add(&KernelSpec::Embed { hidden: h, rows: *rows, format: embed.format, target: *target })?;
+            let spec = KernelSpec::Embed { hidden: h, rows: *rows, format: embed.format, target: *target };
+            let k = set.add(&spec)?;
+            let batch_kernel = set.add_batch(&spec)?;
             let tensors = set.refs(k, &[("embed", names::EMBED.to_string())], i);
             steps.push(PlanStep {
                 kernel: k,
-                batch_kernel: None,
+                batch_kernel,
                 batch_with: None,
                 stage: Stage::Embed,
                 layer: None,

@@ -37,7 +37,8 @@ pub enum Activation {
     /// (rounded up): written beside [`Activation::Hidden`] by the tiled output
     /// projection where the plain tiled gate/up stages f16 (`tiled::f16_products`),
     /// so that gate/up divides each token's inputs by its rms before staging
-    /// them.
+    /// them; and by the tiled down projection and the embedding's batch
+    /// kernel where QKV does the same (a stream of 2048 or more).
     SumSquares,
     /// Sums of squares of [`Activation::Ffn`] by parts of
     /// [`SUM_SQUARES_PART`] values, `[tokens, intermediate / SUM_SQUARES_PART]`

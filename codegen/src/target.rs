@@ -101,7 +101,7 @@ impl Target {
     /// Whether the tiled kernels use cooperative matrices: they need f16,
     /// subgroups of exactly [`COOP_SUBGROUP_SIZE`] (each owns its sub-tiles)
     /// and a full workgroup of 256 invocations.
-    pub(crate) fn uses_coop(&self) -> bool {
+    pub fn uses_coop(&self) -> bool {
         self.cooperative_matrix
             && self.shader_f16
             && self.subgroups

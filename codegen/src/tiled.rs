@@ -20,18 +20,21 @@
 //! token's outputs are scaled by 1/rms at the end (a dot product is linear).
 //!
 //! The plain gate/up on targets with shader-f16 ([`f16_products`]), and the
-//! down projection there where the residual stream is wide enough, and the
-//! output projection where the attention output is, instead stage f16 tiles
-//! and sum each step's products in f16 before their f32 accumulators. Their inputs are divided by their rms before they are
+//! down projection and QKV there where the residual stream is wide enough,
+//! and the output projection where the attention output is, instead stage
+//! f16 tiles and sum each step's products in f16 before their f32
+//! accumulators. Their inputs are divided by their rms before they are
 //! staged, so the f16 products keep their precision whatever the inputs'
 //! scale: each token's rms comes from the sums of squares by parts the kernel
-//! before leaves beside its output: the output projection beside the residual
-//! stream ([`crate::spec::Activation::SumSquares`], [`Tiling::part_sums`]),
-//! gate/up beside SiLU(gate) * up ([`crate::spec::Activation::FfnSumSquares`],
-//! [`Tiling::keep`]), the tiled attention beside its output
-//! ([`crate::spec::Activation::AttnSumSquares`]). Gate/up's RMSNorm then
-//! needs only the norm weights; the down and output projections multiply
-//! their outputs back by the rms ([`Tiling::prelude`]'s unit inputs).
+//! before leaves beside its output: the output projection, the down
+//! projection and the embedding beside the residual stream
+//! ([`crate::spec::Activation::SumSquares`]), gate/up beside SiLU(gate) * up
+//! ([`crate::spec::Activation::FfnSumSquares`]), the tiled attention beside
+//! its output ([`crate::spec::Activation::AttnSumSquares`]); the tiled
+//! kernels through [`Tiling::keep`] with f16 tiles, [`Tiling::part_sums`]
+//! with f32 ones. The RMSNorms of gate/up and QKV then need only the norm
+//! weights; the down and output projections multiply their outputs back by
+//! the rms ([`Tiling::prelude`]'s unit inputs).
 
 use crate::coop::{self, CoopTiling};
 use crate::manifest::QuantFormat;
@@ -79,7 +82,8 @@ impl Tiling {
     /// The tiling of gate/up: f16 tiles and step sums where
     /// [`f16_products`], its inputs normalised first. Its inputs are then
     /// within sqrt(IN) times their norm weights, where f16 sums are safe.
-    /// QKV and the logits keep f32 tiles for precision (see [`f16_products`]).
+    /// The logits keep f32 tiles for precision (see [`f16_products`]), and
+    /// QKV of a narrower stream than the down projection's threshold.
     pub fn with_f16_sums(target: &Target) -> Tiling {
         if f16_products(target) {
             Tiling::with_f16_tiles(target).with_two_quads()
@@ -102,14 +106,14 @@ impl Tiling {
     }
 
     /// `part_sums(v)`: the sums over each token quad's row of invocations (a
-    /// tile's BO outputs) of `v`, one per token, for the output projection
-    /// writing the residual stream's sums of squares by parts (`OUT_PARTS` of
-    /// them a token, which the kernel defines). Call it from every
-    /// invocation, after the input loop (it trades through the input tile, or
-    /// with f16 tiles through `red`).
+    /// tile's BO outputs) of `v`, one per token, for a residual projection of
+    /// f32 tiles writing the residual stream's sums of squares by parts
+    /// (`OUT_PARTS` of them a token, which the kernel defines; with f16 tiles,
+    /// [`Tiling::keep`]). Call it from every invocation, after the input loop
+    /// (it trades through the input tile).
     pub fn part_sums(&self) -> String {
-        debug_assert!(self.quads == 1, "one vec4 an invocation");
-        PART_SUMS.replace("$TILE", if self.f16_tiles { "red" } else { "xt" })
+        debug_assert!(self.quads == 1 && !self.f16_tiles, "one f32 vec4 an invocation");
+        PART_SUMS.to_string()
     }
 
     /// With f16 tiles, an epilogue's sums over each tile row of a value per
@@ -119,8 +123,8 @@ impl Tiling {
     /// each of the tile's tokens `t`, on one invocation of the row, with the
     /// sums of the token's quad in `s` (the token's is `s[j]`). Nothing stays
     /// in registers across the stores (a register array of the values, summed
-    /// afterwards through the output projection's `part_sums`, cost
-    /// Llama-2-7B's gate/up 108 us a layer on the H100). `keep` stores single
+    /// afterwards through `part_sums`, cost Llama-2-7B's gate/up 108 us a
+    /// layer on the H100, its output projection 20, its down projection 33). `keep` stores single
     /// components, against this module's rule: each vec4 has one writer, so a
     /// driver widening the store cannot race.
     pub fn keep(&self, v: &str) -> String {
@@ -426,28 +430,29 @@ fn tile_lid(x: u32, y: u32) -> u32 {
 }
 "#;
 
-const PLAIN_EXCHANGE: &str = r#"// Trades v with invocation `partner` through xt.
+/// See [`Skeleton::exchange`]: `$TILE` holds at least WG vec4<f32>s.
+const PLAIN_EXCHANGE: &str = r#"// Trades v with invocation `partner` through $TILE.
 fn exchange(v: vec4<f32>, partner: u32) -> vec4<f32> {
     workgroupBarrier();
-    xt[lid] = v;
+    $TILE[lid] = v;
     workgroupBarrier();
-    return xt[partner];
+    return $TILE[partner];
 }
 
 "#;
 
 /// See [`Tiling::part_sums`]: xt holds BK * (BT / 4 + 1) = WG * QUADS + BK
-/// vec4s, red WG * QUADS.
+/// vec4s.
 const PART_SUMS: &str = r#"
 // The sums of v over the invocations of this one's token quad (a tile's
-// outputs), through $TILE.
+// outputs), through xt.
 fn part_sums(v: vec4<f32>) -> vec4<f32> {
     workgroupBarrier();
-    $TILE[lid] = v;
+    xt[lid] = v;
     workgroupBarrier();
     var s = vec4<f32>(0.0);
     for (var j = 0u; j < TX; j++) {
-        s += $TILE[tile_lid(j, tile_y(lid))];
+        s += xt[tile_lid(j, tile_y(lid))];
     }
     return s;
 }
@@ -622,9 +627,10 @@ fn per_token(quads: u32, token: &str, body: &str) -> String {
 }
 
 /// Whether the plain tiled gate/up of `target` stages f16 tiles and sums each
-/// step's products in f16 (and the down projection of a residual stream
-/// wide enough, `ops::unit_ffn`, and the output projection of an attention
-/// output wide enough, `ops::unit_attn`): where the target has shader-f16.
+/// step's products in f16 (and the down projection and QKV of a residual
+/// stream wide enough, `ops::unit_ffn` and `ops::unit_qkv`, and the output
+/// projection of an attention output wide enough, `ops::unit_attn`): where
+/// the target has shader-f16.
 /// On the H100 (Llama-2-7B F16, prefill of 512 tokens) gate/up took 2319 us a layer
 /// instead of 2759, the prefill 188 ms instead of 202. QKV in f16 too saved 4
 /// ms more, but on the real SmolLM2 (256 positions, llvmpipe) the largest
@@ -676,13 +682,18 @@ impl Skeleton {
     }
 
     /// The skeleton of QKV on `target` for weights of `formats`: the plain
-    /// one [`Tiling::with_two_quads`] where they are all 16-bit floats.
-    pub fn for_qkv(target: &Target, formats: &[QuantFormat]) -> Skeleton {
+    /// one [`Tiling::with_two_quads`] where they are all 16-bit floats, or
+    /// with f16 tiles ([`Tiling::with_f16_tiles`], one quad) where it stages
+    /// `unit` inputs: with two, Llama-2-7B F16's took 1456 us a layer instead
+    /// of 1323 to 1333 on the H100 (512 tokens).
+    pub fn for_qkv(target: &Target, formats: &[QuantFormat], unit: bool) -> Skeleton {
         match Skeleton::for_target(target) {
-            Skeleton::Plain(t) if formats.iter().all(|f| matches!(f, QuantFormat::F16 | QuantFormat::Bf16)) => {
-                Skeleton::Plain(t.with_two_quads())
+            Skeleton::Plain(t) => {
+                let t = if unit { Tiling::with_f16_tiles(target) } else { t };
+                let sixteen_bit = formats.iter().all(|f| matches!(f, QuantFormat::F16 | QuantFormat::Bf16));
+                Skeleton::Plain(if sixteen_bit && !unit { t.with_two_quads() } else { t })
             }
-            other => other,
+            coop => coop,
         }
     }
 
@@ -750,12 +761,12 @@ impl Skeleton {
 
     /// `exchange(v, partner)`, for an epilogue: every invocation hands in its
     /// `v` and gets invocation `partner`'s, through workgroup memory the input
-    /// loop is done with (the plain skeleton's input tile, the coop one's
-    /// accumulator store). Call it from every invocation.
-    pub fn exchange(&self) -> &'static str {
+    /// loop is done with (the plain skeleton's input tile, or `red` with f16
+    /// tiles; the coop one's accumulator store). Call it from every invocation.
+    pub fn exchange(&self) -> String {
         match self {
-            Skeleton::Plain(_) => PLAIN_EXCHANGE,
-            Skeleton::Coop(_) => coop::EXCHANGE,
+            Skeleton::Plain(t) => PLAIN_EXCHANGE.replace("$TILE", if t.f16_tiles { "red" } else { "xt" }),
+            Skeleton::Coop(_) => coop::EXCHANGE.to_string(),
         }
     }
 

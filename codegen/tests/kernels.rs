@@ -75,24 +75,27 @@ fn f16_pairs_are_current_where_read(plan: &Plan, coop: bool) {
 const SUMS: [Activation; 3] = [Activation::SumSquares, Activation::FfnSumSquares, Activation::AttnSumSquares];
 
 /// The plain tiled kernels staging f16 read sums of squares by parts exactly
-/// where expected (`[residual, ffn, attn]`: the plain kernels stage f16, and
-/// the down and output projections of a residual stream and an attention
-/// output that wide too, of heads of a multiple of 64 dimensions), and
-/// they are current there: the tiled kernel before writes them (all of a
-/// step's layer kernels run tiled, or none), and no other kernel binds them.
-/// Gate/up reads the residual stream's, which the output projection writes;
-/// the down projection reads SiLU(gate) * up's, which gate/up writes; the
-/// output projection reads the attention output's, which the attention
-/// writes.
-fn sum_squares_are_current_where_read(plan: &Plan, expected: [bool; 3]) {
+/// where expected (`[residual for gate/up, ffn, attn, residual for QKV]`:
+/// the plain kernels stage f16, and the down and output projections and QKV
+/// of a residual stream and an attention output that wide too, of heads of a
+/// multiple of 64 dimensions), and they are current there: the kernel before
+/// writes them (all of a step's layer kernels and its embedding run their
+/// batch kernels, or none), and no other kernel binds them. Gate/up reads
+/// the residual stream's, which the output projection writes; the down
+/// projection reads SiLU(gate) * up's, which gate/up writes; the output
+/// projection reads the attention output's, which the attention writes; QKV
+/// reads the residual stream's, which the embedding or the down projection
+/// before writes.
+fn sum_squares_are_current_where_read(plan: &Plan, expected: [bool; 4]) {
     let binds = |k: &llama5_codegen::Kernel, a: Activation, access: Access| {
         k.bindings.iter().any(|b| b.resource == Resource::Activation(a) && b.access == access)
     };
-    // (sums, the kernel writing them, the kernel reading them next, whether bound)
-    let pairs = [
-        (Activation::SumSquares, "attn-output-", "rms-gate-up-", expected[0]),
-        (Activation::FfnSumSquares, "rms-gate-up-", "matvec-add-ffn-", expected[1]),
-        (Activation::AttnSumSquares, "attention-", "attn-output-", expected[2]),
+    // (sums, the kernels writing them, the kernel reading them next, whether bound)
+    let pairs: [(Activation, &[&str], &str, bool); 4] = [
+        (Activation::SumSquares, &["attn-output-"], "rms-gate-up-", expected[0]),
+        (Activation::FfnSumSquares, &["rms-gate-up-"], "matvec-add-ffn-", expected[1]),
+        (Activation::AttnSumSquares, &["attention-"], "attn-output-", expected[2]),
+        (Activation::SumSquares, &["embed-", "matvec-add-ffn-"], "rms-qkv-", expected[3]),
     ];
     for step in &plan.steps {
         let decode = &plan.kernels[step.kernel];
@@ -100,19 +103,24 @@ fn sum_squares_are_current_where_read(plan: &Plan, expected: [bool; 3]) {
             assert!(!binds(decode, a, Access::ReadOnly) && !binds(decode, a, Access::ReadWrite), "{}", decode.name);
         }
         if let Some(batch) = step.batch_kernel.map(|b| &plan.kernels[b]) {
-            for (a, writer, reader, bound) in pairs {
-                let (writes, reads) = (batch.name.starts_with(writer), batch.name.starts_with(reader));
-                assert_eq!(binds(batch, a, Access::ReadOnly), bound && reads, "{} {a:?}", batch.name);
-                assert_eq!(binds(batch, a, Access::ReadWrite), bound && writes, "{} {a:?}", batch.name);
+            for a in SUMS {
+                let of_a = || pairs.iter().filter(|p| p.0 == a && p.3);
+                let reads = of_a().any(|p| batch.name.starts_with(p.2));
+                let writes = of_a().any(|p| p.1.iter().any(|w| batch.name.starts_with(w)));
+                assert_eq!(binds(batch, a, Access::ReadOnly), reads, "{} {a:?}", batch.name);
+                assert_eq!(binds(batch, a, Access::ReadWrite), writes, "{} {a:?}", batch.name);
             }
+        } else if step.stage == Stage::Embed {
+            assert!(!expected[3], "{}: no batch kernel writes the sums QKV reads", decode.name);
         }
     }
-    // in each layer, the writer runs right before the reader
+    // the writer runs right before the reader
     for pair in plan.steps.windows(2) {
         let name = |s: &llama5_codegen::PlanStep| plan.kernels[s.kernel].name.clone();
-        for (_, writer, reader, _) in pairs {
+        for (_, writers, reader, _) in pairs {
             if name(&pair[1]).starts_with(reader) {
-                assert!(name(&pair[0]).starts_with(writer), "{} before {}", name(&pair[0]), name(&pair[1]));
+                let before = name(&pair[0]);
+                assert!(writers.iter().any(|w| before.starts_with(w)), "{before} before {}", name(&pair[1]));
             }
         }
     }
@@ -181,7 +189,7 @@ fn real_model_shape_validates_for_every_precision_and_target() {
             // SmolLM2's residual stream and attention output are too narrow
             // for f16 tiles in down and the output projection
             let plain_f16 = target.shader_f16 && !target.cooperative_matrix;
-            sum_squares_are_current_where_read(&plan, [plain_f16, false, false]);
+            sum_squares_are_current_where_read(&plan, [plain_f16, false, false, false]);
         }
     }
     // attention (and its batch variant), argmax and the sampler do not depend on the weight format;
@@ -217,7 +225,7 @@ fn large_model_shape_validates_for_every_target() {
         for &target in &targets {
             let plan = Plan::from_manifest(&manifest, &target).unwrap();
             let plain_f16 = target.shader_f16 && !target.cooperative_matrix;
-            sum_squares_are_current_where_read(&plan, [plain_f16; 3]);
+            sum_squares_are_current_where_read(&plan, [plain_f16; 4]);
             assert_eq!(plan.workgroup_bytes.len(), plan.kernels.len());
             for (k, &bytes) in plan.kernels.iter().zip(&plan.workgroup_bytes) {
                 let module = validate(k, &target).unwrap_or_else(|e| panic!("{}: {e}", k.name));
@@ -722,7 +730,14 @@ fn snapshot_tiled_prefill_f16() {
     assert!(down.contains("vec4<f16>(px0 * rs0)") && down.contains("let r = rms(ty);"));
     // two tiles' accumulators of one token quad
     assert_eq!(down.matches("] = vec4<f16>(0.0);").count(), 8);
+    // and leaves the residual stream's sums, for the next layer's QKV
+    assert!(down.contains("ssq_parts[t * OUT_PARTS + o1 / BO] = s[j];"));
     insta::assert_snapshot!("down_f16_wide_batch_f16", down);
+    // (the first layer's from the embedding's batch kernel, a part a workgroup)
+    let embed = KernelSpec::Embed { hidden: 4096, rows: [0, 32000], format: QuantFormat::F16, target };
+    let embed = snapshot_batch(embed);
+    assert!(embed.contains("ssq_parts[t * PARTS + wid.x] = s;"));
+    insta::assert_snapshot!("embed_sums_batch_f16", embed);
     // Llama-2-7B's attention leaves its output's sums of squares, which its
     // output projection stages unit inputs by (and it leaves the residual
     // stream's, through red)
@@ -736,13 +751,18 @@ fn snapshot_tiled_prefill_f16() {
         format: QuantFormat::F16,
         target,
     });
-    assert!(o_proj.contains("vec4<f16>(px0 * rs0)") && o_proj.contains("red[lid] = v;"));
+    assert!(
+        o_proj.contains("vec4<f16>(px0 * rs0)") && o_proj.contains("red[lid + (0u / 4u) * WG][0u % 4u] = dot(h, h);")
+    );
     insta::assert_snapshot!("attn_output_f16_wide_batch_f16", o_proj);
     // Llama-2-7B's QKV of F16 weights: two tiles of one matrix per
-    // workgroup, two token quads per invocation
+    // workgroup, one token quad per invocation, staging unit inputs times
+    // the norm weights as gate/up does, by the sums the down projection or
+    // the embedding leaves
     let spec = llama2_7b_qkv([QuantFormat::F16; 3], target);
     let qkv = snapshot_batch(spec);
-    assert!(qkv.contains("const QUADS: u32 = 2u;") && qkv.contains("const WG: u32 = 128u;"));
+    assert!(qkv.contains("const QUADS: u32 = 1u;") && qkv.contains("const WG: u32 = 256u;"));
+    assert!(qkv.contains("vec4<f16>(px0 * rs0 * nk)") && qkv.contains("in_ssq[t * IN_PARTS + p]"));
     insta::assert_snapshot!("qkv_f16_wide_batch_f16", qkv);
 }
 

@@ -387,10 +387,11 @@ fn summed(resource: &Resource) -> Option<Activation> {
 }
 
 /// The width of the activation `binding` of a kernel: its `OUT` where it
-/// writes it, else its `IN`.
+/// writes it, else its `IN` (the embedding's `HIDDEN` either way).
 fn width(kernel: &Kernel, binding: &llama5_codegen::Binding) -> usize {
     let name = if binding.access == Access::ReadWrite { "OUT" } else { "IN" };
-    let line = kernel.wgsl.lines().find_map(|l| l.strip_prefix(&format!("const {name}: u32 = ")));
+    let line = |name: &str| kernel.wgsl.lines().find_map(|l| l.strip_prefix(&format!("const {name}: u32 = ")));
+    let line = line(name).or_else(|| line("HIDDEN"));
     line.and_then(|v| v.trim_end_matches("u;").parse().ok()).unwrap_or_else(|| panic!("{}: no {name}", kernel.name))
 }
 
@@ -748,7 +749,8 @@ fn rms_gate_up_matches_cpu() {
 /// inputs by their rms too, and must hold at any scale of SiLU(gate) * up
 /// (f16 would hold neither scale here as it is: the small ones in its
 /// subnormals, the large ones' step sums past its largest value); so must the
-/// output projection of an attention output 2048 wide. The
+/// output projection of an attention output 2048 wide, and QKV, which stages
+/// unit inputs of a stream that wide as gate/up does. The
 /// cooperative-matrix down projection stages its inputs as f16 as they are,
 /// so the small scale holds only the unit-input kernels (the emulated coop
 /// one gave 7.5e-4 there).
@@ -760,6 +762,25 @@ fn normalising_kernels_hold_any_input_scale() {
         for (x_scale, norm_scale) in [(0.003, 0.02), (0.01, 0.05), (300.0, 1.0)] {
             let what = format!(" at input scale {x_scale}, norm {norm_scale}");
             check_gate_up(runner, format, 2048, 70, 66, x_scale, norm_scale, &what);
+            let (heads, kv_heads, head_dim, hidden, tokens) = (4, 2, 16, 2048, 66);
+            let mut rng = Rng(7);
+            let weights = [heads, kv_heads, kv_heads].map(|h| packed(&mut rng, format, h * head_dim, hidden));
+            let x = rng.vec(tokens * hidden, x_scale);
+            let norm = rng.vec(hidden, norm_scale);
+            let spec = KernelSpec::RmsQkvRope {
+                hidden,
+                heads,
+                kv_heads,
+                head_dim,
+                rope_theta: 10000.0,
+                eps: 1e-5,
+                q: format,
+                k: format,
+                v: format,
+                target: *runner.target(),
+            };
+            let cache = vec![0.0; tokens * kv_heads * head_dim];
+            check_qkv(runner, &spec, (0, tokens), (&x, &norm), weights, &cache, nmse_for(format));
         }
         for (x_scale, unit_only) in [(1e-6, true), (3e4, false)] {
             let what = format!(" at input scale {x_scale}");
@@ -792,20 +813,31 @@ fn rms_qkv_rope_matches_cpu() {
     // matrix (an input loop per matrix) or tiles straddle two; 8192 outputs
     // (4096 or more) take two tiles of one matrix per workgroup, and in INT4
     // the decode kernel reads quads of RoPE pairs against int8 input groups on
-    // f16 targets
-    let shapes = [(6, 2, 10, &steps[..]), (8, 4, 16, &steps[2..]), (6, 2, 16, &steps[2..]), (32, 16, 128, &steps[1..])];
+    // f16 targets; from a residual stream of 2048, the batch kernel on f16
+    // targets stages unit inputs, by the sums of squares by parts (two tiles
+    // of one matrix a workgroup in the wide shape, and heads of 10, a column
+    // at a time, in the other)
+    let shapes = [
+        (6, 2, 10, 60, &steps[..]),
+        (8, 4, 16, 60, &steps[2..]),
+        (6, 2, 16, 60, &steps[2..]),
+        (32, 16, 128, 60, &steps[1..]),
+        (16, 8, 128, 2048, &steps[2..]),
+        (6, 2, 10, 2048, &steps[2..]),
+    ];
     for runner in runners() {
         let target = *runner.target();
         for format in FORMATS {
-            for &(heads, kv_heads, head_dim, steps) in &shapes {
-                // the aligned shapes stage alike in every format
-                if head_dim >= 16 && !matches!(format, QuantFormat::F16 | QuantFormat::Int4 { .. }) {
+            for &(heads, kv_heads, head_dim, hidden, steps) in &shapes {
+                // the aligned shapes stage alike in every format, and unit inputs too
+                if (head_dim >= 16 || hidden >= 2048) && !matches!(format, QuantFormat::F16 | QuantFormat::Int4 { .. })
+                {
                     continue;
                 }
                 let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
                 for &(pos, tokens, ctx) in steps {
                     let mut rng = Rng(pos as u64 + 100);
-                    let hidden = input_size(format, 60);
+                    let hidden = input_size(format, hidden);
                     let (wq_b, wq) = packed(&mut rng, format, q_dim, hidden);
                     let (wk_b, wk) = packed(&mut rng, format, kv_dim, hidden);
                     let (wv_b, wv) = packed(&mut rng, format, kv_dim, hidden);
@@ -1243,6 +1275,28 @@ fn embed_part_matches_cpu() {
                 kernel.wgsl = kernel.wgsl.replace("enable wgpu_cooperative_matrix;\n", "");
                 assert_eq!(to_f32(&run_kernel(runner, &kernel, &contents, 0)[3]), want, "{}", kernel.name);
             }
+        }
+        // a stream of 2048 or more on an f16 target: the batch kernel writes
+        // its sums of squares by parts too (run_kernel checks them; the last
+        // part here is half full), for QKV's unit inputs
+        let (hidden, rows, format) = (2080, [100, 300], QuantFormat::F16);
+        let spec = KernelSpec::Embed { hidden, rows, format, target };
+        let batch = generate_batch(&spec).unwrap();
+        assert_eq!(batch.is_some(), target.shader_f16 && !target.uses_coop(), "{}", spec.name());
+        if let Some(kernel) = batch {
+            let mut rng = Rng(14);
+            let (w_bytes, w) = packed(&mut rng, format, rows[1] - rows[0], hidden);
+            let tokens = [150u32, 299, 100, 150, 200];
+            let contents = vec![
+                step(0, tokens.len(), 1, 0, 0),
+                u32_bytes(&tokens),
+                w_bytes,
+                f32_bytes(&vec![-3.0; tokens.len() * hidden]),
+            ];
+            let result = run_kernel(runner, &kernel, &contents, 0);
+            let want: Vec<f32> =
+                tokens.iter().flat_map(|&t| &w[(t as usize - rows[0]) * hidden..][..hidden]).copied().collect();
+            assert_eq!(to_f32(&result[3]), want, "{}", kernel.name);
         }
     }
 }
