@@ -214,8 +214,9 @@ pub fn generate(spec: &KernelSpec) -> Result<Kernel, CodegenError> {
 
 /// The variant of `spec` for steps of many tokens, named `<spec name>-batch`:
 /// a tiled matrix-matrix product ([`crate::tiled`]) with the same bindings and
-/// the same fused epilogue; `None` where the decode kernel serves every step
-/// (not yet validated).
+/// the same fused epilogue (the embedding's: the same gather, adding the
+/// stream's sums of squares where QKV reads them, [`unit_qkv`]); `None` where
+/// the decode kernel serves every step (not yet validated).
 pub fn generate_batch(spec: &KernelSpec) -> Result<Option<Kernel>, CodegenError> {
     let name = format!("{}-batch", spec.name());
     match *spec {

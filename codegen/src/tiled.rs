@@ -207,7 +207,7 @@ var<workgroup> xt: array<{element}, BK * XS>;
             element = self.element(),
         );
         if self.f16_tiles {
-            // begin_tile's; then free, for an epilogue's sums by token
+            // begin_tile's; then free, for an epilogue's sums by token and exchanges
             s += "// Each token quad's sums of squares, traded in f32.\nvar<workgroup> red: array<vec4<f32>, WG * QUADS>;\n";
         }
         if norm && !self.f16_tiles {

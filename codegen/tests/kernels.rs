@@ -113,6 +113,15 @@ fn sum_squares_are_current_where_read(plan: &Plan, expected: [bool; 4]) {
         } else if step.stage == Stage::Embed {
             assert!(!expected[3], "{}: no batch kernel writes the sums QKV reads", decode.name);
         }
+        // the embedding's batch kernel and QKV's count the step's tokens
+        // alike, so the runtime runs both or neither
+        if let Some(batch) = step.batch_kernel.map(|b| &plan.kernels[b]) {
+            if step.stage == Stage::Embed {
+                assert_eq!(batch.rows, Rows::Tokens, "{}", batch.name);
+            } else if batch.name.starts_with("rms-qkv-") {
+                assert!(matches!(batch.rows, Rows::TokenTiles(_)), "{}", batch.name);
+            }
+        }
     }
     // the writer runs right before the reader
     for pair in plan.steps.windows(2) {
@@ -177,6 +186,8 @@ fn real_model_shape_validates_for_every_precision_and_target() {
                     assert_eq!(as_decode_bindings(&batch.bindings), decode.bindings, "{}", batch.name);
                 }
                 let tiled = match decode.rows {
+                    // the embedding's adds the stream's sums of squares (a stream of 2048 or more)
+                    _ if step.stage == Stage::Embed => batch.rows == decode.rows,
                     Rows::Tokens | Rows::TokensSplits { .. } => matches!(batch.rows, Rows::TokenTiles(t) if t > 1),
                     Rows::LogitRows => matches!(batch.rows, Rows::LogitRowTiles(t) if t > 1),
                     Rows::One | Rows::TokenTiles(_) | Rows::LogitRowTiles(_) => false,

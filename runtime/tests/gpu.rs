@@ -1297,6 +1297,20 @@ fn embed_part_matches_cpu() {
             let want: Vec<f32> =
                 tokens.iter().flat_map(|&t| &w[(t as usize - rows[0]) * hidden..][..hidden]).copied().collect();
             assert_eq!(to_f32(&result[3]), want, "{}", kernel.name);
+            // a token of another part (the first) keeps its row and its sums
+            let parts = hidden.div_ceil(SUM_SQUARES_PART);
+            let mut contents = contents;
+            contents[0] = step(0, 2, 1, 0, 0);
+            contents[1] = u32_bytes(&[5, 150]);
+            contents[3] = f32_bytes(&vec![-3.0; 2 * hidden]);
+            contents.push(f32_bytes(&vec![-1.0; 2 * parts]));
+            let grid = kernel.dispatch_for(&step_of(&contents), 0);
+            let out = runner.run(&kernel, &contents, grid).unwrap();
+            let (stream, sums) = (to_f32(&out[3]), to_f32(&out[4]));
+            assert!(stream[..hidden].iter().all(|&v| v == -3.0), "{}: another part's row", kernel.name);
+            assert!(sums[..parts].iter().all(|&v| v == -1.0), "{}: another part's sums", kernel.name);
+            let want = part_sums(&stream[hidden..], hidden);
+            assert!(sums[parts..].iter().zip(&want).all(|(g, w)| (g - w).abs() <= w * 1e-5), "{}", kernel.name);
         }
     }
 }
