@@ -124,9 +124,9 @@ impl Tiling {
     /// sums of the token's quad in `s` (the token's is `s[j]`). Nothing stays
     /// in registers across the stores (a register array of the values, summed
     /// afterwards through `part_sums`, cost Llama-2-7B's gate/up 108 us a
-    /// layer on the H100, its output projection 20, its down projection 33). `keep` stores single
-    /// components, against this module's rule: each vec4 has one writer, so a
-    /// driver widening the store cannot race.
+    /// layer on the H100, its output projection 20, its down projection 33).
+    /// `keep` stores single components, against this module's rule: each
+    /// vec4 has one writer, so a driver widening the store cannot race.
     pub fn keep(&self, v: &str) -> String {
         debug_assert!(self.f16_tiles);
         format!("            red[lid + ($Iu / 4u) * WG][$Iu % 4u] = {v};\n")
