@@ -198,7 +198,7 @@ fn real_model_shape_validates_for_every_precision_and_target() {
             assert_eq!(batched, 5 * cfg.num_layers + 2, "{format:?} {}", target.name());
             f16_pairs_are_current_where_read(&plan, target.cooperative_matrix);
             // SmolLM2's residual stream and attention output are too narrow
-            // for f16 tiles in down and the output projection
+            // for f16 tiles in QKV, down and the output projection
             let plain_f16 = target.shader_f16 && !target.cooperative_matrix;
             sum_squares_are_current_where_read(&plan, [plain_f16, false, false, false]);
         }
