@@ -2061,13 +2061,6 @@ fn matmul_add_tiled(
         // the stream's parts of BO per token
         m.konst("OUT_PARTS", "u32", out_features.div_ceil(BO as usize));
     }
-    // with f16 tiles, each tile's sums through `red` after its adds
-    // ([`Tiling::keep`]); else from registers through the input tile
-    let kept = parts.filter(|t| t.f16_tiles);
-    if let Some(t) = parts.filter(|t| !t.f16_tiles) {
-        m.helpers += &t.part_sums();
-    }
-    let parts = parts.is_some();
     // wide: two tiles of the matrix per workgroup, outputs o0 .. o0 + BO and
     // o1 .. o1 + BO, so each step's input tile serves twice the products
     let wide = out_features >= WIDE_TILES_MIN_OUT && out_features.is_multiple_of(2 * BO as usize);
@@ -2077,7 +2070,7 @@ fn matmul_add_tiled(
     // squares are summed for the tile's part
     let add = |acc: &str, base: &str| {
         let y = if unit { format!("(acc_{acc}[$I] * r[$I])") } else { format!("acc_{acc}[$I]") };
-        if !(half || parts) {
+        if !half && parts.is_none() {
             return format!(
                 r#"            for (var j = 0u; j < 4u; j++) {{
                 let o = {base} + 4u * tx + j;
@@ -2102,10 +2095,8 @@ fn matmul_add_tiled(
         if half {
             s += &store_pairs("hidden_half", "h", base);
         }
-        if let Some(t) = kept {
+        if let Some(t) = parts {
             s += &t.keep("dot(h, h)");
-        } else if parts {
-            s += &format!("            sq_{acc}[$I] = dot(h, h);\n");
         }
         s
     };
@@ -2113,26 +2104,21 @@ fn matmul_add_tiled(
     if unit {
         epilogue += "    let r = rms(ty);\n";
     }
-    if let Some(t) = kept {
-        // a round a tile: its adds keep their sums, then one invocation of a
-        // row writes them, before the next round's adds overwrite `red`
-        for (i, (acc, _, base)) in tiles.iter().enumerate() {
-            if i > 0 {
-                epilogue += "    workgroupBarrier();\n";
-            }
-            epilogue += &tiling.per_token("t0", &add(acc, base));
-            epilogue += &t.row_sums(&format!("ssq_parts[t * OUT_PARTS + {base} / BO] = s[j];\n"));
-        }
-    } else if parts {
-        for (acc, _, _) in tiles {
-            epilogue += &format!("    var sq_{acc}: array<f32, {}>;\n", 4 * tiling.quads());
-        }
-    }
-    epilogue += &match tiles {
-        _ if kept.is_some() => String::new(),
-        [(acc, _, base)] => tiling.per_token("t0", &add(acc, base)),
+    epilogue += &match (parts, tiles) {
+        // with sums, a round a tile: its adds keep their sums, then one
+        // invocation of a row writes them, before the next round's adds
+        // overwrite them
+        (Some(t), _) => tiles
+            .iter()
+            .map(|(acc, _, base)| {
+                tiling.per_token("t0", &add(acc, base))
+                    + &t.row_sums(&format!("ssq_parts[t * OUT_PARTS + {base} / BO] = s[j];\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("    workgroupBarrier();\n"),
+        (None, [(acc, _, base)]) => tiling.per_token("t0", &add(acc, base)),
         // each tile's add in its own block: they declare the same names
-        _ => tiling.per_token(
+        (None, _) => tiling.per_token(
             "t0",
             &tiles
                 .iter()
@@ -2140,31 +2126,6 @@ fn matmul_add_tiled(
                 .collect::<String>(),
         ),
     };
-    if parts && kept.is_none() {
-        for (acc, _, base) in tiles {
-            for r in 0..tiling.quads() {
-                let sq = |j: u32| format!("sq_{acc}[{}]", 4 * r + j);
-                epilogue += &format!(
-                    r#"    {{
-        let s = part_sums(vec4<f32>({}, {}, {}, {}));
-        if (tx == 0u) {{
-            for (var j = 0u; j < 4u; j++) {{
-                let t = t0 + 4u * (ty + {r}u * TY) + j;
-                if (t < n) {{
-                    ssq_parts[t * OUT_PARTS + {base} / BO] = s[j];
-                }}
-            }}
-        }}
-    }}
-"#,
-                    sq(0),
-                    sq(1),
-                    sq(2),
-                    sq(3)
-                );
-            }
-        }
-    }
     let outs: Vec<String> = tiles.iter().map(|(_, _, base)| format!("{base} + 4u * q")).collect();
     let sources: Vec<TileSource<'_>> = tiles
         .iter()

@@ -31,8 +31,7 @@
 //! ([`crate::spec::Activation::SumSquares`]), gate/up beside SiLU(gate) * up
 //! ([`crate::spec::Activation::FfnSumSquares`]), the tiled attention beside
 //! its output ([`crate::spec::Activation::AttnSumSquares`]); the tiled
-//! kernels through [`Tiling::keep`] with f16 tiles, [`Tiling::part_sums`]
-//! with f32 ones. The RMSNorms of gate/up and QKV then need only the norm
+//! kernels through [`Tiling::keep`]. The RMSNorms of gate/up and QKV then need only the norm
 //! weights; the down and output projections multiply their outputs back by
 //! the rms ([`Tiling::prelude`]'s unit inputs).
 
@@ -105,31 +104,31 @@ impl Tiling {
         Tiling { f16_tiles: true, ..Tiling::for_target(target) }
     }
 
-    /// `part_sums(v)`: the sums over each token quad's row of invocations (a
-    /// tile's BO outputs) of `v`, one per token, for a residual projection of
-    /// f32 tiles writing the residual stream's sums of squares by parts
-    /// (`OUT_PARTS` of them a token, which the kernel defines; with f16 tiles,
-    /// [`Tiling::keep`]). Call it from every invocation, after the input loop
-    /// (it trades through the input tile).
-    pub fn part_sums(&self) -> String {
-        debug_assert!(self.quads == 1 && !self.f16_tiles, "one f32 vec4 an invocation");
-        PART_SUMS.to_string()
+    /// An epilogue's sums over each tile row of a value per token (its
+    /// outputs' sums of squares, say) through workgroup memory the input loop
+    /// is done with ([`Tiling::sums_tile`]): `keep(v)` (in
+    /// [`Skeleton::per_token`]) leaves the token's `v`, then `row_sums(write)`
+    /// (after it, from every invocation) runs `write` for each of the tile's
+    /// tokens `t`, on one invocation of the row, with the sums of the token's
+    /// quad in `s` (the token's is `s[j]`). Nothing stays in registers across
+    /// the stores (a register array of the values, summed afterwards, cost
+    /// Llama-2-7B's gate/up 108 us a layer on the H100, its output projection
+    /// 20, its down projection 33). `keep` stores single components, against
+    /// this module's rule: each vec4 has one writer, so a driver widening the
+    /// store cannot race.
+    pub fn keep(&self, v: &str) -> String {
+        format!("            {}[lid + ($Iu / 4u) * WG][$Iu % 4u] = {v};\n", self.sums_tile())
     }
 
-    /// With f16 tiles, an epilogue's sums over each tile row of a value per
-    /// token (its outputs' sums of squares, say) through `red`: `keep(v)`
-    /// (in [`Skeleton::per_token`]) leaves the token's `v`, then
-    /// `row_sums(write)` (after it, from every invocation) runs `write` for
-    /// each of the tile's tokens `t`, on one invocation of the row, with the
-    /// sums of the token's quad in `s` (the token's is `s[j]`). Nothing stays
-    /// in registers across the stores (a register array of the values, summed
-    /// afterwards through `part_sums`, cost Llama-2-7B's gate/up 108 us a
-    /// layer on the H100, its output projection 20, its down projection 33).
-    /// `keep` stores single components, against this module's rule: each
-    /// vec4 has one writer, so a driver widening the store cannot race.
-    pub fn keep(&self, v: &str) -> String {
-        debug_assert!(self.f16_tiles);
-        format!("            red[lid + ($Iu / 4u) * WG][$Iu % 4u] = {v};\n")
+    /// Where [`Tiling::keep`] leaves its values, WG * QUADS vec4<f32>s: `red`
+    /// with f16 tiles, else the input tile (BK * (BT / 4 + 1) = WG * QUADS +
+    /// BK of them).
+    fn sums_tile(&self) -> &'static str {
+        if self.f16_tiles {
+            "red"
+        } else {
+            "xt"
+        }
     }
 
     /// See [`Tiling::keep`].
@@ -137,8 +136,9 @@ impl Tiling {
         let mut quads = String::new();
         for r in 0..self.quads {
             quads += &format!(
-                "        {{\n            var s = vec4<f32>(0.0);\n            for (var j = 0u; j < TX; j++) {{\n                s += red[tile_lid(j, ty) + {r}u * WG];\n            }}\n            for (var j = 0u; j < 4u; j++) {{\n                let t = t0 + 4u * (ty + {r}u * TY) + j;\n                if (t < n) {{\n{}                }}\n            }}\n        }}\n",
-                indent(write, 20)
+                "        {{\n            var s = vec4<f32>(0.0);\n            for (var j = 0u; j < TX; j++) {{\n                s += {tile}[tile_lid(j, ty) + {r}u * WG];\n            }}\n            for (var j = 0u; j < 4u; j++) {{\n                let t = t0 + 4u * (ty + {r}u * TY) + j;\n                if (t < n) {{\n{}                }}\n            }}\n        }}\n",
+                indent(write, 20),
+                tile = self.sums_tile()
             );
         }
         format!("    workgroupBarrier();\n    if (tx == 0u) {{\n{quads}    }}\n")
@@ -437,24 +437,6 @@ fn exchange(v: vec4<f32>, partner: u32) -> vec4<f32> {
     $TILE[lid] = v;
     workgroupBarrier();
     return $TILE[partner];
-}
-
-"#;
-
-/// See [`Tiling::part_sums`]: xt holds BK * (BT / 4 + 1) = WG * QUADS + BK
-/// vec4s.
-const PART_SUMS: &str = r#"
-// The sums of v over the invocations of this one's token quad (a tile's
-// outputs), through xt.
-fn part_sums(v: vec4<f32>) -> vec4<f32> {
-    workgroupBarrier();
-    xt[lid] = v;
-    workgroupBarrier();
-    var s = vec4<f32>(0.0);
-    for (var j = 0u; j < TX; j++) {
-        s += xt[tile_lid(j, tile_y(lid))];
-    }
-    return s;
 }
 
 "#;

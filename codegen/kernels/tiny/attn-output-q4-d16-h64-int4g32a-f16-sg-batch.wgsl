@@ -130,20 +130,6 @@ fn store_x() {
     xt[(lid % BK) * XS + lid / BK + 0u * (WG / BK)] = px0;
 }
 
-// The sums of v over the invocations of this one's token quad (a tile's
-// outputs), through xt.
-fn part_sums(v: vec4<f32>) -> vec4<f32> {
-    workgroupBarrier();
-    xt[lid] = v;
-    workgroupBarrier();
-    var s = vec4<f32>(0.0);
-    for (var j = 0u; j < TX; j++) {
-        s += xt[tile_lid(j, tile_y(lid))];
-    }
-    return s;
-}
-
-
 // A weight tile: element (k, c) is wt[k * BO / 4 + c / 4][c % 4].
 var<workgroup> wt: array<vec4<f32>, BK * BO / 4u>;
 
@@ -233,7 +219,6 @@ fn main(
         }
         workgroupBarrier();
     }
-    var sq_y: array<f32, 4>;
     {
         let t = t0 + 4u * ty + 0u;
         if (t < n) {
@@ -245,7 +230,7 @@ fn main(
                     hidden[t * OUT + o] = h[j];
                 }
             }
-            sq_y[0] = dot(h, h);
+            xt[lid + (0u / 4u) * WG][0u % 4u] = dot(h, h);
         }
     }
     {
@@ -259,7 +244,7 @@ fn main(
                     hidden[t * OUT + o] = h[j];
                 }
             }
-            sq_y[1] = dot(h, h);
+            xt[lid + (1u / 4u) * WG][1u % 4u] = dot(h, h);
         }
     }
     {
@@ -273,7 +258,7 @@ fn main(
                     hidden[t * OUT + o] = h[j];
                 }
             }
-            sq_y[2] = dot(h, h);
+            xt[lid + (2u / 4u) * WG][2u % 4u] = dot(h, h);
         }
     }
     {
@@ -287,12 +272,16 @@ fn main(
                     hidden[t * OUT + o] = h[j];
                 }
             }
-            sq_y[3] = dot(h, h);
+            xt[lid + (3u / 4u) * WG][3u % 4u] = dot(h, h);
         }
     }
-    {
-        let s = part_sums(vec4<f32>(sq_y[0], sq_y[1], sq_y[2], sq_y[3]));
-        if (tx == 0u) {
+    workgroupBarrier();
+    if (tx == 0u) {
+        {
+            var s = vec4<f32>(0.0);
+            for (var j = 0u; j < TX; j++) {
+                s += xt[tile_lid(j, ty) + 0u * WG];
+            }
             for (var j = 0u; j < 4u; j++) {
                 let t = t0 + 4u * (ty + 0u * TY) + j;
                 if (t < n) {
