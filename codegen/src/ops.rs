@@ -763,18 +763,21 @@ fn attention_frame(m: &mut ModuleText, target: &Target, shape: [usize; 3], width
     (vf, kv_vec)
 }
 
-/// Invocations per query row of [`attention_tiled`].
+/// Invocations per group of query rows of [`attention_tiled`].
 const ATTENTION_ROW_LANES: u32 = 16;
 
-/// Workgroup memory [`attention_tiled`] fits its tiles in: WebGPU's default.
-const ATTENTION_TILE_BYTES: usize = 16384;
+/// Invocations per workgroup of [`attention_tiled`]: on the H100 (512
+/// tokens, F16, two queries an invocation) 128 took Llama-2-7B from 155 to
+/// 151 us a layer and Llama-3.2-1B from 88 to 81 against 256; 64 was slower
+/// for all three shapes.
+const ATTENTION_WG: u32 = 128;
 
-/// Below this many heads, [`attention_tiled`] takes blocks of half as many
-/// queries, so that a prefill still fills the GPU with workgroups. On the
-/// H100 (512 tokens, F16), blocks of 8 queries took SmolLM2's 9 heads from
-/// 63 to 52 us a layer but Llama-2-7B's 32 from 205 to 229 (Llama-3.2-1B's
-/// 32: 114 to 118); blocks of 32 or 64 were slower for all three.
-const ATTENTION_FEW_HEADS: usize = 16;
+/// The tiles [`attention_tiled`] may take, best first, as (queries an
+/// invocation, keys a tile): the first whose tiles fit the target's workgroup
+/// memory. Two queries share each key and value an invocation reads from
+/// workgroup memory (on the H100, 512 tokens, F16, Llama-2-7B 183 to 176 us
+/// a layer, Llama-3.2-1B 104 to 102); four were slower.
+const ATTENTION_TILES: [(usize, usize); 8] = [(2, 32), (2, 16), (1, 32), (1, 16), (1, 8), (1, 4), (1, 2), (1, 1)];
 
 /// [`attention`] for steps of many tokens (prefill): one workgroup per head
 /// and block of query tokens, which walks the positions the block attends
@@ -785,7 +788,10 @@ const ATTENTION_FEW_HEADS: usize = 16;
 /// computed (its values while its scores are), and each exponential is taken
 /// once, by the invocation that scored it (on the H100, 512 tokens, F16:
 /// Llama-2-7B 205 to 184 us a layer, Llama-3.2-1B 116 to 103, SmolLM2 52 to
-/// 44).
+/// 44). Workgroups take the blocks last first: the last attend the most
+/// positions, and started first they leave no long tail of workgroups once
+/// the others are done (Llama-2-7B 176 to 155 us a layer, Llama-3.2-1B 102 to
+/// 88, SmolLM2 43 to 41).
 fn attention_tiled(
     name: String,
     heads: usize,
@@ -794,21 +800,24 @@ fn attention_tiled(
     target: Target,
 ) -> Result<Kernel, CodegenError> {
     check_heads(&name, heads, kv_heads, head_dim)?;
-    let most = tcal::prev_power_of_two(target.workgroup_limit());
-    let wg = if heads < ATTENTION_FEW_HEADS { most / 2 } else { most };
-    let bq = wg / ATTENTION_ROW_LANES;
+    let wg = ATTENTION_WG.min(tcal::prev_power_of_two(target.workgroup_limit()));
+    let row = ATTENTION_ROW_LANES as usize;
+    let groups = wg as usize / row;
     let width = if head_dim.is_multiple_of(4) { 4 } else { 1 };
     let lanes = head_dim / width;
-    // the largest tile of keys (at most 32) that fits beside the queries, the scores and their exponentials
+    // the queries, a tile of keys (rows one lane apart), the tile's scores and their exponentials
     let kv_bytes = tcal::kv_bytes_per_element(&target) as usize;
-    let fits = |bkv: usize| {
-        bq as usize * head_dim * 4 + bkv * (lanes + 1) * width * kv_bytes + 2 * bq as usize * bkv * 4
-            <= ATTENTION_TILE_BYTES
+    let bytes = |&(qr, bkv): &(usize, usize)| {
+        groups * qr * head_dim * 4 + bkv * (lanes + 1) * width * kv_bytes + 2 * groups * qr * bkv * 4
     };
-    let Some(bkv) = [32, 16, 8, 4, 2, 1].into_iter().find(|&b| fits(b)) else {
+    let Some(&(qr, bkv)) = ATTENTION_TILES.iter().find(|tiles| bytes(tiles) <= target.max_workgroup_storage as usize)
+    else {
         return Err(CodegenError::Shape(format!("{name}: heads of {head_dim} dimensions do not fit workgroup memory")));
     };
-    let row = ATTENTION_ROW_LANES as usize;
+    let bq = groups * qr;
+    // a value per query of the invocation, and its component r
+    let sv = if qr == 1 { "f32".to_string() } else { format!("vec{qr}<f32>") };
+    let at = |v: &str, r: usize| if qr == 1 { v.to_string() } else { format!("{v}.{}", ["x", "y", "z", "w"][r]) };
     let mut m = ModuleText::new(
         name,
         target,
@@ -818,9 +827,9 @@ fn attention_tiled(
             "max(0, p + 1 - ctx) ..= p of the ring-buffer cache. The block walks the positions its",
             "tokens attend in tiles of BKV keys staged in workgroup memory (then their values, in",
             "the same place; keys loaded into registers a tile ahead, values during the scores), with an",
-            "online softmax per token; ROW_LANES invocations share a token, each scoring keys c,",
+            "online softmax per token; ROW_LANES invocations share QR tokens, each scoring keys c,",
             "c + ROW_LANES, ... (and taking their exponentials) and summing lanes c, c + ROW_LANES,",
-            "... of the values.",
+            "... of the values for all QR.",
         ],
     );
     let (vf, kv_vec) = attention_frame(&mut m, &target, [heads, kv_heads, head_dim], width);
@@ -831,17 +840,20 @@ fn attention_tiled(
     m.konst("BQ", "u32", bq);
     m.konst("BKV", "u32", bkv);
     m.konst("ROW_LANES", "u32", ATTENTION_ROW_LANES);
+    m.konst("QR", "u32", qr);
+    m.konst("GROUPS", "u32", groups);
     // rows of the key tile one lane apart: the invocations of a token score
     // different keys at the same lane, which a stride of LANES would put in one bank
     m.konst("KS", "u32", lanes + 1);
     m.helpers += &format!(
         r#"
-// The block's queries (times SCALE), a tile of keys or values, the tile's
-// scores and their exponentials.
+// The block's queries (times SCALE), a tile of keys or values, and the tile's
+// scores and their exponentials: element j * GROUPS + g is key j's for the QR
+// tokens of group g (rows g * QR ..).
 var<workgroup> qs: array<{vf}, BQ * LANES>;
 var<workgroup> kv: array<{kv_vec}, BKV * KS>;
-var<workgroup> scores: array<f32, BQ * BKV>;
-var<workgroup> probs: array<f32, BQ * BKV>;
+var<workgroup> scores: array<{sv}, BKV * GROUPS>;
+var<workgroup> probs: array<{sv}, BKV * GROUPS>;
 
 // Element e of a tile of positions kb .. kb + BKV (clamped to position
 // last): its index in the cache and in kv.
@@ -873,99 +885,143 @@ fn tile_index(e: u32) -> u32 {{
         (0..per).map(|r| guard(r, "        ", format!("kv[tile_index(lid + {r}u * WG)] = {reg}{r};"))).collect()
     };
     let declare = |reg: &str| -> String { (0..per).map(|r| format!("    var {reg}{r} = {kv_vec}(0.0);\n")).collect() };
-    // keys an invocation scores and value lanes it sums, unrolled
+    // keys an invocation scores and value lanes it sums; an index past the
+    // tile (or the row) is clamped, and its result dropped
     let key_slots = bkv.div_ceil(row);
     let lane_slots = lanes.div_ceil(row);
-    let product = |d: &str| {
-        if width == 4 {
-            format!("dot(qs[i * LANES + {d}], {vf}(kv[j * KS + {d}]))")
+    let slot = |s: usize, count: usize, limit: &str| {
+        if count.is_multiple_of(row) {
+            format!("c + {}u", s * row)
         } else {
-            format!("qs[i * LANES + {d}] * {vf}(kv[j * KS + {d}])")
+            format!("min(c + {}u, {limit} - 1u)", s * row)
         }
     };
-    let dot = format!(
-        "                    for (var d = 0u; d < LANES; d++) {{\n                        s += {};\n                    }}\n",
-        product("d")
-    );
+    let within = |s: usize, count: usize, limit: &str, pad: &str, body: String| {
+        if count.is_multiple_of(row) {
+            body
+        } else {
+            format!("{pad}if (c + {}u < {limit}) {{\n{}{pad}}}\n", s * row, indent(&body, 4))
+        }
+    };
+    let product = |a: &str, b: &str| if width == 4 { format!("dot({a}, {b})") } else { format!("{a} * {b}") };
+    // the scores: every key slot of every query in one pass over the lanes
     let mut scores = String::new();
-    for r in 0..key_slots {
-        scores += &format!(
-            r#"        {{
-            let j = c + {off}u;
-            if (j < BKV) {{
-                let kp = kb + j;
-                var s = -BIG;
-                if (t < n && kp >= first && kp <= p) {{
-                    s = 0.0;
-{dot}                }}
-                scores[i * BKV + j] = s;
-            }}
-        }}
-"#,
-            off = r * row,
+    for r in 0..qr {
+        for k in 0..key_slots {
+            scores += &format!("        var s{r}_{k} = 0.0;\n");
+        }
+    }
+    for k in 0..key_slots {
+        scores += &format!("        let krow{k} = ({}) * KS;\n", slot(k, bkv, "BKV"));
+    }
+    scores += "        for (var d = 0u; d < LANES; d++) {\n";
+    for r in 0..qr {
+        scores += &format!("            let q{r} = qs[(g * QR + {r}u) * LANES + d];\n");
+    }
+    for k in 0..key_slots {
+        scores += &format!("            let k{k} = {vf}(kv[krow{k} + d]);\n");
+        for r in 0..qr {
+            scores += &format!("            s{r}_{k} += {};\n", product(&format!("q{r}"), &format!("k{k}")));
+        }
+    }
+    scores += "        }\n";
+    for k in 0..key_slots {
+        let masked: Vec<String> =
+            (0..qr).map(|r| format!("select(-BIG, s{r}_{k}, tok{r} < n && kp >= from{r} && kp <= pos{r})")).collect();
+        let body = format!(
+            "        {{\n            let kp = kb + c + {off}u;\n            sc{k} = {sv}({});\n            scores[(c + {off}u) * GROUPS + g] = sc{k};\n        }}\n",
+            masked.join(", "),
+            off = k * row,
         );
+        scores += &format!("        var sc{k} = {sv}(-BIG);\n");
+        scores += &within(k, bkv, "BKV", "        ", body);
     }
     // each invocation takes the exponentials of the scores it computed; all of
-    // the token's invocations read them back for the values
-    let mut softmax = String::from("        var mt = -BIG;\n");
-    for j in 0..bkv {
-        softmax += &format!("        mt = max(mt, scores[i * BKV + {j}u]);\n");
-    }
+    // the group's invocations read them back for the values
+    let mut softmax = format!(
+        "        var mt = {sv}(-BIG);\n        for (var j = 0u; j < BKV; j++) {{\n            mt = max(mt, scores[j * GROUPS + g]);\n        }}\n"
+    );
     softmax += "        let m_new = max(m, mt);\n        let correction = exp(m - m_new);\n";
-    for r in 0..key_slots {
-        softmax += &format!(
-            "        if (c + {off}u < BKV) {{\n            let s = scores[i * BKV + c + {off}u];\n            probs[i * BKV + c + {off}u] = select(0.0, exp(s - m_new), s > -BIG);\n        }}\n",
-            off = r * row
+    for k in 0..key_slots {
+        let body = format!(
+            "        probs[(c + {}u) * GROUPS + g] = select({sv}(0.0), exp(sc{k} - m_new), sc{k} > {sv}(-BIG));\n",
+            k * row
         );
+        softmax += &within(k, bkv, "BKV", "        ", body);
     }
-    let mut weights = String::from("        var sum = 0.0;\n");
-    for j in 0..bkv {
-        weights += &format!("        let e{j} = probs[i * BKV + {j}u];\n        sum += e{j};\n");
-    }
-    weights += "        l = l * correction + sum;\n        m = m_new;\n";
-    let mut values = String::new();
-    for slot in 0..lane_slots {
-        values += &format!("        if (c + {}u < LANES) {{\n            var a = o{slot} * correction;\n", slot * row);
-        for j in 0..bkv {
-            values += &format!("            a += e{j} * {vf}(kv[{j}u * KS + c + {}u]);\n", slot * row);
+    let mut values = format!("        var sum = {sv}(0.0);\n");
+    for r in 0..qr {
+        for s in 0..lane_slots {
+            values += &format!("        o{r}_{s} *= {};\n", at("correction", r));
         }
-        values += &format!("            o{slot} = a;\n        }}\n");
     }
-    let outputs: String = (0..lane_slots).map(|slot| format!("    var o{slot} = {vf}(0.0);\n")).collect();
-    let writes: String = (0..lane_slots)
-        .map(|slot| {
-            format!("        if (c + {o}u < LANES) {{\n            attn[t * Q_LANES + h * LANES + c + {o}u] = o{slot} / l;\n        }}\n", o = slot * row)
+    for s in 0..lane_slots {
+        values += &format!("        let vlane{s} = {};\n", slot(s, lanes, "LANES"));
+    }
+    values +=
+        "        for (var j = 0u; j < BKV; j++) {\n            let e = probs[j * GROUPS + g];\n            sum += e;\n";
+    for s in 0..lane_slots {
+        values += &format!("            let v{s} = {vf}(kv[j * KS + vlane{s}]);\n");
+        for r in 0..qr {
+            values += &format!("            o{r}_{s} += {} * v{s};\n", at("e", r));
+        }
+    }
+    values += "        }\n";
+    values += "        l = l * correction + sum;\n        m = m_new;\n";
+    let vf = vf.as_str();
+    let outputs: String =
+        (0..qr).flat_map(|r| (0..lane_slots).map(move |s| format!("    var o{r}_{s} = {vf}(0.0);\n"))).collect();
+    let tokens: String = (0..qr)
+        .map(|r| {
+            format!(
+                "    let tok{r} = t0 + g * QR + {r}u;\n    let pos{r} = step.pos + tok{r};\n    let from{r} = pos{r} + 1u - min(pos{r} + 1u, step.ctx);\n"
+            )
         })
         .collect();
+    let mut writes = String::new();
+    for r in 0..qr {
+        let mut lines = String::new();
+        for s in 0..lane_slots {
+            let body =
+                format!("        attn[tok{r} * Q_LANES + h * LANES + c + {}u] = o{r}_{s} / {};\n", s * row, at("l", r));
+            lines += &within(s, lanes, "LANES", "        ", body);
+        }
+        writes += &format!("    if (tok{r} < n) {{\n{}    }}\n", indent(&lines, 0));
+    }
     let part_sums = if sums {
         // slot s of the token's invocations is part s of the head: each
-        // invocation leaves its slots' squares in a vec4, and invocation c
-        // adds up part c's
+        // invocation leaves its slots' squares in a vec4 per token, and
+        // invocation c adds up part c's
         debug_assert!(lanes == row * lane_slots && lane_slots <= 4 && width == 4);
         debug_assert_eq!(row * width, SUM_SQUARES_PART, "a slot's lanes are one part");
         // OUT: the output's width, as the tiled kernels name it
         m.konst("OUT", "u32", heads * head_dim);
         m.konst("OUT_PARTS", "u32", heads * lane_slots);
         m.konst("HEAD_PARTS", "u32", lane_slots);
-        let squares: String = (0..lane_slots)
-            .map(|slot| format!("        let y{slot} = o{slot} / l;\n        sq[{slot}] = dot(y{slot}, y{slot});\n"))
-            .collect();
-        format!(
-            r#"    // the output's sums of squares by parts of 64, through qs
-    var sq = vec4<f32>(0.0);
-    if (t < n) {{
-{squares}    }}
-    qs[i * LANES + c] = sq;
-    workgroupBarrier();
-    if (t < n && c < HEAD_PARTS) {{
+        let mut keep = String::new();
+        let mut add = String::new();
+        for r in 0..qr {
+            let squares: String = (0..lane_slots)
+                .map(|s| {
+                    format!("        let y{s} = o{r}_{s} / {l};\n        sq[{s}] = dot(y{s}, y{s});\n", l = at("l", r))
+                })
+                .collect();
+            keep += &format!(
+                "    {{\n        var sq = vec4<f32>(0.0);\n        if (tok{r} < n) {{\n{}        }}\n        qs[(g * QR + {r}u) * LANES + c] = sq;\n    }}\n",
+                indent(&squares, 4)
+            );
+            add += &format!(
+                r#"    if (tok{r} < n && c < HEAD_PARTS) {{
         var s = 0.0;
         for (var j = 0u; j < ROW_LANES; j++) {{
-            s += qs[i * LANES + j][c];
+            s += qs[(g * QR + {r}u) * LANES + j][c];
         }}
-        attn_ssq_parts[t * OUT_PARTS + h * HEAD_PARTS + c] = s;
+        attn_ssq_parts[tok{r} * OUT_PARTS + h * HEAD_PARTS + c] = s;
     }}
 "#
-        )
+            );
+        }
+        format!("    // the output's sums of squares by parts of 64, through qs\n{keep}    workgroupBarrier();\n{add}")
     } else {
         String::new()
     };
@@ -976,7 +1032,7 @@ fn tile_index(e: u32) -> u32 {{
 {softmax}{store_vals}        if (kb + BKV <= last) {{
 {next_keys}        }}
         workgroupBarrier();
-{weights}{values}        workgroupBarrier();
+{values}        workgroupBarrier();
     }}
 "#,
         keys = declare("pk"),
@@ -991,8 +1047,9 @@ fn tile_index(e: u32) -> u32 {{
         r#"@compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{
     let h = wid.x;
-    let t0 = wid.y * BQ;
     let n = step.n_tokens;
+    // the last block first (see the doc)
+    let t0 = ((n + BQ - 1u) / BQ - 1u - wid.y) * BQ;
     if (t0 >= n) {{
         return;
     }}
@@ -1005,25 +1062,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }}
         qs[e] = v;
     }}
-    // this invocation's token (row i of the block) and lane c
-    let i = lid / ROW_LANES;
+    // this invocation's group of QR tokens (rows g * QR ..) and lane c
+    let g = lid / ROW_LANES;
     let c = lid % ROW_LANES;
-    let t = t0 + i;
-    let p = step.pos + t;
-    let first = p + 1u - min(p + 1u, step.ctx);
-    // the positions the block attends: from its first token's first to its last token's own
-    let p0 = step.pos + t0;
-    let lo = p0 + 1u - min(p0 + 1u, step.ctx);
+{tokens}    // the positions the block attends: from its first token's first to its last token's own
+    let pb = step.pos + t0;
+    let lo = pb + 1u - min(pb + 1u, step.ctx);
     let last = step.pos + min(t0 + BQ, n) - 1u;
-    var m = -BIG;
-    var l = 0.0;
-{outputs}{tile_loop}    if (t < n) {{
-{writes}    }}
-{part_sums}}}
+    var m = {sv}(-BIG);
+    var l = {sv}(0.0);
+{outputs}{tile_loop}{writes}{part_sums}}}
 "#
     );
     let dispatch = [heads as u32, 1, 1];
-    Ok(m.finish(&entry, [wg, 1, 1], dispatch, Rows::TokenTiles(bq)))
+    Ok(m.finish(&entry, [wg, 1, 1], dispatch, Rows::TokenTiles(bq as u32)))
 }
 
 /// The score loop of [`attention`]: `s += q . k` over the `lanes` lanes of

@@ -21,12 +21,24 @@ pub struct Target {
     pub max_workgroup_size: u32,
     /// Largest storage buffer binding, in bytes.
     pub max_storage_binding: u64,
+    /// Workgroup memory a kernel may use, in bytes (the tiled attention takes
+    /// larger tiles where the adapter offers more than WebGPU's default).
+    #[serde(default = "default_workgroup_storage")]
+    pub max_workgroup_storage: u32,
     /// Cooperative matrices (tensor cores) of 16 x 16 f16 inputs and f32
     /// accumulators at subgroup scope, for the tiled prefill kernels
     /// ([`crate::coop`]). Only used together with `shader_f16` and `subgroups`,
     /// and with subgroups of exactly [`COOP_SUBGROUP_SIZE`] invocations.
     #[serde(default)]
     pub cooperative_matrix: bool,
+}
+
+/// WebGPU's default workgroup memory limit, in bytes: what a [`Target`]
+/// that does not say assumes.
+pub const DEFAULT_WORKGROUP_STORAGE: u32 = 16384;
+
+fn default_workgroup_storage() -> u32 {
+    DEFAULT_WORKGROUP_STORAGE
 }
 
 /// The subgroup size the cooperative-matrix kernels are laid out for: a
@@ -51,6 +63,7 @@ impl Target {
             subgroup_size: MIN_SUBGROUP_SIZE,
             max_workgroup_size: 256,
             max_storage_binding: 128 << 20,
+            max_workgroup_storage: DEFAULT_WORKGROUP_STORAGE,
             cooperative_matrix: false,
         }
     }
@@ -79,6 +92,7 @@ impl Target {
             shader_f16: true,
             subgroups: true,
             subgroup_size: COOP_SUBGROUP_SIZE,
+            max_workgroup_storage: COOP_WORKGROUP_BYTES,
             cooperative_matrix: true,
             ..Target::portable()
         }

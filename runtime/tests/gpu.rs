@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use llama5_codegen::format;
 use llama5_codegen::manifest::{Precision, QuantFormat};
-use llama5_codegen::target::COOP_SUBGROUP_SIZE;
+use llama5_codegen::target::{COOP_SUBGROUP_SIZE, DEFAULT_WORKGROUP_STORAGE};
 use llama5_codegen::{
     attention_splits, generate, generate_batch, split_limit, Access, Activation, Kernel, KernelSpec, Resource,
     StepUniform, Target, ATTENTION_SPLIT_LEN, MAX_ATTENTION_SPLITS, SUM_SQUARES_PART,
@@ -955,6 +955,7 @@ fn rms_qkv_rope_with_mixed_formats_matches_cpu() {
 #[test]
 fn attention_matches_cpu() {
     let _gpu = gpu_lock();
+    let mut one_query = false;
     // heads of 10 and 34 dimensions are read one at a time, of 16 four at a time; 32
     // heads of 80 split fewer ways (split_limit); 34 ends its key rows past the last
     // full run of loads (ATTENTION_KEY_LOADS lanes); 16 heads of 128 and 32 of 64,
@@ -1026,9 +1027,21 @@ fn attention_matches_cpu() {
                 let result = run_kernel(runner, &batch, &contents, 0);
                 let what = format!("{} pos {pos} ctx {ctx}", batch.name);
                 assert_close(&what, &to_f32(&result[4])[..tokens * q_dim], &want, NMSE_F16);
+                // and as for an adapter of WebGPU's default workgroup memory: smaller
+                // tiles, and a query an invocation where two do not fit
+                let small = Target { max_workgroup_storage: DEFAULT_WORKGROUP_STORAGE, ..target };
+                let small = KernelSpec::Attention { heads, kv_heads, head_dim, target: small };
+                let small = generate_batch(&small).unwrap().expect("attention has a batch variant");
+                if small.wgsl != batch.wgsl {
+                    one_query |= small.wgsl.contains("const QR: u32 = 1u;");
+                    let result = run_kernel(runner, &small, &contents, 0);
+                    let what = format!("{} in 16 KiB, pos {pos} ctx {ctx}", small.name);
+                    assert_close(&what, &to_f32(&result[4])[..tokens * q_dim], &want, NMSE_F16);
+                }
             }
         }
     }
+    assert!(one_query, "no shape took one query an invocation");
 }
 
 /// The attention output a step split over positions stands for: each head's

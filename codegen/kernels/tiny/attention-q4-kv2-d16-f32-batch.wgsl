@@ -5,9 +5,9 @@
 // max(0, p + 1 - ctx) ..= p of the ring-buffer cache. The block walks the positions its
 // tokens attend in tiles of BKV keys staged in workgroup memory (then their values, in
 // the same place; keys loaded into registers a tile ahead, values during the scores), with an
-// online softmax per token; ROW_LANES invocations share a token, each scoring keys c,
+// online softmax per token; ROW_LANES invocations share QR tokens, each scoring keys c,
 // c + ROW_LANES, ... (and taking their exponentials) and summing lanes c, c + ROW_LANES,
-// ... of the values.
+// ... of the values for all QR.
 //
 // Bindings (group 0):
 //   0: step (uniform): per-step values
@@ -48,18 +48,21 @@ const KV_LANES: u32 = 8u;
 const SCALE: f32 = 0.25;
 const BIG: f32 = 0x1.fffffep+127f;
 const WG: u32 = 128u;
-const BQ: u32 = 8u;
+const BQ: u32 = 16u;
 const BKV: u32 = 32u;
 const ROW_LANES: u32 = 16u;
+const QR: u32 = 2u;
+const GROUPS: u32 = 8u;
 const KS: u32 = 5u;
 
 
-// The block's queries (times SCALE), a tile of keys or values, the tile's
-// scores and their exponentials.
+// The block's queries (times SCALE), a tile of keys or values, and the tile's
+// scores and their exponentials: element j * GROUPS + g is key j's for the QR
+// tokens of group g (rows g * QR ..).
 var<workgroup> qs: array<vec4<f32>, BQ * LANES>;
 var<workgroup> kv: array<vec4<f32>, BKV * KS>;
-var<workgroup> scores: array<f32, BQ * BKV>;
-var<workgroup> probs: array<f32, BQ * BKV>;
+var<workgroup> scores: array<vec2<f32>, BKV * GROUPS>;
+var<workgroup> probs: array<vec2<f32>, BKV * GROUPS>;
 
 // Element e of a tile of positions kb .. kb + BKV (clamped to position
 // last): its index in the cache and in kv.
@@ -73,8 +76,9 @@ fn tile_index(e: u32) -> u32 {
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let h = wid.x;
-    let t0 = wid.y * BQ;
     let n = step.n_tokens;
+    // the last block first (see the doc)
+    let t0 = ((n + BQ - 1u) / BQ - 1u - wid.y) * BQ;
     if (t0 >= n) {
         return;
     }
@@ -87,19 +91,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         qs[e] = v;
     }
-    // this invocation's token (row i of the block) and lane c
-    let i = lid / ROW_LANES;
+    // this invocation's group of QR tokens (rows g * QR ..) and lane c
+    let g = lid / ROW_LANES;
     let c = lid % ROW_LANES;
-    let t = t0 + i;
-    let p = step.pos + t;
-    let first = p + 1u - min(p + 1u, step.ctx);
+    let tok0 = t0 + g * QR + 0u;
+    let pos0 = step.pos + tok0;
+    let from0 = pos0 + 1u - min(pos0 + 1u, step.ctx);
+    let tok1 = t0 + g * QR + 1u;
+    let pos1 = step.pos + tok1;
+    let from1 = pos1 + 1u - min(pos1 + 1u, step.ctx);
     // the positions the block attends: from its first token's first to its last token's own
-    let p0 = step.pos + t0;
-    let lo = p0 + 1u - min(p0 + 1u, step.ctx);
+    let pb = step.pos + t0;
+    let lo = pb + 1u - min(pb + 1u, step.ctx);
     let last = step.pos + min(t0 + BQ, n) - 1u;
-    var m = -BIG;
-    var l = 0.0;
-    var o0 = vec4<f32>(0.0);
+    var m = vec2<f32>(-BIG);
+    var l = vec2<f32>(0.0);
+    var o0_0 = vec4<f32>(0.0);
+    var o1_0 = vec4<f32>(0.0);
     var pk0 = vec4<f32>(0.0);
     var pv0 = vec4<f32>(0.0);
     pk0 = k_cache[cache_index(lo, last, kv_base, lid + 0u * WG)];
@@ -107,191 +115,71 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         kv[tile_index(lid + 0u * WG)] = pk0;
         pv0 = v_cache[cache_index(kb, last, kv_base, lid + 0u * WG)];
         workgroupBarrier();
-        {
-            let j = c + 0u;
-            if (j < BKV) {
-                let kp = kb + j;
-                var s = -BIG;
-                if (t < n && kp >= first && kp <= p) {
-                    s = 0.0;
-                    for (var d = 0u; d < LANES; d++) {
-                        s += dot(qs[i * LANES + d], vec4<f32>(kv[j * KS + d]));
-                    }
-                }
-                scores[i * BKV + j] = s;
-            }
+        var s0_0 = 0.0;
+        var s0_1 = 0.0;
+        var s1_0 = 0.0;
+        var s1_1 = 0.0;
+        let krow0 = (c + 0u) * KS;
+        let krow1 = (c + 16u) * KS;
+        for (var d = 0u; d < LANES; d++) {
+            let q0 = qs[(g * QR + 0u) * LANES + d];
+            let q1 = qs[(g * QR + 1u) * LANES + d];
+            let k0 = vec4<f32>(kv[krow0 + d]);
+            s0_0 += dot(q0, k0);
+            s1_0 += dot(q1, k0);
+            let k1 = vec4<f32>(kv[krow1 + d]);
+            s0_1 += dot(q0, k1);
+            s1_1 += dot(q1, k1);
         }
+        var sc0 = vec2<f32>(-BIG);
         {
-            let j = c + 16u;
-            if (j < BKV) {
-                let kp = kb + j;
-                var s = -BIG;
-                if (t < n && kp >= first && kp <= p) {
-                    s = 0.0;
-                    for (var d = 0u; d < LANES; d++) {
-                        s += dot(qs[i * LANES + d], vec4<f32>(kv[j * KS + d]));
-                    }
-                }
-                scores[i * BKV + j] = s;
-            }
+            let kp = kb + c + 0u;
+            sc0 = vec2<f32>(select(-BIG, s0_0, tok0 < n && kp >= from0 && kp <= pos0), select(-BIG, s1_0, tok1 < n && kp >= from1 && kp <= pos1));
+            scores[(c + 0u) * GROUPS + g] = sc0;
+        }
+        var sc1 = vec2<f32>(-BIG);
+        {
+            let kp = kb + c + 16u;
+            sc1 = vec2<f32>(select(-BIG, s0_1, tok0 < n && kp >= from0 && kp <= pos0), select(-BIG, s1_1, tok1 < n && kp >= from1 && kp <= pos1));
+            scores[(c + 16u) * GROUPS + g] = sc1;
         }
         workgroupBarrier();
-        var mt = -BIG;
-        mt = max(mt, scores[i * BKV + 0u]);
-        mt = max(mt, scores[i * BKV + 1u]);
-        mt = max(mt, scores[i * BKV + 2u]);
-        mt = max(mt, scores[i * BKV + 3u]);
-        mt = max(mt, scores[i * BKV + 4u]);
-        mt = max(mt, scores[i * BKV + 5u]);
-        mt = max(mt, scores[i * BKV + 6u]);
-        mt = max(mt, scores[i * BKV + 7u]);
-        mt = max(mt, scores[i * BKV + 8u]);
-        mt = max(mt, scores[i * BKV + 9u]);
-        mt = max(mt, scores[i * BKV + 10u]);
-        mt = max(mt, scores[i * BKV + 11u]);
-        mt = max(mt, scores[i * BKV + 12u]);
-        mt = max(mt, scores[i * BKV + 13u]);
-        mt = max(mt, scores[i * BKV + 14u]);
-        mt = max(mt, scores[i * BKV + 15u]);
-        mt = max(mt, scores[i * BKV + 16u]);
-        mt = max(mt, scores[i * BKV + 17u]);
-        mt = max(mt, scores[i * BKV + 18u]);
-        mt = max(mt, scores[i * BKV + 19u]);
-        mt = max(mt, scores[i * BKV + 20u]);
-        mt = max(mt, scores[i * BKV + 21u]);
-        mt = max(mt, scores[i * BKV + 22u]);
-        mt = max(mt, scores[i * BKV + 23u]);
-        mt = max(mt, scores[i * BKV + 24u]);
-        mt = max(mt, scores[i * BKV + 25u]);
-        mt = max(mt, scores[i * BKV + 26u]);
-        mt = max(mt, scores[i * BKV + 27u]);
-        mt = max(mt, scores[i * BKV + 28u]);
-        mt = max(mt, scores[i * BKV + 29u]);
-        mt = max(mt, scores[i * BKV + 30u]);
-        mt = max(mt, scores[i * BKV + 31u]);
+        var mt = vec2<f32>(-BIG);
+        for (var j = 0u; j < BKV; j++) {
+            mt = max(mt, scores[j * GROUPS + g]);
+        }
         let m_new = max(m, mt);
         let correction = exp(m - m_new);
-        if (c + 0u < BKV) {
-            let s = scores[i * BKV + c + 0u];
-            probs[i * BKV + c + 0u] = select(0.0, exp(s - m_new), s > -BIG);
-        }
-        if (c + 16u < BKV) {
-            let s = scores[i * BKV + c + 16u];
-            probs[i * BKV + c + 16u] = select(0.0, exp(s - m_new), s > -BIG);
-        }
+        probs[(c + 0u) * GROUPS + g] = select(vec2<f32>(0.0), exp(sc0 - m_new), sc0 > vec2<f32>(-BIG));
+        probs[(c + 16u) * GROUPS + g] = select(vec2<f32>(0.0), exp(sc1 - m_new), sc1 > vec2<f32>(-BIG));
         kv[tile_index(lid + 0u * WG)] = pv0;
         if (kb + BKV <= last) {
             pk0 = k_cache[cache_index(kb + BKV, last, kv_base, lid + 0u * WG)];
         }
         workgroupBarrier();
-        var sum = 0.0;
-        let e0 = probs[i * BKV + 0u];
-        sum += e0;
-        let e1 = probs[i * BKV + 1u];
-        sum += e1;
-        let e2 = probs[i * BKV + 2u];
-        sum += e2;
-        let e3 = probs[i * BKV + 3u];
-        sum += e3;
-        let e4 = probs[i * BKV + 4u];
-        sum += e4;
-        let e5 = probs[i * BKV + 5u];
-        sum += e5;
-        let e6 = probs[i * BKV + 6u];
-        sum += e6;
-        let e7 = probs[i * BKV + 7u];
-        sum += e7;
-        let e8 = probs[i * BKV + 8u];
-        sum += e8;
-        let e9 = probs[i * BKV + 9u];
-        sum += e9;
-        let e10 = probs[i * BKV + 10u];
-        sum += e10;
-        let e11 = probs[i * BKV + 11u];
-        sum += e11;
-        let e12 = probs[i * BKV + 12u];
-        sum += e12;
-        let e13 = probs[i * BKV + 13u];
-        sum += e13;
-        let e14 = probs[i * BKV + 14u];
-        sum += e14;
-        let e15 = probs[i * BKV + 15u];
-        sum += e15;
-        let e16 = probs[i * BKV + 16u];
-        sum += e16;
-        let e17 = probs[i * BKV + 17u];
-        sum += e17;
-        let e18 = probs[i * BKV + 18u];
-        sum += e18;
-        let e19 = probs[i * BKV + 19u];
-        sum += e19;
-        let e20 = probs[i * BKV + 20u];
-        sum += e20;
-        let e21 = probs[i * BKV + 21u];
-        sum += e21;
-        let e22 = probs[i * BKV + 22u];
-        sum += e22;
-        let e23 = probs[i * BKV + 23u];
-        sum += e23;
-        let e24 = probs[i * BKV + 24u];
-        sum += e24;
-        let e25 = probs[i * BKV + 25u];
-        sum += e25;
-        let e26 = probs[i * BKV + 26u];
-        sum += e26;
-        let e27 = probs[i * BKV + 27u];
-        sum += e27;
-        let e28 = probs[i * BKV + 28u];
-        sum += e28;
-        let e29 = probs[i * BKV + 29u];
-        sum += e29;
-        let e30 = probs[i * BKV + 30u];
-        sum += e30;
-        let e31 = probs[i * BKV + 31u];
-        sum += e31;
+        var sum = vec2<f32>(0.0);
+        o0_0 *= correction.x;
+        o1_0 *= correction.y;
+        let vlane0 = min(c + 0u, LANES - 1u);
+        for (var j = 0u; j < BKV; j++) {
+            let e = probs[j * GROUPS + g];
+            sum += e;
+            let v0 = vec4<f32>(kv[j * KS + vlane0]);
+            o0_0 += e.x * v0;
+            o1_0 += e.y * v0;
+        }
         l = l * correction + sum;
         m = m_new;
-        if (c + 0u < LANES) {
-            var a = o0 * correction;
-            a += e0 * vec4<f32>(kv[0u * KS + c + 0u]);
-            a += e1 * vec4<f32>(kv[1u * KS + c + 0u]);
-            a += e2 * vec4<f32>(kv[2u * KS + c + 0u]);
-            a += e3 * vec4<f32>(kv[3u * KS + c + 0u]);
-            a += e4 * vec4<f32>(kv[4u * KS + c + 0u]);
-            a += e5 * vec4<f32>(kv[5u * KS + c + 0u]);
-            a += e6 * vec4<f32>(kv[6u * KS + c + 0u]);
-            a += e7 * vec4<f32>(kv[7u * KS + c + 0u]);
-            a += e8 * vec4<f32>(kv[8u * KS + c + 0u]);
-            a += e9 * vec4<f32>(kv[9u * KS + c + 0u]);
-            a += e10 * vec4<f32>(kv[10u * KS + c + 0u]);
-            a += e11 * vec4<f32>(kv[11u * KS + c + 0u]);
-            a += e12 * vec4<f32>(kv[12u * KS + c + 0u]);
-            a += e13 * vec4<f32>(kv[13u * KS + c + 0u]);
-            a += e14 * vec4<f32>(kv[14u * KS + c + 0u]);
-            a += e15 * vec4<f32>(kv[15u * KS + c + 0u]);
-            a += e16 * vec4<f32>(kv[16u * KS + c + 0u]);
-            a += e17 * vec4<f32>(kv[17u * KS + c + 0u]);
-            a += e18 * vec4<f32>(kv[18u * KS + c + 0u]);
-            a += e19 * vec4<f32>(kv[19u * KS + c + 0u]);
-            a += e20 * vec4<f32>(kv[20u * KS + c + 0u]);
-            a += e21 * vec4<f32>(kv[21u * KS + c + 0u]);
-            a += e22 * vec4<f32>(kv[22u * KS + c + 0u]);
-            a += e23 * vec4<f32>(kv[23u * KS + c + 0u]);
-            a += e24 * vec4<f32>(kv[24u * KS + c + 0u]);
-            a += e25 * vec4<f32>(kv[25u * KS + c + 0u]);
-            a += e26 * vec4<f32>(kv[26u * KS + c + 0u]);
-            a += e27 * vec4<f32>(kv[27u * KS + c + 0u]);
-            a += e28 * vec4<f32>(kv[28u * KS + c + 0u]);
-            a += e29 * vec4<f32>(kv[29u * KS + c + 0u]);
-            a += e30 * vec4<f32>(kv[30u * KS + c + 0u]);
-            a += e31 * vec4<f32>(kv[31u * KS + c + 0u]);
-            o0 = a;
-        }
         workgroupBarrier();
     }
-    if (t < n) {
+    if (tok0 < n) {
         if (c + 0u < LANES) {
-            attn[t * Q_LANES + h * LANES + c + 0u] = o0 / l;
+            attn[tok0 * Q_LANES + h * LANES + c + 0u] = o0_0 / l.x;
+        }
+    }
+    if (tok1 < n) {
+        if (c + 0u < LANES) {
+            attn[tok1 * Q_LANES + h * LANES + c + 0u] = o1_0 / l.y;
         }
     }
 }

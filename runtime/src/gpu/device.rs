@@ -163,6 +163,7 @@ pub(crate) fn target_for(
         subgroup_size: info.subgroup_min_size,
         max_workgroup_size: limits.max_compute_invocations_per_workgroup.min(limits.max_compute_workgroup_size_x),
         max_storage_binding: limits.max_storage_buffer_binding_size,
+        max_workgroup_storage: limits.max_compute_workgroup_storage_size,
         cooperative_matrix: coop && shader_f16 && subgroups,
     }
 }
