@@ -776,9 +776,9 @@ const ATTENTION_WG: u32 = 128;
 /// invocation, keys a tile): the first whose tiles fit the target's workgroup
 /// memory. Two queries share each key and value an invocation reads from
 /// workgroup memory (on the H100, 512 tokens, F16, against one: Llama-2-7B
-/// 165 to 155 us a layer in workgroups of 256, Llama-3.2-1B 95 to 82;
-/// SmolLM2 39.0 against 39.5); four, or invocations of 8 or 32 a group, were
-/// slower.
+/// 165 to 155 us a layer in workgroups of 256, Llama-3.2-1B 95 to 82 in
+/// workgroups of 128; SmolLM2 39.0 against 39.5); four, or invocations of 8
+/// or 32 a group, were slower.
 const ATTENTION_TILES: [(usize, usize); 8] = [(2, 32), (2, 16), (1, 32), (1, 16), (1, 8), (1, 4), (1, 2), (1, 1)];
 
 /// [`attention`] for steps of many tokens (prefill): one workgroup per head

@@ -6,24 +6,25 @@ mod common;
 use std::collections::BTreeSet;
 
 use llama5_codegen::manifest::{ModelConfig, QuantFormat};
-use llama5_codegen::target::COOP_WORKGROUP_BYTES;
+use llama5_codegen::target::{COOP_WORKGROUP_BYTES, DEFAULT_WORKGROUP_STORAGE};
 use llama5_codegen::{
     generate, generate_batch, generated_files, kernel_names_for_layer, validate, workgroup_bytes, Access, Activation,
     Binding, KernelSpec, Plan, Resource, Rows, Stage, Target,
 };
 use proptest::prelude::*;
 
-/// Kernels stay within their target's workgroup memory: WebGPU's default
-/// 16 KiB unless the target says more (the cooperative-matrix one: what the
-/// runtime checks the device for).
+/// Kernels stay within their target's workgroup memory, and within WebGPU's
+/// default 16 KiB whatever the target offers, but for the cooperative-matrix
+/// ones (what the runtime checks the device for) and the tiled attention
+/// (larger tiles where the adapter offers more).
 fn within_workgroup_memory(kernel: &llama5_codegen::Kernel, module: &naga::Module, target: &Target) {
     let bytes = workgroup_bytes(kernel, module).unwrap();
     let limit = target.max_workgroup_storage;
     assert!(bytes <= limit, "{}: {bytes} bytes of workgroup memory, more than {limit}", kernel.name);
     if kernel.wgsl.contains("coopMultiplyAdd") {
-        assert_eq!(limit, COOP_WORKGROUP_BYTES, "{}", kernel.name);
-    } else if *target == Target::portable() {
-        assert_eq!(limit, 16384);
+        assert!(bytes <= COOP_WORKGROUP_BYTES, "{}: {bytes} bytes of workgroup memory", kernel.name);
+    } else if !(kernel.name.starts_with("attention-") && kernel.name.ends_with("-batch")) {
+        assert!(bytes <= DEFAULT_WORKGROUP_STORAGE, "{}: {bytes} bytes of workgroup memory", kernel.name);
     }
 }
 
@@ -461,24 +462,31 @@ fn snapshot_int4_qkv_f16_subgroups() {
 
 /// The tiled attention sizes its tiles by the target's workgroup memory:
 /// Llama-2-7B's heads take tiles of 16 keys in WebGPU's default 16 KiB, 32
-/// where the adapter offers 48 KiB (as the H100 does); an f32 cache, a query
-/// an invocation in 16 KiB. Each stays within its target's limit.
+/// where the adapter offers more (32 KiB as llvmpipe, 48 as the H100); with
+/// an f32 cache, a query an invocation in 16 KiB; heads of 256, tiles of
+/// a few keys. Each stays within its target's limit.
 #[test]
 fn attention_tiles_follow_workgroup_memory() {
-    let attention = |target: Target| {
-        let spec = KernelSpec::Attention { heads: 32, kv_heads: 32, head_dim: 128, target };
+    let attention_of = |head_dim: usize, target: Target| {
+        let spec = KernelSpec::Attention { heads: 32, kv_heads: 32, head_dim, target };
         let kernel = generate_batch(&spec).unwrap().expect("a batch variant");
         let module = validate(&kernel, &target).unwrap();
         within_workgroup_memory(&kernel, &module, &target);
         kernel.wgsl
     };
+    let attention = |target: Target| attention_of(128, target);
     let has = |wgsl: &str, line: &str| wgsl.contains(line);
+    // heads of 256 in 16 KiB: tiles of fewer keys than a group has invocations
+    assert!(has(&attention_of(256, f16_sg()), "const BKV: u32 = 8u;"));
+    assert!(has(&attention_of(256, Target::portable()), "const BKV: u32 = 4u;"));
     let small = attention(f16_sg());
     assert!(has(&small, "const QR: u32 = 2u;") && has(&small, "const BKV: u32 = 16u;"));
-    let large = attention(Target { max_workgroup_storage: 49152, ..f16_sg() });
-    assert!(has(&large, "const QR: u32 = 2u;") && has(&large, "const BKV: u32 = 32u;"));
+    for storage in [32768, 49152] {
+        let large = attention(Target { max_workgroup_storage: storage, ..f16_sg() });
+        assert!(has(&large, "const QR: u32 = 2u;") && has(&large, "const BKV: u32 = 32u;"));
+    }
     let f32_cache = attention(Target::portable());
-    assert!(has(&f32_cache, "const QR: u32 = 1u;"));
+    assert!(has(&f32_cache, "const QR: u32 = 1u;") && has(&f32_cache, "const BKV: u32 = 16u;"));
 }
 
 /// Llama-2-7B's INT4 QKV reads four RoPE pairs an invocation against the

@@ -955,7 +955,7 @@ fn rms_qkv_rope_with_mixed_formats_matches_cpu() {
 #[test]
 fn attention_matches_cpu() {
     let _gpu = gpu_lock();
-    let mut one_query = false;
+    let (mut one_query, mut few_keys) = (false, false);
     // heads of 10 and 34 dimensions are read one at a time, of 16 four at a time; 32
     // heads of 80 split fewer ways (split_limit); 34 ends its key rows past the last
     // full run of loads (ATTENTION_KEY_LOADS lanes); 16 heads of 128 and 32 of 64,
@@ -1020,28 +1020,44 @@ fn attention_matches_cpu() {
             let what = format!("{} pos {pos} ctx {ctx}, {splits} splits", kernel.name);
             assert_close(&what, &got[..tokens * q_dim], &want, NMSE_F16);
             if tokens > 1 {
-                let batch = generate_batch(&spec).unwrap().expect("attention has a batch variant");
-                let sums = batch.bindings.iter().any(|b| summed(&b.resource) == Some(Activation::Attn));
-                let plain_f16 = target.shader_f16 && !target.cooperative_matrix;
-                assert_eq!(sums, plain_f16 && q_dim == 2048, "{}: sums of squares", batch.name);
-                let result = run_kernel(runner, &batch, &contents, 0);
-                let what = format!("{} pos {pos} ctx {ctx}", batch.name);
-                assert_close(&what, &to_f32(&result[4])[..tokens * q_dim], &want, NMSE_F16);
-                // and as for an adapter of WebGPU's default workgroup memory: smaller
-                // tiles, and a query an invocation where two do not fit
-                let small = Target { max_workgroup_storage: DEFAULT_WORKGROUP_STORAGE, ..target };
-                let small = KernelSpec::Attention { heads, kv_heads, head_dim, target: small };
-                let small = generate_batch(&small).unwrap().expect("attention has a batch variant");
-                if small.wgsl != batch.wgsl {
-                    one_query |= small.wgsl.contains("const QR: u32 = 1u;");
-                    let result = run_kernel(runner, &small, &contents, 0);
-                    let what = format!("{} in 16 KiB, pos {pos} ctx {ctx}", small.name);
+                // the batch kernel for the adapter, then as for adapters of less workgroup
+                // memory (WebGPU's default, and less): smaller tiles, a query an invocation,
+                // tiles of fewer keys than a group has invocations
+                let mut seen: Vec<String> = Vec::new();
+                for limit in [target.max_workgroup_storage, DEFAULT_WORKGROUP_STORAGE, 8192, 2048] {
+                    let target = Target { max_workgroup_storage: limit, ..target };
+                    let batch = match generate_batch(&KernelSpec::Attention { heads, kv_heads, head_dim, target }) {
+                        Ok(batch) => batch.expect("attention has a batch variant"),
+                        // the queries alone may not fit the smallest
+                        Err(e) if limit < DEFAULT_WORKGROUP_STORAGE => {
+                            assert!(e.to_string().contains("do not fit workgroup memory"), "{e}");
+                            continue;
+                        }
+                        Err(e) => panic!("{e}"),
+                    };
+                    if seen.contains(&batch.wgsl) {
+                        continue;
+                    }
+                    let sums = batch.bindings.iter().any(|b| summed(&b.resource) == Some(Activation::Attn));
+                    let plain_f16 = target.shader_f16 && !target.cooperative_matrix;
+                    assert_eq!(sums, plain_f16 && q_dim == 2048, "{}: sums of squares", batch.name);
+                    one_query |= wgsl_const(&batch.wgsl, "QR") == 1;
+                    few_keys |= wgsl_const(&batch.wgsl, "BKV") < wgsl_const(&batch.wgsl, "ROW_LANES");
+                    let result = run_kernel(runner, &batch, &contents, 0);
+                    let what = format!("{} in {limit} bytes, pos {pos} ctx {ctx}", batch.name);
                     assert_close(&what, &to_f32(&result[4])[..tokens * q_dim], &want, NMSE_F16);
+                    seen.push(batch.wgsl);
                 }
             }
         }
     }
-    assert!(one_query, "no shape took one query an invocation");
+    assert!(one_query && few_keys, "no shape took one query an invocation ({one_query}) or a tile of few keys");
+}
+
+/// The value of `const NAME: u32 = ..u;` in `wgsl`.
+fn wgsl_const(wgsl: &str, name: &str) -> u32 {
+    let line = wgsl.lines().find_map(|l| l.strip_prefix(&format!("const {name}: u32 = ")));
+    line.and_then(|v| v.strip_suffix("u;")).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no const {name}"))
 }
 
 /// The attention output a step split over positions stands for: each head's
