@@ -810,7 +810,10 @@ fn attention_tiled(
     // the queries, a tile of keys (rows one lane apart), the tile's scores and their exponentials
     let kv_bytes = tcal::kv_bytes_per_element(&target) as usize;
     let bytes = |&(qr, bkv): &(usize, usize)| {
-        groups * qr * head_dim * 4 + bkv * (lanes + 1) * width * kv_bytes + 2 * groups * qr * bkv * 4
+        let [queries, tile, scores] =
+            [groups * qr * head_dim * 4, bkv * (lanes + 1) * width * kv_bytes, groups * qr * bkv * 4];
+        // each array rounded up to 16 bytes, as WebGPU counts them
+        queries.next_multiple_of(16) + tile.next_multiple_of(16) + 2 * scores.next_multiple_of(16)
     };
     let Some(&(qr, bkv)) = ATTENTION_TILES.iter().find(|tiles| bytes(tiles) <= target.max_workgroup_storage as usize)
     else {

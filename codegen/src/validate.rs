@@ -18,8 +18,9 @@ pub fn validate(kernel: &Kernel, target: &Target) -> Result<naga::Module, Codege
 }
 
 /// Bytes of workgroup memory `kernel` declares once validated into `module`
-/// (the sum of its `var<workgroup>` sizes): what the device's
-/// `max_compute_workgroup_storage_size` must cover.
+/// (the sum of its `var<workgroup>` sizes, each rounded up to 16 bytes as
+/// WebGPU counts them): what the device's `max_compute_workgroup_storage_size`
+/// must cover.
 pub fn workgroup_bytes(kernel: &Kernel, module: &naga::Module) -> Result<u32, CodegenError> {
     let mut layouter = naga::proc::Layouter::default();
     layouter
@@ -29,6 +30,6 @@ pub fn workgroup_bytes(kernel: &Kernel, module: &naga::Module) -> Result<u32, Co
         .global_variables
         .iter()
         .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
-        .map(|(_, g)| layouter[g.ty].size)
+        .map(|(_, g)| layouter[g.ty].size.next_multiple_of(16))
         .sum())
 }
