@@ -991,7 +991,7 @@ fn tile_index(e: u32) -> u32 {{
                 format!("        attn[tok{r} * Q_LANES + h * LANES + c + {}u] = o{r}_{s} / {};\n", s * row, at("l", r));
             lines += &within(s, lanes, "LANES", "        ", body);
         }
-        writes += &format!("    if (tok{r} < n) {{\n{}    }}\n", indent(&lines, 0));
+        writes += &format!("    if (tok{r} < n) {{\n{lines}    }}\n");
     }
     let part_sums = if sums {
         // slot s of the token's invocations is part s of the head: each
