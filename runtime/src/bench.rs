@@ -37,6 +37,16 @@ const COPY_REPS: usize = 5;
 /// submission overhead does not count.
 const COPY_BYTES_PER_REP: u64 = 8 << 30;
 const MAX_COPIES_PER_REP: u64 = 16;
+/// Timed repetitions of the dispatch floor (after one warm-up).
+const FLOOR_REPS: usize = 5;
+/// Workgroups of each dispatch of the floor: as many as a small decode kernel
+/// starts, about one for each SM of a large GPU.
+const FLOOR_WORKGROUPS: u32 = 128;
+/// Dispatches of one timed repetition of the floor: a decode call's worth
+/// (tokens per call x dispatches per token), at most this many.
+const FLOOR_MAX_DISPATCHES: usize = 2048;
+/// Bytes of each buffer the floor's dispatches copy: next to nothing.
+const FLOOR_BUFFER_BYTES: u64 = 4096;
 
 /// Which backend the benchmark runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,6 +112,8 @@ pub struct BenchReport {
     pub copy: CopyBandwidth,
     /// The other copies measured.
     pub other_copies: Vec<CopyBandwidth>,
+    /// The fixed cost of a dependent dispatch (GPU only).
+    pub dispatch_floor: Option<DispatchFloor>,
     pub time_to_first_token: FirstToken,
     pub decode: Decode,
     pub prefill: Prefill,
@@ -174,6 +186,24 @@ pub struct CopyBandwidth {
     pub method: String,
 }
 
+/// What a dispatch costs that does next to nothing but wait for the one
+/// before: the part of a decode step's time no kernel can win back while the
+/// step takes that many dispatches.
+#[derive(Clone, Debug, Serialize)]
+pub struct DispatchFloor {
+    /// Dispatches of a decode step (the plan's).
+    pub dispatches_per_token: usize,
+    /// Workgroups of each timed dispatch.
+    pub workgroups: u32,
+    /// Dispatches of one timed repetition, in one compute pass.
+    pub dispatches_per_rep: usize,
+    pub reps: usize,
+    /// Median over the repetitions of wall time per dispatch.
+    pub us_per_dispatch: f64,
+    /// us_per_dispatch x dispatches_per_token.
+    pub ms_per_token: f64,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct FirstToken {
     /// Building synthetic weights in host memory (not part of the time to first token).
@@ -234,6 +264,12 @@ pub struct Traffic {
     pub effective_gb_per_s: f64,
     /// effective_gb_per_s as a percentage of the copy bandwidth.
     pub copy_share_percent: f64,
+    /// The fastest decode the dispatch floor allows: bytes per token at the
+    /// copy bandwidth, plus the floor (GPU only).
+    pub ceiling_ms_per_token: Option<f64>,
+    /// The copy share at that ceiling: the most a decode step of this many
+    /// dispatches can reach on this device.
+    pub ceiling_share_percent: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -503,16 +539,7 @@ fn gpu_copy_bandwidth(gpu: &GpuBackend, requested: Option<u64>, how: GpuCopy) ->
         let kernel = llama5_codegen::copy_kernel(gpu.target());
         let (layout, pipeline) = crate::gpu::create_pipeline(device, &kernel, None);
         let step = buffer("copy step", llama5_codegen::StepUniform::SIZE as u64, wgpu::BufferUsages::UNIFORM);
-        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(&kernel.name),
-            layout: &layout,
-            entries: &[
-                wgpu::BindGroupEntry { binding: 0, resource: step.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 1, resource: src.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 2, resource: dst.as_entire_binding() },
-            ],
-        });
-        (pipeline, bind_group)
+        (pipeline, copy_bind_group(device, &kernel.name, &layout, &step, &src, &dst))
     });
     let rep = |n: u64| -> Result<f64, RuntimeError> {
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("copy") });
@@ -557,6 +584,73 @@ fn gpu_copy_bandwidth(gpu: &GpuBackend, requested: Option<u64>, how: GpuCopy) ->
         GpuCopy::Shader => "compute shader copy (16-byte loads and stores)",
     };
     Ok(copy_stats(size, copies, &rates, method))
+}
+
+/// Times chains of `per_token x tokens` dispatches (at most
+/// [`FLOOR_MAX_DISPATCHES`]) of the copy kernel on two tiny buffers, in one
+/// compute pass: each reads what the one before wrote, so each waits on a
+/// barrier, as a decode step's dispatches do.
+fn gpu_dispatch_floor(gpu: &GpuBackend, per_token: usize, tokens: usize) -> Result<DispatchFloor, RuntimeError> {
+    let device = gpu.device();
+    let kernel = llama5_codegen::copy_kernel(gpu.target());
+    let (layout, pipeline) = crate::gpu::create_pipeline(device, &kernel, None);
+    let buffer = |label: &str, size: u64, usage: wgpu::BufferUsages| {
+        device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+    };
+    let step = buffer("floor step", llama5_codegen::StepUniform::SIZE as u64, wgpu::BufferUsages::UNIFORM);
+    let [a, b] = ["floor a", "floor b"].map(|label| buffer(label, FLOOR_BUFFER_BYTES, wgpu::BufferUsages::STORAGE));
+    let bind = |src: &wgpu::Buffer, dst: &wgpu::Buffer| copy_bind_group(device, &kernel.name, &layout, &step, src, dst);
+    let groups = [bind(&a, &b), bind(&b, &a)];
+    let n = (per_token * tokens).clamp(1, FLOOR_MAX_DISPATCHES);
+    let rep = || -> Result<f64, RuntimeError> {
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("floor") });
+        {
+            let mut pass = encoder
+                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("floor"), timestamp_writes: None });
+            pass.set_pipeline(&pipeline);
+            for i in 0..n {
+                pass.set_bind_group(0, &groups[i % 2], &[]);
+                pass.dispatch_workgroups(FLOOR_WORKGROUPS, 1, 1);
+            }
+        }
+        let t = Instant::now();
+        gpu.queue().submit([encoder.finish()]);
+        device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: Some(Duration::from_secs(120)) })
+            .map_err(|e| RuntimeError::Gpu(format!("dispatch floor: waiting for the device: {e}")))?;
+        Ok(t.elapsed().as_secs_f64() * 1e6 / n as f64)
+    };
+    rep()?;
+    let us = (0..FLOOR_REPS).map(|_| rep()).collect::<Result<Vec<_>, _>>()?;
+    let us_per_dispatch = median(&us);
+    Ok(DispatchFloor {
+        dispatches_per_token: per_token,
+        workgroups: FLOOR_WORKGROUPS,
+        dispatches_per_rep: n,
+        reps: FLOOR_REPS,
+        us_per_dispatch,
+        ms_per_token: us_per_dispatch * per_token as f64 / 1e3,
+    })
+}
+
+/// The copy kernel's bindings: `step` (unused), `src` into `dst`.
+fn copy_bind_group(
+    device: &wgpu::Device,
+    label: &str,
+    layout: &wgpu::BindGroupLayout,
+    step: &wgpu::Buffer,
+    src: &wgpu::Buffer,
+    dst: &wgpu::Buffer,
+) -> wgpu::BindGroup {
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(label),
+        layout,
+        entries: &[
+            wgpu::BindGroupEntry { binding: 0, resource: step.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 1, resource: src.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 2, resource: dst.as_entire_binding() },
+        ],
+    })
 }
 
 /// Copies a `size`-byte host buffer with every rayon thread.
@@ -660,6 +754,7 @@ pub fn run(source: &ModelSource, opts: &BenchOptions) -> Result<BenchReport, Run
             let shader = faster(shader, gpu_copy_bandwidth(&gpu, opts.copy_bytes, GpuCopy::Shader)?);
             // the faster of the two is the yardstick
             let (copy, other) = if shader.gb_per_s >= api.gb_per_s { (shader, api) } else { (api, shader) };
+            let floor = gpu_dispatch_floor(&gpu, gpu.plan().dispatches_per_token(), gpu.tokens_per_call())?;
             let profile =
                 if opts.profile { Some(kernel_profile::profile(&mut gpu, &model.manifest, opts)?) } else { None };
             let info = gpu.info();
@@ -678,6 +773,7 @@ pub fn run(source: &ModelSource, opts: &BenchOptions) -> Result<BenchReport, Run
                 pipeline_ms: Some(gpu.load_times().pipeline_ms),
                 copy,
                 other_copies: vec![other],
+                dispatch_floor: Some(floor),
                 samples,
                 profile,
                 kv_elem,
@@ -709,6 +805,7 @@ pub fn run(source: &ModelSource, opts: &BenchOptions) -> Result<BenchReport, Run
                 pipeline_ms: None,
                 copy,
                 other_copies: Vec::new(),
+                dispatch_floor: None,
                 samples,
                 profile: None,
                 kv_elem: 4,
@@ -730,6 +827,7 @@ struct Measured {
     pipeline_ms: Option<f64>,
     copy: CopyBandwidth,
     other_copies: Vec<CopyBandwidth>,
+    dispatch_floor: Option<DispatchFloor>,
     samples: Samples,
     profile: Option<Vec<kernel_profile::StepProfile>>,
     /// Bytes per KV-cache element.
@@ -793,6 +891,9 @@ fn report(
     let kv_bytes = (kv_row as f64 * mean_context).round() as u64;
     let bytes_per_token = weight_bytes + kv_bytes;
     let effective = bytes_per_token as f64 / (decode_median / 1e3) / GB;
+    // GB/s are bytes per ns: bytes / (GB/s) / 1e6 is ms
+    let at_copy_ms = bytes_per_token as f64 / m.copy.gb_per_s / 1e6;
+    let ceiling_ms = m.dispatch_floor.as_ref().map(|f| at_copy_ms + f.ms_per_token);
     let traffic = Traffic {
         weight_bytes_per_token: weight_bytes,
         kv_bytes_per_token: kv_bytes,
@@ -800,6 +901,8 @@ fn report(
         bytes_per_token,
         effective_gb_per_s: effective,
         copy_share_percent: 100.0 * effective / m.copy.gb_per_s,
+        ceiling_ms_per_token: ceiling_ms,
+        ceiling_share_percent: ceiling_ms.map(|c| 100.0 * at_copy_ms / c),
     };
 
     let memory = MemoryReport {
@@ -854,6 +957,7 @@ fn report(
         },
         copy: m.copy,
         other_copies: m.other_copies,
+        dispatch_floor: m.dispatch_floor,
         time_to_first_token,
         decode,
         prefill,
@@ -873,6 +977,7 @@ fn conventions() -> Vec<String> {
         "time to first token: open (directory models) + backend creation (upload, pipelines) + prompt prefill; synthetic weights are built in host memory first, which is not counted",
         "bytes per token: stored bytes of every layer matrix (data and scales) and norm, one embedding row, the whole LM head, plus K and V of every layer at the mean decode context; activations are not counted",
         "effective bandwidth: bytes per token / median decode time; share: that over the copy bandwidth",
+        "dispatch floor (GPU): wall time per dispatch of chains of near-empty dispatches in one compute pass, each reading what the one before wrote; decode ceiling: bytes per token at the copy bandwidth plus the floor times a decode step's dispatches",
         "prefill TFLOP/s: matmul = 2 x layer weights x tokens + 2 x LM head weights (last token only); total adds 4 x heads x head_dim per attended position and layer",
         "memory: GPU figures are the sizes of the buffers the backend allocated (the copy-test buffers excluded); CPU figures are the shard bytes and an f32 KV cache",
     ]
@@ -937,6 +1042,15 @@ impl BenchReport {
         for o in &self.other_copies {
             rows.push(("other copy".into(), format!("{:.1} GB/s read+write ({})", o.gb_per_s, o.method)));
         }
+        if let Some(fl) = &self.dispatch_floor {
+            rows.push((
+                "dispatch floor".into(),
+                format!(
+                    "{:.2} us a dependent dispatch ({} of {} workgroups in one pass): {:.3} ms for a token's {}",
+                    fl.us_per_dispatch, fl.dispatches_per_rep, fl.workgroups, fl.ms_per_token, fl.dispatches_per_token
+                ),
+            ));
+        }
         let mut ttft = format!("{:.1} ms (open {:.1} + backend {:.1}", f.ttft_ms, f.open_ms, f.backend_ms);
         if let (Some(u), Some(pl)) = (f.upload_ms, f.pipeline_ms) {
             ttft += &format!(" [upload {u:.1}, pipelines {pl:.1}]");
@@ -974,6 +1088,12 @@ impl BenchReport {
             "effective bandwidth".into(),
             format!("{:.2} GB/s, {:.1}% of copy bandwidth", t.effective_gb_per_s, t.copy_share_percent),
         ));
+        if let (Some(ms), Some(share)) = (t.ceiling_ms_per_token, t.ceiling_share_percent) {
+            rows.push((
+                "decode ceiling".into(),
+                format!("{ms:.3} ms/token, {share:.1}% of copy bandwidth (bytes at copy bandwidth + dispatch floor)"),
+            ));
+        }
         rows.push((
             "memory".into(),
             format!(

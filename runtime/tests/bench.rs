@@ -77,6 +77,23 @@ fn check(r: &BenchReport, opts: &BenchOptions) {
     // a token reads every layer matrix but only one row of the embedding
     assert!(t.weight_bytes_per_token < r.model.weight_bytes + r.model.weight_bytes / 2);
 
+    // the dispatch floor, and the ceiling it sets, on the GPU only
+    match (&r.dispatch_floor, r.backend.kind.as_str()) {
+        (Some(f), "gpu") => {
+            assert!(f.us_per_dispatch.is_finite() && f.us_per_dispatch > 0.0, "{f:?}");
+            assert_eq!(f.ms_per_token, f.us_per_dispatch * f.dispatches_per_token as f64 / 1e3);
+            assert_eq!(f.dispatches_per_rep, f.dispatches_per_token * r.decode.tokens_per_call);
+            let (ms, share) = (t.ceiling_ms_per_token.unwrap(), t.ceiling_share_percent.unwrap());
+            // the floor is on top of the copy time: strictly below 100%
+            assert!(share > 0.0 && share < 100.0, "ceiling share {share}%");
+            let at_copy = t.bytes_per_token as f64 / r.copy.gb_per_s / 1e6;
+            assert!((ms - at_copy - f.ms_per_token).abs() < 1e-9 * ms, "ceiling {ms} ms");
+            assert!(r.to_table().contains("dispatch floor") && r.to_table().contains("decode ceiling"));
+        }
+        (None, "cpu") => assert!(t.ceiling_ms_per_token.is_none() && t.ceiling_share_percent.is_none()),
+        (f, kind) => panic!("{kind} backend with dispatch floor {f:?}"),
+    }
+
     let m = &r.memory;
     assert!(m.weights_bytes >= m.model_weight_bytes, "{m:?}");
     assert!(m.total_bytes >= m.model_weight_bytes + m.expected_kv_cache_bytes, "{m:?}");
@@ -120,6 +137,7 @@ fn gpu_bench_of_a_synthetic_model() {
         assert_eq!(calls, p.dispatches, "{}", p.step);
         // 2 layers x 5 kernels, embed, logits, argmax
         assert_eq!(p.dispatches, 2 * 5 + 3, "{}", p.step);
+        assert_eq!(r.dispatch_floor.as_ref().unwrap().dispatches_per_token, p.dispatches);
         let share: f64 = p.kernels.iter().map(|k| k.share_percent).sum();
         assert!((share - 100.0).abs() < 1e-6, "{}: shares sum to {share}", p.step);
         assert!(p.kernels.iter().all(|k| k.gpu_ms >= 0.0) && p.gpu_ms > 0.0, "{p:?}");

@@ -186,13 +186,13 @@ fn markdown(summary: &Value) -> String {
         );
     }
     s += "| model | precision | decode ms/token (p10–p90) | tok/s | prefill tok/s | prefill TFLOP/s | TTFT ms \
-          | MiB/token | effective GB/s | copy GB/s | % of copy | memory MiB (weights + KV) |\n";
-    s += "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+          | MiB/token | effective GB/s | copy GB/s | % of copy | ceiling % | memory MiB (weights + KV) |\n";
+    s += "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for r in results {
         let rep = &r["report"];
         let (d, p, t, m) = (&rep["decode"], &rep["prefill"], &rep["traffic"], &rep["memory"]);
         s += &format!(
-            "| {} | {} | {} ({}–{}) | {} | {} | {} | {} | {} | {} | {} | {} | {} ({} + {}) |\n",
+            "| {} | {} | {} ({}–{}) | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({} + {}) |\n",
             r["label"].as_str().unwrap_or("?"),
             rep["model"]["precision"].as_str().unwrap_or("?"),
             f(&d["median_ms"], 2),
@@ -206,6 +206,7 @@ fn markdown(summary: &Value) -> String {
             f(&t["effective_gb_per_s"], 2),
             f(&rep["copy"]["gb_per_s"], 1),
             f(&t["copy_share_percent"], 1),
+            f(&t["ceiling_share_percent"], 1),
             mib(&m["total_bytes"]),
             mib(&m["weights_bytes"]),
             mib(&m["kv_cache_bytes"]),
@@ -257,7 +258,7 @@ mod tests {
             "time_to_first_token": { "ttft_ms": 812.4 },
             "decode": { "median_ms": 1.234, "p10_ms": 1.2, "p90_ms": 1.5, "tokens_per_s": 810.4 },
             "prefill": { "tokens_per_s": 9000.0, "matmul_tflops": 2.5 },
-            "traffic": { "bytes_per_token": 3145728, "effective_gb_per_s": 1500.0, "copy_share_percent": 75.0 },
+            "traffic": { "bytes_per_token": 3145728, "effective_gb_per_s": 1500.0, "copy_share_percent": 75.0, "ceiling_share_percent": 81.5 },
             "memory": { "total_bytes": 104857600, "weights_bytes": 94371840, "kv_cache_bytes": 10485760 },
             "conventions": ["GB = 1e9 bytes"]
         });
@@ -276,7 +277,7 @@ mod tests {
             "812",
             "3.0",
             "1500.00",
-            "75.0",
+            "| 75.0 | 81.5 |",
             "100.0 (90.0 + 10.0)",
         ] {
             assert!(row.contains(cell), "row lacks {cell}: {row}");
