@@ -812,8 +812,8 @@ fn attention_tiled(
     let bytes = |&(qr, bkv): &(usize, usize)| {
         let [queries, tile, scores] =
             [groups * qr * head_dim * 4, bkv * (lanes + 1) * width * kv_bytes, groups * qr * bkv * 4];
-        // each array rounded up to 16 bytes, as WebGPU counts them
-        queries.next_multiple_of(16) + tile.next_multiple_of(16) + 2 * scores.next_multiple_of(16)
+        let counted = crate::validate::workgroup_array_bytes;
+        counted(queries) + counted(tile) + 2 * counted(scores)
     };
     let Some(&(qr, bkv)) = ATTENTION_TILES.iter().find(|tiles| bytes(tiles) <= target.max_workgroup_storage as usize)
     else {

@@ -30,6 +30,12 @@ pub fn workgroup_bytes(kernel: &Kernel, module: &naga::Module) -> Result<u32, Co
         .global_variables
         .iter()
         .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
-        .map(|(_, g)| layouter[g.ty].size.next_multiple_of(16))
+        .map(|(_, g)| workgroup_array_bytes(layouter[g.ty].size as usize) as u32)
         .sum())
+}
+
+/// What WebGPU counts against the workgroup-memory limit for an array of
+/// `size` bytes: its size rounded up to 16.
+pub(crate) fn workgroup_array_bytes(size: usize) -> usize {
+    size.next_multiple_of(16)
 }

@@ -531,15 +531,11 @@ fn gpu_copy_bandwidth(gpu: &GpuBackend, requested: Option<u64>, how: GpuCopy) ->
         GpuCopy::Api => wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
         GpuCopy::Shader => wgpu::BufferUsages::STORAGE,
     };
-    let buffer = |label: &str, size: u64, usage: wgpu::BufferUsages| {
-        device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
-    };
-    let (src, dst) = (buffer("copy source", size, usage), buffer("copy destination", size, usage));
+    let (src, dst) = (buffer(device, "copy source", size, usage), buffer(device, "copy destination", size, usage));
     let shader = (how == GpuCopy::Shader).then(|| {
-        let kernel = llama5_codegen::copy_kernel(gpu.target());
-        let (layout, pipeline) = crate::gpu::create_pipeline(device, &kernel, None);
-        let step = buffer("copy step", llama5_codegen::StepUniform::SIZE as u64, wgpu::BufferUsages::UNIFORM);
-        (pipeline, copy_bind_group(device, &kernel.name, &layout, &step, &src, &dst))
+        let kernel = CopyKernel::new(gpu);
+        let bind_group = kernel.bind(device, &src, &dst);
+        (kernel.pipeline, bind_group)
     });
     let rep = |n: u64| -> Result<f64, RuntimeError> {
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("copy") });
@@ -560,12 +556,8 @@ fn gpu_copy_bandwidth(gpu: &GpuBackend, requested: Option<u64>, how: GpuCopy) ->
                 }
             }
         }
-        let t = Instant::now();
-        gpu.queue().submit([encoder.finish()]);
-        device
-            .poll(wgpu::PollType::Wait { submission_index: None, timeout: Some(Duration::from_secs(120)) })
-            .map_err(|e| RuntimeError::Gpu(format!("copy test: waiting for the device: {e}")))?;
-        Ok(2.0 * (size * n) as f64 / t.elapsed().as_secs_f64() / GB)
+        let elapsed = submit_timed(gpu, encoder, "copy test")?;
+        Ok(2.0 * (size * n) as f64 / elapsed.as_secs_f64() / GB)
     };
     // the warm-up also clears the buffers wgpu zero-initialises lazily
     let warm = rep(1);
@@ -592,33 +584,22 @@ fn gpu_copy_bandwidth(gpu: &GpuBackend, requested: Option<u64>, how: GpuCopy) ->
 /// barrier, as a decode step's dispatches do.
 fn gpu_dispatch_floor(gpu: &GpuBackend, per_token: usize, tokens: usize) -> Result<DispatchFloor, RuntimeError> {
     let device = gpu.device();
-    let kernel = llama5_codegen::copy_kernel(gpu.target());
-    let (layout, pipeline) = crate::gpu::create_pipeline(device, &kernel, None);
-    let buffer = |label: &str, size: u64, usage: wgpu::BufferUsages| {
-        device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
-    };
-    let step = buffer("floor step", llama5_codegen::StepUniform::SIZE as u64, wgpu::BufferUsages::UNIFORM);
-    let [a, b] = ["floor a", "floor b"].map(|label| buffer(label, FLOOR_BUFFER_BYTES, wgpu::BufferUsages::STORAGE));
-    let bind = |src: &wgpu::Buffer, dst: &wgpu::Buffer| copy_bind_group(device, &kernel.name, &layout, &step, src, dst);
-    let groups = [bind(&a, &b), bind(&b, &a)];
+    let kernel = CopyKernel::new(gpu);
+    let [a, b] = ["floor a", "floor b"].map(|l| buffer(device, l, FLOOR_BUFFER_BYTES, wgpu::BufferUsages::STORAGE));
+    let groups = [kernel.bind(device, &a, &b), kernel.bind(device, &b, &a)];
     let n = (per_token * tokens).clamp(1, FLOOR_MAX_DISPATCHES);
     let rep = || -> Result<f64, RuntimeError> {
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("floor") });
         {
             let mut pass = encoder
                 .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("floor"), timestamp_writes: None });
-            pass.set_pipeline(&pipeline);
+            pass.set_pipeline(&kernel.pipeline);
             for i in 0..n {
                 pass.set_bind_group(0, &groups[i % 2], &[]);
                 pass.dispatch_workgroups(FLOOR_WORKGROUPS, 1, 1);
             }
         }
-        let t = Instant::now();
-        gpu.queue().submit([encoder.finish()]);
-        device
-            .poll(wgpu::PollType::Wait { submission_index: None, timeout: Some(Duration::from_secs(120)) })
-            .map_err(|e| RuntimeError::Gpu(format!("dispatch floor: waiting for the device: {e}")))?;
-        Ok(t.elapsed().as_secs_f64() * 1e6 / n as f64)
+        Ok(submit_timed(gpu, encoder, "dispatch floor")?.as_secs_f64() * 1e6 / n as f64)
     };
     rep()?;
     let us = (0..FLOOR_REPS).map(|_| rep()).collect::<Result<Vec<_>, _>>()?;
@@ -633,24 +614,53 @@ fn gpu_dispatch_floor(gpu: &GpuBackend, per_token: usize, tokens: usize) -> Resu
     })
 }
 
-/// The copy kernel's bindings: `step` (unused), `src` into `dst`.
-fn copy_bind_group(
-    device: &wgpu::Device,
-    label: &str,
-    layout: &wgpu::BindGroupLayout,
-    step: &wgpu::Buffer,
-    src: &wgpu::Buffer,
-    dst: &wgpu::Buffer,
-) -> wgpu::BindGroup {
-    device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some(label),
-        layout,
-        entries: &[
-            wgpu::BindGroupEntry { binding: 0, resource: step.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 1, resource: src.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 2, resource: dst.as_entire_binding() },
-        ],
-    })
+/// The copy kernel ([`llama5_codegen::copy_kernel`]) built for the device,
+/// with its step uniform (which it does not read): the copy test's shader and
+/// the dispatch floor's.
+struct CopyKernel {
+    name: String,
+    layout: wgpu::BindGroupLayout,
+    pipeline: wgpu::ComputePipeline,
+    step: wgpu::Buffer,
+}
+
+impl CopyKernel {
+    fn new(gpu: &GpuBackend) -> CopyKernel {
+        let kernel = llama5_codegen::copy_kernel(gpu.target());
+        let (layout, pipeline) = crate::gpu::create_pipeline(gpu.device(), &kernel, None);
+        let size = llama5_codegen::StepUniform::SIZE as u64;
+        let step = buffer(gpu.device(), "copy step", size, wgpu::BufferUsages::UNIFORM);
+        CopyKernel { name: kernel.name, layout, pipeline, step }
+    }
+
+    /// Bindings that copy `src` into `dst`.
+    fn bind(&self, device: &wgpu::Device, src: &wgpu::Buffer, dst: &wgpu::Buffer) -> wgpu::BindGroup {
+        device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&self.name),
+            layout: &self.layout,
+            entries: &[
+                wgpu::BindGroupEntry { binding: 0, resource: self.step.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 1, resource: src.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 2, resource: dst.as_entire_binding() },
+            ],
+        })
+    }
+}
+
+/// A buffer of the bench's own measurements.
+fn buffer(device: &wgpu::Device, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+}
+
+/// Submits `encoder` and waits for the device: the wall time from submission
+/// to completion.
+fn submit_timed(gpu: &GpuBackend, encoder: wgpu::CommandEncoder, what: &str) -> Result<Duration, RuntimeError> {
+    let t = Instant::now();
+    gpu.queue().submit([encoder.finish()]);
+    gpu.device()
+        .poll(wgpu::PollType::Wait { submission_index: None, timeout: Some(Duration::from_secs(120)) })
+        .map_err(|e| RuntimeError::Gpu(format!("{what}: waiting for the device: {e}")))?;
+    Ok(t.elapsed())
 }
 
 /// Copies a `size`-byte host buffer with every rayon thread.

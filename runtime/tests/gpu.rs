@@ -390,9 +390,8 @@ fn summed(resource: &Resource) -> Option<Activation> {
 /// writes it, else its `IN` (the embedding's `HIDDEN` either way).
 fn width(kernel: &Kernel, binding: &llama5_codegen::Binding) -> usize {
     let name = if binding.access == Access::ReadWrite { "OUT" } else { "IN" };
-    let line = |name: &str| kernel.wgsl.lines().find_map(|l| l.strip_prefix(&format!("const {name}: u32 = ")));
-    let line = line(name).or_else(|| line("HIDDEN"));
-    line.and_then(|v| v.trim_end_matches("u;").parse().ok()).unwrap_or_else(|| panic!("{}: no {name}", kernel.name))
+    let value = wgsl_const_opt(&kernel.wgsl, name).or_else(|| wgsl_const_opt(&kernel.wgsl, "HIDDEN"));
+    value.unwrap_or_else(|| panic!("{}: no {name}", kernel.name)) as usize
 }
 
 /// Sums of squares of each row of `stream` (rows of `width`) by parts of
@@ -1056,8 +1055,13 @@ fn attention_matches_cpu() {
 
 /// The value of `const NAME: u32 = ..u;` in `wgsl`.
 fn wgsl_const(wgsl: &str, name: &str) -> u32 {
+    wgsl_const_opt(wgsl, name).unwrap_or_else(|| panic!("no const {name}"))
+}
+
+/// [`wgsl_const`], where `wgsl` may not declare it.
+fn wgsl_const_opt(wgsl: &str, name: &str) -> Option<u32> {
     let line = wgsl.lines().find_map(|l| l.strip_prefix(&format!("const {name}: u32 = ")));
-    line.and_then(|v| v.strip_suffix("u;")).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no const {name}"))
+    line.and_then(|v| v.strip_suffix("u;")).and_then(|v| v.parse().ok())
 }
 
 /// The attention output a step split over positions stands for: each head's
@@ -1219,8 +1223,7 @@ fn argmax_over_logits_shares_picks_the_first_largest_logit() {
             let logits_kernel = generate(&spec).unwrap();
             let slots = logits_kernel.dispatch[0] as usize;
             let wgsl = &logits_kernel.wgsl;
-            let tile: usize =
-                wgsl.split("const TILE: u32 = ").nth(1).unwrap().split('u').next().unwrap().parse().unwrap();
+            let tile = wgsl_const(wgsl, "TILE") as usize;
             let outputs = if wgsl.contains("const OUT4:") { 4 * tile } else { tile };
             assert_eq!(slots, vocab.div_ceil(outputs), "{}", logits_kernel.name);
             // rows a < b < c, the same weights along token 1's normalised input: equal
